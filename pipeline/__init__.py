@@ -1,0 +1,43 @@
+"""Claude pipeline on Redis Streams: the runtime's public API (stages import only this)."""
+
+from __future__ import annotations
+
+from pipeline.config import Settings, load_settings
+from pipeline.errors import (
+    AuthError,
+    Backpressure,
+    ConfigError,
+    InvalidTask,
+    PermanentError,
+    PipelineError,
+    RedisUnavailable,
+    TransientError,
+)
+from pipeline.hooks import Hook
+from pipeline.keys import Keys
+from pipeline.outcome import Complete, Fail, Forward, Outcome, Retry
+from pipeline.stage import App, Handler, Message, Stage
+
+__all__ = [
+    "App",
+    "AuthError",
+    "Backpressure",
+    "Complete",
+    "ConfigError",
+    "Fail",
+    "Forward",
+    "Handler",
+    "Hook",
+    "InvalidTask",
+    "Keys",
+    "Message",
+    "Outcome",
+    "PermanentError",
+    "PipelineError",
+    "RedisUnavailable",
+    "Retry",
+    "Settings",
+    "Stage",
+    "TransientError",
+    "load_settings",
+]

@@ -1,0 +1,178 @@
+"""Settings: defaults <- TOML file <- environment, validated once at start.
+
+A bad value raises `ConfigError` naming the field (`runtime.lease_ms`), so an operator
+sees what to fix instead of a traceback from deep inside a worker.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import msgspec
+
+from pipeline.errors import ConfigError
+
+_T = TypeVar("_T")
+
+
+class RedisSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """How to reach Redis; `rediss://` and passwords in the URL work."""
+
+    url: str = "redis://localhost:6379/0"
+    max_connections: int = 64
+    connect_timeout_s: float = 5.0
+    # Must exceed runtime.block_ms, or a blocked XREADGROUP times out client-side.
+    socket_timeout_s: float = 10.0
+
+
+class RuntimeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The consumer loop: prefetch, leases, reclaim, shutdown."""
+
+    concurrency: int = 64
+    read_count: int = 256
+    block_ms: int = 2000
+    lease_ms: int = 15_000
+    reclaim_every_ms: int = 1000
+    max_deliveries: int = 5
+    grace_s: float = 20.0
+    max_entry_bytes: int = 4 * 1024 * 1024
+    handoff_batch: int = 512
+
+
+class RetrySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Durable delayed retries (exponential backoff with jitter, capped)."""
+
+    max_attempts: int = 6
+    base_ms: int = 1000
+    max_ms: int = 300_000
+    promote_every_ms: int = 250
+
+
+class DlqSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    maxlen: int = 100_000
+    # Field values longer than this are cut in the DLQ copy, so poison cannot bloat it.
+    max_field_bytes: int = 64 * 1024
+
+
+class ResultSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    ttl_s: int = 3600
+    done_maxlen: int = 100_000
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Everything a process needs; built by `load_settings`."""
+
+    prefix: str = "pipeline"
+    redis: RedisSettings = msgspec.field(default_factory=RedisSettings)
+    runtime: RuntimeSettings = msgspec.field(default_factory=RuntimeSettings)
+    retry: RetrySettings = msgspec.field(default_factory=RetrySettings)
+    dlq: DlqSettings = msgspec.field(default_factory=DlqSettings)
+    results: ResultSettings = msgspec.field(default_factory=ResultSettings)
+    # Per-stage overrides of runtime settings, e.g. [stages.claude-call] concurrency = 2000.
+    stages: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
+
+    def runtime_for(self, stage: str) -> RuntimeSettings:
+        """Runtime settings with the stage's own overrides applied."""
+        override = self.stages.get(stage)
+        if not override:
+            return self.runtime
+        merged = {**msgspec.structs.asdict(self.runtime), **override}
+        return _convert(merged, RuntimeSettings, f"stages.{stage}")
+
+
+_ENV_ALIASES = {"REDIS_URL": ("redis", "url"), "PIPELINE_PREFIX": ("prefix",)}
+_ENV_NESTED = re.compile(r"^PIPELINE_([A-Z]+)__([A-Z0-9_]+)$")
+
+
+def load_settings(
+    path: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    **overrides: Any,
+) -> Settings:
+    """Merge defaults <- TOML (`path`, else `PIPELINE_CONFIG`) <- env <- keyword overrides.
+
+    Env names: `REDIS_URL`, `PIPELINE_PREFIX`, and `PIPELINE_<SECTION>__<FIELD>`
+    (e.g. `PIPELINE_RUNTIME__LEASE_MS=20000`).
+    """
+    env = os.environ if env is None else env
+    raw: dict[str, Any] = {}
+    path = path or env.get("PIPELINE_CONFIG") or None
+    if path:
+        try:
+            raw = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError("config", f"file not found: {path}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError("config", f"{path} is not valid TOML: {exc}") from None
+    for name, value in env.items():
+        if name in _ENV_ALIASES:
+            _set_path(raw, _ENV_ALIASES[name], value)
+        elif match := _ENV_NESTED.match(name):
+            section, field = match.group(1).lower(), match.group(2).lower()
+            _set_path(raw, (section, field), value)
+    for dotted, value in overrides.items():
+        _set_path(raw, tuple(dotted.split("__")), value)
+    settings = _convert(raw, Settings, "")
+    _check(settings)
+    return settings
+
+
+def _set_path(raw: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    node = raw
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(".".join(path), "conflicts with a scalar setting")
+    node[path[-1]] = value
+
+
+def _convert(raw: Any, kind: type[_T], where: str) -> _T:
+    try:
+        # strict=False lets env strings ("20000", "true") convert to typed fields.
+        return msgspec.convert(raw, kind, strict=False)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        problem, _, at = text.partition(" - at `$")
+        field = at.rstrip("`").lstrip(".")
+        if problem.startswith("Object contains unknown field"):
+            field = ".".join(p for p in (field, problem.split("`")[1]) if p)
+            problem = "unknown setting"
+        name = ".".join(p for p in (where, field) if p) or "config"
+        raise ConfigError(name, problem or text) from None
+
+
+def _check(settings: Settings) -> None:
+    rt = settings.runtime
+    positive = {
+        "runtime.concurrency": rt.concurrency,
+        "runtime.read_count": rt.read_count,
+        "runtime.block_ms": rt.block_ms,
+        "runtime.lease_ms": rt.lease_ms,
+        "runtime.max_deliveries": rt.max_deliveries,
+        "runtime.max_entry_bytes": rt.max_entry_bytes,
+        "retry.max_attempts": settings.retry.max_attempts,
+        "retry.base_ms": settings.retry.base_ms,
+        "results.ttl_s": settings.results.ttl_s,
+        "redis.max_connections": settings.redis.max_connections,
+    }
+    for field, value in positive.items():
+        if value <= 0:
+            raise ConfigError(field, f"must be > 0, got {value}")
+    if settings.redis.socket_timeout_s * 1000 <= rt.block_ms:
+        raise ConfigError(
+            "redis.socket_timeout_s",
+            f"must exceed runtime.block_ms ({rt.block_ms} ms) or blocked reads time out",
+        )
+    if not re.fullmatch(r"[A-Za-z0-9_.\-]+", settings.prefix):
+        raise ConfigError(
+            "prefix", f"only letters, digits, '_', '-', '.' allowed: {settings.prefix!r}"
+        )
+    if not settings.redis.url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError("redis.url", "must start with redis://, rediss:// or unix://")
+    for stage in settings.stages:
+        settings.runtime_for(stage)

@@ -1,0 +1,42 @@
+"""`python -m pipeline.fake_claude --port 8787 --latency-ms 5000 ...`: run the fake until killed."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+
+import msgspec
+
+from .config import FakeClaudeConfig
+from .runner import run_forever
+
+
+def config_from_args(argv: Sequence[str] | None = None) -> FakeClaudeConfig:
+    """Flags map one to one onto `FakeClaudeConfig` fields (dashes for underscores)."""
+    p = argparse.ArgumentParser(prog="python -m pipeline.fake_claude", description=__doc__)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8787, help="0 picks a free port")
+    p.add_argument("--latency-ms", type=float, default=0.0)
+    p.add_argument("--latency-sigma", type=float, default=0.0)
+    p.add_argument("--latency-cap-ms", type=float, default=120_000.0)
+    p.add_argument("--rpm", type=int)
+    p.add_argument("--itpm", type=int)
+    p.add_argument("--otpm", type=int)
+    p.add_argument("--overloaded-rate", type=float, default=0.0, help="share of 529s")
+    p.add_argument("--server-error-rate", type=float, default=0.0, help="share of 500s")
+    p.add_argument("--bad-key", action="append", default=[], dest="bad_keys")
+    p.add_argument("--forbidden-key", action="append", default=[], dest="forbidden_keys")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--config-json", help="extra fields as a JSON object, applied last")
+    args = vars(p.parse_args(argv))
+    extra = json.loads(args.pop("config_json") or "{}")
+    return msgspec.convert({**args, **extra}, FakeClaudeConfig)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    run_forever(config_from_args(argv))
+
+
+if __name__ == "__main__":
+    main()

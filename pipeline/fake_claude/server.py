@@ -1,0 +1,339 @@
+"""The aiohttp application: Anthropic's /v1/messages and /v1/messages/count_tokens, plus /_fake/*.
+
+A request goes through: auth, body validation, injected 529/500, rate limits (prompt-cache
+aware), latency, then a deterministic reply. Everything runs on one event loop, so the state
+needs no locks, and nothing is logged per request so thousands of calls stay cheap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+import random
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from .cache import PromptCache
+from .config import FakeClaudeConfig, patched
+from .limits import RateLimiter, model_family
+from .prompt import InvalidRequest, parse_request
+from .reply import planned_output_tokens, reply_text
+from .stats import FakeStats
+from .streaming import stream_message
+
+_encode = msgspec.json.encode
+_decode = msgspec.json.decode
+#: aiohttp's own cap; the configured `max_body_bytes` is checked per request so it can change.
+_HARD_BODY_CAP = 1 << 30
+
+
+def error_response(
+    status: int,
+    error_type: str,
+    message: str,
+    request_id: str,
+    headers: dict[str, str] | None = None,
+) -> web.Response:
+    """Anthropic's error shape, with the `request-id` header the SDK reads."""
+    body = {
+        "type": "error",
+        "error": {"type": error_type, "message": message},
+        "request_id": request_id,
+    }
+    out = {"request-id": request_id}
+    if headers:
+        out.update(headers)
+    return web.Response(
+        status=status, body=_encode(body), headers=out, content_type="application/json"
+    )
+
+
+def _json(data: object, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        status=status, body=_encode(data), headers=headers, content_type="application/json"
+    )
+
+
+def api_key_of(request: web.Request) -> str | None:
+    """The key from `x-api-key`, else from `Authorization: Bearer`."""
+    key = request.headers.get("x-api-key")
+    if key:
+        return key
+    auth = request.headers.get("authorization", "")
+    if auth[:7].lower() == "bearer ":
+        return auth[7:].strip() or None
+    return None
+
+
+class FakeClaudeApp:
+    """State and handlers of one fake server; `clock`/`wall` are injectable for tests."""
+
+    def __init__(
+        self,
+        config: FakeClaudeConfig,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.stats = FakeStats()
+        self.limiter = RateLimiter(config, clock, wall)
+        self.cache = PromptCache(clock)
+        self._seed(config.seed)
+        self._ids = itertools.count(1)
+        self._id_prefix = secrets.token_hex(3)
+        app = web.Application(client_max_size=_HARD_BODY_CAP)
+        app.router.add_post("/v1/messages", self._messages)
+        app.router.add_post("/v1/messages/count_tokens", self._count_tokens)
+        app.router.add_get("/_fake/health", self._health)
+        app.router.add_get("/_fake/config", self._get_config)
+        app.router.add_post("/_fake/config", self._post_config)
+        app.router.add_get("/_fake/stats", self._get_stats)
+        app.router.add_post("/_fake/reset", self._post_reset)
+        app.router.add_route("*", "/{tail:.*}", self._not_found)
+        self.app = app
+
+    def _seed(self, seed: int) -> None:
+        self._fault_rng = random.Random(f"{seed}:faults")
+        self._latency_rng = random.Random(f"{seed}:latency")
+
+    def set_config(self, config: FakeClaudeConfig) -> None:
+        """Swap settings at runtime; a new seed restarts both random streams."""
+        if config.seed != self.config.seed:
+            self._seed(config.seed)
+        self.limiter.configure(config)
+        self.config = config
+
+    def update_config(self, patch: dict[str, Any]) -> FakeClaudeConfig:
+        self.set_config(patched(self.config, patch))
+        return self.config
+
+    def reset(self, *, stats: bool = True, rate_limits: bool = False, cache: bool = False) -> None:
+        if stats:
+            self.stats.reset()
+        if rate_limits:
+            self.limiter.clear()
+        if cache:
+            self.cache.clear()
+
+    def _next_ids(self) -> tuple[str, str]:
+        n = next(self._ids)
+        tail = f"{self._id_prefix}{n:012x}"
+        return f"req_fake{tail}", f"msg_fake{tail}"
+
+    def latency_s(self, config: FakeClaudeConfig) -> float:
+        """Fixed, or lognormal around the median `latency_ms`, capped."""
+        if config.latency_ms <= 0:
+            return 0.0
+        ms = config.latency_ms
+        if config.latency_sigma > 0:
+            ms = self._latency_rng.lognormvariate(math.log(ms), config.latency_sigma)
+        if config.latency_cap_ms is not None:
+            ms = min(ms, config.latency_cap_ms)
+        return ms / 1000.0
+
+    # -- /v1 -------------------------------------------------------------------------------
+
+    async def _messages(self, request: web.Request) -> web.StreamResponse:
+        self.stats.begin()
+        status, key_family = 500, None
+        try:
+            response, key_family = await self._handle_messages(request)
+            status = response.status
+            return response
+        finally:
+            self.stats.end(status, key_family)
+
+    async def _count_tokens(self, request: web.Request) -> web.StreamResponse:
+        self.stats.begin()
+        status = 500
+        try:
+            request_id, _ = self._next_ids()
+            response = self._authenticate(request, request_id)
+            if response is None:
+                raw_or_error = await self._read_body(request, request_id)
+                if isinstance(raw_or_error, web.Response):
+                    response = raw_or_error
+                else:
+                    try:
+                        parsed = parse_request(raw_or_error, count_only=True)
+                    except InvalidRequest as exc:
+                        response = error_response(
+                            400, "invalid_request_error", str(exc), request_id
+                        )
+                    else:
+                        response = _json(
+                            {"input_tokens": parsed.input_tokens},
+                            headers={"request-id": request_id},
+                        )
+            status = response.status
+            return response
+        finally:
+            self.stats.end(status, None)
+
+    def _authenticate(self, request: web.Request, request_id: str) -> web.Response | None:
+        key = api_key_of(request)
+        if key is None:
+            return error_response(
+                401, "authentication_error", "x-api-key header is required", request_id
+            )
+        if key in self.config.bad_keys:
+            return error_response(401, "authentication_error", "invalid x-api-key", request_id)
+        if key in self.config.forbidden_keys:
+            return error_response(
+                403,
+                "permission_error",
+                "Your API key does not have permission to use the specified resource.",
+                request_id,
+            )
+        return None
+
+    async def _read_body(self, request: web.Request, request_id: str) -> bytes | web.Response:
+        limit = self.config.max_body_bytes
+        too_large = error_response(
+            413,
+            "request_too_large",
+            f"Request exceeds the maximum size of {limit} bytes.",
+            request_id,
+        )
+        if request.content_length is not None and request.content_length > limit:
+            return too_large
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return too_large
+        return too_large if len(raw) > limit else raw
+
+    async def _handle_messages(self, request: web.Request) -> tuple[web.StreamResponse, str | None]:
+        config = self.config
+        request_id, message_id = self._next_ids()
+        denied = self._authenticate(request, request_id)
+        if denied is not None:
+            return denied, None
+        api_key = api_key_of(request) or ""
+        raw = await self._read_body(request, request_id)
+        if isinstance(raw, web.Response):
+            return raw, None
+        try:
+            parsed = parse_request(raw)
+        except InvalidRequest as exc:
+            return error_response(400, "invalid_request_error", str(exc), request_id), None
+        family = model_family(parsed.model)
+        key_family = f"{api_key}|{family}"
+
+        if config.overloaded_rate or config.server_error_rate:
+            roll = self._fault_rng.random()
+            if roll < config.overloaded_rate:
+                return error_response(529, "overloaded_error", "Overloaded", request_id), key_family
+            if roll < config.overloaded_rate + config.server_error_rate:
+                return error_response(
+                    500, "api_error", "Internal server error", request_id
+                ), key_family
+
+        plan = self.cache.plan(api_key, parsed, config.cache_ttl_s, config.cache_min_tokens)
+        admission = self.limiter.admit(
+            api_key, family, plan.uncached_input_tokens, parsed.max_tokens
+        )
+        if not admission.ok:
+            headers = dict(admission.headers)
+            headers["retry-after"] = str(max(1, math.ceil(admission.retry_after_s)))
+            return error_response(
+                429, "rate_limit_error", admission.message, request_id, headers
+            ), key_family
+        self.cache.commit(plan)
+
+        delay = self.latency_s(config)
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+        wanted = planned_output_tokens(
+            parsed.key, config.min_output_tokens, config.max_output_tokens
+        )
+        output_tokens = min(wanted, parsed.max_tokens)
+        headers = self.limiter.settle(api_key, family, parsed.max_tokens, output_tokens)
+        headers["request-id"] = request_id
+        usage = {
+            "input_tokens": plan.input_tokens,
+            "output_tokens": output_tokens,
+            "cache_creation_input_tokens": plan.cache_creation_input_tokens,
+            "cache_read_input_tokens": plan.cache_read_input_tokens,
+        }
+        transport = request.transport
+        self.stats.success(
+            parsed.key,
+            parsed.user_id,
+            key_family,
+            usage,
+            client_gone=transport is None or transport.is_closing(),
+        )
+        message = {
+            "id": message_id,
+            "type": "message",
+            "role": "assistant",
+            "model": parsed.model,
+            "content": [{"type": "text", "text": reply_text(parsed.key, output_tokens)}],
+            "stop_reason": "max_tokens" if wanted > parsed.max_tokens else "end_turn",
+            "stop_sequence": None,
+            "usage": {
+                **usage,
+                "cache_creation": {
+                    "ephemeral_5m_input_tokens": plan.cache_creation_5m,
+                    "ephemeral_1h_input_tokens": plan.cache_creation_1h,
+                },
+                "service_tier": "standard",
+            },
+        }
+        if parsed.stream:
+            return await stream_message(request, message, headers), key_family
+        return _json(message, headers=headers), key_family
+
+    # -- /_fake ----------------------------------------------------------------------------
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return _json({"ok": True})
+
+    async def _get_config(self, request: web.Request) -> web.Response:
+        return _json(self.config.to_dict())
+
+    async def _post_config(self, request: web.Request) -> web.Response:
+        try:
+            patch = _decode(await request.read())
+            if not isinstance(patch, dict):
+                raise ValueError("the config patch must be a JSON object")
+            config = self.update_config(patch)
+        except (ValueError, msgspec.DecodeError) as exc:
+            return error_response(400, "invalid_request_error", str(exc), "req_fake_admin")
+        return _json(config.to_dict())
+
+    async def _get_stats(self, request: web.Request) -> web.Response:
+        return _json(self.stats.snapshot())
+
+    async def _post_reset(self, request: web.Request) -> web.Response:
+        raw = await request.read()
+        try:
+            options = _decode(raw) if raw.strip() else {}
+            if not isinstance(options, dict) or not set(options) <= {
+                "stats",
+                "rate_limits",
+                "cache",
+            }:
+                raise ValueError("expected {'stats'?: bool, 'rate_limits'?: bool, 'cache'?: bool}")
+        except (ValueError, msgspec.DecodeError) as exc:
+            return error_response(400, "invalid_request_error", str(exc), "req_fake_admin")
+        self.reset(
+            stats=bool(options.get("stats", True)),
+            rate_limits=bool(options.get("rate_limits", False)),
+            cache=bool(options.get("cache", False)),
+        )
+        return _json({"ok": True})
+
+    async def _not_found(self, request: web.Request) -> web.Response:
+        request_id, _ = self._next_ids()
+        return error_response(
+            404, "not_found_error", f"Not found: {request.method} {request.path}", request_id
+        )

@@ -1,0 +1,58 @@
+"""Every Redis key the pipeline uses is named here, and nowhere else.
+
+Keys of one partition share a hash tag (`<prefix>:{p3}:route`) so that each atomic hand-off
+touches a single Cluster slot. With no partition (the default, one Redis node) keys carry
+no tag: `<prefix>:tasks`, `<prefix>:route`, `<prefix>:call:haiku`, `<prefix>:store`.
+"""
+
+from __future__ import annotations
+
+from pipeline.types import TaskId
+
+
+class Keys:
+    """Key names for one prefix (and optionally one partition)."""
+
+    __slots__ = ("_base", "partition", "prefix")
+
+    def __init__(self, prefix: str, partition: int | None = None) -> None:
+        self.prefix = prefix
+        self.partition = partition
+        self._base = prefix if partition is None else f"{prefix}:{{p{partition}}}"
+
+    def stream(self, name: str, lane: str | None = None) -> str:
+        """A stage's input stream, e.g. `stream("call", "haiku")` -> `pipeline:call:haiku`."""
+        return f"{self._base}:{name}" if lane is None else f"{self._base}:{name}:{lane}"
+
+    def delayed(self, stream: str) -> str:
+        """The sorted set of entries waiting to go back onto `stream` (same slot as it)."""
+        return f"{stream}:delayed"
+
+    @property
+    def ingress(self) -> str:
+        """Where producers XADD tasks: `<prefix>:tasks`."""
+        return self.stream("tasks")
+
+    @property
+    def dlq(self) -> str:
+        return f"{self._base}:dlq"
+
+    @property
+    def done(self) -> str:
+        """Completion events (trimmed)."""
+        return f"{self.prefix}:done"
+
+    def result(self, task_id: TaskId | str) -> str:
+        return f"{self.prefix}:result:{task_id}"
+
+    def pause(self, stage: str) -> str:
+        """Set while a stage is paused (for example by refused credentials)."""
+        return f"{self._base}:pause:{stage}"
+
+    def worker(self, consumer: str) -> str:
+        """Held by the live process using this consumer name, so no two processes share it."""
+        return f"{self.prefix}:worker:{consumer}"
+
+    def pattern(self) -> str:
+        """A SCAN pattern matching every key of this prefix (tests and purge)."""
+        return f"{self.prefix}:*"

@@ -1,0 +1,43 @@
+"""What a handler returns; the runtime turns each into one atomic hand-off (guarantee 1)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """Hand the task on to another stage (`lane` picks one of its streams, e.g. a model family)."""
+
+    to: str
+    body: Any = None
+    lane: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Complete:
+    """The task is finished; `result` (if any) is stored first-writer-wins with a TTL."""
+
+    result: Mapping[str, str] | None = None
+    ttl_s: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """Try this stage again later, through the durable delayed set (never a sleep)."""
+
+    reason: str
+    delay_ms: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Fail:
+    """Give up: dead-letter the entry with the reason and store a `failed` result."""
+
+    reason: str
+    result: Mapping[str, str] = field(default_factory=dict)
+
+
+Outcome = Forward | Complete | Retry | Fail

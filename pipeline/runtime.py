@@ -1,0 +1,451 @@
+"""The consumer loop of one stage (one input stream): read, run handlers, hand off atomically.
+
+Carries guarantees 1 (ack only with the hand-off), 2 (leases, reclaim, fencing), 3 (poison to
+the DLQ), 4 (durable delayed retries) and 7 (clean shutdown, outages waited out). Leases,
+reclaim and delayed retries live in their own modules; this file owns the entry's life cycle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+
+from redis.exceptions import ResponseError
+
+from pipeline.context import WorkerContext
+from pipeline.delayed import promote_loop
+from pipeline.dlq import dlq_fields
+from pipeline.errors import AuthError, InvalidTask, PermanentError, TransientError
+from pipeline.handoff import Record, build_call
+from pipeline.leases import drain_own, reclaim_loop, renew, renew_loop
+from pipeline.outcome import Complete, Fail, Forward, Outcome, Retry
+from pipeline.results import make_result, result_ttl, trace_id_of
+from pipeline.retry import GiveUp
+from pipeline.stage import Message, Stage
+from pipeline.wire import ENVELOPE_FIELD, Envelope, decode_entry, encode_body, encode_envelope
+from pipeline.wire import raw_fields_text as _raw_text
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Inflight:
+    """An entry this worker holds: from read until its hand-off is confirmed."""
+
+    entry_id: str
+    deliveries: int
+    confirmed_at: float  # monotonic time before the command that last confirmed ownership
+    task: asyncio.Task[None] | None = None
+    lost: bool = False
+    decided: bool = False  # the handler returned; the hand-off is queued or sent
+    msg: Message | None = field(default=None, repr=False)
+
+
+class StageRunner:
+    """Runs one stage on one input stream (one lane) inside a worker process."""
+
+    def __init__(
+        self, stage: Stage, lane: str | None, ctx: WorkerContext, concurrency: int
+    ) -> None:
+        self.stage = stage
+        self.lane = lane
+        self.ctx = ctx
+        self.rt = ctx.settings.runtime_for(stage.name)
+        self.concurrency = concurrency
+        self.stream = ctx.keys.stream(stage.stream, lane)
+        self.delayed = ctx.keys.delayed(self.stream)
+        self.group = stage.name
+        self.inflight: dict[str, Inflight] = {}
+        self.outbox: list[tuple[Inflight, Record]] = []
+        self._outbox_ready = asyncio.Event()
+        self._slot_free = asyncio.Event()
+        self._paused_until = 0.0
+        self._committing = False
+        self.stats = {"handled": 0, "fenced": 0, "dead": 0, "retried": 0, "reclaimed": 0}
+
+    @property
+    def name(self) -> str:
+        return f"{self.stage.name}[{self.lane}]" if self.lane else self.stage.name
+
+    @property
+    def paused(self) -> bool:
+        return time.monotonic() < self._paused_until
+
+    async def run(self) -> None:
+        """Serve the stream until `ctx.stopping`, then shut down within the grace period."""
+        await self.ensure_group()
+        hooks = self.ctx.hooks
+        if hooks:
+            await hooks.emit("on_worker_start", self.stage.name)
+        async with asyncio.TaskGroup() as tg:
+            background = [
+                tg.create_task(loop(self), name=f"{self.name}:{loop.__name__}")
+                for loop in (_flush_loop, renew_loop, reclaim_loop, promote_loop)
+            ]
+            await drain_own(self)
+            await self.read_loop()
+            await self._shutdown()
+            for task in background:
+                task.cancel()
+        if hooks:
+            await hooks.emit("on_worker_stop", self.stage.name, after=True)
+
+    async def _shutdown(self) -> None:
+        running = await self.drain_inflight(self.rt.grace_s)
+        if running:
+            for inf in running:
+                if inf.task is not None:
+                    inf.task.cancel()
+            await asyncio.gather(*(i.task for i in running if i.task), return_exceptions=True)
+            running = [inf for inf in running if not inf.decided]
+            await renew(self, running, idle_ms=self.rt.lease_ms)
+            for inf in running:
+                self.inflight.pop(inf.entry_id, None)
+            log.warning(
+                "%s: handed back %d unfinished entries for other workers to take",
+                self.name,
+                len(running),
+            )
+        while self.outbox or self._committing:
+            self._slot_free.clear()
+            await self._slot_free.wait()
+
+    # ---- reading ----------------------------------------------------------------------
+
+    async def ensure_group(self) -> None:
+        async def create() -> None:
+            try:
+                await self.ctx.redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+        await self.ctx.available.call(create)
+
+    def wake(self) -> None:
+        """Let waits on slots re-check their condition (stop, force)."""
+        self._slot_free.set()
+
+    def free_slots(self) -> int:
+        return self.concurrency - len(self.inflight)
+
+    async def wait_for_slots(self, wanted: int) -> None:
+        while self.free_slots() < wanted and not self.ctx.stopping.is_set():
+            self._slot_free.clear()
+            await self._slot_free.wait()
+
+    async def read_loop(self) -> None:
+        """Read new entries while there is room for them (bounded prefetch)."""
+        min_batch = max(1, min(self.rt.read_count, self.concurrency) // 4)
+        while not self.ctx.stopping.is_set():
+            pause = self._paused_until - time.monotonic()
+            if pause > 0:
+                await self._sleep_unless_stopping(pause)
+                continue
+            await self.wait_for_slots(min(min_batch, self.concurrency))
+            if self.ctx.stopping.is_set():
+                break
+            count = min(self.free_slots(), self.rt.read_count)
+            sent_at = time.monotonic()
+            try:
+                reply = await self.ctx.available.call(
+                    lambda c=count: self.ctx.redis.xreadgroup(
+                        self.group,
+                        self.ctx.consumer,
+                        {self.stream: ">"},
+                        count=c,
+                        block=self.rt.block_ms,
+                    )
+                )
+            except ResponseError as exc:
+                if "NOGROUP" in str(exc):  # stream or group deleted (or Redis lost its data)
+                    log.warning("%s: consumer group missing, recreating", self.name)
+                    await self.ensure_group()
+                    continue
+                raise
+            for _stream, entries in reply or ():
+                for entry_id, raw in entries:
+                    self.start(entry_id.decode(), raw, deliveries=1, confirmed_at=sent_at)
+
+    async def _sleep_unless_stopping(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.ctx.stopping.wait(), timeout=seconds)
+
+    # ---- handling ---------------------------------------------------------------------
+
+    def start(
+        self, entry_id: str, raw: dict[bytes, bytes] | None, deliveries: int, confirmed_at: float
+    ) -> None:
+        """Take ownership of an entry and start its handler (or dead-letter it at once)."""
+        if entry_id in self.inflight:  # already ours (reclaim raced a drain): keep the first
+            return
+        inf = Inflight(entry_id, deliveries, confirmed_at)
+        self.inflight[entry_id] = inf
+        raw = raw or {}
+        try:
+            env = decode_entry(entry_id, raw, self.rt.max_entry_bytes)
+        except InvalidTask as exc:
+            self.submit(inf, self._dead_letter_raw(inf, raw, str(exc)))
+            return
+        msg = Message(env, entry_id, self.stage.name, self.lane, deliveries)
+        inf.msg = msg
+        if deliveries > self.rt.max_deliveries:
+            reason = f"delivered {deliveries} times (max_deliveries={self.rt.max_deliveries})"
+            self.submit(inf, self._dead_letter(inf, env, reason))
+            return
+        inf.task = asyncio.create_task(self._handle(inf, msg), name=f"{self.name}:{entry_id}")
+
+    async def _handle(self, inf: Inflight, msg: Message) -> None:
+        hooks = self.ctx.hooks
+        if hooks:
+            await hooks.emit("before_handle", msg)
+        try:
+            outcome: Outcome = await self.stage.handler(msg)
+        except asyncio.CancelledError:
+            raise
+        except InvalidTask as exc:
+            outcome = Fail(f"invalid task: {exc}")
+        except PermanentError as exc:
+            outcome = Fail(str(exc))
+        except TransientError as exc:
+            delay = None if exc.retry_after_s is None else int(exc.retry_after_s * 1000)
+            outcome = Retry(str(exc), delay_ms=delay)
+        except AuthError as exc:
+            self._pause(exc)
+            self.submit(inf, self._requeue(inf, msg.envelope, int(exc.pause_s * 1000)))
+            return
+        except Exception as exc:
+            self.ctx.log_once(f"{self.name}:{type(exc).__name__}", "handler raised", exc)
+            outcome = Retry(f"{type(exc).__name__}: {exc}")
+        if hooks:
+            await hooks.emit("after_handle", msg, outcome, after=True)
+        self.submit(inf, self.plan(inf, msg, outcome))
+
+    def _pause(self, exc: AuthError) -> None:
+        if time.monotonic() >= self._paused_until:
+            log.error(
+                "%s PAUSED for %.0fs: credentials refused (%s). Entries stay queued; "
+                "fix the key and the stage resumes by itself.",
+                self.name,
+                exc.pause_s,
+                exc,
+            )
+        self._paused_until = time.monotonic() + exc.pause_s
+        self.ctx.mark_paused(self.stage.name, exc.pause_s, str(exc))
+
+    # ---- planning the hand-off --------------------------------------------------------
+
+    def plan(self, inf: Inflight, msg: Message, outcome: Outcome) -> Record:
+        env = msg.envelope
+        if isinstance(outcome, Forward):
+            target = self.ctx.app.stage(outcome.to)
+            if target.lanes and outcome.lane not in target.lanes:
+                return self._dead_letter(inf, env, f"no lane {outcome.lane!r} in {target.name}")
+            rec = self._record(inf)
+            now = _now_ms()
+            nxt = Envelope(
+                v=env.v,
+                task_id=env.task_id,
+                fields=env.fields,
+                attempt=1,
+                origin_ms=env.origin_ms,
+                enqueued_ms=now,
+                traceparent=env.traceparent,
+                tracestate=env.tracestate,
+                body=encode_body(outcome.body),
+            )
+            key = self.ctx.keys.stream(target.stream, outcome.lane if target.lanes else None)
+            rec.xadd(key, {ENVELOPE_FIELD: encode_envelope(nxt)})
+            return rec
+        if isinstance(outcome, Complete):
+            rec = self._record(inf)
+            if outcome.result is not None:
+                ttl = outcome.ttl_s or result_ttl(env.fields, self.ctx.settings.results.ttl_s)
+                self._add_result(rec, env.task_id, dict(outcome.result), ttl)
+            return rec
+        if isinstance(outcome, Retry):
+            delay = self.ctx.retry_policy.next_delay(env.attempt, outcome.delay_ms)
+            if isinstance(delay, GiveUp):
+                reason = f"gave up after {env.attempt} attempts: {outcome.reason}"
+                return self._dead_letter(inf, env, reason)
+            self.stats["retried"] += 1
+            if self.ctx.hooks:
+                self.ctx.spawn_hook("on_retry", msg, delay, outcome.reason)
+            return self._requeue(inf, env, delay, next_attempt=True)
+        return self._dead_letter(inf, env, outcome.reason, extra=outcome.result)
+
+    def _record(self, inf: Inflight) -> Record:
+        # Skip the ownership check while the lease we last confirmed cannot have lapsed:
+        # nobody may reclaim an entry before it has been idle for a whole lease.
+        age_ms = (time.monotonic() - inf.confirmed_at) * 1000
+        fresh = age_ms < self.rt.lease_ms / 2 and not inf.lost
+        return Record(inf.entry_id, 0 if fresh else inf.deliveries)
+
+    def _requeue(
+        self, inf: Inflight, env: Envelope, delay_ms: int, next_attempt: bool = False
+    ) -> Record:
+        later = Envelope(
+            v=env.v,
+            task_id=env.task_id,
+            fields=env.fields,
+            attempt=env.attempt + 1 if next_attempt else env.attempt,
+            origin_ms=env.origin_ms,
+            enqueued_ms=_now_ms() + delay_ms,
+            traceparent=env.traceparent,
+            tracestate=env.tracestate,
+            body=env.body,
+        )
+        rec = self._record(inf)
+        rec.zadd(self.delayed, delay_ms, encode_envelope(later))
+        return rec
+
+    def _add_result(self, rec: Record, task_id: str, result: dict[str, str], ttl: int) -> None:
+        keys, res = self.ctx.keys, self.ctx.settings.results
+        event = {"id": task_id, "status": result.get("status", "completed")}
+        rec.result(keys.result(task_id), ttl, result, keys.done, res.done_maxlen, event)
+
+    def _dead_letter(
+        self, inf: Inflight, env: Envelope, reason: str, extra: object = None
+    ) -> Record:
+        return self._dead_letter_fields(
+            inf,
+            env.task_id,
+            env.fields,
+            reason,
+            env.attempt,
+            env.traceparent,
+            env.tracestate,
+            extra if isinstance(extra, dict) else None,
+        )
+
+    def _dead_letter_raw(self, inf: Inflight, raw: dict[bytes, bytes], reason: str) -> Record:
+        fields = _raw_text(raw, self.ctx.settings.dlq.max_field_bytes)
+        task_id = (
+            fields.get("id", inf.entry_id)[:256] if ENVELOPE_FIELD not in raw else inf.entry_id
+        )
+        return self._dead_letter_fields(
+            inf,
+            task_id,
+            fields,
+            reason,
+            1,
+            fields.get("traceparent"),
+            fields.get("tracestate"),
+            None,
+        )
+
+    def _dead_letter_fields(
+        self,
+        inf: Inflight,
+        task_id: str,
+        fields: dict[str, str],
+        reason: str,
+        attempts: int,
+        traceparent: str | None,
+        tracestate: str | None,
+        extra: dict[str, str] | None,
+    ) -> Record:
+        settings = self.ctx.settings
+        rec = self._record(inf)
+        entry = dlq_fields(
+            task_id=task_id,
+            stage=self.stage.name,
+            stream=self.stream,
+            entry_id=inf.entry_id,
+            error=reason,
+            deliveries=inf.deliveries,
+            attempts=attempts,
+            fields=fields,
+            traceparent=traceparent,
+            tracestate=tracestate,
+            max_field_bytes=settings.dlq.max_field_bytes,
+        )
+        rec.xadd(self.ctx.keys.dlq, entry, maxlen=settings.dlq.maxlen)
+        failed = make_result(
+            "failed",
+            error=reason,
+            attempts=attempts,
+            trace_id=trace_id_of(traceparent),
+            metadata=fields.get("metadata") or "{}",
+            latency_ms=max(0, _now_ms() - (inf.msg.envelope.origin_ms if inf.msg else _now_ms())),
+        )
+        failed.update(extra or {})
+        self._add_result(rec, task_id, failed, result_ttl(fields, settings.results.ttl_s))
+        self.stats["dead"] += 1
+        if self.ctx.hooks:
+            self.ctx.spawn_hook("on_dead_letter", self.stage.name, task_id, reason)
+        log.debug("%s: dead-lettered %s: %s", self.name, task_id, reason)
+        return rec
+
+    # ---- committing -------------------------------------------------------------------
+
+    def submit(self, inf: Inflight, rec: Record) -> None:
+        inf.decided = True
+        self.outbox.append((inf, rec))
+        self._outbox_ready.set()
+
+    async def flush_loop(self) -> None:
+        """Send queued hand-offs, one script call per batch, until cancelled with none left."""
+        while True:
+            await self._outbox_ready.wait()
+            self._outbox_ready.clear()
+            while self.outbox:
+                batch = self.outbox[: self.rt.handoff_batch]
+                del self.outbox[: len(batch)]
+                self._committing = True
+                try:
+                    await asyncio.shield(self._commit(batch))
+                finally:
+                    self._committing = False
+                    self._slot_free.set()
+
+    async def _commit(self, batch: list[tuple[Inflight, Record]]) -> None:
+        records = [rec for _, rec in batch]
+        keys, args = build_call(self.stream, records)
+        head = [self.group, self.ctx.consumer, "1" if self.ctx.has_xackdel else "0"]
+        first = True
+
+        async def run() -> list[int]:
+            nonlocal first, args
+            if not first:  # the reply of an earlier try may be lost: fence every record now
+                for inf, rec in batch:
+                    rec.expected_deliveries = inf.deliveries
+                args = build_call(self.stream, records)[1]
+            first = False
+            return list(await self.ctx.scripts.handoff(keys=keys, args=head + args))
+
+        statuses = await self.ctx.available.call(run)
+        for (inf, _rec), status in zip(batch, statuses, strict=True):
+            self.inflight.pop(inf.entry_id, None)
+            if status == 0:
+                self.stats["fenced"] += 1
+                log.debug(
+                    "%s: %s was reclaimed elsewhere; late result dropped", self.name, inf.entry_id
+                )
+            else:
+                self.stats["handled"] += 1
+        self._slot_free.set()
+
+    # ---- shutdown ---------------------------------------------------------------------
+
+    async def drain_inflight(self, grace_s: float) -> list[Inflight]:
+        """Wait up to `grace_s` for in-flight entries; return those still running."""
+        deadline = time.monotonic() + grace_s
+        while self.inflight and time.monotonic() < deadline and not self.ctx.forced:
+            self._slot_free.clear()
+            try:
+                await asyncio.wait_for(self._slot_free.wait(), timeout=deadline - time.monotonic())
+            except TimeoutError:
+                break
+        return [inf for inf in self.inflight.values() if not inf.decided]
+
+
+async def _flush_loop(runner: StageRunner) -> None:
+    await runner.flush_loop()
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)

@@ -1,0 +1,89 @@
+"""A stage is an input stream, a consumer group and a handler; an App is the set of stages."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from pipeline.outcome import Outcome
+from pipeline.wire import Envelope, decode_body
+
+_B = TypeVar("_B")
+
+
+@dataclass(slots=True)
+class Message:
+    """One entry as a handler sees it."""
+
+    envelope: Envelope
+    entry_id: str
+    stage: str
+    lane: str | None
+    deliveries: int
+
+    @property
+    def task_id(self) -> str:
+        return self.envelope.task_id
+
+    @property
+    def fields(self) -> dict[str, str]:
+        """The producer's original fields."""
+        return self.envelope.fields
+
+    @property
+    def attempt(self) -> int:
+        """1 for the first try at this stage, 2 after one retry, …"""
+        return self.envelope.attempt
+
+    def body(self, kind: type[_B]) -> _B:
+        """The previous stage's payload, decoded as `kind`."""
+        return decode_body(self.envelope.body, kind)  # type: ignore[return-value]
+
+    @property
+    def has_body(self) -> bool:
+        return bytes(self.envelope.body) != b"\xc0"
+
+
+Handler = Callable[[Message], Awaitable[Outcome]]
+
+
+@dataclass(frozen=True, slots=True)
+class Stage:
+    """A named step of the pipeline.
+
+    Args:
+        name: as on the command line and in metrics (`cache-check`).
+        stream: the key suffix of its input stream (`tasks`, `route`, `call`, `store`).
+        handler: parse -> decide -> return an Outcome.
+        lanes: one input stream per lane (claude-call: one per model family).
+        concurrency: default in-flight limit per process (config may override).
+    """
+
+    name: str
+    stream: str
+    handler: Handler
+    lanes: tuple[str, ...] = ()
+    concurrency: int | None = None
+
+
+@dataclass(frozen=True)
+class App:
+    """The stages a worker can run, in pipeline order (the first reads the ingress)."""
+
+    stages: tuple[Stage, ...]
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def __init__(self, stages: Iterable[Stage], **extras: Any) -> None:
+        object.__setattr__(self, "stages", tuple(stages))
+        object.__setattr__(self, "extras", extras)
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate stage names: {names}")
+
+    def stage(self, name: str) -> Stage:
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        known = ", ".join(s.name for s in self.stages)
+        raise KeyError(f"unknown stage {name!r} (known: {known})")

@@ -1,0 +1,182 @@
+"""A worker process: one or more stages (and their lanes), signals, consumer name, shutdown.
+
+Guarantee 7: SIGTERM/SIGINT stop reading, in-flight entries finish or are handed back within
+the grace period, and the process exits 0. A second signal cuts the grace period short.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import os
+import signal
+import socket
+import sys
+import uuid
+from collections.abc import Sequence
+
+from pipeline.config import Settings
+from pipeline.context import WorkerContext
+from pipeline.errors import ConfigError
+from pipeline.hooks import Hook, Hooks
+from pipeline.keys import Keys
+from pipeline.redis_conn import Availability, connect, redacted, server_version
+from pipeline.retry import RetryPolicy
+from pipeline.runtime import StageRunner
+from pipeline.scripts import Scripts
+from pipeline.stage import App
+
+log = logging.getLogger(__name__)
+
+
+def load_app(spec: str) -> App:
+    """Import `module:attribute` (default attribute `app`) and check it is an App."""
+    module_name, _, attr = spec.partition(":")
+    if os.getcwd() not in sys.path:  # like uvicorn: apps in the working directory import
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError("app", f"cannot import {module_name!r}: {exc}") from None
+    app = getattr(module, attr or "app", None)
+    if not isinstance(app, App):
+        raise ConfigError("app", f"{spec!r} is not a pipeline App")
+    return app
+
+
+async def claim_consumer_name(
+    ctx_redis: object,
+    keys: Keys,
+    scripts: Scripts,
+    base: str,
+    token: str,
+    ttl_ms: int,
+    available: Availability,
+    exact: bool,
+) -> str:
+    """The lowest free `<base>-<n>`: stable across restarts on one host, unique among live ones."""
+    candidates = [base] if exact else [f"{base}-{n}" for n in range(10_000)]
+    for name in candidates:
+        got = await available.call(
+            lambda n=name: scripts.hold(keys=[keys.worker(n)], args=[token, ttl_ms])
+        )
+        if got:
+            return name
+    raise ConfigError("consumer", f"consumer name {base!r} is held by another live worker")
+
+
+async def run_worker(
+    app: App,
+    stage_names: Sequence[str],
+    settings: Settings,
+    *,
+    concurrency: int | None = None,
+    consumer: str | None = None,
+    hooks: Sequence[Hook] = (),
+    ready: asyncio.Event | None = None,
+) -> None:
+    """Run the named stages of `app` until SIGTERM/SIGINT (or `ctx.stopping`)."""
+    stages = [app.stage(name) for name in stage_names]
+    redis = connect(settings.redis)
+    available = Availability(settings.redis.url)
+    scripts = Scripts.register(redis)
+    keys = Keys(settings.prefix)
+    log.info("connecting to %s", redacted(settings.redis.url))
+    version = await available.call(lambda: server_version(redis))
+    token = uuid.uuid4().hex
+    hold_ms = max(30_000, settings.runtime.lease_ms * 2)
+    name = await claim_consumer_name(
+        redis,
+        keys,
+        scripts,
+        consumer or socket.gethostname(),
+        token,
+        hold_ms,
+        available,
+        exact=consumer is not None,
+    )
+    ctx = WorkerContext(
+        app=app,
+        settings=settings,
+        redis=redis,
+        scripts=scripts,
+        keys=keys,
+        consumer=name,
+        available=available,
+        retry_policy=RetryPolicy.from_settings(settings.retry),
+        hooks=Hooks(hooks),
+        has_xackdel=version >= (8, 2),
+    )
+    runners = [
+        StageRunner(
+            stage,
+            lane,
+            ctx,
+            concurrency or stage.concurrency or settings.runtime_for(stage.name).concurrency,
+        )
+        for stage in stages
+        for lane in (stage.lanes or (None,))
+    ]
+    loop = asyncio.get_running_loop()
+    signals = 0
+
+    def on_signal(signum: int) -> None:
+        nonlocal signals
+        signals += 1
+        if signals == 1:
+            log.warning(
+                "%s received: stopping (grace %.0fs)",
+                signal.Signals(signum).name,
+                settings.runtime.grace_s,
+            )
+            ctx.stopping.set()
+        else:
+            log.warning("second signal: handing back in-flight entries now")
+            ctx.forced = True
+            for runner in runners:
+                runner.wake()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    log.info(
+        "worker %s (pid %d) running %s on Redis %s",
+        name,
+        os.getpid(),
+        ", ".join(r.name for r in runners),
+        ".".join(map(str, version)),
+    )
+    try:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(_hold_name(ctx, token, hold_ms))
+            tasks = [tg.create_task(r.run(), name=r.name) for r in runners]
+            if ready is not None:
+                ready.set()
+            await asyncio.gather(*tasks)
+            raise _Done
+    except* _Done:
+        pass
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        try:
+            await redis.delete(keys.worker(name))
+        except Exception as exc:  # the name expires by itself anyway
+            log.debug("could not release consumer name: %r", exc)
+        await redis.aclose()
+    log.info("worker %s stopped cleanly", name)
+
+
+class _Done(Exception):
+    """Ends the task group once every stage has shut down (stops the name keeper)."""
+
+
+async def _hold_name(ctx: WorkerContext, token: str, hold_ms: int) -> None:
+    while True:
+        await asyncio.sleep(hold_ms / 3000)
+        ok = await ctx.available.call(
+            lambda: ctx.scripts.hold(keys=[ctx.keys.worker(ctx.consumer)], args=[token, hold_ms])
+        )
+        if not ok and not ctx.stopping.is_set():
+            log.error("consumer name %s was taken by another process; stopping", ctx.consumer)
+            ctx.stopping.set()
