@@ -53,6 +53,10 @@ class Keys:
         """Held by the live process using this consumer name, so no two processes share it."""
         return f"{self.prefix}:worker:{consumer}"
 
+    def app_key(self, name: str) -> str:
+        """A key for an App's own bookkeeping, inside the prefix (tests, custom stages)."""
+        return f"{self._base}:app:{name}"
+
     def pattern(self) -> str:
         """A SCAN pattern matching every key of this prefix (tests and purge)."""
         return f"{self.prefix}:*"

@@ -131,6 +131,8 @@ async def run_worker(
                 settings.runtime.grace_s,
             )
             ctx.stopping.set()
+            for runner in runners:
+                runner.wake()
         else:
             log.warning("second signal: handing back in-flight entries now")
             ctx.forced = True

@@ -4,6 +4,8 @@ Behaviour is chosen by environment variables so one module serves every test:
   TEST_SLOW_S      seconds each `work` handler sleeps (default 0)
   TEST_FAIL        "always" → `work` raises a RuntimeError every time
   TEST_FAIL_TIMES  `work` fails with a TransientError on the first N attempts
+Every handler run is counted in Redis (`runs:<stage>` hash, field = task id), so a test can
+tell "handled exactly once" from "stored once but handled twice".
 """
 
 from __future__ import annotations
@@ -11,16 +13,40 @@ from __future__ import annotations
 import asyncio
 import os
 
-from pipeline import App, Complete, Forward, InvalidTask, Message, Outcome, Stage, TransientError
+from redis.asyncio import Redis
+
+from pipeline import (
+    App,
+    Complete,
+    Forward,
+    InvalidTask,
+    Keys,
+    Message,
+    Outcome,
+    Stage,
+    TransientError,
+)
+
+_client: Redis | None = None
+
+
+async def count_run(msg: Message) -> None:
+    global _client
+    if _client is None:
+        _client = Redis.from_url(os.environ["REDIS_URL"])
+    keys = Keys(os.environ.get("PIPELINE_PREFIX", "pipeline"))
+    await _client.hincrby(keys.app_key(f"runs:{msg.stage}"), msg.task_id, 1)
 
 
 async def ingest(msg: Message) -> Outcome:
+    await count_run(msg)
     if "n" not in msg.fields:
         raise InvalidTask("missing field 'n'")
     return Forward("work", {"n": int(msg.fields["n"])})
 
 
 async def work(msg: Message) -> Outcome:
+    await count_run(msg)
     slow = float(os.environ.get("TEST_SLOW_S", "0"))
     if slow:
         await asyncio.sleep(slow)
@@ -33,6 +59,7 @@ async def work(msg: Message) -> Outcome:
 
 
 async def finish(msg: Message) -> Outcome:
+    await count_run(msg)
     body = msg.body(dict)
     return Complete(
         {"status": "completed", "output": str(body["n"] * 2), "worker": str(body["worker"])}

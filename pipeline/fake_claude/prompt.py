@@ -99,6 +99,9 @@ def parse_request(raw: bytes, *, count_only: bool = False) -> ParsedRequest:
             walker.block(b"T", tool, f"tools.{i}")
     _walk_system(walker, body.get("system"))
     _walk_messages(walker, body.get("messages"))
+    top_level = body.get("cache_control")
+    if top_level is not None:
+        walker.mark_last(top_level)
     return ParsedRequest(
         model=model,
         max_tokens=max_tokens,
@@ -227,17 +230,27 @@ class _Walker:
             self._mark(cache_control, where)
 
     def _mark(self, cache_control: object, where: str) -> None:
-        if not isinstance(cache_control, dict) or cache_control.get("type") != "ephemeral":
-            raise InvalidRequest(f"{where}.cache_control: Input should be {{'type': 'ephemeral'}}")
-        ttl = cache_control.get("ttl", "5m")
-        if ttl not in ("5m", "1h"):
-            raise InvalidRequest(f"{where}.cache_control.ttl: Input should be '5m' or '1h'")
-        self._marks.append((len(self._units), self.tokens, ttl))
+        self._marks.append(
+            (len(self._units), self.tokens, _ttl(cache_control, f"{where}.cache_control"))
+        )
+        self._check_count()
+
+    def _check_count(self) -> None:
         if len(self._marks) > MAX_BREAKPOINTS:
             raise InvalidRequest(
                 f"A maximum of {MAX_BREAKPOINTS} blocks with cache_control may be provided. "
                 f"Found {len(self._marks)}."
             )
+
+    def mark_last(self, cache_control: object) -> None:
+        """Top-level `cache_control`: a breakpoint on the last block, unless it has one."""
+        if self._marks and self._marks[-1][0] == len(self._units):
+            _ttl(cache_control, "cache_control")
+        else:
+            self._marks.append(
+                (len(self._units), self.tokens, _ttl(cache_control, "cache_control"))
+            )
+            self._check_count()
 
     def breakpoints(self, model: str) -> list[Breakpoint]:
         """Digest each cached prefix; only paid for by requests that use caching."""
@@ -253,3 +266,13 @@ class _Walker:
             done = units
             out.append(Breakpoint(hasher.copy().digest(), tokens, ttl))
         return out
+
+
+def _ttl(cache_control: object, path: str) -> str:
+    """The TTL of a valid `cache_control` ("5m" unless it says "1h")."""
+    if not isinstance(cache_control, dict) or cache_control.get("type") != "ephemeral":
+        raise InvalidRequest(f"{path}: Input should be {{'type': 'ephemeral'}}")
+    ttl = cache_control.get("ttl", "5m")
+    if ttl not in ("5m", "1h"):
+        raise InvalidRequest(f"{path}.ttl: Input should be '5m' or '1h'")
+    return str(ttl)

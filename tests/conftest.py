@@ -1,0 +1,116 @@
+"""Test harness: a real Redis server (never a mock), a unique key prefix per test.
+
+Where the server comes from, in order: `REDIS_URL` if set; a private `redis-server` on a free
+port (the binary on PATH); a testcontainers Redis where a Docker engine runs. Tests that kill
+or restart Redis always get a private server of their own (`private_redis`).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from pipeline.config import Settings, load_settings
+from pipeline.keys import Keys
+from tests.helpers.redis_server import RedisServer, newest_redis_server
+from tests.helpers.workers import Workers
+
+
+def _docker_available() -> bool:
+    try:
+        import docker
+
+        docker.from_env().ping()
+        return True
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    if url := os.environ.get("REDIS_URL"):
+        yield url
+        return
+    if newest_redis_server():
+        server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+        yield server.url
+        server.stop()
+        return
+    if _docker_available():
+        from testcontainers.redis import RedisContainer
+
+        with RedisContainer("redis:7.0") as container:
+            host, port = container.get_container_host_ip(), container.get_exposed_port(6379)
+            yield f"redis://{host}:{port}/0"
+        return
+    pytest.exit("no Redis: set REDIS_URL, install redis-server, or run a Docker engine", 2)
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of this test's own (appendonly on), which the test may kill or restart."""
+    if not newest_redis_server():
+        pytest.skip("needs the redis-server binary to restart a server of its own")
+    server = RedisServer(tmp_path / "redis", appendonly=True).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def prefix(redis_url: str) -> Iterator[str]:
+    """A key prefix no other test uses; its keys are deleted afterwards (never FLUSHALL)."""
+    name = f"t{uuid.uuid4().hex[:10]}"
+    yield name
+    client = redis.Redis.from_url(redis_url)
+    try:
+        keys = list(client.scan_iter(match=Keys(name).pattern(), count=1000))
+        for i in range(0, len(keys), 500):
+            client.delete(*keys[i : i + 500])
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def rclient(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+#: Short timings so crash tests run in seconds, not minutes.
+FAST = {
+    "PIPELINE_RUNTIME__LEASE_MS": "3000",
+    "PIPELINE_RUNTIME__RECLAIM_EVERY_MS": "300",
+    "PIPELINE_RUNTIME__BLOCK_MS": "500",
+    "PIPELINE_RUNTIME__GRACE_S": "5",
+    "PIPELINE_RETRY__BASE_MS": "200",
+    "PIPELINE_RETRY__MAX_MS": "1000",
+    "PIPELINE_RETRY__PROMOTE_EVERY_MS": "50",
+}
+
+
+@pytest.fixture
+def fast_env(redis_url: str, prefix: str) -> dict[str, str]:
+    return {"REDIS_URL": redis_url, "PIPELINE_PREFIX": prefix, **FAST}
+
+
+@pytest.fixture
+def settings(fast_env: dict[str, str]) -> Settings:
+    return load_settings(env=fast_env)
+
+
+@pytest.fixture
+def workers(fast_env: dict[str, str], tmp_path: Path) -> Iterator[Workers]:
+    w = Workers(fast_env, tmp_path)
+    yield w
+    w.stop_all()
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
