@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Sequence
 
 import msgspec
@@ -28,14 +29,17 @@ def config_from_args(argv: Sequence[str] | None = None) -> FakeClaudeConfig:
     p.add_argument("--bad-key", action="append", default=[], dest="bad_keys")
     p.add_argument("--forbidden-key", action="append", default=[], dest="forbidden_keys")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-uvloop", action="store_true", help="plain asyncio event loop")
     p.add_argument("--config-json", help="extra fields as a JSON object, applied last")
     args = vars(p.parse_args(argv))
+    args.pop("no_uvloop")
     extra = json.loads(args.pop("config_json") or "{}")
     return msgspec.convert({**args, **extra}, FakeClaudeConfig)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    run_forever(config_from_args(argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    run_forever(config_from_args(argv), use_uvloop="--no-uvloop" not in argv)
 
 
 if __name__ == "__main__":

@@ -141,8 +141,11 @@ def run_fake_claude_in_thread(config: FakeClaudeConfig | None = None) -> Iterato
             loop.close()
 
 
-def run_forever(config: FakeClaudeConfig | None = None) -> None:
-    """Serve until SIGINT/SIGTERM; prints `fake-claude listening on <url>` once ready."""
+def run_forever(config: FakeClaudeConfig | None = None, *, use_uvloop: bool = True) -> None:
+    """Serve until SIGINT/SIGTERM; prints `fake-claude listening on <url>` once ready.
+
+    Runs on uvloop when it is installed (the `fast` extra) unless `use_uvloop` is False.
+    """
 
     async def main() -> None:
         server = await start_fake_claude(config)
@@ -156,11 +159,12 @@ def run_forever(config: FakeClaudeConfig | None = None) -> None:
         finally:
             await server.aclose()
 
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(main())
-    else:
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(main())
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    if use_uvloop:
+        with contextlib.suppress(ImportError):
+            import uvloop
+
+            loop_factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(main())
     sys.stdout.flush()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -23,17 +24,12 @@ def _no_ambient_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def start_fake() -> Iterator[StartFake]:
     """`start_fake(**config_fields)` runs a fake in a thread until the test ends."""
-    stack: list[Any] = []
+    with contextlib.ExitStack() as stack:
 
-    def start(**fields: Any) -> FakeClaudeServer:
-        manager = run_fake_claude_in_thread(FakeClaudeConfig(**fields))
-        server = manager.__enter__()
-        stack.append(manager)
-        return server
+        def start(**fields: Any) -> FakeClaudeServer:
+            return stack.enter_context(run_fake_claude_in_thread(FakeClaudeConfig(**fields)))
 
-    yield start
-    for manager in reversed(stack):
-        manager.__exit__(None, None, None)
+        yield start
 
 
 @pytest.fixture

@@ -16,7 +16,9 @@ HAIKU = "claude-haiku-5-5"
 LONG_SYSTEM = "You are a meticulous reviewer. " * 200  # ~1,550 tokens
 
 
-def _create(server: FakeClaudeServer, make_client: Any, api_key: str = "sk-a", **params: Any) -> Any:
+def _create(
+    server: FakeClaudeServer, make_client: Any, api_key: str = "sk-a", **params: Any
+) -> Any:
     async def scenario() -> Any:
         async with make_client(server, api_key=api_key) as claude:
             return await claude.messages.create(**{"model": SONNET, "max_tokens": 50, **params})
@@ -33,29 +35,43 @@ def _cached_system(ttl: str | None = None) -> list[dict[str, Any]]:
 
 def test_creation_then_read_then_other_key(fake: FakeClaudeServer, make_client: Any) -> None:
     prefix = count_tokens(LONG_SYSTEM)
-    first = _create(fake, make_client, system=_cached_system(), messages=[
-        {"role": "user", "content": "Review chapter one."}
-    ])
+    first = _create(
+        fake,
+        make_client,
+        system=_cached_system(),
+        messages=[{"role": "user", "content": "Review chapter one."}],
+    )
     assert first.usage.cache_creation_input_tokens == prefix
     assert first.usage.cache_creation.ephemeral_5m_input_tokens == prefix
     assert first.usage.cache_read_input_tokens == 0
     assert first.usage.input_tokens == count_tokens("Review chapter one.")
 
-    second = _create(fake, make_client, system=_cached_system(), messages=[
-        {"role": "user", "content": "Review chapter two, please."}
-    ])
+    second = _create(
+        fake,
+        make_client,
+        system=_cached_system(),
+        messages=[{"role": "user", "content": "Review chapter two, please."}],
+    )
     assert second.usage.cache_creation_input_tokens == 0
     assert second.usage.cache_read_input_tokens == prefix
     assert second.usage.input_tokens == count_tokens("Review chapter two, please.")
 
-    other_key = _create(fake, make_client, api_key="sk-b", system=_cached_system(), messages=[
-        {"role": "user", "content": "Review chapter two, please."}
-    ])
+    other_key = _create(
+        fake,
+        make_client,
+        api_key="sk-b",
+        system=_cached_system(),
+        messages=[{"role": "user", "content": "Review chapter two, please."}],
+    )
     assert other_key.usage.cache_creation_input_tokens == prefix
 
-    other_model = _create(fake, make_client, model=HAIKU, system=_cached_system(), messages=[
-        {"role": "user", "content": "Review chapter two, please."}
-    ])
+    other_model = _create(
+        fake,
+        make_client,
+        model=HAIKU,
+        system=_cached_system(),
+        messages=[{"role": "user", "content": "Review chapter two, please."}],
+    )
     assert other_model.usage.cache_creation_input_tokens == prefix
 
     usage = fake.stats()["usage"]
@@ -65,9 +81,9 @@ def test_creation_then_read_then_other_key(fake: FakeClaudeServer, make_client: 
 
 def test_without_cache_control_nothing_is_cached(fake: FakeClaudeServer, make_client: Any) -> None:
     for _ in range(2):
-        message = _create(fake, make_client, system=LONG_SYSTEM, messages=[
-            {"role": "user", "content": "hi"}
-        ])
+        message = _create(
+            fake, make_client, system=LONG_SYSTEM, messages=[{"role": "user", "content": "hi"}]
+        )
         assert message.usage.cache_creation_input_tokens == 0
         assert message.usage.cache_read_input_tokens == 0
         assert message.usage.input_tokens == count_tokens(LONG_SYSTEM) + count_tokens("hi")
@@ -75,10 +91,15 @@ def test_without_cache_control_nothing_is_cached(fake: FakeClaudeServer, make_cl
 
 def test_multiple_breakpoints_and_one_hour_ttl(fake: FakeClaudeServer, make_client: Any) -> None:
     document = "Clause 7 applies. " * 100
-    messages = [{"role": "user", "content": [
-        {"type": "text", "text": document, "cache_control": {"type": "ephemeral"}},
-        {"type": "text", "text": "Question one?"},
-    ]}]
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": document, "cache_control": {"type": "ephemeral"}},
+                {"type": "text", "text": "Question one?"},
+            ],
+        }
+    ]
     first = _create(fake, make_client, system=_cached_system("1h"), messages=messages)
     sys_tokens, doc_tokens = count_tokens(LONG_SYSTEM), count_tokens(document)
     assert first.usage.cache_creation.ephemeral_1h_input_tokens == sys_tokens
@@ -117,9 +138,9 @@ def test_short_prefixes_are_not_cached_when_a_minimum_is_set(
     start_fake: Any, make_client: Any
 ) -> None:
     server = start_fake(cache_min_tokens=4096)
-    message = _create(server, make_client, system=_cached_system(), messages=[
-        {"role": "user", "content": "hi"}
-    ])
+    message = _create(
+        server, make_client, system=_cached_system(), messages=[{"role": "user", "content": "hi"}]
+    )
     assert message.usage.cache_creation_input_tokens == 0
     assert message.usage.input_tokens == count_tokens(LONG_SYSTEM) + count_tokens("hi")
 
@@ -141,6 +162,15 @@ def test_too_many_breakpoints_is_400(fake: FakeClaudeServer, make_client: Any) -
     with pytest.raises(anthropic.BadRequestError, match="maximum of 4"):
         _create(fake, make_client, messages=[{"role": "user", "content": blocks}])
     with pytest.raises(anthropic.BadRequestError, match="cache_control"):
-        _create(fake, make_client, messages=[{"role": "user", "content": [
-            {"type": "text", "text": "x", "cache_control": {"type": "forever"}}
-        ]}])
+        _create(
+            fake,
+            make_client,
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "x", "cache_control": {"type": "forever"}}
+                    ],
+                }
+            ],
+        )

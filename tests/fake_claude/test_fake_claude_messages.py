@@ -105,16 +105,16 @@ def test_stream_gives_the_same_message(fake: FakeClaudeServer, make_client: Any)
     assert streamed.content[0].text == plain.content[0].text
     assert streamed.stop_reason == plain.stop_reason == "end_turn"
     assert streamed.usage.output_tokens == plain.usage.output_tokens
-    assert fake.stats()["calls_by_request"] == {
-        next(iter(fake.stats()["calls_by_request"])): 2
-    }
+    assert fake.stats()["calls_by_request"] == {next(iter(fake.stats()["calls_by_request"])): 2}
 
 
 def test_count_tokens(fake: FakeClaudeServer, make_client: Any) -> None:
     async def scenario() -> Any:
         async with make_client(fake) as claude:
             return await claude.messages.count_tokens(
-                model=SONNET, system="sys prompt", messages=[{"role": "user", "content": "abcdefgh"}]
+                model=SONNET,
+                system="sys prompt",
+                messages=[{"role": "user", "content": "abcdefgh"}],
             )
 
     assert asyncio.run(scenario()).input_tokens == count_tokens("sys prompt") + 2
@@ -250,3 +250,17 @@ def test_malformed_json_and_missing_fields(fake: FakeClaudeServer) -> None:
 def test_unknown_path_is_a_json_404(fake: FakeClaudeServer) -> None:
     status, _, payload = asyncio.run(_post(f"{fake.base_url}/v1/nope", {}, {"x-api-key": "k"}))
     assert status == 404 and payload["error"]["type"] == "not_found_error"
+
+
+def test_oversized_body_is_413(start_fake: Any, make_client: Any) -> None:
+    server = start_fake(max_body_bytes=2000)
+
+    async def call() -> Any:
+        async with make_client(server) as claude:
+            return await claude.messages.create(
+                model=SONNET, max_tokens=50, messages=[{"role": "user", "content": "x" * 5000}]
+            )
+
+    with pytest.raises(anthropic.APIStatusError) as caught:
+        asyncio.run(call())
+    assert caught.value.status_code == 413 and caught.value.type == "request_too_large"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import aiohttp
@@ -72,15 +73,11 @@ def test_failed_calls_are_not_counted_as_calls(start_fake: Any, make_client: Any
     async def scenario() -> None:
         async with make_client(server) as claude:
             await claude.messages.create(**_body(1))
-            try:
+            with contextlib.suppress(anthropic.RateLimitError):
                 await claude.messages.create(**_body(2))
-            except anthropic.RateLimitError:
-                pass
         async with make_client(server, api_key="sk-bad") as claude:
-            try:
+            with contextlib.suppress(anthropic.AuthenticationError):
                 await claude.messages.create(**_body(3))
-            except anthropic.AuthenticationError:
-                pass
 
     asyncio.run(scenario())
     stats = server.stats()
@@ -104,10 +101,18 @@ def test_admin_endpoints(fake: FakeClaudeServer, make_client: Any) -> None:
         assert stats["succeeded"] == 0 and stats["calls_by_request"] == {}
         assert stats["by_status"] == {} and stats["usage"]["output_tokens"] == 0
 
-        status, config = await _admin(fake, "POST", "/_fake/config", {
-            "latency_ms": 5, "rpm": 100, "family_limits": {"haiku": {"itpm": 5000}},
-            "bad_keys": ["x"], "overloaded_rate": 0.25,
-        })
+        status, config = await _admin(
+            fake,
+            "POST",
+            "/_fake/config",
+            {
+                "latency_ms": 5,
+                "rpm": 100,
+                "family_limits": {"haiku": {"itpm": 5000}},
+                "bad_keys": ["x"],
+                "overloaded_rate": 0.25,
+            },
+        )
         assert status == 200
         assert config["latency_ms"] == 5 and config["rpm"] == 100
         assert config["family_limits"]["haiku"]["itpm"] == 5000
@@ -131,3 +136,19 @@ def test_python_api_mirrors_admin(fake: FakeClaudeServer) -> None:
     assert config.rpm == 5 and config.bad_keys == frozenset({"k"})
     fake.reset(stats=True, rate_limits=True, cache=True)
     assert fake.stats()["requests_total"] == 0
+
+
+def test_call_whose_client_gave_up_still_counts(start_fake: Any, make_client: Any) -> None:
+    """Anthropic bills a call the client stopped waiting for; so does the fake's ledger."""
+    server = start_fake(latency_ms=600)
+
+    async def scenario() -> None:
+        async with make_client(server, timeout=0.2) as claude:
+            with contextlib.suppress(anthropic.APITimeoutError):
+                await claude.messages.create(**_body(1))
+        await asyncio.sleep(0.8)  # the server finishes its latency after the hang-up
+
+    asyncio.run(scenario())
+    stats = server.stats()
+    assert stats["calls_by_request"] == {request_key(_body(1)): 1}
+    assert stats["client_gone"] == 1
