@@ -79,9 +79,7 @@ def worker(
     ] = None,
     consumer: Annotated[
         str | None,
-        typer.Option(
-            help="Stable consumer name (default: <hostname>-<n>, the lowest free n)."
-        ),
+        typer.Option(help="Stable consumer name (default: <hostname>-<n>, the lowest free n)."),
     ] = None,
     app_spec: Annotated[
         str, typer.Option("--app", help="module:attribute of the App to run.")

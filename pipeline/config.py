@@ -11,57 +11,60 @@ import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 
 from pipeline.errors import ConfigError
 
 _T = TypeVar("_T")
+PosInt = Annotated[int, msgspec.Meta(gt=0)]
+PosFloat = Annotated[float, msgspec.Meta(gt=0)]
+NonNegFloat = Annotated[float, msgspec.Meta(ge=0)]
 
 
 class RedisSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """How to reach Redis; `rediss://` and passwords in the URL work."""
 
     url: str = "redis://localhost:6379/0"
-    max_connections: int = 64
-    connect_timeout_s: float = 5.0
+    max_connections: PosInt = 64
+    connect_timeout_s: PosFloat = 5.0
     # Must exceed runtime.block_ms, or a blocked XREADGROUP times out client-side.
-    socket_timeout_s: float = 10.0
+    socket_timeout_s: PosFloat = 10.0
 
 
 class RuntimeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """The consumer loop: prefetch, leases, reclaim, shutdown."""
 
-    concurrency: int = 64
-    read_count: int = 256
-    block_ms: int = 2000
-    lease_ms: int = 15_000
-    reclaim_every_ms: int = 1000
-    max_deliveries: int = 5
-    grace_s: float = 20.0
-    max_entry_bytes: int = 4 * 1024 * 1024
-    handoff_batch: int = 512
+    concurrency: PosInt = 64
+    read_count: PosInt = 256
+    block_ms: PosInt = 2000
+    lease_ms: PosInt = 15_000
+    reclaim_every_ms: PosInt = 1000
+    max_deliveries: PosInt = 5
+    grace_s: NonNegFloat = 20.0
+    max_entry_bytes: PosInt = 4 * 1024 * 1024
+    handoff_batch: PosInt = 512
 
 
 class RetrySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Durable delayed retries (exponential backoff with jitter, capped)."""
 
-    max_attempts: int = 6
-    base_ms: int = 1000
-    max_ms: int = 300_000
-    promote_every_ms: int = 250
+    max_attempts: PosInt = 6
+    base_ms: PosInt = 1000
+    max_ms: PosInt = 300_000
+    promote_every_ms: PosInt = 250
 
 
 class DlqSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    maxlen: int = 100_000
+    maxlen: PosInt = 100_000
     # Field values longer than this are cut in the DLQ copy, so poison cannot bloat it.
-    max_field_bytes: int = 64 * 1024
+    max_field_bytes: PosInt = 64 * 1024
 
 
 class ResultSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    ttl_s: int = 3600
-    done_maxlen: int = 100_000
+    ttl_s: PosInt = 3600
+    done_maxlen: PosInt = 100_000
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -82,7 +85,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         if not override:
             return self.runtime
         merged = {**msgspec.structs.asdict(self.runtime), **override}
-        return _convert(merged, RuntimeSettings, f"stages.{stage}")
+        runtime = _convert(merged, RuntimeSettings, f"stages.{stage}")
+        _check_timeouts(self.redis, runtime, f"stages.{stage}")
+        return runtime
 
 
 _ENV_ALIASES = {"REDIS_URL": ("redis", "url"), "PIPELINE_PREFIX": ("prefix",)}
@@ -117,6 +122,9 @@ def load_settings(
             _set_path(raw, (section, field), value)
     for dotted, value in overrides.items():
         _set_path(raw, tuple(dotted.split("__")), value)
+    for stage, override in (raw.get("stages") or {}).items():
+        if not isinstance(override, dict):
+            raise ConfigError(f"stages.{stage}", "must be a table of runtime settings")
     settings = _convert(raw, Settings, "")
     _check(settings)
     return settings
@@ -147,32 +155,20 @@ def _convert(raw: Any, kind: type[_T], where: str) -> _T:
 
 
 def _check(settings: Settings) -> None:
-    rt = settings.runtime
-    positive = {
-        "runtime.concurrency": rt.concurrency,
-        "runtime.read_count": rt.read_count,
-        "runtime.block_ms": rt.block_ms,
-        "runtime.lease_ms": rt.lease_ms,
-        "runtime.max_deliveries": rt.max_deliveries,
-        "runtime.max_entry_bytes": rt.max_entry_bytes,
-        "retry.max_attempts": settings.retry.max_attempts,
-        "retry.base_ms": settings.retry.base_ms,
-        "results.ttl_s": settings.results.ttl_s,
-        "redis.max_connections": settings.redis.max_connections,
-    }
-    for field, value in positive.items():
-        if value <= 0:
-            raise ConfigError(field, f"must be > 0, got {value}")
-    if settings.redis.socket_timeout_s * 1000 <= rt.block_ms:
-        raise ConfigError(
-            "redis.socket_timeout_s",
-            f"must exceed runtime.block_ms ({rt.block_ms} ms) or blocked reads time out",
-        )
+    """Checks that span fields (ranges are checked by the types)."""
+    _check_timeouts(settings.redis, settings.runtime, "runtime")
     if not re.fullmatch(r"[A-Za-z0-9_.\-]+", settings.prefix):
-        raise ConfigError(
-            "prefix", f"only letters, digits, '_', '-', '.' allowed: {settings.prefix!r}"
-        )
+        allowed = "letters, digits, '_', '-', '.'"
+        raise ConfigError("prefix", f"only {allowed} allowed: {settings.prefix!r}")
     if not settings.redis.url.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError("redis.url", "must start with redis://, rediss:// or unix://")
     for stage in settings.stages:
         settings.runtime_for(stage)
+
+
+def _check_timeouts(redis: RedisSettings, runtime: RuntimeSettings, where: str) -> None:
+    if redis.socket_timeout_s * 1000 <= runtime.block_ms:
+        raise ConfigError(
+            "redis.socket_timeout_s",
+            f"must exceed {where}.block_ms ({runtime.block_ms} ms) or blocked reads time out",
+        )

@@ -1,7 +1,9 @@
-"""Turning outcomes into the records of `handoff.lua`, and sending them in batches.
+"""Turning outcomes into the records of `handoff.lua`, and packing a batch into one argument.
 
 Outcomes of one stage are group-committed: while one batch is in flight to Redis, the next
-ones collect, so a busy stage sends one script call per batch rather than one per entry.
+ones collect, so a busy stage sends one script call per batch rather than one per entry. The
+batch travels as a single msgpack argument: packed in C by msgspec, unpacked in C by Redis's
+cmsgpack, instead of thousands of protocol arguments packed in Python.
 """
 
 from __future__ import annotations
@@ -10,67 +12,79 @@ import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+import msgspec
+
+_encode = msgspec.msgpack.Encoder().encode
+
+
+def _flat(fields: Mapping[str, str] | Mapping[bytes, bytes]) -> list[object]:
+    out: list[object] = []
+    for k, v in fields.items():
+        out += (k, v if isinstance(v, bytes) else str(v))
+    return out
+
 
 @dataclass(slots=True)
 class Record:
-    """The actions for one entry, keyed by the keys they touch (resolved to indexes later)."""
+    """The actions for one entry; keys are kept as names and indexed when the batch is built."""
 
     entry_id: str
     expected_deliveries: int  # 0 = no fence check needed
-    actions: list[tuple[object, ...]] = field(default_factory=list)
+    actions: list[list[object]] = field(default_factory=list)
     status: asyncio.Future[int] | None = None
 
-    def xadd(self, key: str, fields: Mapping[str | bytes, str | bytes], maxlen: int = 0) -> None:
-        self.actions.append(("XADD", key, maxlen, fields))
+    def xadd(self, key: str, fields: Mapping[str, str] | Mapping[bytes, bytes],
+             maxlen: int = 0) -> None:  # fmt: skip
+        self.actions.append(["XADD", key, maxlen, _flat(fields)])
 
     def zadd(self, key: str, delay_ms: int, member: bytes) -> None:
-        self.actions.append(("ZADD", key, delay_ms, member))
+        self.actions.append(["ZADD", key, delay_ms, member])
 
     def result(
-        self,
-        key: str,
-        ttl_s: int,
-        fields: Mapping[str, str],
-        done_key: str,
-        done_maxlen: int,
-        event: Mapping[str, str],
-    ) -> None:
-        self.actions.append(("RESULT", key, ttl_s, fields, done_key, done_maxlen, event))
+        self, key: str, ttl_s: int, fields: Mapping[str, str],
+        done_key: str, done_maxlen: int, event: Mapping[str, str],
+    ) -> None:  # fmt: skip
+        self.actions.append(["RESULT", key, ttl_s, _flat(fields), done_key, done_maxlen,
+                             _flat(event)])  # fmt: skip
 
 
-def build_call(stream: str, records: list[Record]) -> tuple[list[str], list[object]]:
-    """KEYS and the record part of ARGV for one `handoff.lua` call."""
+_KEY_SLOTS = {"XADD": (1,), "ZADD": (1,), "RESULT": (1, 4)}
+_FIELD_SLOTS = {"XADD": (3,), "RESULT": (3, 6)}
+
+
+_ARGV_FIRST_BLOB = 5  # ARGV[1..3] group, consumer, xackdel flag; ARGV[4] the records
+
+
+def build_call(stream: str, records: list[Record]) -> tuple[list[str], list[bytes]]:
+    """KEYS, and ARGV[4..] (packed records, then the binary values they refer to)."""
     keys = [stream]
     index: dict[str, int] = {stream: 1}
+    blobs: list[bytes] = []
 
-    def ix(key: str) -> int:
-        if key not in index:
-            keys.append(key)
-            index[key] = len(keys)
-        return index[key]
+    def blob_ref(value: object) -> object:
+        if isinstance(value, bytes):
+            blobs.append(value)
+            return _ARGV_FIRST_BLOB + len(blobs) - 1
+        return value
 
-    args: list[object] = []
+    packed = []
     for rec in records:
-        args += (rec.entry_id, rec.expected_deliveries, len(rec.actions))
+        actions = []
         for action in rec.actions:
+            action = list(action)
+            for slot in _KEY_SLOTS[action[0]]:  # type: ignore[index]
+                key = action[slot]
+                ix = index.get(key)  # type: ignore[call-overload]
+                if ix is None:
+                    keys.append(key)  # type: ignore[arg-type]
+                    ix = index[key] = len(keys)  # type: ignore[index]
+                action[slot] = ix
             kind = action[0]
-            if kind == "XADD":
-                _, key, maxlen, fields = action
-                args += ("XADD", ix(key), maxlen, len(fields))  # type: ignore[arg-type]
-                for k, v in fields.items():  # type: ignore[attr-defined]
-                    args += (k, v)
-            elif kind == "ZADD":
-                _, key, delay_ms, member = action
-                args += ("ZADD", ix(key), delay_ms, member)  # type: ignore[arg-type]
+            if kind == "ZADD":
+                action[3] = blob_ref(action[3])
             else:
-                _, key, ttl_s, fields, done_key, done_maxlen, event = action
-                args += ("RESULT", ix(key), ttl_s, len(fields))  # type: ignore[arg-type]
-                for k, v in fields.items():  # type: ignore[attr-defined]
-                    args += (k, v)
-                args += (ix(done_key), done_maxlen, len(event))  # type: ignore[arg-type]
-                for k, v in event.items():  # type: ignore[attr-defined]
-                    args += (k, v)
-    return keys, args
-
-
-__all__ = ["Record", "build_call"]
+                for slot in _FIELD_SLOTS[kind]:  # type: ignore[index]
+                    action[slot] = [blob_ref(v) for v in action[slot]]  # type: ignore[attr-defined]
+            actions.append(action)
+        packed.append((rec.entry_id, rec.expected_deliveries, actions))
+    return keys, [_encode(packed), *blobs]

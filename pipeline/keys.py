@@ -1,7 +1,8 @@
 """Every Redis key the pipeline uses is named here, and nowhere else.
 
 Keys of one partition share a hash tag (`<prefix>:{p3}:route`) so that each atomic hand-off
-touches a single Cluster slot. With no partition (the default, one Redis node) keys carry
+touches a single Cluster slot; that includes the result hash and the done stream, which the
+last hand-off writes. With no partition (the default, one Redis node) keys carry
 no tag: `<prefix>:tasks`, `<prefix>:route`, `<prefix>:call:haiku`, `<prefix>:store`.
 """
 
@@ -39,11 +40,13 @@ class Keys:
 
     @property
     def done(self) -> str:
-        """Completion events (trimmed)."""
-        return f"{self.prefix}:done"
+        """Completion events (trimmed); one stream per partition on Cluster."""
+        return f"{self._base}:done"
 
     def result(self, task_id: TaskId | str) -> str:
-        return f"{self.prefix}:result:{task_id}"
+        """`<prefix>:result:<id>`; on Cluster `<prefix>:{pN}:result:<id>`, in its partition's
+        slot, so that the store's hand-off writes it in the same atomic step as its ack."""
+        return f"{self._base}:result:{task_id}"
 
     def pause(self, stage: str) -> str:
         """Set while a stage is paused (for example by refused credentials)."""

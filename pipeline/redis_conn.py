@@ -81,15 +81,29 @@ class Availability:
             self._down_since = None
 
     async def call(self, op: Callable[[], Awaitable[_T]]) -> _T:
-        """Run `op` until it succeeds, backing off while Redis is unreachable."""
-        delay = 0.05
+        """Run `op` until it succeeds, backing off while Redis is unreachable.
+
+        The first failure is retried at once without a word: after a restart, each pooled
+        connection fails once as it is reused, and a fresh one then works.
+        """
+        delay, failures = 0.05, 0
         while True:
             try:
                 result = await op()
-            except UNAVAILABLE as exc:
+            except (*UNAVAILABLE, RuntimeError) as exc:
+                if isinstance(exc, RuntimeError) and not _closed_transport(exc):
+                    raise
+                failures += 1
+                if failures == 1 and not self.down:
+                    continue
                 self._mark_down(exc)
                 await asyncio.sleep(delay)
                 delay = min(self._max_backoff_s, delay * 2)
                 continue
             self._mark_up()
             return result
+
+
+def _closed_transport(exc: RuntimeError) -> bool:
+    """uvloop reports a write on a connection the server just closed as a RuntimeError."""
+    return "Transport closed" in str(exc)

@@ -47,12 +47,14 @@ class RetryPolicy:
     def next_delay(self, attempt: int, hint_ms: int | None = None) -> int | GiveUp:
         """Delay before attempt `attempt + 1`; a hint (e.g. `retry-after`) sets the floor.
 
-        A server's `retry-after` is honoured as a minimum and spread by up to 10% so that
-        every worker that saw it does not come back in the same millisecond.
+        A server's `retry-after` is honoured as a minimum, spread by up to 10% so that every
+        worker that saw it does not come back in the same millisecond; the exponential
+        backoff still applies when it is longer (a server that keeps failing is not hammered).
         """
         if attempt >= self.max_attempts:
             return GIVE_UP
         backoff = compute_backoff(attempt, self.base_ms, self.max_ms, self.rng)
         if hint_ms is None:
             return backoff
-        return max(hint_ms, 0) + self.rng.randint(0, max(1, hint_ms // 10))
+        hint_ms = max(hint_ms, 0)
+        return max(backoff, hint_ms + self.rng.randint(0, max(1, hint_ms // 10)))

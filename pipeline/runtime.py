@@ -13,6 +13,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+import msgspec
 from redis.exceptions import ResponseError
 
 from pipeline.context import WorkerContext
@@ -64,7 +65,11 @@ class StageRunner:
         self._slot_free = asyncio.Event()
         self._paused_until = 0.0
         self._committing = False
-        self.stats = {"handled": 0, "fenced": 0, "dead": 0, "retried": 0, "reclaimed": 0}
+        self._loop = asyncio.get_running_loop()
+        self.stats = {
+            "handled": 0, "fenced": 0, "dead": 0, "retried": 0, "reclaimed": 0, "reads": 0,
+            "handoffs": 0,
+        }  # fmt: skip
 
     @property
     def name(self) -> str:
@@ -92,6 +97,7 @@ class StageRunner:
                 task.cancel()
         if hooks:
             await hooks.emit("on_worker_stop", self.stage.name, after=True)
+        log.info("%s stopped: %s", self.name, ", ".join(f"{k} {v}" for k, v in self.stats.items()))
 
     async def _shutdown(self) -> None:
         running = await self.drain_inflight(self.rt.grace_s)
@@ -166,6 +172,7 @@ class StageRunner:
                     await self.ensure_group()
                     continue
                 raise
+            self.stats["reads"] += 1
             for _stream, entries in reply or ():
                 for entry_id, raw in entries:
                     self.start(entry_id.decode(), raw, deliveries=1, confirmed_at=sent_at)
@@ -196,7 +203,7 @@ class StageRunner:
             reason = f"delivered {deliveries} times (max_deliveries={self.rt.max_deliveries})"
             self.submit(inf, self._dead_letter(inf, env, reason))
             return
-        inf.task = asyncio.create_task(self._handle(inf, msg), name=f"{self.name}:{entry_id}")
+        inf.task = self._loop.create_task(self._handle(inf, msg))
 
     async def _handle(self, inf: Inflight, msg: Message) -> None:
         hooks = self.ctx.hooks
@@ -245,17 +252,8 @@ class StageRunner:
             if target.lanes and outcome.lane not in target.lanes:
                 return self._dead_letter(inf, env, f"no lane {outcome.lane!r} in {target.name}")
             rec = self._record(inf)
-            now = _now_ms()
-            nxt = Envelope(
-                v=env.v,
-                task_id=env.task_id,
-                fields=env.fields,
-                attempt=1,
-                origin_ms=env.origin_ms,
-                enqueued_ms=now,
-                traceparent=env.traceparent,
-                tracestate=env.tracestate,
-                body=encode_body(outcome.body),
+            nxt = msgspec.structs.replace(
+                env, attempt=1, enqueued_ms=_now_ms(), body=encode_body(outcome.body)
             )
             key = self.ctx.keys.stream(target.stream, outcome.lane if target.lanes else None)
             rec.xadd(key, {ENVELOPE_FIELD: encode_envelope(nxt)})
@@ -404,20 +402,21 @@ class StageRunner:
 
     async def _commit(self, batch: list[tuple[Inflight, Record]]) -> None:
         records = [rec for _, rec in batch]
-        keys, args = build_call(self.stream, records)
+        keys, packed = build_call(self.stream, records)
         head = [self.group, self.ctx.consumer, "1" if self.ctx.has_xackdel else "0"]
         first = True
 
         async def run() -> list[int]:
-            nonlocal first, args
+            nonlocal first, packed
             if not first:  # the reply of an earlier try may be lost: fence every record now
                 for inf, rec in batch:
                     rec.expected_deliveries = inf.deliveries
-                args = build_call(self.stream, records)[1]
+                packed = build_call(self.stream, records)[1]
             first = False
-            return list(await self.ctx.scripts.handoff(keys=keys, args=head + args))
+            return list(await self.ctx.scripts.handoff(keys=keys, args=[*head, *packed]))
 
         statuses = await self.ctx.available.call(run)
+        self.stats["handoffs"] += 1
         for (inf, _rec), status in zip(batch, statuses, strict=True):
             self.inflight.pop(inf.entry_id, None)
             if status == 0:

@@ -45,8 +45,14 @@ def encode_body(body: object) -> msgspec.Raw:
     return msgspec.Raw(_encoder.encode(body))
 
 
+_body_decoders: dict[type[object], msgspec.msgpack.Decoder[object]] = {}
+
+
 def decode_body(raw: msgspec.Raw, kind: type[object]) -> object:
-    return msgspec.msgpack.decode(raw, type=kind)
+    decoder = _body_decoders.get(kind)
+    if decoder is None:
+        decoder = _body_decoders[kind] = msgspec.msgpack.Decoder(kind)
+    return decoder.decode(raw)
 
 
 def entry_ms(entry_id: str) -> int:
@@ -60,10 +66,13 @@ def decode_entry(entry_id: str, raw: dict[bytes, bytes], max_entry_bytes: int) -
     Raises:
         InvalidTask: undecodable, oversized, not UTF-8, or an unusable task id.
     """
-    size = sum(len(k) + len(v) for k, v in raw.items())
+    packed = raw.get(ENVELOPE_FIELD)
+    if packed is not None and len(raw) == 1:
+        size = len(packed)
+    else:
+        size = sum(len(k) + len(v) for k, v in raw.items())
     if size > max_entry_bytes:
         raise InvalidTask(f"entry is {size} bytes, over the {max_entry_bytes}-byte limit")
-    packed = raw.get(ENVELOPE_FIELD)
     if packed is not None and len(raw) == 1:
         try:
             env = _decoder.decode(packed)

@@ -119,7 +119,18 @@ async def run_worker(
         for lane in (stage.lanes or (None,))
     ]
     loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
     signals = 0
+    forced_exit = False
+
+    def force_exit() -> None:
+        """Last resort (e.g. Redis gone during shutdown): entries stay pending, leases lapse."""
+        nonlocal forced_exit
+        forced_exit = True
+        log.error("shutdown did not finish within the grace period; exiting, held entries "
+                  "will be reclaimed by other workers when their lease lapses")  # fmt: skip
+        if main is not None:
+            main.cancel()
 
     def on_signal(signum: int) -> None:
         nonlocal signals
@@ -133,6 +144,7 @@ async def run_worker(
             ctx.stopping.set()
             for runner in runners:
                 runner.wake()
+            loop.call_later(settings.runtime.grace_s + 10, force_exit)
         else:
             log.warning("second signal: handing back in-flight entries now")
             ctx.forced = True
@@ -149,15 +161,19 @@ async def run_worker(
         ".".join(map(str, version)),
     )
     try:
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(_hold_name(ctx, token, hold_ms))
-            tasks = [tg.create_task(r.run(), name=r.name) for r in runners]
-            if ready is not None:
-                ready.set()
-            await asyncio.gather(*tasks)
-            raise _Done
-    except* _Done:
-        pass
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(_hold_name(ctx, token, hold_ms))
+                tasks = [tg.create_task(r.run(), name=r.name) for r in runners]
+                if ready is not None:
+                    ready.set()
+                await asyncio.gather(*tasks)
+                raise _Done
+        except* _Done:
+            pass
+    except asyncio.CancelledError:
+        if not forced_exit:
+            raise
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
@@ -166,7 +182,8 @@ async def run_worker(
         except Exception as exc:  # the name expires by itself anyway
             log.debug("could not release consumer name: %r", exc)
         await redis.aclose()
-    log.info("worker %s stopped cleanly", name)
+    if not forced_exit:
+        log.info("worker %s stopped cleanly", name)
 
 
 class _Done(Exception):

@@ -4,6 +4,7 @@ Behaviour is chosen by environment variables so one module serves every test:
   TEST_SLOW_S      seconds each `work` handler sleeps (default 0)
   TEST_FAIL        "always" → `work` raises a RuntimeError every time
   TEST_FAIL_TIMES  `work` fails with a TransientError on the first N attempts
+  TEST_RETRY_AFTER_S  the retry-after those failures ask for (default 0.2)
 Every handler run is counted in Redis (`runs:<stage>` hash, field = task id), so a test can
 tell "handled exactly once" from "stored once but handled twice".
 """
@@ -53,7 +54,8 @@ async def work(msg: Message) -> Outcome:
     if os.environ.get("TEST_FAIL") == "always":
         raise RuntimeError(f"boom on attempt {msg.attempt}")
     if msg.attempt <= int(os.environ.get("TEST_FAIL_TIMES", "0")):
-        raise TransientError(f"transient failure on attempt {msg.attempt}", retry_after_s=0.2)
+        retry_after = float(os.environ.get("TEST_RETRY_AFTER_S", "0.2"))
+        raise TransientError(f"transient failure on attempt {msg.attempt}", retry_after)
     body = msg.body(dict)
     return Forward("finish", {"n": body["n"], "worker": os.getpid()})
 

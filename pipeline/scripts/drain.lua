@@ -18,7 +18,7 @@ for _, p in ipairs(pending) do
   last = id
   local claimed = redis.call('XCLAIM', stream, group, consumer, 0, id)
   local entry = claimed[1]
-  if entry == nil or type(entry[2]) ~= 'table' then
+  if type(entry) ~= 'table' or type(entry[2]) ~= 'table' then
     redis.call('XACK', stream, group, id)  -- deleted while pending
   else
     out[#out + 1] = {id, entry[2], tonumber(p[4]) + 1}

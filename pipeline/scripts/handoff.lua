@@ -2,22 +2,25 @@
 -- Minimum Redis 6.2 (XACKDEL on 8.2+ when ARGV[3] == '1').
 --
 -- KEYS[1]      the input stream the entries were read from
--- KEYS[2..n]   every other key a record touches (records refer to them by index)
+-- KEYS[2..n]   every other key a record touches (actions refer to them by index)
 -- ARGV[1]      consumer group
 -- ARGV[2]      consumer name (this worker)
 -- ARGV[3]      '1' to use XACKDEL, '0' for XACK + XDEL
--- ARGV[4..]    records, each:
---                entry_id, expected_deliveries ('0' = skip the fence), n_actions, actions...
+-- ARGV[4]      msgpack array of records (one argument, so a batch costs one cheap parse);
+--              Redis's cmsgpack cannot read msgpack bin, so binary values (envelopes) travel
+--              as ARGV[5..] and appear in the records as their integer ARGV index:
+--                [entry_id, expected_deliveries (0 = skip the fence), [action, ...]]
 --              actions:
---                'XADD', key_index, maxlen ('0' = untrimmed), n_fields, field, value, ...
---                'ZADD', key_index, delay_ms, member            (due = server time + delay)
---                'RESULT', key_index, ttl_s, n_fields, field, value, ...,
---                          done_index, done_maxlen, n_done_fields, field, value, ...
+--                ['XADD', key_index, maxlen (0 = untrimmed), [field, value, ...]]
+--                ['ZADD', key_index, delay_ms, member_argv_index]   (due = server time + delay)
+--                ['RESULT', key_index, ttl_s, [field, value, ...],
+--                           done_index, done_maxlen, [field, value, ...]]
 --                  (first writer wins: if the result exists, neither it nor the event is written)
 -- Returns one status per record: 1 handed on, 2 handed on but the result already existed,
 -- 0 fenced (this worker no longer owns the entry: nothing was written, nothing acked).
 
 local stream, group, consumer, xackdel = KEYS[1], ARGV[1], ARGV[2], ARGV[3]
+local records = cmsgpack.unpack(ARGV[4])
 local now = nil
 local function now_ms()
   if not now then
@@ -28,69 +31,64 @@ local function now_ms()
 end
 
 local function owned(id, expected)
-  if expected == '0' then return true end
-  local p = redis.call('XPENDING', stream, group, id, id, 1)
-  local e = p[1]
-  return e ~= nil and e[2] == consumer and tostring(e[4]) == expected
+  if expected == 0 then return true end
+  local e = redis.call('XPENDING', stream, group, id, id, 1)[1]
+  return e ~= nil and e[2] == consumer and e[4] == expected
 end
 
-local statuses = {}
-local i = 4
-while i <= #ARGV do
-  local id, expected, n_actions = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
-  i = i + 3
-  local ok = owned(id, expected)
-  local status = ok and 1 or 0
-  for _ = 1, n_actions do
-    local kind = ARGV[i]
-    if kind == 'XADD' then
-      local key, maxlen, n = KEYS[tonumber(ARGV[i + 1])], ARGV[i + 2], tonumber(ARGV[i + 3])
-      if ok then
-        local args = {key}
-        if maxlen ~= '0' then
-          args[#args + 1] = 'MAXLEN'; args[#args + 1] = '~'; args[#args + 1] = maxlen
-        end
-        args[#args + 1] = '*'
-        for j = i + 4, i + 3 + 2 * n do args[#args + 1] = ARGV[j] end
-        redis.call('XADD', unpack(args))
-      end
-      i = i + 4 + 2 * n
-    elseif kind == 'ZADD' then
-      if ok then
-        redis.call('ZADD', KEYS[tonumber(ARGV[i + 1])], now_ms() + tonumber(ARGV[i + 2]), ARGV[i + 3])
-      end
-      i = i + 4
-    elseif kind == 'RESULT' then
-      local key, ttl, n = KEYS[tonumber(ARGV[i + 1])], ARGV[i + 2], tonumber(ARGV[i + 3])
-      local f0 = i + 4
-      local d = f0 + 2 * n
-      local done, done_maxlen, nd = KEYS[tonumber(ARGV[d])], ARGV[d + 1], tonumber(ARGV[d + 2])
-      if ok then
+local function deref(list)
+  for j = 1, #list do
+    if type(list[j]) == 'number' then list[j] = ARGV[list[j]] end
+  end
+  return list
+end
+
+local function xadd(key, maxlen, fields)
+  fields = deref(fields)
+  if maxlen ~= 0 then
+    redis.call('XADD', key, 'MAXLEN', '~', maxlen, '*', unpack(fields))
+  else
+    redis.call('XADD', key, '*', unpack(fields))
+  end
+end
+
+local statuses, acked = {}, {}
+for r = 1, #records do
+  local rec = records[r]
+  local id = rec[1]
+  local status = 0
+  if owned(id, rec[2]) then
+    status = 1
+    for _, a in ipairs(rec[3]) do
+      local kind = a[1]
+      if kind == 'XADD' then
+        xadd(KEYS[a[2]], a[3], a[4])
+      elseif kind == 'ZADD' then
+        redis.call('ZADD', KEYS[a[2]], now_ms() + a[3], ARGV[a[4]])
+      elseif kind == 'RESULT' then
+        local key = KEYS[a[2]]
         if redis.call('EXISTS', key) == 0 then
-          local args = {key}
-          for j = f0, f0 + 2 * n - 1 do args[#args + 1] = ARGV[j] end
-          redis.call('HSET', unpack(args))
-          redis.call('EXPIRE', key, ttl)
-          local ev = {done, 'MAXLEN', '~', done_maxlen, '*'}
-          for j = d + 3, d + 2 + 2 * nd do ev[#ev + 1] = ARGV[j] end
-          redis.call('XADD', unpack(ev))
+          redis.call('HSET', key, unpack(deref(a[4])))
+          redis.call('EXPIRE', key, a[3])
+          xadd(KEYS[a[5]], a[6], a[7])
         else
           status = 2
         end
+      else
+        return redis.error_reply('handoff: unknown action ' .. tostring(kind))
       end
-      i = d + 3 + 2 * nd
-    else
-      return redis.error_reply('handoff: unknown action ' .. tostring(kind))
     end
+    acked[#acked + 1] = id
   end
-  if ok then
-    if xackdel == '1' then
-      redis.call('XACKDEL', stream, group, 'IDS', 1, id)
-    else
-      redis.call('XACK', stream, group, id)
-      redis.call('XDEL', stream, id)
-    end
+  statuses[r] = status
+end
+-- One acknowledgement for the whole batch: fewer calls, same atomicity (one script).
+if #acked > 0 then
+  if xackdel == '1' then
+    redis.call('XACKDEL', stream, group, 'IDS', #acked, unpack(acked))
+  else
+    redis.call('XACK', stream, group, unpack(acked))
+    redis.call('XDEL', stream, unpack(acked))
   end
-  statuses[#statuses + 1] = status
 end
 return statuses

@@ -1,4 +1,4 @@
-"""Counting what happened to every task at the end of a run: the check every chaos test ends with."""
+"""Counting what happened to every task at the end of a run (every chaos test ends so)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,9 @@ class Tally:
         assert not dup, f"tasks with more than one completion: {dup}"
         for t in task_ids:
             want = 1 if self.statuses.get(t) == "failed" else 0
-            assert self.dlq[t] == want, f"task {t}: status {self.statuses.get(t)}, dlq {self.dlq[t]}"
+            assert self.dlq[t] == want, (
+                f"task {t}: status {self.statuses.get(t)}, dlq {self.dlq[t]}"
+            )
 
     def completed(self) -> int:
         return sum(1 for s in self.statuses.values() if s == "completed")

@@ -70,7 +70,9 @@ class RedisServer:
                 pass
             except redis.exceptions.ConnectionError:
                 if self.proc is not None and self.proc.poll() is not None:
-                    raise RuntimeError(f"redis-server exited; see {self.workdir}/redis.log") from None
+                    raise RuntimeError(
+                        f"redis-server exited; see {self.workdir}/redis.log"
+                    ) from None
             if time.monotonic() > deadline:
                 raise TimeoutError(f"redis-server on {self.port} not ready")
             time.sleep(0.05)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -63,10 +64,8 @@ class Workers:
         for wp in self.procs:
             wp.signal(signal.SIGKILL)
         for wp in self.procs:
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 wp.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                pass
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, every: float = 0.05,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import typing
 from pathlib import Path
 
 import msgspec
@@ -162,13 +163,20 @@ def test_unknown_setting_names_field(tmp_path: Path) -> None:
     assert "unknown" in str(err)
 
 
+def _numeric(ftype: object) -> bool:
+    """int/float, also behind `Annotated[int, Meta(...)]` constraints."""
+    if typing.get_origin(ftype) is typing.Annotated:
+        ftype = typing.get_args(ftype)[0]
+    return ftype in (int, float)
+
+
 @pytest.mark.parametrize(
     "field",
     [
         f"{section}.{name}"
         for section, kind in SECTIONS.items()
         for name, ftype in ((f.name, f.type) for f in msgspec.structs.fields(kind))
-        if ftype in (int, float)
+        if _numeric(ftype)
     ],
 )
 def test_negative_value_names_field(field: str) -> None:

@@ -73,9 +73,18 @@ def test_retry_after_hint_is_a_floor_with_at_most_ten_percent_spread() -> None:
     assert len(set(delays)) > 50  # spread, so workers that saw the same hint do not stampede
 
 
-def test_zero_hint_is_not_negative() -> None:
+def test_zero_or_negative_hint_falls_back_to_the_backoff() -> None:
     p = policy()
-    assert all(0 <= p.next_delay(1, hint_ms=0) <= 1 for _ in range(50))  # type: ignore[operator]
+    for hint in (0, -5):
+        delays = [p.next_delay(1, hint_ms=hint) for _ in range(50)]
+        assert all(isinstance(d, int) and d >= 0 for d in delays)
+        assert all(d >= p.base_ms // 2 for d in delays)  # type: ignore[operator]
+
+
+def test_backoff_wins_over_a_short_hint_on_late_attempts() -> None:
+    p = RetryPolicy(max_attempts=10, base_ms=1000, max_ms=600_000, rng=random.Random(1))
+    # attempt 6: backoff is 16-32 s; a 1 s retry-after must not make it hammer the server
+    assert all(p.next_delay(6, hint_ms=1000) >= 16_000 for _ in range(50))  # type: ignore[operator]
 
 
 def test_seeded_policies_are_deterministic() -> None:
