@@ -16,7 +16,8 @@ from pipeline.errors import (
 from pipeline.hooks import Hook
 from pipeline.keys import Keys
 from pipeline.outcome import Complete, Fail, Forward, Outcome, Retry
-from pipeline.stage import App, Handler, Message, Stage
+from pipeline.services import Memo, ResponseCache, Services
+from pipeline.stage import App, Handler, HandlerFactory, Message, Stage
 
 __all__ = [
     "App",
@@ -27,15 +28,19 @@ __all__ = [
     "Fail",
     "Forward",
     "Handler",
+    "HandlerFactory",
     "Hook",
     "InvalidTask",
     "Keys",
+    "Memo",
     "Message",
     "Outcome",
     "PermanentError",
     "PipelineError",
     "RedisUnavailable",
+    "ResponseCache",
     "Retry",
+    "Services",
     "Settings",
     "Stage",
     "TransientError",

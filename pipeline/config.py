@@ -67,6 +67,62 @@ class ResultSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     done_maxlen: PosInt = 100_000
 
 
+class ClaudeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The Anthropic API. The key comes from ANTHROPIC_API_KEY only (never from a file)."""
+
+    # None: ANTHROPIC_BASE_URL if set, else the SDK's default (the real API).
+    base_url: str | None = None
+    timeout_s: PosFloat = 600.0
+    default_max_tokens: PosInt = 1024
+    # The model id each family alias means; the router hands on one stream per family.
+    models: dict[str, str] = msgspec.field(
+        default_factory=lambda: {
+            "haiku": "claude-haiku-5-5",
+            "sonnet": "claude-sonnet-5-5",
+            "opus": "claude-opus-5-5",
+        }
+    )
+    # How long a stage pauses after the API refuses the credentials (401/403).
+    auth_pause_s: PosFloat = 30.0
+
+
+class RouterSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Which family a task with `model=auto` goes to, and per-type max_tokens caps."""
+
+    default_family: str = "sonnet"
+    # task type -> family; short, simple work defaults to Haiku.
+    types: dict[str, str] = msgspec.field(
+        default_factory=lambda: {
+            "classify": "haiku",
+            "extract": "haiku",
+            "summarise": "haiku",
+            "summarize": "haiku",
+            "translate": "haiku",
+            "moderate": "haiku",
+        }
+    )
+    # task type -> highest max_tokens allowed.
+    max_tokens_caps: dict[str, PosInt] = msgspec.field(default_factory=dict)
+    # Prompts longer than this (characters) skip Haiku rules and go to the default family.
+    long_prompt_chars: PosInt = 24_000
+
+
+class CacheSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The exact response cache (only complete, successful answers are cached)."""
+
+    enabled: bool = True
+    ttl_s: PosInt = 24 * 3600
+
+
+class IngressSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Input bounds and backpressure for producers."""
+
+    # `submit` raises Backpressure when the ingress stream holds more than this.
+    max_backlog: PosInt = 1_000_000
+    max_prompt_bytes: PosInt = 1024 * 1024
+    max_metadata_bytes: PosInt = 16 * 1024
+
+
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Everything a process needs; built by `load_settings`."""
 
@@ -76,6 +132,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     retry: RetrySettings = msgspec.field(default_factory=RetrySettings)
     dlq: DlqSettings = msgspec.field(default_factory=DlqSettings)
     results: ResultSettings = msgspec.field(default_factory=ResultSettings)
+    claude: ClaudeSettings = msgspec.field(default_factory=ClaudeSettings)
+    router: RouterSettings = msgspec.field(default_factory=RouterSettings)
+    cache: CacheSettings = msgspec.field(default_factory=CacheSettings)
+    ingress: IngressSettings = msgspec.field(default_factory=IngressSettings)
     # Per-stage overrides of runtime settings, e.g. [stages.claude-call] concurrency = 2000.
     stages: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
 
@@ -162,6 +222,14 @@ def _check(settings: Settings) -> None:
         raise ConfigError("prefix", f"only {allowed} allowed: {settings.prefix!r}")
     if not settings.redis.url.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError("redis.url", "must start with redis://, rediss:// or unix://")
+    families = settings.claude.models
+    if settings.router.default_family not in families:
+        raise ConfigError("router.default_family", f"not one of {sorted(families)}")
+    for task_type, family in settings.router.types.items():
+        if family not in families:
+            raise ConfigError(
+                f"router.types.{task_type}", f"{family!r} not one of {sorted(families)}"
+            )
     for stage in settings.stages:
         settings.runtime_for(stage)
 

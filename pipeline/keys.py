@@ -48,6 +48,19 @@ class Keys:
         slot, so that the store's hand-off writes it in the same atomic step as its ack."""
         return f"{self._base}:result:{task_id}"
 
+    def memo(self, task_id: str) -> str:
+        """A task's recorded Claude response (so a redelivery does not pay twice)."""
+        return f"{self._base}:memo:{task_id}"
+
+    def cache(self, request_hash: str) -> str:
+        """A cached response, by canonical request hash."""
+        return f"{self.prefix}:cache:{request_hash}"
+
+    @property
+    def counters(self) -> str:
+        """A hash of pipeline-wide counters (cache hits and misses, …)."""
+        return f"{self.prefix}:counters"
+
     def pause(self, stage: str) -> str:
         """Set while a stage is paused (for example by refused credentials)."""
         return f"{self._base}:pause:{stage}"

@@ -25,7 +25,7 @@ from pipeline.leases import drain_own, reclaim_loop, renew, renew_loop
 from pipeline.outcome import Complete, Fail, Forward, Outcome, Retry
 from pipeline.results import make_result, result_ttl, trace_id_of
 from pipeline.retry import GiveUp
-from pipeline.stage import Message, Stage
+from pipeline.stage import Handler, Message, Stage
 from pipeline.wire import ENVELOPE_FIELD, Envelope, decode_entry, encode_body, encode_envelope
 from pipeline.wire import raw_fields_text as _raw_text
 
@@ -49,9 +49,11 @@ class StageRunner:
     """Runs one stage on one input stream (one lane) inside a worker process."""
 
     def __init__(
-        self, stage: Stage, lane: str | None, ctx: WorkerContext, concurrency: int
-    ) -> None:
+        self, stage: Stage, lane: str | None, ctx: WorkerContext, concurrency: int,
+        handler: Handler,
+    ) -> None:  # fmt: skip
         self.stage = stage
+        self.handler = handler
         self.lane = lane
         self.ctx = ctx
         self.rt = ctx.settings.runtime_for(stage.name)
@@ -210,7 +212,7 @@ class StageRunner:
         if hooks:
             await hooks.emit("before_handle", msg)
         try:
-            outcome: Outcome = await self.stage.handler(msg)
+            outcome: Outcome = await self.handler(msg)
         except asyncio.CancelledError:
             raise
         except InvalidTask as exc:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pipeline.outcome import Outcome
 from pipeline.wire import Envelope, decode_body
+
+if TYPE_CHECKING:
+    from pipeline.services import Services
 
 _B = TypeVar("_B")
 
@@ -46,6 +49,8 @@ class Message:
 
 
 Handler = Callable[[Message], Awaitable[Outcome]]
+#: Builds a stage's handler once per worker process, from the services the runtime lends.
+HandlerFactory = Callable[["Services"], Awaitable[Handler]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,15 +61,22 @@ class Stage:
         name: as on the command line and in metrics (`cache-check`).
         stream: the key suffix of its input stream (`tasks`, `route`, `call`, `store`).
         handler: parse -> decide -> return an Outcome.
+        build: instead of `handler`, an async factory called once per worker with the
+            `Services` (settings, memo, cache), for stages that need clients or state.
         lanes: one input stream per lane (claude-call: one per model family).
         concurrency: default in-flight limit per process (config may override).
     """
 
     name: str
     stream: str
-    handler: Handler
+    handler: Handler | None = None
     lanes: tuple[str, ...] = ()
     concurrency: int | None = None
+    build: HandlerFactory | None = None
+
+    def __post_init__(self) -> None:
+        if (self.handler is None) == (self.build is None):
+            raise ValueError(f"stage {self.name!r}: give exactly one of handler= or build=")
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from pipeline.redis_conn import Availability, connect, redacted, server_version
 from pipeline.retry import RetryPolicy
 from pipeline.runtime import StageRunner
 from pipeline.scripts import Scripts
+from pipeline.services import Services
 from pipeline.stage import App
 
 log = logging.getLogger(__name__)
@@ -108,12 +109,18 @@ async def run_worker(
         hooks=Hooks(hooks),
         has_xackdel=version >= (8, 2),
     )
+    services = Services(settings, redis, keys)
+    handlers = {
+        stage.name: stage.handler or await stage.build(services)  # type: ignore[misc]
+        for stage in stages
+    }
     runners = [
         StageRunner(
             stage,
             lane,
             ctx,
             concurrency or stage.concurrency or settings.runtime_for(stage.name).concurrency,
+            handlers[stage.name],
         )
         for stage in stages
         for lane in (stage.lanes or (None,))
@@ -177,6 +184,7 @@ async def run_worker(
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+        await services.aclose()
         try:
             await redis.delete(keys.worker(name))
         except Exception as exc:  # the name expires by itself anyway

@@ -1,0 +1,70 @@
+"""What the runtime lends stage code: settings and small Redis-backed stores.
+
+Stages never import redis or build keys; they get these objects from a `Services` handed
+to their `build` function when a worker starts.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+from redis.asyncio import Redis
+
+from pipeline.config import Settings
+from pipeline.keys import Keys
+
+log = logging.getLogger(__name__)
+
+
+class Memo:
+    """Paid work recorded against a task id (guarantee 5): a redelivery finds it here."""
+
+    def __init__(self, redis: Redis, keys: Keys) -> None:
+        self._redis = redis
+        self._keys = keys
+
+    async def get(self, task_id: str) -> bytes | None:
+        value = await self._redis.get(self._keys.memo(task_id))
+        return bytes(value) if value is not None else None
+
+    async def put(self, task_id: str, value: bytes, ttl_s: int) -> None:
+        await self._redis.set(self._keys.memo(task_id), value, ex=ttl_s)
+
+
+class ResponseCache:
+    """Exact response cache by canonical request hash, with hit/miss counters."""
+
+    def __init__(self, redis: Redis, keys: Keys) -> None:
+        self._redis = redis
+        self._keys = keys
+
+    async def get(self, request_hash: str) -> bytes | None:
+        value = await self._redis.get(self._keys.cache(request_hash))
+        await self._redis.hincrby(self._keys.counters, "cache_hits" if value else "cache_misses")
+        return bytes(value) if value is not None else None
+
+    async def put(self, request_hash: str, value: bytes, ttl_s: int) -> None:
+        await self._redis.set(self._keys.cache(request_hash), value, ex=ttl_s)
+
+
+class Services:
+    """Shared by the stages of one worker process; closed when the worker stops."""
+
+    def __init__(self, settings: Settings, redis: Redis, keys: Keys) -> None:
+        self.settings = settings
+        self.keys = keys
+        self.memo = Memo(redis, keys)
+        self.cache = ResponseCache(redis, keys)
+        self._closers: list[Callable[[], Awaitable[None]]] = []
+
+    def on_close(self, closer: Callable[[], Awaitable[None]]) -> None:
+        """Run `closer` when the worker stops (e.g. close an HTTP client)."""
+        self._closers.append(closer)
+
+    async def aclose(self) -> None:
+        for closer in reversed(self._closers):
+            try:
+                await closer()
+            except Exception:
+                log.exception("closing a stage resource failed (ignored)")

@@ -1,0 +1,54 @@
+"""The bodies the four stages hand each other (msgspec, inside the versioned envelope).
+
+cache-check -> router: `Request`; router -> claude-call: `Routed`;
+claude-call -> store and cache-check (hit) -> store: `Answer`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+
+class Request(msgspec.Struct, frozen=True, kw_only=True):
+    """A validated, normalised task: what the producer asked for."""
+
+    messages: list[dict[str, Any]]  # Anthropic Messages format
+    system: str | list[dict[str, Any]] | None = None
+    model: str = "auto"  # as given: "auto", a family alias, or a full model id
+    max_tokens: int | None = None  # None: the router decides (config default, type cap)
+    temperature: float | None = None
+    type: str = "default"
+    cache: bool = True
+    metadata: str = "{}"  # JSON object text, returned with the result
+    request_hash: str = ""  # canonical hash of what determines the answer (cache key)
+
+
+class Routed(msgspec.Struct, frozen=True, kw_only=True):
+    """A request with its model decided."""
+
+    request: Request
+    family: str  # the call stream (lane): haiku / sonnet / opus
+    model: str  # the full model id sent to the API
+    max_tokens: int
+
+
+class Usage(msgspec.Struct, frozen=True, kw_only=True):
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_creation_input_tokens: int = 0
+    cache_read_input_tokens: int = 0
+
+
+class Answer(msgspec.Struct, frozen=True, kw_only=True):
+    """Claude's reply (fresh or from the cache), on its way to the store."""
+
+    request: Request
+    model: str
+    output: str
+    stop_reason: str
+    usage: Usage = Usage()
+    cached: bool = False
+    attempts: int = 0  # Claude calls made for this task (0 on a cache hit)
+    call_ms: int = 0  # time spent in the Claude call itself
