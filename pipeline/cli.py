@@ -1,18 +1,35 @@
-"""The `pipeline` command. It parses, calls one function and maps errors to exit codes."""
+"""The `pipeline` command. Each command parses, calls one function and renders the answer.
+
+Exit codes: 0 done; 1 nothing found, or some input lines rejected; 2 an error (one line, no
+traceback: a bad setting names its field, an unreachable Redis names its redacted URL).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import re
 import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional, TypeVar
 
 import typer
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
 from rich.console import Console
+from rich.markup import escape
 
+from pipeline import cli_render as render
 from pipeline.config import Settings, load_settings
-from pipeline.errors import PipelineError
+from pipeline.dlq import DeadLetters
+from pipeline.errors import PipelineError, RedisUnavailable
+
+if TYPE_CHECKING:
+    from pipeline.status import Status
+
+_T = TypeVar("_T")
 
 app = typer.Typer(
     help="Run Claude tasks from Redis Streams: nothing lost, nothing paid twice.",
@@ -20,7 +37,13 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-err = Console(stderr=True)
+dlq_app = typer.Typer(
+    help="Inspect, replay and purge dead letters (tasks that could not be completed).",
+    no_args_is_help=True,
+)
+app.add_typer(dlq_app, name="dlq")
+out = Console(soft_wrap=False)
+err = Console(stderr=True, soft_wrap=True)
 
 ConfigOpt = Annotated[
     Optional[Path],  # noqa: UP045 - typer needs Optional on 3.11
@@ -32,6 +55,9 @@ ConfigOpt = Annotated[
         show_envvar=False,
     ),
 ]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
+_DLQ_ID = re.compile(r"\d+(-\d+)?")
 
 
 def _settings(config: Path | None) -> Settings:
@@ -53,6 +79,45 @@ def _run(coro: object) -> None:
         uvloop.run(coro)  # type: ignore[arg-type]
     except ImportError:
         asyncio.run(coro)  # type: ignore[arg-type]
+
+
+def _call(coro: Coroutine[Any, Any, _T]) -> _T:
+    """Run one coroutine to its answer (on uvloop when installed)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+def _exit(message: str, code: int) -> typer.Exit:
+    err.print(message, markup=False, highlight=False)
+    return typer.Exit(code)
+
+
+@contextlib.asynccontextmanager
+async def _redis(settings: Settings) -> AsyncIterator[Redis]:
+    """A connection for one command; Redis being away becomes one line naming the URL."""
+    from pipeline.redis_conn import UNAVAILABLE, connect, redacted
+
+    redis = connect(settings.redis)
+    try:
+        yield redis
+    except UNAVAILABLE as exc:
+        where = redacted(settings.redis.url)
+        raise RedisUnavailable(f"cannot reach Redis at {where}: {exc}") from None
+    finally:
+        await redis.aclose()
+
+
+def _dlq_ids(ids: list[str] | None, all_entries: bool) -> list[str] | None:
+    """The ids given, or None for --all; exactly one of the two."""
+    if bool(ids) == all_entries:
+        raise typer.BadParameter("give DLQ ids or --all (not both)")
+    for dlq_id in ids or ():
+        if not _DLQ_ID.fullmatch(dlq_id):
+            raise typer.BadParameter(f"{dlq_id!r} is not a DLQ id (like 1718000000000-0)")
+    return None if all_entries else list(ids or ())
 
 
 @app.callback()
@@ -85,14 +150,14 @@ def worker(
         str, typer.Option("--app", help="module:attribute of the App to run.")
     ] = "stages:app",
     config: ConfigOpt = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log at DEBUG level.")] = False,
 ) -> None:
     """Run stage workers until SIGTERM/SIGINT (then finish or hand back in-flight work)."""
     from pipeline.worker import load_app, run_worker
 
     _logging(verbose)
     settings = _settings(config)
-    the_app = load_app(app_spec)
+    the_app = load_app(app_spec, settings)
     names = [s.name for s in the_app.stages] if all_stages else stage
     if not names:
         raise typer.BadParameter("give --stage NAME (repeatable) or --all")
@@ -101,15 +166,339 @@ def worker(
     _run(run_worker(the_app, names, settings, concurrency=concurrency, consumer=consumer))
 
 
+# ---- producing and reading results ----------------------------------------------------------
+
+
+@app.command()
+def submit(
+    prompt: Annotated[
+        str | None,
+        typer.Argument(help="The prompt (the user message); '-' reads it from stdin."),
+    ] = None,
+    file: Annotated[
+        Path | None,
+        typer.Option(
+            "--file",
+            "-f",
+            help="Submit a JSONL file instead: one task object per line, with the wire format's "
+            "keys (prompt, type, model, …); the task options below are then ignored.",
+            dir_okay=False,
+        ),
+    ] = None,
+    out_file: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="With --file: write the ids here, one per line."),
+    ] = None,
+    task_type: Annotated[
+        str, typer.Option("--type", "-t", help="Task type, for routing rules and cost.")
+    ] = "default",
+    model: Annotated[
+        str, typer.Option(help="auto (the router decides), haiku/sonnet/opus, or a model id.")
+    ] = "auto",
+    max_tokens: Annotated[
+        int | None, typer.Option(help="Output token limit (default from config).")
+    ] = None,
+    temperature: Annotated[float | None, typer.Option(help="Sampling temperature, 0-1.")] = None,
+    system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
+    messages: Annotated[
+        str | None,
+        typer.Option(help="Instead of PROMPT: a JSON array of messages (multi-turn)."),
+    ] = None,
+    task_id: Annotated[
+        str | None,
+        typer.Option("--id", help="Task id / idempotency key (default: the stream entry id)."),
+    ] = None,
+    cache: Annotated[
+        bool, typer.Option("--cache/--no-cache", help="Use the response cache.")
+    ] = True,
+    ttl: Annotated[int | None, typer.Option(help="Result time-to-live in seconds.")] = None,
+    metadata: Annotated[
+        str | None, typer.Option(help="JSON object returned with the result.")
+    ] = None,
+    wait: Annotated[
+        float | None,
+        typer.Option(help="Wait up to SECONDS for the result and print it instead of the id."),
+    ] = None,
+    as_json: JsonOpt = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Submit one task (prints its id) or a JSONL file of tasks (--file, with progress)."""
+    settings = _settings(config)
+    if file is not None:
+        if prompt is not None or messages is not None or wait is not None:
+            raise typer.BadParameter("--file takes no PROMPT, --messages or --wait")
+        report = _call(_submit_file(settings, file, out_file))
+        if out_file is None:
+            sys.stdout.write("".join(f"{i}\n" for i in report.ids))
+        submitted = f"{len(report.ids)} task(s) were submitted"
+        if report.stopped:
+            raise _exit(f"error: {report.stopped} ({submitted})", 2)
+        if report.bad_lines:
+            raise _exit(f"{report.bad_lines} line(s) rejected; {submitted}", 1)
+        return
+    if wait is not None and wait <= 0:
+        raise typer.BadParameter("--wait must be more than 0 seconds")
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    task: dict[str, Any] = {
+        "messages": messages,
+        "system": system,
+        "model": model,
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        "type": task_type,
+        "id": task_id,
+        "cache": cache,
+        "ttl": ttl,
+        "metadata": metadata,
+    }
+    new_id, result = _call(_submit_one(settings, prompt, task, wait))
+    if wait is None:
+        typer.echo(new_id)
+    elif result is None:
+        raise _exit(f"submitted {new_id}; no result within {wait:g}s", 1)
+    else:
+        _show_result(new_id, result, as_json)
+
+
+async def _submit_file(settings: Settings, path: Path, out_file: Path | None) -> render.FileReport:
+    """Submit a JSONL file in batches, with a progress bar and per-line rejections."""
+    from pipeline.client import Client
+
+    try:
+        total = sum(1 for _ in path.open("rb"))
+        lines = path.open(encoding="utf-8")
+        ids_out = out_file.open("w", encoding="utf-8") if out_file else None
+    except OSError as exc:
+        raise _exit(f"error: {exc.filename}: {exc.strerror or exc}", 2) from None
+    with lines, ids_out or contextlib.nullcontext():
+        async with Client.from_settings(settings) as client:
+            return await render.submit_lines(client, lines, total, ids_out, err)
+
+
+async def _submit_one(
+    settings: Settings, prompt: str | None, task: dict[str, Any], wait: float | None
+) -> tuple[str, dict[str, str] | None]:
+    from pipeline.client import Client
+
+    async with Client.from_settings(settings) as client:
+        new_id = await client.submit(prompt, **task)
+        return new_id, (await client.result(new_id, wait=wait) if wait else None)
+
+
+@app.command()
+def result(
+    task_id: Annotated[str, typer.Argument(help="The task id that submit printed.")],
+    wait: Annotated[
+        float | None, typer.Option(help="Wait up to SECONDS for the task to finish.")
+    ] = None,
+    as_json: JsonOpt = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Show a task's result (exit 1 if there is none: unknown, unfinished or expired)."""
+    from pipeline.client import Client
+
+    async def fetch() -> dict[str, str] | None:
+        async with Client.from_settings(_settings(config)) as client:
+            return await client.result(task_id, wait=wait)
+
+    found = _call(fetch())
+    if found is None:
+        waited = f" after waiting {wait:g}s" if wait else ""
+        raise _exit(f"no result for task {task_id!r}{waited} (unknown, unfinished or expired)", 1)
+    _show_result(task_id, found, as_json)
+
+
+def _show_result(task_id: str, found: dict[str, str], as_json: bool) -> None:
+    if as_json:
+        out.print_json(data={"id": task_id, **found})
+    else:
+        out.print(render.result_view(task_id, found))
+
+
+# ---- operating ------------------------------------------------------------------------------
+
+
+@app.command()
+def status(
+    app_spec: Annotated[
+        str, typer.Option("--app", help="module:attribute of the App whose stages to show.")
+    ] = "stages:app",
+    as_json: JsonOpt = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Backlog, pending, lag, consumers, oldest pending age and retries per stage; DLQ; pauses."""
+    import msgspec
+
+    from pipeline.keys import Keys
+    from pipeline.redis_conn import redacted
+    from pipeline.status import gather_status
+    from pipeline.worker import load_app
+
+    settings = _settings(config)
+    the_app = load_app(app_spec, settings)
+
+    async def gather() -> Status:
+        async with _redis(settings) as redis:
+            return await gather_status(redis, Keys(settings.prefix), the_app)
+
+    state = _call(gather())
+    if as_json:
+        out.print_json(msgspec.json.encode(state).decode())
+    else:
+        where = f"{redacted(settings.redis.url)}  prefix {settings.prefix}"
+        out.print(render.status_view(state, where))
+
+
+@dlq_app.command("list")
+def dlq_list(
+    count: Annotated[
+        int, typer.Option("--count", "-n", min=1, help="How many, newest first.")
+    ] = 20,
+    config: ConfigOpt = None,
+) -> None:
+    """List dead letters: id, task, stage, error (shortened), deliveries, attempts, age."""
+    letters = _call(_dead_letters(_settings(config), lambda d: d.list(count=count)))
+    out.print(render.dlq_table(letters))
+
+
+@dlq_app.command("show")
+def dlq_show(
+    dlq_id: Annotated[str, typer.Argument(help="The DLQ entry id (from dlq list).")],
+    config: ConfigOpt = None,
+) -> None:
+    """Show one dead letter in full, with the task's original fields pretty-printed."""
+    _dlq_ids([dlq_id], False)
+    letter = _call(_dead_letters(_settings(config), lambda d: d.get(dlq_id)))
+    if letter is None:
+        raise _exit(f"no DLQ entry {dlq_id}", 1)
+    out.print(render.dead_letter_view(letter))
+
+
+@dlq_app.command("replay")
+def dlq_replay(
+    dlq_ids: Annotated[list[str] | None, typer.Argument(help="DLQ entry ids to replay.")] = None,
+    all_entries: Annotated[bool, typer.Option("--all", help="Replay every dead letter.")] = False,
+    yes: YesOpt = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Send dead letters back to the ingress as fresh tasks (their failed result is removed)."""
+    ids = _dlq_ids(dlq_ids, all_entries)
+    settings = _settings(config)
+    if not yes:
+        what = "every dead letter" if ids is None else f"{len(ids)} dead letter(s)"
+        typer.confirm(f"Replay {what} to the ingress?", abort=True)
+
+    async def replay(dead: DeadLetters) -> tuple[list[str], list[str]]:
+        if ids is None:
+            every = await dead.list(count=max(1, await dead.size()), newest_first=False)
+            wanted = [letter.dlq_id for letter in every]
+        else:
+            wanted = ids
+        done = await dead.replay(wanted)
+        return done, sorted(set(wanted) - set(done))
+
+    done, missing = _call(_dead_letters(settings, replay))
+    typer.echo(f"replayed {len(done)} dead letter(s)")
+    if missing:
+        raise _exit(f"not found: {' '.join(missing)}", 1)
+
+
+@dlq_app.command("purge")
+def dlq_purge(
+    dlq_ids: Annotated[list[str] | None, typer.Argument(help="DLQ entry ids to delete.")] = None,
+    all_entries: Annotated[bool, typer.Option("--all", help="Delete the whole DLQ.")] = False,
+    yes: YesOpt = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Delete dead letters for good."""
+    ids = _dlq_ids(dlq_ids, all_entries)
+    settings = _settings(config)
+    if not yes:
+        what = "the whole DLQ" if ids is None else f"{len(ids)} dead letter(s)"
+        typer.confirm(f"Delete {what}? This cannot be undone", abort=True)
+    purged = _call(_dead_letters(settings, lambda d: d.purge(ids)))
+    typer.echo(f"purged {purged} dead letter(s)")
+    if ids is not None and purged < len(ids):
+        raise _exit(f"{len(ids) - purged} of the ids were not in the DLQ", 1)
+
+
+async def _dead_letters(settings: Settings, action: Callable[[DeadLetters], Awaitable[_T]]) -> _T:
+    """Run one DLQ operation on a connection of its own."""
+    from pipeline.keys import Keys
+
+    async with _redis(settings) as redis:
+        return await action(DeadLetters(redis, Keys(settings.prefix)))
+
+
+# ---- the fake Claude API --------------------------------------------------------------------
+
+
+@app.command("fake-claude")
+def fake_claude(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on (0 picks a free one).")] = 8787,
+    latency_ms: Annotated[
+        float, typer.Option(help="Reply delay in ms (the median when --latency-sigma > 0).")
+    ] = 0.0,
+    latency_sigma: Annotated[
+        float, typer.Option(help="Lognormal spread of the delay (0: fixed delay).")
+    ] = 0.0,
+    rpm: Annotated[int | None, typer.Option(help="Requests per minute per key and family.")] = None,
+    itpm: Annotated[int | None, typer.Option(help="Input tokens per minute.")] = None,
+    otpm: Annotated[int | None, typer.Option(help="Output tokens per minute.")] = None,
+    overloaded_rate: Annotated[
+        float, typer.Option(help="Share of requests answered 529 overloaded (0-1).")
+    ] = 0.0,
+    error_rate: Annotated[float, typer.Option(help="Share of requests answered 500 (0-1).")] = 0.0,
+    bad_key: Annotated[
+        list[str] | None,
+        typer.Option(help="An API key answered 401 (repeatable)."),
+    ] = None,
+    forbidden_key: Annotated[
+        list[str] | None,
+        typer.Option(help="An API key answered 403 (repeatable)."),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed for latency and faults.")] = 0,
+) -> None:
+    """Serve a fake of the Anthropic Messages API until Ctrl-C (for tests and demos)."""
+    import msgspec
+
+    from pipeline.fake_claude import FakeClaudeConfig, run_forever
+
+    values = {
+        "host": host,
+        "port": port,
+        "latency_ms": latency_ms,
+        "latency_sigma": latency_sigma,
+        "rpm": rpm,
+        "itpm": itpm,
+        "otpm": otpm,
+        "overloaded_rate": overloaded_rate,
+        "server_error_rate": error_rate,
+        "bad_keys": bad_key or [],
+        "forbidden_keys": forbidden_key or [],
+        "seed": seed,
+    }
+    try:
+        fake = msgspec.convert(values, FakeClaudeConfig)
+    except (msgspec.ValidationError, ValueError) as exc:
+        raise _exit(f"error: fake-claude: {exc}", 2) from None
+    run_forever(fake)
+
+
 def main() -> None:
     """Entry point: one clear line for expected errors, not a traceback."""
     try:
         app()
     except PipelineError as exc:
-        err.print(f"[bold red]error:[/] {exc}")
+        err.print(f"[bold red]error:[/] {escape(str(exc))}")
+        raise SystemExit(2) from None
+    except RedisError as exc:
+        err.print(f"[bold red]error:[/] redis: {escape(str(exc))}")
         raise SystemExit(2) from None
     except KeyError as exc:
-        err.print(f"[bold red]error:[/] {exc.args[0]}")
+        err.print(f"[bold red]error:[/] {escape(str(exc.args[0]))}")
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         raise SystemExit(130) from None

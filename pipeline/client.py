@@ -1,0 +1,659 @@
+"""The producer's side: submit tasks to the ingress, read results, wait for them.
+
+Guarantee 8 starts here: a bad request is refused with a message that says what is wrong
+(`InvalidTask`) before anything reaches Redis, and a full ingress refuses new work
+(`Backpressure`) instead of growing without bound.
+
+Waiting does not poll. One background reader per `Client` follows the `done` stream with
+`XREAD BLOCK` and wakes the waiters of the task ids it sees, so thousands of concurrent
+`result(id, wait=…)` calls share one connection; the hash reads they then make are batched
+into pipelined round trips on one more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import os
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterable, Mapping
+from types import TracebackType
+from typing import Self, cast
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.exceptions import RedisError
+
+from pipeline.config import IngressSettings, Settings
+from pipeline.errors import Backpressure, ConfigError, InvalidTask, RedisUnavailable
+from pipeline.keys import Keys
+from pipeline.redis_conn import UNAVAILABLE, redacted
+from pipeline.results import MAX_TTL_S
+from pipeline.wire import MAX_TASK_ID_CHARS
+
+log = logging.getLogger(__name__)
+
+#: The producer fields of DESIGN's wire format, in the order they are written.
+WIRE_FIELDS = (
+    "prompt",
+    "messages",
+    "system",
+    "model",
+    "max_tokens",
+    "temperature",
+    "type",
+    "id",
+    "cache",
+    "ttl",
+    "metadata",
+    "traceparent",
+    "tracestate",
+)
+#: Tasks per pipelined round trip in `submit_many`.
+BATCH_SIZE = 500
+_MAX_TOKENS = 1_000_000
+# The same rules the cache-check stage applies (pipeline/request.py), so that what the client
+# accepts is not dead-lettered later; tests/pipeline/test_client.py checks the two agree.
+_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
+_MODEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@/\-]{0,127}")
+_TYPE_RULE = "a label of 1-64 letters, digits, '_', '-' or '.'"
+_MODEL_RULE = "auto, haiku, sonnet, opus or a model id (at most 128 characters, no spaces)"
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+_PREFIX = re.compile(r"[A-Za-z0-9_.\-]+")
+_ROLES = ("user", "assistant")
+_BOOLS = {"true": True, "1": True, "false": False, "0": False}
+_Entries = list[tuple[bytes, dict[bytes, bytes]]]
+
+
+# ---- validation (pure, no Redis) ------------------------------------------------------------
+
+
+def task_fields(
+    task: Mapping[str, object], limits: IngressSettings | None = None
+) -> dict[str, str]:
+    """Check one task and return its wire fields (all strings), in `WIRE_FIELDS` order.
+
+    Accepts Python values (`max_tokens=100`, `messages=[…]`, `metadata={…}`) and their wire
+    forms (`"100"`, JSON text), so a JSONL copy of an XADD validates the same way. As on the
+    wire, an optional field given as None or "" counts as not given. Unknown fields are
+    refused (a typo such as `max_token` would otherwise be dropped without a word).
+
+    Raises:
+        InvalidTask: naming the field and what is wrong with it.
+    """
+    limits = limits or IngressSettings()
+    unknown = sorted(set(task) - set(WIRE_FIELDS))
+    if unknown:
+        raise InvalidTask(f"unknown field {unknown[0]!r} (known: {', '.join(WIRE_FIELDS)})")
+    given = {k: v for k, v in task.items() if v is not None and (v != "" or k == "prompt")}
+    if ("prompt" in given) == ("messages" in given):
+        raise InvalidTask("give exactly one of 'prompt' or 'messages'")
+    out: dict[str, str] = {}
+    if "prompt" in given:
+        out["prompt"] = _str("prompt", given["prompt"])
+        if not out["prompt"].strip():
+            raise InvalidTask("prompt is empty")
+    else:
+        out["messages"] = _messages(given["messages"])
+    if "system" in given:
+        out["system"] = _system(given["system"])
+    _bounded(
+        " + ".join(k for k in ("prompt", "messages", "system") if k in out),
+        sum(_size(v) for k, v in out.items()),
+        limits.max_prompt_bytes,
+        "max_prompt_bytes",
+    )
+    out["model"] = _pattern("model", given.get("model", "auto"), _MODEL, _MODEL_RULE)
+    if "max_tokens" in given:
+        out["max_tokens"] = str(_int("max_tokens", given["max_tokens"], 1, _MAX_TOKENS))
+    if "temperature" in given:
+        out["temperature"] = _temperature(given["temperature"])
+    out["type"] = _pattern("type", given.get("type", "default"), _TYPE, _TYPE_RULE)
+    if "id" in given:
+        out["id"] = _task_id(given["id"])
+    if "cache" in given and not _bool("cache", given["cache"]):
+        out["cache"] = "false"  # DESIGN: only `false` means anything
+    if "ttl" in given:
+        out["ttl"] = str(_int("ttl", given["ttl"], 1, MAX_TTL_S))
+    if "metadata" in given:
+        out["metadata"] = _metadata(given["metadata"], limits.max_metadata_bytes)
+    if "traceparent" in given:
+        traceparent = _str("traceparent", given["traceparent"])
+        if not _TRACEPARENT.fullmatch(traceparent):
+            raise InvalidTask("traceparent is not a W3C traceparent (00-<32 hex>-<16 hex>-<2 hex>)")
+        out["traceparent"] = traceparent
+    if "tracestate" in given:
+        out["tracestate"] = _str("tracestate", given["tracestate"])
+        _bounded("tracestate", _size(out["tracestate"]), 512)
+    return out
+
+
+def _str(name: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise InvalidTask(f"{name} must be a string, not {type(value).__name__}")
+    return value
+
+
+def _size(text: str) -> int:
+    return len(text.encode("utf-8", errors="surrogatepass"))
+
+
+def _bounded(name: str, size: int, limit: int, setting: str | None = None) -> None:
+    if size > limit:
+        where = f" (ingress.{setting})" if setting else ""
+        raise InvalidTask(f"{name} is {size:,} bytes, over the limit of {limit:,}{where}")
+
+
+def _pattern(name: str, value: object, allowed: re.Pattern[str], rule: str) -> str:
+    text = _str(name, value)
+    if not allowed.fullmatch(text):
+        raise InvalidTask(f"{name} must be {rule}, not {text[:40]!r}")
+    return text
+
+
+def _int(name: str, value: object, low: int, high: int) -> int:
+    number: int | None = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
+        number = int(value)
+    if number is None:
+        raise InvalidTask(f"{name} must be a whole number, not {value!r}")
+    if not low <= number <= high:
+        raise InvalidTask(f"{name} must be between {low:,} and {high:,}, not {number:,}")
+    return number
+
+
+def _temperature(value: object) -> str:
+    number: float | None = None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        number = float(value)
+    elif isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            number = float(value)
+    if number is None or not math.isfinite(number) or not 0.0 <= number <= 1.0:
+        raise InvalidTask(f"temperature must be a number from 0 to 1, not {value!r}")
+    return repr(number)
+
+
+def _bool(name: str, value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _BOOLS:
+        return _BOOLS[value.strip().lower()]
+    raise InvalidTask(f"{name} must be true or false, not {value!r}")
+
+
+def _task_id(value: object) -> str:
+    text = _str("id", value)
+    if len(text) > MAX_TASK_ID_CHARS or not text.isprintable() or " " in text:
+        raise InvalidTask(f"id must be 1-{MAX_TASK_ID_CHARS} printable characters without spaces")
+    return text
+
+
+def _json(name: str, value: object) -> object:
+    """A Python value, or JSON text (the wire form) decoded."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except ValueError as exc:
+        raise InvalidTask(f"{name} is not valid JSON: {exc}") from None
+
+
+def _dumps(value: object) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def _messages(value: object) -> str:
+    """The Anthropic Messages format: user first, `role` and `content` only, no empty text."""
+    messages = _json("messages", value)
+    if not isinstance(messages, list) or not messages:
+        raise InvalidTask("messages must be a non-empty JSON array of {role, content} objects")
+    for n, message in enumerate(messages):
+        where = f"messages[{n}]"
+        if not isinstance(message, dict):
+            raise InvalidTask(f"{where} must be an object with role and content")
+        extra = sorted(set(message) - {"role", "content"})
+        if extra:
+            raise InvalidTask(f"{where} has an unknown key {extra[0]!r} (only role and content)")
+        if message.get("role") not in _ROLES:
+            hint = "; put a system prompt in 'system'" if message.get("role") == "system" else ""
+            raise InvalidTask(f"{where}.role must be 'user' or 'assistant'{hint}")
+        _content(f"{where}.content", message.get("content"))
+    if messages[0]["role"] != "user":
+        raise InvalidTask("messages[0].role must be 'user': the first message is the user's")
+    return _dumps(messages)
+
+
+def _content(where: str, content: object) -> None:
+    if isinstance(content, str) and content.strip():
+        return
+    if not isinstance(content, list) or not content:
+        raise InvalidTask(f"{where} must be a non-empty string or list of content blocks")
+    for n, block in enumerate(content):
+        if not isinstance(block, dict) or not isinstance(block.get("type"), str):
+            raise InvalidTask(f"{where}[{n}] must be a content block object with a 'type'")
+        text = block.get("text")
+        if block["type"] == "text" and not (isinstance(text, str) and text.strip()):
+            raise InvalidTask(f"{where}[{n}].text must be a non-empty string")
+
+
+def _system(value: object) -> str:
+    """A string, or a list of text blocks (sent as JSON, which the stage reads back)."""
+    if isinstance(value, list):
+        for n, block in enumerate(value):
+            ok = isinstance(block, dict) and block.get("type") == "text"
+            text = block.get("text") if ok else None
+            if not (isinstance(text, str) and text.strip()):
+                raise InvalidTask(f"system[{n}] must be a text block with non-empty text")
+        return _dumps(value)
+    return _str("system", value)
+
+
+def _metadata(value: object, limit: int) -> str:
+    metadata = _json("metadata", value)
+    if not isinstance(metadata, dict):
+        raise InvalidTask("metadata must be a JSON object")
+    try:
+        text = _dumps(metadata)
+    except (TypeError, ValueError) as exc:
+        raise InvalidTask(f"metadata cannot be encoded as JSON: {exc}") from None
+    _bounded("metadata", _size(text), limit, "max_metadata_bytes")
+    return text
+
+
+# ---- the client ------------------------------------------------------------------------------
+
+
+class Client:
+    """Submit tasks and fetch results; one per process is plenty (it is safe to share).
+
+    Args:
+        redis_url: `redis://`, `rediss://` or `unix://`; a password in the URL works.
+        prefix: the pipeline's key prefix (`PIPELINE_PREFIX`).
+        ingress: input bounds and the backlog cap (`Settings.ingress`).
+        name: the Redis client name of every connection this client opens (`CLIENT LIST`).
+        max_connections: commands wait for a free connection beyond this many.
+        backlog_check_s: how long a measured ingress length is trusted; see `submit`.
+        done_block_ms: the done-stream reader's XREAD BLOCK (its socket timeout is longer).
+    """
+
+    def __init__(
+        self,
+        redis_url: str = "redis://localhost:6379/0",
+        prefix: str = "pipeline",
+        *,
+        ingress: IngressSettings | None = None,
+        name: str | None = None,
+        max_connections: int = 64,
+        connect_timeout_s: float = 5.0,
+        socket_timeout_s: float = 10.0,
+        backlog_check_s: float = 0.1,
+        done_block_ms: int = 5000,
+    ) -> None:
+        if not _PREFIX.fullmatch(prefix):
+            raise ConfigError("prefix", f"only letters, digits, '_', '-', '.' allowed: {prefix!r}")
+        self.keys = Keys(prefix)
+        self.limits = ingress or IngressSettings()
+        self.name = name or f"pipeline-client-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._url = redis_url
+        pool = BlockingConnectionPool.from_url(
+            redis_url,
+            max_connections=max_connections,
+            timeout=None,  # wait for a free connection rather than fail a burst
+            client_name=self.name,
+            socket_timeout=socket_timeout_s,
+            socket_connect_timeout=connect_timeout_s,
+        )
+        self.redis = Redis(connection_pool=pool)
+        self._reader_redis = Redis.from_url(
+            redis_url,
+            single_connection_client=True,
+            client_name=self.name,
+            socket_timeout=done_block_ms / 1000 + socket_timeout_s,  # longer than the block
+            socket_connect_timeout=connect_timeout_s,
+        )
+        self._done_block_ms = done_block_ms
+        self._backlog_check_s = backlog_check_s
+        self._backlog = 0
+        self._backlog_at = -math.inf
+        self._backlog_lock = asyncio.Lock()
+        self._lookups = _HashLookups(self.redis)
+        self._watcher: _DoneWatcher | None = None
+        self._watcher_lock = asyncio.Lock()
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, name: str | None = None) -> Client:
+        """A client for the Redis, prefix and ingress limits of `settings`."""
+        return cls(
+            settings.redis.url,
+            settings.prefix,
+            ingress=settings.ingress,
+            name=name,
+            max_connections=settings.redis.max_connections,
+            connect_timeout_s=settings.redis.connect_timeout_s,
+            socket_timeout_s=settings.redis.socket_timeout_s,
+        )
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop the done-stream reader, fail its waiters, close every connection."""
+        if self._watcher is not None:
+            await self._watcher.aclose()
+            self._watcher = None
+        await self._reader_redis.aclose()
+        await self.redis.aclose(close_connection_pool=True)
+
+    # ---- submitting ----------------------------------------------------------------------
+
+    async def submit(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: list[dict[str, object]] | str | None = None,
+        system: str | None = None,
+        model: str = "auto",
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        type: str = "default",
+        id: str | None = None,
+        cache: bool = True,
+        ttl: int | None = None,
+        metadata: Mapping[str, object] | str | None = None,
+        traceparent: str | None = None,
+        tracestate: str | None = None,
+    ) -> str:
+        """Add one task to the ingress and return its id (`id`, else the stream entry id).
+
+        The backlog check trusts a measured ingress length for `backlog_check_s` (0.1 s),
+        counting this client's own additions on top, and measures again before refusing: one
+        XLEN per 100 ms instead of one per task, at the cost of letting other producers
+        overshoot the cap by what they add in 100 ms (the cap is a safety limit, not a quota).
+
+        Raises:
+            InvalidTask: the task is malformed (the message names the field).
+            Backpressure: the ingress already holds `ingress.max_backlog` tasks.
+            RedisUnavailable: Redis could not be reached.
+        """
+        fields = task_fields(
+            {
+                "prompt": prompt,
+                "messages": messages,
+                "system": system,
+                "model": model,
+                "max_tokens": max_tokens,
+                "temperature": temperature,
+                "type": type,
+                "id": id,
+                "cache": cache,
+                "ttl": ttl,
+                "metadata": metadata,
+                "traceparent": traceparent,
+                "tracestate": tracestate,
+            },
+            self.limits,
+        )
+        return (await self._add([fields]))[0]
+
+    async def submit_many(self, tasks: Iterable[Mapping[str, object]]) -> list[str]:
+        """Add many tasks (mappings with `submit`'s keyword names), `BATCH_SIZE` per round trip.
+
+        All or nothing for the checks: every task is validated, and room for all of them is
+        checked, before the first is written. Split very large inputs into several calls.
+
+        Raises:
+            InvalidTask: naming the task's position (from 0) and the field.
+            Backpressure: the ingress has no room for all of them.
+        """
+        batch: list[dict[str, str]] = []
+        for n, task in enumerate(tasks):
+            try:
+                batch.append(task_fields(task, self.limits))
+            except InvalidTask as exc:
+                raise InvalidTask(f"task {n}: {exc}") from None
+        return await self._add(batch) if batch else []
+
+    async def backlog(self) -> int:
+        """The ingress length now (tasks no stage has taken yet)."""
+        async with self._errors():
+            return int(await self.redis.xlen(self.keys.ingress))
+
+    async def _add(self, tasks: list[dict[str, str]]) -> list[str]:
+        await self._reserve_room(len(tasks))
+        ids: list[str] = []
+        async with self._errors():
+            for start in range(0, len(tasks), BATCH_SIZE):
+                chunk = tasks[start : start + BATCH_SIZE]
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for fields in chunk:
+                        pipe.xadd(self.keys.ingress, fields)  # type: ignore[arg-type]
+                    entry_ids = await pipe.execute()
+                ids += [f.get("id") or e.decode() for f, e in zip(chunk, entry_ids, strict=True)]
+        return ids
+
+    async def _reserve_room(self, n: int) -> None:
+        limit = self.limits.max_backlog
+        async with self._backlog_lock:
+            measured_now = False
+            if time.monotonic() - self._backlog_at > self._backlog_check_s:
+                await self._measure_backlog()
+                measured_now = True
+            if self._backlog + n > limit and not measured_now:
+                await self._measure_backlog()  # never refuse on a stale number
+            if self._backlog + n > limit:
+                raise Backpressure(
+                    f"the ingress holds {self._backlog:,} tasks; {n:,} more would pass "
+                    f"ingress.max_backlog ({limit:,}): slow down and retry later"
+                )
+            self._backlog += n  # ours, until the next measurement
+
+    async def _measure_backlog(self) -> None:
+        self._backlog = await self.backlog()
+        self._backlog_at = time.monotonic()
+
+    # ---- results -------------------------------------------------------------------------
+
+    async def result(self, task_id: str, wait: float | None = None) -> dict[str, str] | None:
+        """The task's result hash, or None if there is none (yet).
+
+        With `wait` (seconds), wait up to that long for the task to complete. Waiting costs no
+        Redis traffic of its own: the client's one done-stream reader wakes the waiter.
+        """
+        if not isinstance(task_id, str) or not task_id:
+            raise InvalidTask("task id must be a non-empty string")
+        key = self.keys.result(task_id)
+        if not wait or wait <= 0:
+            return await self._lookup(key)
+        watcher = await self._done_watcher()
+        # Register before looking, and the reader's position is older than both: a completion
+        # is then either already in the hash, or an event the reader has yet to see.
+        event = watcher.register(task_id)
+        try:
+            found = await self._lookup(key)
+            if found is not None:
+                return found
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await event
+            # One more look either way: an event can be trimmed away while the reader is down.
+            return await self._lookup(key)
+        finally:
+            watcher.unregister(task_id, event)
+
+    @property
+    def waiting(self) -> int:
+        """How many `result(…, wait=…)` calls are waiting now."""
+        return self._watcher.waiting if self._watcher is not None else 0
+
+    async def _lookup(self, key: str) -> dict[str, str] | None:
+        async with self._errors():
+            raw = await self._lookups.hgetall(key)
+        if not raw:
+            return None
+        return {k.decode(): v.decode(errors="replace") for k, v in raw.items()}
+
+    async def _done_watcher(self) -> _DoneWatcher:
+        async with self._watcher_lock:
+            if self._watcher is None:
+                watcher = _DoneWatcher(self._reader_redis, self.keys.done, self._done_block_ms)
+                async with self._errors():
+                    await watcher.start()
+                self._watcher = watcher
+            return self._watcher
+
+    @contextlib.asynccontextmanager
+    async def _errors(self) -> AsyncIterator[None]:
+        """Redis being away becomes one clear `RedisUnavailable` naming the (redacted) URL."""
+        try:
+            yield
+        except UNAVAILABLE as exc:
+            raise RedisUnavailable(f"cannot reach Redis at {redacted(self._url)}: {exc}") from exc
+
+
+class _HashLookups:
+    """HGETALLs from concurrent callers, group-committed into pipelined round trips.
+
+    While one batch is on the wire the next collects, so 2,000 waiters woken together cost a
+    few round trips on one connection instead of 2,000 connections.
+    """
+
+    _MAX_BATCH = 1000
+
+    def __init__(self, redis: Redis) -> None:
+        self._redis = redis
+        self._queue: list[tuple[str, asyncio.Future[dict[bytes, bytes]]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def hgetall(self, key: str) -> dict[bytes, bytes]:
+        future: asyncio.Future[dict[bytes, bytes]] = asyncio.get_running_loop().create_future()
+        self._queue.append((key, future))
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush())
+        return await future
+
+    async def _flush(self) -> None:
+        try:
+            while self._queue:
+                batch = self._queue[: self._MAX_BATCH]
+                del self._queue[: self._MAX_BATCH]
+                try:
+                    async with self._redis.pipeline(transaction=False) as pipe:
+                        for key, _ in batch:
+                            pipe.hgetall(key)
+                        rows = await pipe.execute()
+                except (RedisError, OSError) as exc:
+                    _settle(batch, exc)
+                    continue
+                except asyncio.CancelledError:  # nobody may be left waiting forever
+                    _settle(batch + self._queue, RedisUnavailable("the client was closed"))
+                    self._queue.clear()
+                    raise
+                for (_, future), row in zip(batch, rows, strict=True):
+                    if not future.done():
+                        future.set_result(row)
+        finally:
+            self._flusher = None
+
+
+def _settle(
+    batch: list[tuple[str, asyncio.Future[dict[bytes, bytes]]]], exc: BaseException
+) -> None:
+    for _, future in batch:
+        if not future.done():
+            future.set_exception(exc)
+
+
+class _DoneWatcher:
+    """The one `XREAD BLOCK` loop on the done stream; wakes the waiters of each task id.
+
+    Started by the first `result(…, wait=…)` and kept until `Client.aclose()`, so its position
+    in the stream only moves forward and no completion slips between two waits.
+    """
+
+    def __init__(self, redis: Redis, done_key: str, block_ms: int) -> None:
+        self._redis = redis
+        self._key = done_key
+        self._block_ms = block_ms
+        self._cursor: bytes = b"0-0"
+        self._waiters: dict[str, set[asyncio.Future[None]]] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def waiting(self) -> int:
+        return sum(len(futures) for futures in self._waiters.values())
+
+    async def start(self) -> None:
+        """Capture `$` as a concrete id first, so no event after this moment is missed."""
+        last = cast("_Entries", await self._redis.xrevrange(self._key, count=1))
+        self._cursor = last[0][0] if last else b"0-0"
+        self._task = asyncio.create_task(self._run(), name="pipeline-client-done-reader")
+
+    def register(self, task_id: str) -> asyncio.Future[None]:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(task_id, set()).add(future)
+        return future
+
+    def unregister(self, task_id: str, future: asyncio.Future[None]) -> None:
+        futures = self._waiters.get(task_id)
+        if futures is not None:
+            futures.discard(future)
+            if not futures:
+                del self._waiters[task_id]
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for futures in self._waiters.values():
+            for future in futures:
+                if not future.done():
+                    future.set_exception(RedisUnavailable("the client was closed"))
+        self._waiters.clear()
+
+    async def _run(self) -> None:
+        delay_s, down = 0.05, False
+        while True:
+            try:
+                reply = cast(
+                    "list[tuple[bytes, _Entries]] | None",
+                    await self._redis.xread(
+                        {self._key: self._cursor}, count=1000, block=self._block_ms
+                    ),
+                )
+            except (RedisError, OSError) as exc:
+                if not down:
+                    log.warning("done-stream reader: %r; retrying (waiters keep waiting)", exc)
+                    down = True
+                await asyncio.sleep(delay_s)
+                delay_s = min(5.0, delay_s * 2)
+                continue
+            if down:
+                log.warning("done-stream reader: reading again")
+            delay_s, down = 0.05, False
+            for _stream, entries in reply or ():
+                for entry_id, fields in entries:
+                    self._cursor = entry_id
+                    task_id = fields.get(b"id")
+                    if task_id is not None:
+                        self._wake(task_id.decode(errors="replace"))
+
+    def _wake(self, task_id: str) -> None:
+        for future in self._waiters.pop(task_id, ()):
+            if not future.done():
+                future.set_result(None)
+
+
+__all__ = ["BATCH_SIZE", "WIRE_FIELDS", "Client", "task_fields"]

@@ -1,0 +1,386 @@
+"""The producer client on a real Redis: wire fields, validation, backpressure, batching, waits."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+import redis
+
+from pipeline.client import BATCH_SIZE, Client, task_fields
+from pipeline.config import IngressSettings, Settings, load_settings
+from pipeline.errors import Backpressure, InvalidTask, RedisUnavailable
+from pipeline.keys import Keys
+from pipeline.results import make_result
+from tests.helpers.redis_server import free_port
+
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+@pytest.fixture
+async def client(settings: Settings) -> AsyncIterator[Client]:
+    async with Client.from_settings(settings) as c:
+        yield c
+
+
+def entries(rclient: redis.Redis, keys: Keys) -> list[tuple[str, dict[str, str]]]:
+    return [
+        (i.decode(), {k.decode(): v.decode() for k, v in f.items()})
+        for i, f in rclient.xrange(keys.ingress)
+    ]
+
+
+def complete(rclient: redis.Redis, keys: Keys, task_id: str, output: str = "ok") -> None:
+    """What the store's hand-off writes: the result hash, then a done event."""
+    pipe = rclient.pipeline(transaction=True)
+    pipe.hset(keys.result(task_id), mapping=make_result("completed", output=output))
+    pipe.xadd(keys.done, {"id": task_id, "status": "completed"})
+    pipe.execute()
+
+
+async def until_waiting(client: Client, n: int, timeout_s: float = 10.0) -> None:
+    for _ in range(int(timeout_s / 0.01)):
+        if client.waiting >= n:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{client.waiting} waiters, expected {n}")
+
+
+def named_connections(rclient: redis.Redis, name: str) -> int:
+    return sum(1 for c in rclient.client_list() if c.get("name") == name)
+
+
+# ---- submit -----------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_submit_writes_exactly_the_wire_fields(client: Client, rclient: redis.Redis) -> None:
+    task_id = await client.submit(
+        "Summarise this",
+        system="Be brief",
+        model="haiku",
+        max_tokens=200,
+        temperature=0.5,
+        type="summarise",
+        id="task-1",
+        cache=False,
+        ttl=600,
+        metadata={"user": "ann", "n": 1},
+        traceparent=TRACEPARENT,
+    )
+    assert task_id == "task-1"
+    [(_, fields)] = entries(rclient, client.keys)
+    assert fields == {
+        "prompt": "Summarise this",
+        "system": "Be brief",
+        "model": "haiku",
+        "max_tokens": "200",
+        "temperature": "0.5",
+        "type": "summarise",
+        "id": "task-1",
+        "cache": "false",
+        "ttl": "600",
+        "metadata": '{"user":"ann","n":1}',
+        "traceparent": TRACEPARENT,
+    }
+
+
+@pytest.mark.anyio
+async def test_defaults_and_the_entry_id_as_task_id(client: Client, rclient: redis.Redis) -> None:
+    task_id = await client.submit("hi")
+    [(entry_id, fields)] = entries(rclient, client.keys)
+    assert task_id == entry_id
+    assert fields == {"prompt": "hi", "model": "auto", "type": "default"}
+
+
+@pytest.mark.anyio
+async def test_messages_are_sent_as_json(client: Client, rclient: redis.Redis) -> None:
+    turns = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": [{"type": "text", "text": "More é"}]},
+    ]
+    await client.submit(messages=turns)
+    [(_, fields)] = entries(rclient, client.keys)
+    assert json.loads(fields["messages"]) == turns
+    assert "prompt" not in fields
+
+
+@pytest.mark.parametrize(
+    ("task", "message"),
+    [
+        ({}, "exactly one of 'prompt' or 'messages'"),
+        ({"prompt": "a", "messages": [{"role": "user", "content": "b"}]}, "exactly one"),
+        ({"prompt": "   "}, "prompt is empty"),
+        ({"prompt": 5}, "prompt must be a string, not int"),
+        ({"prompt": "a", "promt": "b"}, "unknown field 'promt'"),
+        ({"messages": []}, "messages must be a non-empty JSON array"),
+        ({"messages": "[oops"}, "messages is not valid JSON"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role must be"),
+        ({"messages": [{"role": "system", "content": "x"}]}, "put a system prompt in 'system'"),
+        ({"messages": [{"role": "user", "content": " "}]}, "messages[0].content must be"),
+        ({"messages": [{"role": "user", "content": "x", "name": "ann"}]}, "unknown key 'name'"),
+        ({"messages": [{"role": "assistant", "content": "x"}]}, "the first message is the user"),
+        ({"messages": [{"role": "user", "content": [{"text": "x"}]}]}, "with a 'type'"),
+        ({"messages": [{"role": "user", "content": [{"type": "text", "text": ""}]}]},
+         "content[0].text must be a non-empty string"),
+        ({"prompt": "a", "system": [{"type": "image"}]}, "system[0] must be a text block"),
+        ({"prompt": "a", "max_tokens": 0}, "max_tokens must be between 1"),
+        ({"prompt": "a", "max_tokens": "lots"}, "max_tokens must be a whole number"),
+        ({"prompt": "a", "max_tokens": True}, "max_tokens must be a whole number"),
+        ({"prompt": "a", "temperature": 1.5}, "temperature must be a number from 0 to 1"),
+        ({"prompt": "a", "model": "claude sonnet"}, "model must be auto, haiku, sonnet, opus"),
+        ({"prompt": "a", "type": "my type"}, "type must be a label of 1-64 letters"),
+        ({"prompt": "a", "type": "t" * 65}, "type must be a label"),
+        ({"prompt": "a", "id": "x" * 300}, "id must be 1-256"),
+        ({"prompt": "a", "cache": "maybe"}, "cache must be true or false"),
+        ({"prompt": "a", "ttl": "-1"}, "ttl must be a whole number"),
+        ({"prompt": "a", "ttl": 0}, "ttl must be between 1"),
+        ({"prompt": "a", "metadata": "[1]"}, "metadata must be a JSON object"),
+        ({"prompt": "a", "metadata": {"x": object()}}, "metadata cannot be encoded"),
+        ({"prompt": "a", "traceparent": "abc"}, "traceparent is not a W3C traceparent"),
+    ],
+)  # fmt: skip
+def test_validation_says_what_is_wrong(task: dict[str, object], message: str) -> None:
+    with pytest.raises(InvalidTask) as caught:
+        task_fields(task)
+    assert message in str(caught.value)
+
+
+def test_sizes_are_bounded_by_ingress_settings() -> None:
+    limits = IngressSettings(max_prompt_bytes=10, max_metadata_bytes=10)
+    with pytest.raises(InvalidTask, match=r"prompt is 11 bytes, over the limit of 10 \(ingress"):
+        task_fields({"prompt": "x" * 11}, limits)
+    with pytest.raises(InvalidTask, match="prompt \\+ system is 12 bytes"):
+        task_fields({"prompt": "x" * 6, "system": "s" * 6}, limits)
+    with pytest.raises(InvalidTask, match="metadata is 13 bytes"):
+        task_fields({"prompt": "x", "metadata": {"k": "vvvvv"}}, limits)
+    assert task_fields({"prompt": "é" * 5}, limits)  # 10 bytes: at the limit is fine
+
+
+def test_wire_forms_validate_like_python_values() -> None:
+    """A JSONL copy of an XADD (all strings) gives the same fields as Python values."""
+    as_strings = task_fields(
+        {"prompt": "a", "max_tokens": "10", "temperature": "0.2", "cache": "false", "ttl": "60",
+         "metadata": '{"k": 1}', "system": "", "messages": None}
+    )  # fmt: skip
+    as_values = task_fields(
+        {"prompt": "a", "max_tokens": 10, "temperature": 0.2, "cache": False, "ttl": 60,
+         "metadata": {"k": 1}}
+    )  # fmt: skip
+    assert as_strings == as_values
+
+
+#: Tasks both the client and the cache-check stage must accept, and wire entries both refuse.
+ACCEPTED: list[dict[str, object]] = [
+    {"prompt": "hi"},
+    {"prompt": "hi", "type": "Summarise", "model": "HAIKU", "cache": "0", "ttl": "5"},
+    {"prompt": "hi", "model": "claude-sonnet-4-5@2025", "max_tokens": 1_000_000},
+    {"messages": [{"role": "user", "content": [{"type": "text", "text": "x"},
+                                               {"type": "image", "source": {}}]},
+                  {"role": "assistant", "content": "y"}, {"role": "user", "content": "z"}]},
+    {"prompt": "hi", "system": [{"type": "text", "text": "be brief",
+                                 "cache_control": {"type": "ephemeral"}}]},
+    {"prompt": "hi", "temperature": 0, "metadata": {"a": [1, 2]}, "system": "[not json"},
+]  # fmt: skip
+REJECTED: list[dict[str, str]] = [
+    {},
+    {"prompt": " "},
+    {"prompt": "a", "messages": '[{"role":"user","content":"b"}]'},
+    {"messages": "[]"},
+    {"messages": '[{"role":"assistant","content":"b"}]'},
+    {"messages": '[{"role":"user","content":"b","x":1}]'},
+    {"messages": '[{"role":"user","content":[{"type":"text","text":" "}]}]'},
+    {"prompt": "a", "type": "a b"},
+    {"prompt": "a", "type": "-leading"},
+    {"prompt": "a", "model": "m" * 129},
+    {"prompt": "a", "max_tokens": "1000001"},
+    {"prompt": "a", "max_tokens": "1.5"},
+    {"prompt": "a", "temperature": "nan"},
+    {"prompt": "a", "cache": "yes"},
+    {"prompt": "a", "ttl": str(30 * 24 * 3600 + 1)},
+    {"prompt": "a", "metadata": "[]"},
+    {"prompt": "x" * (1024 * 1024 - 3), "system": "four"},
+]
+
+
+def test_the_client_and_the_cache_check_stage_agree(settings: Settings) -> None:
+    """What the client lets through is not dead-lettered by the stage for bad input."""
+    request = pytest.importorskip("pipeline.request")
+    for task in ACCEPTED:
+        request.parse_request(task_fields(task), settings)
+    for fields in REJECTED:
+        with pytest.raises(InvalidTask):
+            task_fields(fields)
+        with pytest.raises(InvalidTask):
+            request.parse_request(fields, settings)
+
+
+@pytest.mark.anyio
+async def test_invalid_submit_writes_nothing(client: Client, rclient: redis.Redis) -> None:
+    with pytest.raises(InvalidTask, match="temperature"):
+        await client.submit("a", temperature=-1)
+    assert rclient.xlen(client.keys.ingress) == 0
+
+
+# ---- backpressure -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small(fast_env: dict[str, str]) -> Settings:
+    return load_settings(env={**fast_env, "PIPELINE_INGRESS__MAX_BACKLOG": "3"})
+
+
+@pytest.mark.anyio
+async def test_backpressure_when_the_ingress_is_full(small: Settings, rclient: redis.Redis) -> None:
+    keys = Keys(small.prefix)
+    async with Client.from_settings(small) as client:
+        for n in range(3):
+            await client.submit(f"task {n}")
+        with pytest.raises(Backpressure, match=r"holds 3 tasks.*ingress.max_backlog \(3\)"):
+            await client.submit("one too many")
+        assert rclient.xlen(keys.ingress) == 3
+        # A drained ingress is seen at once: the client measures again before refusing.
+        rclient.xtrim(keys.ingress, maxlen=0)
+        await client.submit("room again")
+        assert rclient.xlen(keys.ingress) == 1
+
+
+@pytest.mark.anyio
+async def test_backpressure_counts_other_producers(small: Settings, rclient: redis.Redis) -> None:
+    keys = Keys(small.prefix)
+    for n in range(3):
+        rclient.xadd(keys.ingress, {"prompt": f"from elsewhere {n}"})
+    async with Client.from_settings(small) as client:
+        with pytest.raises(Backpressure):
+            await client.submit("mine")
+
+
+@pytest.mark.anyio
+async def test_submit_many_is_all_or_nothing(small: Settings, rclient: redis.Redis) -> None:
+    keys = Keys(small.prefix)
+    async with Client.from_settings(small) as client:
+        with pytest.raises(Backpressure):
+            await client.submit_many([{"prompt": str(n)} for n in range(4)])
+        assert rclient.xlen(keys.ingress) == 0
+        with pytest.raises(InvalidTask, match=r"task 1: prompt is empty"):
+            await client.submit_many([{"prompt": "fine"}, {"prompt": ""}])
+        assert rclient.xlen(keys.ingress) == 0
+        assert len(await client.submit_many([{"prompt": str(n)} for n in range(3)])) == 3
+
+
+# ---- submit_many ------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_submit_many_puts_10000_tasks_in_quickly(
+    client: Client, rclient: redis.Redis
+) -> None:
+    tasks = [
+        {"prompt": f"task {n}", "type": "classify", **({"id": f"own-{n}"} if n % 2 else {})}
+        for n in range(10_000)
+    ]
+    started = time.perf_counter()
+    ids = await client.submit_many(tasks)
+    took = time.perf_counter() - started
+    assert took < 5.0, f"10,000 tasks took {took:.2f}s: not batched?"
+    stored = entries(rclient, client.keys)
+    assert len(stored) == len(ids) == 10_000
+    for n, (task_id, (entry_id, fields)) in enumerate(zip(ids, stored, strict=True)):
+        assert task_id == (f"own-{n}" if n % 2 else entry_id)
+        assert fields["prompt"] == f"task {n}"
+    assert BATCH_SIZE == 500
+    assert await client.submit_many([]) == []
+
+
+# ---- results ----------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_result_reads_the_hash(client: Client, rclient: redis.Redis) -> None:
+    assert await client.result("nope") is None
+    complete(rclient, client.keys, "t1", output="forty-two")
+    found = await client.result("t1")
+    assert found is not None
+    assert found["status"] == "completed"
+    assert found["output"] == "forty-two"
+
+
+@pytest.mark.anyio
+async def test_wait_resolves_when_the_result_arrives(client: Client, rclient: redis.Redis) -> None:
+    waiter = asyncio.create_task(client.result("t2", wait=10))
+    await until_waiting(client, 1)
+    started = time.perf_counter()
+    complete(rclient, client.keys, "t2", output="done")
+    found = await waiter
+    assert found is not None and found["output"] == "done"
+    assert time.perf_counter() - started < 1.0
+    assert client.waiting == 0
+
+
+@pytest.mark.anyio
+async def test_wait_finds_a_result_that_is_already_there(
+    client: Client, rclient: redis.Redis
+) -> None:
+    complete(rclient, client.keys, "t3")
+    started = time.perf_counter()
+    assert await client.result("t3", wait=10) is not None
+    assert time.perf_counter() - started < 1.0
+
+
+@pytest.mark.anyio
+async def test_wait_times_out_with_none(client: Client) -> None:
+    started = time.perf_counter()
+    assert await client.result("never", wait=0.3) is None
+    assert 0.25 < time.perf_counter() - started < 2.0
+    assert client.waiting == 0
+
+
+@pytest.mark.anyio
+async def test_a_result_without_its_event_is_found_at_the_deadline(
+    client: Client, rclient: redis.Redis
+) -> None:
+    """A trimmed-away event must not turn into a missed result."""
+    waiter = asyncio.create_task(client.result("quiet", wait=0.5))
+    await until_waiting(client, 1)
+    rclient.hset(client.keys.result("quiet"), mapping=make_result("completed"))
+    assert await waiter is not None
+
+
+@pytest.mark.anyio
+async def test_2000_waiters_share_two_connections(settings: Settings, rclient: redis.Redis) -> None:
+    keys = Keys(settings.prefix)
+    async with Client.from_settings(settings, name=f"{settings.prefix}-waiters") as client:
+        ids = [f"w{n}" for n in range(2000)]
+        complete(rclient, keys, ids[0])  # one is already there before anyone waits
+        waiters = [asyncio.create_task(client.result(i, wait=30)) for i in ids]
+        await until_waiting(client, 1999)
+        assert client.waiting == 1999
+        assert named_connections(rclient, client.name) <= 2
+        started = time.perf_counter()
+        pipe = rclient.pipeline(transaction=False)
+        for n, task_id in enumerate(ids[1:], 1):
+            pipe.hset(keys.result(task_id), mapping=make_result("completed", output=str(n)))
+            pipe.xadd(keys.done, {"id": task_id, "status": "completed"})
+        pipe.execute()
+        results = await asyncio.gather(*waiters)
+        assert time.perf_counter() - started < 5.0
+        assert [r["output"] if r else None for r in results[1:]] == [str(n) for n in range(1, 2000)]
+        assert named_connections(rclient, client.name) <= 2
+    assert named_connections(rclient, client.name) == 0
+
+
+@pytest.mark.anyio
+async def test_unreachable_redis_is_one_clear_error() -> None:
+    port = free_port()
+    async with Client(f"redis://reader:hunter2@127.0.0.1:{port}/0", "x") as client:
+        with pytest.raises(RedisUnavailable) as caught:
+            await client.submit("hi")
+        message = str(caught.value)
+        assert message.startswith(f"cannot reach Redis at redis://reader:***@127.0.0.1:{port}/0")
+        assert "hunter2" not in message
+        with pytest.raises(RedisUnavailable):
+            await client.result("x", wait=1)
