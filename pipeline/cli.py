@@ -72,15 +72,6 @@ def _logging(verbose: bool) -> None:
     )
 
 
-def _run(coro: object) -> None:
-    try:
-        import uvloop  # optional: faster event loop
-
-        uvloop.run(coro)  # type: ignore[arg-type]
-    except ImportError:
-        asyncio.run(coro)  # type: ignore[arg-type]
-
-
 def _call(coro: Coroutine[Any, Any, _T]) -> _T:
     """Run one coroutine to its answer (on uvloop when installed)."""
     try:
@@ -163,7 +154,7 @@ def worker(
         raise typer.BadParameter("give --stage NAME (repeatable) or --all")
     for name in names:
         the_app.stage(name)
-    _run(run_worker(the_app, names, settings, concurrency=concurrency, consumer=consumer))
+    _call(run_worker(the_app, names, settings, concurrency=concurrency, consumer=consumer))
 
 
 # ---- producing and reading results ----------------------------------------------------------
@@ -485,6 +476,28 @@ def fake_claude(
     except (msgspec.ValidationError, ValueError) as exc:
         raise _exit(f"error: fake-claude: {exc}", 2) from None
     run_forever(fake)
+
+
+@app.command()
+def demo(
+    tasks: Annotated[
+        int, typer.Option("--tasks", "-t", min=1, max=100_000, help="How many sample tasks to run.")
+    ] = 300,
+    workers: Annotated[int, typer.Option(min=1, max=16, help="Worker processes (--all).")] = 2,
+    keep: Annotated[bool, typer.Option(help="Keep the demo's keys in Redis afterwards.")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Run everything at once for a first look: Redis, the fake Claude API (unless
+    ANTHROPIC_API_KEY is set), workers for all four stages, a sample workload; then a summary.
+
+    Uses Redis at REDIS_URL if reachable, else starts a private redis-server. Leaves nothing
+    running, and deletes its keys (a fresh prefix) unless --keep.
+    """
+    from pipeline.demo import run_demo
+
+    report = _call(run_demo(_settings(config), tasks=tasks, workers=workers, keep=keep))
+    if report.completed + report.failed < report.submitted:
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -31,8 +31,12 @@ from pipeline.stage import App
 log = logging.getLogger(__name__)
 
 
-def load_app(spec: str) -> App:
-    """Import `module:attribute` (default attribute `app`) and check it is an App."""
+def load_app(spec: str, settings: Settings) -> App:
+    """Import `module:attribute` (default `app`): an App, or a factory `(Settings) -> App`.
+
+    A factory lets an App depend on configuration (claude-call's lanes are the configured
+    model families).
+    """
     module_name, _, attr = spec.partition(":")
     if os.getcwd() not in sys.path:  # like uvicorn: apps in the working directory import
         sys.path.insert(0, os.getcwd())
@@ -41,8 +45,10 @@ def load_app(spec: str) -> App:
     except ImportError as exc:
         raise ConfigError("app", f"cannot import {module_name!r}: {exc}") from None
     app = getattr(module, attr or "app", None)
+    if callable(app) and not isinstance(app, App):
+        app = app(settings)
     if not isinstance(app, App):
-        raise ConfigError("app", f"{spec!r} is not a pipeline App")
+        raise ConfigError("app", f"{spec!r} is not a pipeline App (or a factory of one)")
     return app
 
 
