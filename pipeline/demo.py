@@ -13,9 +13,11 @@ import contextlib
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -30,7 +32,7 @@ from rich.table import Table
 
 from pipeline.client import Client
 from pipeline.config import Settings
-from pipeline.embedded_redis import RedisServer
+from pipeline.embedded_redis import RedisServer, free_port
 from pipeline.keys import Keys
 from pipeline.redis_conn import redacted
 
@@ -94,16 +96,33 @@ def _fake_claude(console: Console) -> Iterator[dict[str, str]]:
         console.print("Claude: [bold]the real Anthropic API[/] (ANTHROPIC_API_KEY is set)")
         yield {}
         return
-    from pipeline.fake_claude import FakeClaudeConfig, run_fake_claude_in_thread
+    # Its own process, so that the demo's waiters and progress bars do not slow it down.
+    port = free_port()
+    cmd = [sys.executable, "-m", "pipeline.fake_claude", "--port", str(port),
+           "--latency-ms", "600", "--latency-sigma", "0.5", "--latency-cap-ms", "5000",
+           "--overloaded-rate", "0.03", "--rpm", "20000", "--seed", "7"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_for_port(port, proc)
+        console.print(f"Claude: the built-in fake API at {base_url} "
+                      "(latency ~0.6 s, 3% overloaded errors, 20,000 requests/min)")  # fmt: skip
+        yield {"ANTHROPIC_BASE_URL": base_url, "ANTHROPIC_API_KEY": "demo-key"}
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
-    config = FakeClaudeConfig(
-        latency_ms=600, latency_sigma=0.5, latency_cap_ms=5000, overloaded_rate=0.03,
-        rpm=3000, seed=7,
-    )  # fmt: skip
-    with run_fake_claude_in_thread(config) as server:
-        console.print(f"Claude: the built-in fake API at {server.base_url} "
-                      "(latency ~0.6 s, 3% overloaded errors, 3,000 requests/min)")  # fmt: skip
-        yield {"ANTHROPIC_BASE_URL": server.base_url, "ANTHROPIC_API_KEY": "demo-key"}
+
+def _wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout_s: float = 15) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("the fake Claude API did not start")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError("the fake Claude API did not start in time")
 
 
 def _start_workers(n: int, env: dict[str, str], logdir: Path) -> list[subprocess.Popen[bytes]]:
@@ -165,25 +184,34 @@ async def _drive(settings: Settings, url: str, prefix: str, n: int, report: Demo
     demo_settings = msgspec.structs.replace(
         settings, prefix=prefix, redis=msgspec.structs.replace(settings.redis, url=url)
     )
-    batch = workload(n, duplicate_share=0.25, seed=11)
+    fresh = workload(n - n // 4, duplicate_share=0.0, seed=11)
+    # A quarter of the workload repeats earlier requests after they were answered: the
+    # response cache serves those (complete answers only) without calling Claude.
+    repeats = random.Random(12).sample(fresh, k=n // 4) if n // 4 <= len(fresh) else []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn())  # fmt: skip
     async with Client.from_settings(demo_settings) as client:
         with Progress(*columns, console=console) as progress:
-            sub = progress.add_task("submitting", total=len(batch))
-            ids: list[str] = []
-            for i in range(0, len(batch), 50):
-                ids += await client.submit_many(batch[i : i + 50])
-                progress.advance(sub, len(batch[i : i + 50]))
-            report.submitted = len(ids)
-            done = progress.add_task("completing", total=len(ids))
+            for label, batch in (("new tasks", fresh), ("repeated tasks", repeats)):
+                if batch:
+                    await _run_wave(client, progress, label, batch, report)
 
-            async def one(task_id: str) -> None:
-                result = await client.result(task_id, wait=120)
-                _count(report, result)
-                progress.advance(done)
 
-            await asyncio.gather(*(one(t) for t in ids))
+async def _run_wave(client: Client, progress: Progress, label: str,
+                    batch: list[dict[str, str]], report: DemoReport) -> None:  # fmt: skip
+    sub = progress.add_task(f"submitting {label}", total=len(batch))
+    ids: list[str] = []
+    for i in range(0, len(batch), 50):
+        ids += await client.submit_many(batch[i : i + 50])
+        progress.advance(sub, len(batch[i : i + 50]))
+    report.submitted += len(ids)
+    done = progress.add_task(f"completing {label}", total=len(ids))
+
+    async def one(task_id: str) -> None:
+        _count(report, await client.result(task_id, wait=120))
+        progress.advance(done)
+
+    await asyncio.gather(*(one(t) for t in ids))
 
 
 def _count(report: DemoReport, result: dict[str, str] | None) -> None:
@@ -214,8 +242,9 @@ def _percentile(values: list[int], q: float) -> int:
 
 def _summary(report: DemoReport, console: Console, kept_prefix: str | None) -> None:
     table = Table(title="pipeline demo: results by model")
-    for col in ("model", "tasks", "from cache", "input tokens", "output tokens", "cost (USD)"):
-        table.add_column(col, justify="left" if col == "model" else "right")
+    table.add_column("model", no_wrap=True)
+    for col in ("tasks", "from cache", "input tokens", "output tokens", "cost (USD)"):
+        table.add_column(col, justify="right")
     for model, row in sorted(report.by_model.items()):
         table.add_row(model, f"{row['tasks']:,}", f"{row['cached']:,}",
                       f"{row['input_tokens']:,}", f"{row['output_tokens']:,}",

@@ -8,7 +8,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import BusyLoadingError, ReadOnlyError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -30,15 +30,21 @@ UNAVAILABLE = (
 
 
 def connect(settings: RedisSettings) -> Redis:
-    """A client for `settings.url` (redis://, rediss://, unix://; user:password in the URL)."""
-    return Redis.from_url(
+    """A client for `settings.url` (redis://, rediss://, unix://; user:password in the URL).
+
+    The pool blocks when all `max_connections` are busy instead of failing: hundreds of
+    handlers in one process share a few dozen connections.
+    """
+    pool = BlockingConnectionPool.from_url(
         settings.url,
         max_connections=settings.max_connections,
+        timeout=settings.socket_timeout_s,
         socket_timeout=settings.socket_timeout_s,
         socket_connect_timeout=settings.connect_timeout_s,
         health_check_interval=30,
         decode_responses=False,
     )
+    return Redis.from_pool(pool)
 
 
 async def server_version(redis: Redis) -> tuple[int, ...]:
