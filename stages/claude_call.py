@@ -1,0 +1,62 @@
+"""claude-call: one Claude call per routed task, recorded before it is handed on (guarantee 5).
+
+One input stream per model family (a lane each), since rate limits are per family. A task
+whose answer is already recorded (a redelivery after a crash between the call and the
+hand-off) is handed on from the record: Claude is never paid twice for it.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from pipeline import Forward, Handler, Message, Outcome, Services, Settings, Stage
+from pipeline.claude import call, make_client
+from pipeline.task import Answer, Routed
+
+NAME = "claude-call"
+#: Calls are I/O-bound (2-30 s each), so one process holds many at once.
+CONCURRENCY = 256
+
+_encode = msgspec.msgpack.Encoder().encode
+_decode = msgspec.msgpack.Decoder(Answer).decode
+
+
+async def build(services: Services) -> Handler:
+    """One client per worker, its pool sized for every lane's calls at once."""
+    settings = services.settings
+    client = make_client(settings.claude, pool_size(settings))
+    services.on_close(client.close)
+    memo, ttl_s, pause_s = services.memo, settings.results.ttl_s, settings.claude.auth_pause_s
+
+    async def handle(msg: Message) -> Outcome:
+        routed = msg.body(Routed)
+        recorded = await memo.get(msg.task_id)
+        if recorded is not None:
+            return Forward("store", _decode(recorded))
+        answer = await call(client, routed, auth_pause_s=pause_s)
+        answer = msgspec.structs.replace(answer, attempts=msg.attempt)
+        await memo.put(msg.task_id, _encode(answer), ttl_s)
+        return Forward("store", answer)
+
+    return handle
+
+
+def lane_concurrency(settings: Settings) -> int:
+    """Calls in flight per lane: `[stages.claude-call] concurrency`, else CONCURRENCY."""
+    if "concurrency" in settings.stages.get(NAME, {}):
+        return settings.runtime_for(NAME).concurrency
+    return CONCURRENCY
+
+
+def pool_size(settings: Settings) -> int:
+    """Connections for every lane's calls at once (the lanes share one client)."""
+    return lane_concurrency(settings) * len(settings.claude.models)
+
+
+def stage(settings: Settings) -> Stage:
+    """The stage with one lane per model family named in `settings.claude.models`."""
+    lanes = tuple(settings.claude.models)
+    return Stage(NAME, "call", build=build, lanes=lanes, concurrency=lane_concurrency(settings))
+
+
+claude_call = stage(Settings())
