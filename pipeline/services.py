@@ -13,23 +13,31 @@ from redis.asyncio import Redis
 
 from pipeline.config import Settings
 from pipeline.keys import Keys
+from pipeline.redis_conn import Availability
 
 log = logging.getLogger(__name__)
 
 
 class Memo:
-    """Paid work recorded against a task id (guarantee 5): a redelivery finds it here."""
+    """Paid work recorded against a task id (guarantee 5): a redelivery finds it here.
 
-    def __init__(self, redis: Redis, keys: Keys) -> None:
+    Both calls wait out a Redis outage rather than fail: a failed `put` right after a paid
+    call would turn into a retry that pays again.
+    """
+
+    def __init__(self, redis: Redis, keys: Keys, available: Availability) -> None:
         self._redis = redis
         self._keys = keys
+        self._available = available
 
     async def get(self, task_id: str) -> bytes | None:
-        value = await self._redis.get(self._keys.memo(task_id))
+        key = self._keys.memo(task_id)
+        value = await self._available.call(lambda: self._redis.get(key))
         return bytes(value) if value is not None else None
 
     async def put(self, task_id: str, value: bytes, ttl_s: int) -> None:
-        await self._redis.set(self._keys.memo(task_id), value, ex=ttl_s)
+        key = self._keys.memo(task_id)
+        await self._available.call(lambda: self._redis.set(key, value, ex=ttl_s))
 
 
 class ResponseCache:
@@ -51,10 +59,12 @@ class ResponseCache:
 class Services:
     """Shared by the stages of one worker process; closed when the worker stops."""
 
-    def __init__(self, settings: Settings, redis: Redis, keys: Keys) -> None:
+    def __init__(
+        self, settings: Settings, redis: Redis, keys: Keys, available: Availability | None = None
+    ) -> None:
         self.settings = settings
         self.keys = keys
-        self.memo = Memo(redis, keys)
+        self.memo = Memo(redis, keys, available or Availability(settings.redis.url))
         self.cache = ResponseCache(redis, keys)
         self._closers: list[Callable[[], Awaitable[None]]] = []
 

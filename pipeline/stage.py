@@ -6,6 +6,9 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import msgspec
+
+from pipeline.errors import InvalidTask
 from pipeline.outcome import Outcome
 from pipeline.wire import Envelope, decode_body
 
@@ -40,8 +43,15 @@ class Message:
         return self.envelope.attempt
 
     def body(self, kind: type[_B]) -> _B:
-        """The previous stage's payload, decoded as `kind`."""
-        return decode_body(self.envelope.body, kind)  # type: ignore[return-value]
+        """The previous stage's payload, decoded as `kind`.
+
+        Raises:
+            InvalidTask: the body does not decode as `kind` (no retry can fix that).
+        """
+        try:
+            return decode_body(self.envelope.body, kind)  # type: ignore[return-value]
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise InvalidTask(f"{self.stage}: body is not a valid {kind.__name__}: {exc}") from None
 
     @property
     def has_body(self) -> bool:

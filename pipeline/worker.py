@@ -7,6 +7,7 @@ the grace period, and the process exits 0. A second signal cuts the grace period
 from __future__ import annotations
 
 import asyncio
+import gc
 import importlib
 import logging
 import os
@@ -26,7 +27,7 @@ from pipeline.retry import RetryPolicy
 from pipeline.runtime import StageRunner
 from pipeline.scripts import Scripts
 from pipeline.services import Services
-from pipeline.stage import App
+from pipeline.stage import App, Stage
 
 log = logging.getLogger(__name__)
 
@@ -115,17 +116,18 @@ async def run_worker(
         hooks=Hooks(hooks),
         has_xackdel=version >= (8, 2),
     )
-    services = Services(settings, redis, keys)
+    services = Services(settings, redis, keys, available)
     handlers = {
         stage.name: stage.handler or await stage.build(services)  # type: ignore[misc]
         for stage in stages
     }
+    _quiet_gc()
     runners = [
         StageRunner(
             stage,
             lane,
             ctx,
-            concurrency or stage.concurrency or settings.runtime_for(stage.name).concurrency,
+            _concurrency(settings, stage, concurrency),
             handlers[stage.name],
         )
         for stage in stages
@@ -198,6 +200,27 @@ async def run_worker(
         await redis.aclose()
     if not forced_exit:
         log.info("worker %s stopped cleanly", name)
+
+
+def _concurrency(settings: Settings, stage: Stage, cli: int | None) -> int:
+    """--concurrency, else `[stages.<name>] concurrency`, else the stage's own, else global."""
+    if cli:
+        return cli
+    if "concurrency" in settings.stages.get(stage.name, {}):
+        return settings.runtime_for(stage.name).concurrency
+    return stage.concurrency or settings.runtime.concurrency
+
+
+def _quiet_gc() -> None:
+    """Keep full garbage collections off the event loop's critical path.
+
+    With thousands of calls in flight, full collections of a young heap took up to 0.5 s
+    each (measured: loop lag p99 ~450 ms). Freezing what start-up allocated and collecting
+    the young generation less often brought lag p99 under 50 ms (benchmarks/claude_call.py).
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 10)
 
 
 class _Done(Exception):
