@@ -1,0 +1,264 @@
+"""cache-check: validation, cache hits and misses; then all stages through the real runtime."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import msgspec
+import pytest
+import redis
+from redis.asyncio import Redis
+
+from pipeline import (
+    App,
+    Forward,
+    Handler,
+    HandlerFactory,
+    InvalidTask,
+    Keys,
+    Message,
+    Outcome,
+    Services,
+    Settings,
+    Stage,
+    load_settings,
+)
+from pipeline.request import parse_request
+from pipeline.task import Answer, Request, Routed, Usage
+from pipeline.wire import decode_entry
+from stages import cache_check, router, store
+from tests.helpers.outcomes import assert_drained, tally
+from tests.helpers.workers import Workers
+
+pytestmark = pytest.mark.anyio
+FIELDS = {"prompt": "Is this spam?", "type": "classify"}
+
+
+@pytest.fixture
+async def client(redis_url: str, anyio_backend: str) -> AsyncIterator[Redis]:
+    redis = Redis.from_url(redis_url)
+    yield redis
+    await redis.aclose()
+
+
+def message(fields: dict[str, str]) -> Message:
+    """An ingress entry as a producer's XADD leaves it."""
+    entry_id = f"{int(time.time() * 1000)}-0"
+    raw = {k.encode(): v.encode() for k, v in fields.items()}
+    return Message(decode_entry(entry_id, raw, 1 << 22), entry_id, "cache-check", None, 1)
+
+
+async def check(client: Redis, settings: Settings, fields: dict[str, str]) -> Forward:
+    handler = await cache_check.build(Services(settings, client, Keys(settings.prefix)))
+    outcome = await handler(message(fields))
+    assert isinstance(outcome, Forward)
+    return outcome
+
+
+async def remember(client: Redis, settings: Settings, fields: dict[str, str]) -> Answer:
+    """Put an answer for `fields` in the cache the way the store does."""
+    fresh = Answer(
+        request=parse_request(fields, settings),
+        model="claude-haiku-5-5",
+        output="spam",
+        stop_reason="end_turn",
+        usage=Usage(input_tokens=12, output_tokens=3, cache_read_input_tokens=7),
+        attempts=2,
+        call_ms=900,
+    )
+    handler = await store.build(Services(settings, client, Keys(settings.prefix)))
+    msg = message(fields)
+    body = msgspec.msgpack.encode(fresh)
+    msg.envelope = msgspec.structs.replace(msg.envelope, body=msgspec.Raw(body))
+    await handler(msg)
+    return fresh
+
+
+async def counters(client: Redis, settings: Settings) -> dict[str, int]:
+    raw = await client.hgetall(Keys(settings.prefix).counters)
+    return {k.decode(): int(v) for k, v in raw.items()}
+
+
+async def test_a_miss_goes_to_the_router_with_the_parsed_request(
+    client: Redis, settings: Settings
+) -> None:
+    outcome = await check(client, settings, FIELDS)
+    assert outcome == Forward("router", parse_request(FIELDS, settings))
+    assert isinstance(outcome.body, Request) and len(outcome.body.request_hash) == 32
+    assert await counters(client, settings) == {"cache_misses": 1}
+
+
+async def test_a_hit_goes_to_the_store_as_this_tasks_answer(
+    client: Redis, settings: Settings
+) -> None:
+    fresh = await remember(client, settings, {**FIELDS, "metadata": '{"from": "first"}'})
+    fields = {**FIELDS, "metadata": '{"from": "second"}', "id": "second"}
+    outcome = await check(client, settings, fields)
+    assert outcome.to == "store" and outcome.lane is None
+    assert outcome.body == Answer(
+        request=parse_request(fields, settings),  # this task's own metadata, not the first's
+        model="claude-haiku-5-5",
+        output="spam",
+        stop_reason="end_turn",
+        usage=fresh.usage,  # as recorded
+        cached=True,
+        attempts=0,
+        call_ms=0,
+    )
+    assert await counters(client, settings) == {"cache_hits": 1}
+
+
+async def test_cache_false_skips_the_lookup(client: Redis, settings: Settings) -> None:
+    await remember(client, settings, FIELDS)
+    outcome = await check(client, settings, {**FIELDS, "cache": "false"})
+    assert outcome.to == "router"
+    assert await counters(client, settings) == {}
+
+
+async def test_a_disabled_cache_is_not_read(client: Redis, fast_env: dict[str, str]) -> None:
+    settings = load_settings(env={**fast_env, "PIPELINE_CACHE__ENABLED": "false"})
+    await client.set(
+        Keys(settings.prefix).cache(parse_request(FIELDS, settings).request_hash), b"x"
+    )
+    assert (await check(client, settings, FIELDS)).to == "router"
+    assert await counters(client, settings) == {}
+
+
+async def test_an_unreadable_cache_entry_is_a_miss(client: Redis, settings: Settings) -> None:
+    request = parse_request(FIELDS, settings)
+    await client.set(Keys(settings.prefix).cache(request.request_hash), b"\xc1garbage")
+    assert await check(client, settings, FIELDS) == Forward("router", request)
+
+
+async def test_bad_input_raises_invalid_task_with_the_reason(
+    client: Redis, settings: Settings
+) -> None:
+    handler = await cache_check.build(Services(settings, client, Keys(settings.prefix)))
+    with pytest.raises(
+        InvalidTask, match=r"^temperature: must be a number from 0 to 1, got 'hot'$"
+    ):
+        await handler(message({"prompt": "q", "temperature": "hot"}))
+    with pytest.raises(InvalidTask, match=r"^prompt or messages: missing"):
+        await handler(message({"type": "classify"}))
+
+
+# ---- the stages together, through the real runtime ------------------------------------------
+
+STAGES = ("cache-check", "router", "claude-call", "store")
+
+
+def make_app(settings: Settings) -> App:
+    """cache-check, router and store as shipped, plus a fake claude-call with fixed answers.
+
+    A worker subprocess runs it (`--app tests.stages.test_cache_check:make_app`). Every
+    handler run is counted in Redis (`runs:<stage>`, by task id). The fake cuts its answer at
+    max_tokens when the prompt starts with "truncate".
+    """
+
+    async def fake_claude(services: Services) -> Handler:
+        async def call(msg: Message) -> Outcome:
+            routed = msg.body(Routed)
+            prompt = routed.request.messages[0]["content"]
+            answer = Answer(
+                request=routed.request,
+                model=routed.model,
+                output=f"answer to {prompt}",
+                stop_reason="max_tokens" if prompt.startswith("truncate") else "end_turn",
+                usage=Usage(input_tokens=10, output_tokens=5),
+                attempts=1,
+                call_ms=3,
+            )
+            return Forward("store", answer)
+
+        return call
+
+    return App(
+        [
+            Stage("cache-check", "tasks", build=_counted(cache_check.build)),
+            Stage("router", "route", build=_counted(router.build)),
+            Stage(
+                "claude-call",
+                "call",
+                build=_counted(fake_claude),
+                lanes=tuple(settings.claude.models),
+            ),
+            Stage("store", "store", build=_counted(store.build)),
+        ]
+    )
+
+
+def _counted(build: HandlerFactory) -> HandlerFactory:
+    async def counting_build(services: Services) -> Handler:
+        inner = await build(services)
+        client = Redis.from_url(services.settings.redis.url)
+        services.on_close(client.aclose)
+
+        async def handle(msg: Message) -> Outcome:
+            await client.hincrby(services.keys.app_key(f"runs:{msg.stage}"), msg.task_id, 1)
+            return await inner(msg)
+
+        return handle
+
+    return counting_build
+
+
+async def submit_and_wait(client: Redis, keys: Keys, **fields: str) -> dict[str, str]:
+    await client.xadd(keys.ingress, fields)  # type: ignore[arg-type]
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        result = await client.hgetall(keys.result(fields["id"]))
+        if result:
+            return {k.decode(): v.decode() for k, v in result.items()}
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"no result for {fields['id']} within 20 s")
+
+
+async def test_the_stages_through_the_runtime(
+    client: Redis, settings: Settings, workers: Workers, rclient: redis.Redis, prefix: str
+) -> None:
+    keys = Keys(prefix)
+    workers.app = f"{__name__}:make_app"
+    worker = workers.start()
+    first = await submit_and_wait(client, keys, id="a1", metadata='{"n": 1}', **FIELDS)
+    again = await submit_and_wait(client, keys, id="a2", metadata='{"n": 2}', **FIELDS)
+    bypass = await submit_and_wait(client, keys, id="a3", cache="false", **FIELDS)
+    cut = await submit_and_wait(client, keys, id="t1", prompt="truncate me")
+    cut_again = await submit_and_wait(client, keys, id="t2", prompt="truncate me")
+    bad = await submit_and_wait(client, keys, id="bad", prompt="q", temperature="hot")
+    unknown = await submit_and_wait(client, keys, id="gpt", prompt="q", model="gpt-4o")
+    runs = tally(rclient, prefix, STAGES).runs
+
+    # A fresh answer, then the identical task served from the cache: no router, no call.
+    assert first["status"] == "completed" and first["cached"] == "false"
+    assert (first["model"], first["output"]) == ("claude-haiku-5-5", "answer to Is this spam?")
+    assert again["status"] == "completed" and again["cached"] == "true"
+    assert (again["output"], again["attempts"], again["cost_usd"]) == (first["output"], "0", "0")
+    assert (again["input_tokens"], again["metadata"]) == ("10", '{"n": 2}')
+    assert runs["router"]["a1"] == runs["claude-call"]["a1"] == 1
+    assert runs["router"]["a2"] == runs["claude-call"]["a2"] == 0
+    assert runs["cache-check"]["a2"] == runs["store"]["a2"] == 1
+    # cache=false bypasses the cache although an entry exists.
+    assert bypass["cached"] == "false" and runs["claude-call"]["a3"] == 1
+    # An answer cut at max_tokens is stored but never cached.
+    assert cut["stop_reason"] == "max_tokens" and cut["status"] == "completed"
+    assert cut_again["cached"] == "false" and runs["claude-call"]["t2"] == 1
+    # Bad input and an unknown model: a failed result with the reason, and a DLQ entry.
+    assert bad["status"] == "failed"
+    assert bad["error"] == "invalid task: temperature: must be a number from 0 to 1, got 'hot'"
+    assert unknown["status"] == "failed"
+    assert unknown["error"].startswith("unknown model 'gpt-4o': use auto, haiku, sonnet, opus")
+    dlq = {}
+    for _id, row in rclient.xrange(keys.dlq):
+        entry = {k.decode(): v.decode() for k, v in row.items()}
+        dlq[entry["task_id"]] = entry
+    assert sorted(dlq) == ["bad", "gpt"]
+    assert (dlq["bad"]["stage"], dlq["bad"]["error"]) == ("cache-check", bad["error"])
+    assert (dlq["gpt"]["stage"], dlq["gpt"]["error"]) == ("router", unknown["error"])
+    assert runs["router"]["bad"] == 0 and runs["claude-call"]["gpt"] == 0
+
+    tally(rclient, prefix).assert_exactly_once(["a1", "a2", "a3", "t1", "t2", "bad", "gpt"])
+    streams = ("tasks", "route", "store", *(f"call:{f}" for f in settings.claude.models))
+    assert_drained(rclient, prefix, streams)
+    assert worker.proc.poll() is None, worker.log()
