@@ -97,6 +97,11 @@ class Availability:
             try:
                 result = await op()
             except (*UNAVAILABLE, RuntimeError) as exc:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    # redis-py may turn a cancellation that lands mid-command into a
+                    # connection error; retrying it would swallow the cancel (a hang).
+                    raise asyncio.CancelledError from exc
                 if isinstance(exc, RuntimeError) and not _closed_transport(exc):
                     raise
                 failures += 1

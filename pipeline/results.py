@@ -19,6 +19,7 @@ RESULT_FIELDS = (
     "error",
     "attempts",
     "latency_ms",
+    "call_ms",
     "trace_id",
     "metadata",
 )
@@ -59,6 +60,7 @@ def make_result(status: str, **values: object) -> dict[str, str]:
             "cache_read_input_tokens": "0",
             "cache_creation_input_tokens": "0",
             "metadata": "{}",
+            "call_ms": "0",
         }
     )
     out.update({k: _text(v) for k, v in values.items() if v is not None})

@@ -1,1 +1,14 @@
-"""The four stages (cache-check, router, claude-call, store) arrive with the stages issue."""
+"""The four stages of the Claude pipeline, in order: cache-check -> router -> claude-call -> store.
+
+`pipeline worker` runs `stages:app`, a factory, because claude-call has one input stream (lane)
+per configured model family.
+"""
+
+from __future__ import annotations
+
+from pipeline import App, Settings
+from stages import cache_check, claude_call, router, store
+
+
+def app(settings: Settings) -> App:
+    return App([cache_check.stage, router.stage, claude_call.stage(settings), store.stage])

@@ -12,6 +12,7 @@ import time
 import msgspec
 
 from pipeline import Complete, Handler, Message, Outcome, Services, Settings, Stage
+from pipeline.pricing import cost_micro_usd, usd
 from pipeline.results import make_result, result_ttl, trace_id_of
 from pipeline.task import Answer, Request
 
@@ -35,11 +36,12 @@ async def build(services: Services) -> Handler:
             output_tokens=answer.usage.output_tokens,
             cache_read_input_tokens=answer.usage.cache_read_input_tokens,
             cache_creation_input_tokens=answer.usage.cache_creation_input_tokens,
-            cost_usd="0",  # priced by the cost ledger (separate issue)
+            cost_usd=usd(0 if answer.cached else cost_micro_usd(answer.model, answer.usage)),
             cached=answer.cached,
             stop_reason=answer.stop_reason,
             attempts=answer.attempts,
             latency_ms=max(0, int(time.time() * 1000) - msg.envelope.origin_ms),
+            call_ms=answer.call_ms,
             trace_id=trace_id_of(msg.envelope.traceparent),
             metadata=answer.request.metadata,
         )

@@ -234,7 +234,8 @@ async def test_the_stages_through_the_runtime(
     assert first["status"] == "completed" and first["cached"] == "false"
     assert (first["model"], first["output"]) == ("claude-haiku-5-5", "answer to Is this spam?")
     assert again["status"] == "completed" and again["cached"] == "true"
-    assert (again["output"], again["attempts"], again["cost_usd"]) == (first["output"], "0", "0")
+    assert (again["output"], again["attempts"]) == (first["output"], "0")
+    assert float(again["cost_usd"]) == 0  # a cache hit costs nothing
     assert (again["input_tokens"], again["metadata"]) == ("10", '{"n": 2}')
     assert runs["router"]["a1"] == runs["claude-call"]["a1"] == 1
     assert runs["router"]["a2"] == runs["claude-call"]["a2"] == 0

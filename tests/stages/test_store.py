@@ -86,7 +86,9 @@ async def test_a_fresh_answer_completes_with_every_result_field(
         "output_tokens": "3",
         "cache_creation_input_tokens": "4",
         "cache_read_input_tokens": "5",
-        "cost_usd": "0",
+        # haiku at $1/$5 per MTok: 12 in + 3 out + 4 cache writes x1.25 + 5 reads x0.1
+        "cost_usd": "0.000032",
+        "call_ms": "800",
         "cached": "false",
         "stop_reason": "end_turn",
         "error": "",
@@ -148,7 +150,7 @@ async def test_a_cache_hit_is_not_written_back(client: Redis, settings: Settings
     outcome = await run_store(client, settings, message(FIELDS, hit))
     assert outcome.result is not None
     assert (outcome.result["cached"], outcome.result["attempts"]) == ("true", "0")
-    assert outcome.result["cost_usd"] == "0"
+    assert float(outcome.result["cost_usd"]) == 0
     assert outcome.result["input_tokens"] == "12", "a hit reports the usage as recorded"
     assert await cached_entry(client, settings, hit.request.request_hash) is None
 
