@@ -9,9 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional, TypeVar
 
@@ -23,7 +22,6 @@ from rich.markup import escape
 
 from pipeline import cli_render as render
 from pipeline.config import Settings, load_settings
-from pipeline.dlq import DeadLetters
 from pipeline.errors import PipelineError, RedisUnavailable
 
 if TYPE_CHECKING:
@@ -37,11 +35,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-dlq_app = typer.Typer(
-    help="Inspect, replay and purge dead letters (tasks that could not be completed).",
-    no_args_is_help=True,
-)
-app.add_typer(dlq_app, name="dlq")
 out = Console(soft_wrap=False)
 err = Console(stderr=True, soft_wrap=True)
 
@@ -56,8 +49,6 @@ ConfigOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
-YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
-_DLQ_ID = re.compile(r"\d+(-\d+)?")
 
 
 def _settings(config: Path | None) -> Settings:
@@ -99,16 +90,6 @@ async def _redis(settings: Settings) -> AsyncIterator[Redis]:
         raise RedisUnavailable(f"cannot reach Redis at {where}: {exc}") from None
     finally:
         await redis.aclose()
-
-
-def _dlq_ids(ids: list[str] | None, all_entries: bool) -> list[str] | None:
-    """The ids given, or None for --all; exactly one of the two."""
-    if bool(ids) == all_entries:
-        raise typer.BadParameter("give DLQ ids or --all (not both)")
-    for dlq_id in ids or ():
-        if not _DLQ_ID.fullmatch(dlq_id):
-            raise typer.BadParameter(f"{dlq_id!r} is not a DLQ id (like 1718000000000-0)")
-    return None if all_entries else list(ids or ())
 
 
 @app.callback()
@@ -341,87 +322,6 @@ def status(
         out.print(render.status_view(state, where))
 
 
-@dlq_app.command("list")
-def dlq_list(
-    count: Annotated[
-        int, typer.Option("--count", "-n", min=1, help="How many, newest first.")
-    ] = 20,
-    config: ConfigOpt = None,
-) -> None:
-    """List dead letters: id, task, stage, error (shortened), deliveries, attempts, age."""
-    letters = _call(_dead_letters(_settings(config), lambda d: d.list(count=count)))
-    out.print(render.dlq_table(letters))
-
-
-@dlq_app.command("show")
-def dlq_show(
-    dlq_id: Annotated[str, typer.Argument(help="The DLQ entry id (from dlq list).")],
-    config: ConfigOpt = None,
-) -> None:
-    """Show one dead letter in full, with the task's original fields pretty-printed."""
-    _dlq_ids([dlq_id], False)
-    letter = _call(_dead_letters(_settings(config), lambda d: d.get(dlq_id)))
-    if letter is None:
-        raise _exit(f"no DLQ entry {dlq_id}", 1)
-    out.print(render.dead_letter_view(letter))
-
-
-@dlq_app.command("replay")
-def dlq_replay(
-    dlq_ids: Annotated[list[str] | None, typer.Argument(help="DLQ entry ids to replay.")] = None,
-    all_entries: Annotated[bool, typer.Option("--all", help="Replay every dead letter.")] = False,
-    yes: YesOpt = False,
-    config: ConfigOpt = None,
-) -> None:
-    """Send dead letters back to the ingress as fresh tasks (their failed result is removed)."""
-    ids = _dlq_ids(dlq_ids, all_entries)
-    settings = _settings(config)
-    if not yes:
-        what = "every dead letter" if ids is None else f"{len(ids)} dead letter(s)"
-        typer.confirm(f"Replay {what} to the ingress?", abort=True)
-
-    async def replay(dead: DeadLetters) -> tuple[list[str], list[str]]:
-        if ids is None:
-            every = await dead.list(count=max(1, await dead.size()), newest_first=False)
-            wanted = [letter.dlq_id for letter in every]
-        else:
-            wanted = ids
-        done = await dead.replay(wanted)
-        return done, sorted(set(wanted) - set(done))
-
-    done, missing = _call(_dead_letters(settings, replay))
-    typer.echo(f"replayed {len(done)} dead letter(s)")
-    if missing:
-        raise _exit(f"not found: {' '.join(missing)}", 1)
-
-
-@dlq_app.command("purge")
-def dlq_purge(
-    dlq_ids: Annotated[list[str] | None, typer.Argument(help="DLQ entry ids to delete.")] = None,
-    all_entries: Annotated[bool, typer.Option("--all", help="Delete the whole DLQ.")] = False,
-    yes: YesOpt = False,
-    config: ConfigOpt = None,
-) -> None:
-    """Delete dead letters for good."""
-    ids = _dlq_ids(dlq_ids, all_entries)
-    settings = _settings(config)
-    if not yes:
-        what = "the whole DLQ" if ids is None else f"{len(ids)} dead letter(s)"
-        typer.confirm(f"Delete {what}? This cannot be undone", abort=True)
-    purged = _call(_dead_letters(settings, lambda d: d.purge(ids)))
-    typer.echo(f"purged {purged} dead letter(s)")
-    if ids is not None and purged < len(ids):
-        raise _exit(f"{len(ids) - purged} of the ids were not in the DLQ", 1)
-
-
-async def _dead_letters(settings: Settings, action: Callable[[DeadLetters], Awaitable[_T]]) -> _T:
-    """Run one DLQ operation on a connection of its own."""
-    from pipeline.keys import Keys
-
-    async with _redis(settings) as redis:
-        return await action(DeadLetters(redis, Keys(settings.prefix)))
-
-
 # ---- the fake Claude API --------------------------------------------------------------------
 
 
@@ -498,6 +398,12 @@ def demo(
     report = _call(run_demo(_settings(config), tasks=tasks, workers=workers, keep=keep))
     if report.completed + report.failed < report.submitted:
         raise typer.Exit(1)
+
+
+# The `dlq` group lives in pipeline/cli_dlq.py and uses the helpers above.
+from pipeline.cli_dlq import dlq_app  # noqa: E402
+
+app.add_typer(dlq_app, name="dlq")
 
 
 def main() -> None:

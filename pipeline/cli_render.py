@@ -253,7 +253,7 @@ async def submit_lines(
                     task = json.loads(line)
                     if not isinstance(task, dict):
                         raise InvalidTask("a line must be a JSON object")
-                    task_fields(task, client.limits)
+                    task_fields(task, client.settings)
                 except (ValueError, InvalidTask) as exc:  # JSONDecodeError is a ValueError
                     report.bad_lines += 1
                     bar.console.print(Text(f"line {number}: {exc}", style="red"), highlight=False)

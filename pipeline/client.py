@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator, Iterable, Mapping
 from types import TracebackType
 from typing import Self, cast
 
+import msgspec
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import RedisError
 
@@ -32,7 +33,7 @@ from pipeline.config import IngressSettings, Settings
 from pipeline.errors import Backpressure, ConfigError, InvalidTask, RedisUnavailable
 from pipeline.keys import Keys
 from pipeline.redis_conn import UNAVAILABLE, redacted
-from pipeline.results import MAX_TTL_S
+from pipeline.request import parse_request
 from pipeline.wire import MAX_TASK_ID_CHARS
 
 log = logging.getLogger(__name__)
@@ -55,26 +56,26 @@ WIRE_FIELDS = (
 )
 #: Tasks per pipelined round trip in `submit_many`.
 BATCH_SIZE = 500
-_MAX_TOKENS = 1_000_000
-# The same rules the cache-check stage applies (pipeline/request.py), so that what the client
-# accepts is not dead-lettered later; tests/pipeline/test_client.py checks the two agree.
-_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
-_MODEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@/\-]{0,127}")
-_TYPE_RULE = "a label of 1-64 letters, digits, '_', '-' or '.'"
-_MODEL_RULE = "auto, haiku, sonnet, opus or a model id (at most 128 characters, no spaces)"
+#: Fields a Python caller may give as Python values, and the types each one takes; strings (the
+#: wire form) are taken for every field. JSON-valued fields are sent as compact JSON text.
+_JSON_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "messages": list,
+    "system": list,
+    "metadata": Mapping,
+}
+_NUMBER_FIELDS = frozenset({"max_tokens", "temperature", "ttl"})
+# Producer-side checks only: the stages never read these fields' shape (a bad traceparent is
+# ignored there, as W3C Trace Context asks), but a producer sending one has a bug to hear about.
 _TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+_MAX_TRACESTATE_BYTES = 512
 _PREFIX = re.compile(r"[A-Za-z0-9_.\-]+")
-_ROLES = ("user", "assistant")
-_BOOLS = {"true": True, "1": True, "false": False, "0": False}
 _Entries = list[tuple[bytes, dict[bytes, bytes]]]
 
 
 # ---- validation (pure, no Redis) ------------------------------------------------------------
 
 
-def task_fields(
-    task: Mapping[str, object], limits: IngressSettings | None = None
-) -> dict[str, str]:
+def task_fields(task: Mapping[str, object], settings: Settings | None = None) -> dict[str, str]:
     """Check one task and return its wire fields (all strings), in `WIRE_FIELDS` order.
 
     Accepts Python values (`max_tokens=100`, `messages=[…]`, `metadata={…}`) and their wire
@@ -82,189 +83,63 @@ def task_fields(
     wire, an optional field given as None or "" counts as not given. Unknown fields are
     refused (a typo such as `max_token` would otherwise be dropped without a word).
 
+    The rules are the cache-check stage's own: the fields are checked by `parse_request`
+    with `settings` (default `Settings()`), so what this accepts is not dead-lettered later.
+
     Raises:
         InvalidTask: naming the field and what is wrong with it.
     """
-    limits = limits or IngressSettings()
     unknown = sorted(set(task) - set(WIRE_FIELDS))
     if unknown:
         raise InvalidTask(f"unknown field {unknown[0]!r} (known: {', '.join(WIRE_FIELDS)})")
     given = {k: v for k, v in task.items() if v is not None and (v != "" or k == "prompt")}
-    if ("prompt" in given) == ("messages" in given):
-        raise InvalidTask("give exactly one of 'prompt' or 'messages'")
-    out: dict[str, str] = {}
-    if "prompt" in given:
-        out["prompt"] = _str("prompt", given["prompt"])
-        if not out["prompt"].strip():
-            raise InvalidTask("prompt is empty")
+    if given.get("cache") is True:
+        del given["cache"]  # DESIGN: only `false` means anything
+    given.setdefault("model", "auto")
+    given.setdefault("type", "default")
+    fields = {name: _wire(name, given[name]) for name in WIRE_FIELDS if name in given}
+    _check_producer_fields(fields)
+    parse_request(fields, settings or Settings())
+    return fields
+
+
+def _wire(name: str, value: object) -> str:
+    """One field's Python value as its wire string (validity is `parse_request`'s to judge)."""
+    json_type = _JSON_FIELDS.get(name)
+    if isinstance(value, str):
+        text = value
+    elif name == "cache" and isinstance(value, bool):
+        text = "true" if value else "false"
+    elif name in _NUMBER_FIELDS and isinstance(value, int | float):
+        text = str(value)  # a bool becomes "True", which parse_request refuses by name
+    elif json_type is not None and isinstance(value, json_type):
+        plain = dict(value) if isinstance(value, Mapping) else value
+        try:
+            text = json.dumps(plain, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise InvalidTask(f"{name}: cannot be encoded as JSON ({exc})") from None
     else:
-        out["messages"] = _messages(given["messages"])
-    if "system" in given:
-        out["system"] = _system(given["system"])
-    _bounded(
-        " + ".join(k for k in ("prompt", "messages", "system") if k in out),
-        sum(_size(v) for k, v in out.items()),
-        limits.max_prompt_bytes,
-        "max_prompt_bytes",
-    )
-    out["model"] = _pattern("model", given.get("model", "auto"), _MODEL, _MODEL_RULE)
-    if "max_tokens" in given:
-        out["max_tokens"] = str(_int("max_tokens", given["max_tokens"], 1, _MAX_TOKENS))
-    if "temperature" in given:
-        out["temperature"] = _temperature(given["temperature"])
-    out["type"] = _pattern("type", given.get("type", "default"), _TYPE, _TYPE_RULE)
-    if "id" in given:
-        out["id"] = _task_id(given["id"])
-    if "cache" in given and not _bool("cache", given["cache"]):
-        out["cache"] = "false"  # DESIGN: only `false` means anything
-    if "ttl" in given:
-        out["ttl"] = str(_int("ttl", given["ttl"], 1, MAX_TTL_S))
-    if "metadata" in given:
-        out["metadata"] = _metadata(given["metadata"], limits.max_metadata_bytes)
-    if "traceparent" in given:
-        traceparent = _str("traceparent", given["traceparent"])
-        if not _TRACEPARENT.fullmatch(traceparent):
-            raise InvalidTask("traceparent is not a W3C traceparent (00-<32 hex>-<16 hex>-<2 hex>)")
-        out["traceparent"] = traceparent
-    if "tracestate" in given:
-        out["tracestate"] = _str("tracestate", given["tracestate"])
-        _bounded("tracestate", _size(out["tracestate"]), 512)
-    return out
-
-
-def _str(name: str, value: object) -> str:
-    if not isinstance(value, str):
-        raise InvalidTask(f"{name} must be a string, not {type(value).__name__}")
-    return value
-
-
-def _size(text: str) -> int:
-    return len(text.encode("utf-8", errors="surrogatepass"))
-
-
-def _bounded(name: str, size: int, limit: int, setting: str | None = None) -> None:
-    if size > limit:
-        where = f" (ingress.{setting})" if setting else ""
-        raise InvalidTask(f"{name} is {size:,} bytes, over the limit of {limit:,}{where}")
-
-
-def _pattern(name: str, value: object, allowed: re.Pattern[str], rule: str) -> str:
-    text = _str(name, value)
-    if not allowed.fullmatch(text):
-        raise InvalidTask(f"{name} must be {rule}, not {text[:40]!r}")
-    return text
-
-
-def _int(name: str, value: object, low: int, high: int) -> int:
-    number: int | None = None
-    if isinstance(value, int) and not isinstance(value, bool):
-        number = value
-    elif isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
-        number = int(value)
-    if number is None:
-        raise InvalidTask(f"{name} must be a whole number, not {value!r}")
-    if not low <= number <= high:
-        raise InvalidTask(f"{name} must be between {low:,} and {high:,}, not {number:,}")
-    return number
-
-
-def _temperature(value: object) -> str:
-    number: float | None = None
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        number = float(value)
-    elif isinstance(value, str):
-        with contextlib.suppress(ValueError):
-            number = float(value)
-    if number is None or not math.isfinite(number) or not 0.0 <= number <= 1.0:
-        raise InvalidTask(f"temperature must be a number from 0 to 1, not {value!r}")
-    return repr(number)
-
-
-def _bool(name: str, value: object) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in _BOOLS:
-        return _BOOLS[value.strip().lower()]
-    raise InvalidTask(f"{name} must be true or false, not {value!r}")
-
-
-def _task_id(value: object) -> str:
-    text = _str("id", value)
-    if len(text) > MAX_TASK_ID_CHARS or not text.isprintable() or " " in text:
-        raise InvalidTask(f"id must be 1-{MAX_TASK_ID_CHARS} printable characters without spaces")
-    return text
-
-
-def _json(name: str, value: object) -> object:
-    """A Python value, or JSON text (the wire form) decoded."""
-    if not isinstance(value, str):
-        return value
+        raise InvalidTask(f"{name}: must be a string, not {type(value).__name__}")
     try:
-        return json.loads(value)
-    except ValueError as exc:
-        raise InvalidTask(f"{name} is not valid JSON: {exc}") from None
-
-
-def _dumps(value: object) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-
-
-def _messages(value: object) -> str:
-    """The Anthropic Messages format: user first, `role` and `content` only, no empty text."""
-    messages = _json("messages", value)
-    if not isinstance(messages, list) or not messages:
-        raise InvalidTask("messages must be a non-empty JSON array of {role, content} objects")
-    for n, message in enumerate(messages):
-        where = f"messages[{n}]"
-        if not isinstance(message, dict):
-            raise InvalidTask(f"{where} must be an object with role and content")
-        extra = sorted(set(message) - {"role", "content"})
-        if extra:
-            raise InvalidTask(f"{where} has an unknown key {extra[0]!r} (only role and content)")
-        if message.get("role") not in _ROLES:
-            hint = "; put a system prompt in 'system'" if message.get("role") == "system" else ""
-            raise InvalidTask(f"{where}.role must be 'user' or 'assistant'{hint}")
-        _content(f"{where}.content", message.get("content"))
-    if messages[0]["role"] != "user":
-        raise InvalidTask("messages[0].role must be 'user': the first message is the user's")
-    return _dumps(messages)
-
-
-def _content(where: str, content: object) -> None:
-    if isinstance(content, str) and content.strip():
-        return
-    if not isinstance(content, list) or not content:
-        raise InvalidTask(f"{where} must be a non-empty string or list of content blocks")
-    for n, block in enumerate(content):
-        if not isinstance(block, dict) or not isinstance(block.get("type"), str):
-            raise InvalidTask(f"{where}[{n}] must be a content block object with a 'type'")
-        text = block.get("text")
-        if block["type"] == "text" and not (isinstance(text, str) and text.strip()):
-            raise InvalidTask(f"{where}[{n}].text must be a non-empty string")
-
-
-def _system(value: object) -> str:
-    """A string, or a list of text blocks (sent as JSON, which the stage reads back)."""
-    if isinstance(value, list):
-        for n, block in enumerate(value):
-            ok = isinstance(block, dict) and block.get("type") == "text"
-            text = block.get("text") if ok else None
-            if not (isinstance(text, str) and text.strip()):
-                raise InvalidTask(f"system[{n}] must be a text block with non-empty text")
-        return _dumps(value)
-    return _str("system", value)
-
-
-def _metadata(value: object, limit: int) -> str:
-    metadata = _json("metadata", value)
-    if not isinstance(metadata, dict):
-        raise InvalidTask("metadata must be a JSON object")
-    try:
-        text = _dumps(metadata)
-    except (TypeError, ValueError) as exc:
-        raise InvalidTask(f"metadata cannot be encoded as JSON: {exc}") from None
-    _bounded("metadata", _size(text), limit, "max_metadata_bytes")
+        text.encode()
+    except UnicodeEncodeError:
+        raise InvalidTask(f"{name}: is not valid UTF-8 text (a lone surrogate?)") from None
     return text
+
+
+def _check_producer_fields(fields: Mapping[str, str]) -> None:
+    """The fields `parse_request` leaves alone: the task id and the trace context."""
+    task_id = fields.get("id")
+    if task_id is not None and (
+        len(task_id) > MAX_TASK_ID_CHARS or not task_id.isprintable() or " " in task_id
+    ):
+        raise InvalidTask(f"id: must be 1-{MAX_TASK_ID_CHARS} printable characters, no spaces")
+    traceparent = fields.get("traceparent")
+    if traceparent is not None and not _TRACEPARENT.fullmatch(traceparent):
+        raise InvalidTask("traceparent: is not a W3C traceparent (00-<32 hex>-<16 hex>-<2 hex>)")
+    size = len(fields.get("tracestate", "").encode())
+    if size > _MAX_TRACESTATE_BYTES:
+        raise InvalidTask(f"tracestate: {size} bytes, over the {_MAX_TRACESTATE_BYTES}-byte limit")
 
 
 # ---- the client ------------------------------------------------------------------------------
@@ -281,6 +156,8 @@ class Client:
         max_connections: commands wait for a free connection beyond this many.
         backlog_check_s: how long a measured ingress length is trusted; see `submit`.
         done_block_ms: the done-stream reader's XREAD BLOCK (its socket timeout is longer).
+        settings: the rest of the settings tasks are validated with (`parse_request`: model
+            aliases, limits); default `Settings()`. `redis_url`, `prefix` and `ingress` win.
     """
 
     def __init__(
@@ -295,11 +172,19 @@ class Client:
         socket_timeout_s: float = 10.0,
         backlog_check_s: float = 0.1,
         done_block_ms: int = 5000,
+        settings: Settings | None = None,
     ) -> None:
         if not _PREFIX.fullmatch(prefix):
             raise ConfigError("prefix", f"only letters, digits, '_', '-', '.' allowed: {prefix!r}")
         self.keys = Keys(prefix)
-        self.limits = ingress or IngressSettings()
+        base = settings or Settings()
+        self.settings = msgspec.structs.replace(
+            base,
+            prefix=prefix,
+            redis=msgspec.structs.replace(base.redis, url=redis_url),
+            ingress=ingress or base.ingress,
+        )
+        self.limits: IngressSettings = self.settings.ingress
         self.name = name or f"pipeline-client-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._url = redis_url
         pool = BlockingConnectionPool.from_url(
@@ -338,6 +223,7 @@ class Client:
             max_connections=settings.redis.max_connections,
             connect_timeout_s=settings.redis.connect_timeout_s,
             socket_timeout_s=settings.redis.socket_timeout_s,
+            settings=settings,
         )
 
     async def __aenter__(self) -> Self:
@@ -403,7 +289,7 @@ class Client:
                 "traceparent": traceparent,
                 "tracestate": tracestate,
             },
-            self.limits,
+            self.settings,
         )
         return (await self._add([fields]))[0]
 
@@ -420,7 +306,7 @@ class Client:
         batch: list[dict[str, str]] = []
         for n, task in enumerate(tasks):
             try:
-                batch.append(task_fields(task, self.limits))
+                batch.append(task_fields(task, self.settings))
             except InvalidTask as exc:
                 raise InvalidTask(f"task {n}: {exc}") from None
         return await self._add(batch) if batch else []

@@ -33,7 +33,7 @@ class Memo:
     async def get(self, task_id: str) -> bytes | None:
         key = self._keys.memo(task_id)
         value = await self._available.call(lambda: self._redis.get(key))
-        return bytes(value) if value is not None else None
+        return _as_bytes(value)
 
     async def put(self, task_id: str, value: bytes, ttl_s: int) -> None:
         key = self._keys.memo(task_id)
@@ -50,10 +50,18 @@ class ResponseCache:
     async def get(self, request_hash: str) -> bytes | None:
         value = await self._redis.get(self._keys.cache(request_hash))
         await self._redis.hincrby(self._keys.counters, "cache_hits" if value else "cache_misses")
-        return bytes(value) if value is not None else None
+        return _as_bytes(value)
 
     async def put(self, request_hash: str, value: bytes, ttl_s: int) -> None:
         await self._redis.set(self._keys.cache(request_hash), value, ex=ttl_s)
+
+
+def _as_bytes(value: bytes | str | None) -> bytes | None:
+    """A GET reply. Connections never decode replies, so a str would be a misconfiguration;
+    it fails as `bytes(str)` always did here."""
+    if value is None or isinstance(value, bytes):
+        return value
+    raise TypeError(f"expected bytes from Redis, got {type(value).__name__}")
 
 
 class Services:

@@ -130,7 +130,7 @@ def test_submit_and_result_round_trip(
         "type": "classify",
         "cache": "false",
         "ttl": "120",
-        "metadata": '{"user":"ann"}',
+        "metadata": '{"user": "ann"}',  # JSON text is sent as given, as by XADD
     }
 
     missing = cli(env, "result", task_id)
@@ -171,9 +171,9 @@ def test_submit_wait_prints_the_result(
 
 def test_submit_rejects_bad_input_in_one_line(env: dict[str, str]) -> None:
     line = one_error_line(cli(env, "submit", "hi", "--metadata", "{nope"))
-    assert "metadata is not valid JSON" in line
+    assert "metadata: not valid JSON" in line
     line = one_error_line(cli(env, "submit", "hi", "--temperature", "3"))
-    assert "temperature must be a number from 0 to 1" in line
+    assert "temperature: must be a number from 0 to 1" in line
 
 
 def test_submit_file_reports_bad_lines_and_submits_the_rest(
