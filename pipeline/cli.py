@@ -387,10 +387,9 @@ def demo(
     keep: Annotated[bool, typer.Option(help="Keep the demo's keys in Redis afterwards.")] = False,
     config: ConfigOpt = None,
 ) -> None:
-    """Run everything at once for a first look: Redis, the fake Claude API (unless
-    ANTHROPIC_API_KEY is set), workers for all four stages, a sample workload; then a summary.
+    """Everything at once for a first look: Redis, fake Claude API, workers, sample tasks.
 
-    Uses Redis at REDIS_URL if reachable, else starts a private redis-server. Leaves nothing
+    The fake Claude API is used unless ANTHROPIC_API_KEY is set. Uses Redis at REDIS_URL if reachable, else starts a private redis-server. Leaves nothing
     running, and deletes its keys (a fresh prefix) unless --keep.
     """
     from pipeline.demo import run_demo
