@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import json
 import time
 from collections.abc import Mapping
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 from redis.asyncio import Redis
 
 from pipeline.keys import Keys
+from pipeline.replies import range_entries
 from pipeline.wire import ENVELOPE_FIELD, WIRE_VERSION, Envelope, encode_envelope
 
 
@@ -98,20 +100,21 @@ class DeadLetters:
 
     async def list(self, count: int = 20, newest_first: bool = True) -> list[DeadLetter]:
         read = self._redis.xrevrange if newest_first else self._redis.xrange
-        rows = await read(self._keys.dlq, count=count)
+        rows = range_entries(await read(self._keys.dlq, count=count))
         return [DeadLetter.parse(i, f) for i, f in rows]
 
     async def get(self, dlq_id: str) -> DeadLetter | None:
-        rows = await self._redis.xrange(self._keys.dlq, dlq_id, dlq_id)
+        rows = range_entries(await self._redis.xrange(self._keys.dlq, dlq_id, dlq_id))
         return DeadLetter.parse(*rows[0]) if rows else None
 
-    async def replay(self, dlq_ids: list[str]) -> list[str]:
+    # `builtins.list` below: inside this class, `list` is the method above.
+    async def replay(self, dlq_ids: builtins.list[str]) -> builtins.list[str]:
         """Send entries back to the start of the pipeline (ingress), fresh attempts.
 
         The old `failed` result is removed in the same transaction, so the replayed task can
         store its new result (results are first-writer-wins).
         """
-        replayed: list[str] = []
+        replayed: builtins.list[str] = []
         for dlq_id in dlq_ids:
             letter = await self.get(dlq_id)
             if letter is None:
@@ -136,7 +139,7 @@ class DeadLetters:
             replayed.append(dlq_id)
         return replayed
 
-    async def purge(self, dlq_ids: list[str] | None = None) -> int:
+    async def purge(self, dlq_ids: builtins.list[str] | None = None) -> int:
         """Delete the given entries, or the whole DLQ when `dlq_ids` is None."""
         if dlq_ids is None:
             n = await self.size()

@@ -12,9 +12,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from functools import partial
 from typing import TYPE_CHECKING
 
+from pipeline.replies import as_list, as_str, script_entries
+
 if TYPE_CHECKING:
+    from redis.typing import EncodableT
+
     from pipeline.runtime import Inflight, StageRunner
 
 log = logging.getLogger(__name__)
@@ -37,14 +42,14 @@ async def renew(runner: StageRunner, held: list[Inflight], idle_ms: int = 0) -> 
     lost_all: list[str] = []
     for i in range(0, len(held), _CHUNK):
         chunk = held[i : i + _CHUNK]
-        args: list[object] = [runner.group, runner.ctx.consumer, idle_ms]
+        args: list[EncodableT] = [runner.group, runner.ctx.consumer, idle_ms]
         for inf in chunk:
             args += (inf.entry_id, inf.deliveries)
         sent_at = time.monotonic()
         lost = await runner.ctx.available.call(
-            lambda a=args: runner.ctx.scripts.renew(keys=[runner.stream], args=a)
+            partial(runner.ctx.scripts.renew, keys=[runner.stream], args=args)
         )
-        lost_ids = {x.decode() for x in lost}
+        lost_ids = {as_str(x) for x in as_list(lost)}
         for inf in chunk:
             if inf.entry_id in lost_ids:
                 inf.lost = True
@@ -75,9 +80,17 @@ async def reclaim(runner: StageRunner) -> int:
     cursor, taken = "0-0", 0
     while (free := runner.free_slots()) > 0:
         sent_at = time.monotonic()
-        args = [runner.group, runner.ctx.consumer, runner.rt.lease_ms, cursor, min(free, 100)]
-        cursor_b, entries = await runner.ctx.available.call(
-            lambda a=args: runner.ctx.scripts.reclaim(keys=[runner.stream], args=a)
+        args: list[EncodableT] = [
+            runner.group,
+            runner.ctx.consumer,
+            runner.rt.lease_ms,
+            cursor,
+            min(free, 100),
+        ]
+        cursor_b, entries = as_list(
+            await runner.ctx.available.call(
+                partial(runner.ctx.scripts.reclaim, keys=[runner.stream], args=args)
+            )
         )
         ids = _start_all(runner, entries, sent_at)
         taken += len(ids)
@@ -86,7 +99,7 @@ async def reclaim(runner: StageRunner) -> int:
             log.info("%s: reclaimed %d entries whose lease lapsed", runner.name, len(ids))
             if runner.ctx.hooks:
                 runner.ctx.spawn_hook("on_reclaim", runner.stage.name, ids)
-        cursor = cursor_b.decode()
+        cursor = as_str(cursor_b)
         if cursor == "0-0":
             break
     return taken
@@ -98,14 +111,17 @@ async def drain_own(runner: StageRunner) -> int:
     while not runner.ctx.stopping.is_set():
         await runner.wait_for_slots(1)
         sent_at = time.monotonic()
-        args = [runner.group, runner.ctx.consumer, start, runner.free_slots()]
-        last, entries = await runner.ctx.available.call(
-            lambda a=args: runner.ctx.scripts.drain(keys=[runner.stream], args=a)
+        args: list[EncodableT] = [runner.group, runner.ctx.consumer, start, runner.free_slots()]
+        last_b, entries = as_list(
+            await runner.ctx.available.call(
+                partial(runner.ctx.scripts.drain, keys=[runner.stream], args=args)
+            )
         )
         total += len(_start_all(runner, entries, sent_at))
+        last = as_str(last_b)
         if not last:
             break
-        start = "(" + last.decode()
+        start = "(" + last
     if total:
         log.info(
             "%s: resumed %d entries left pending by this consumer's previous run",
@@ -115,11 +131,9 @@ async def drain_own(runner: StageRunner) -> int:
     return total
 
 
-def _start_all(runner: StageRunner, entries: list[list[object]], sent_at: float) -> list[str]:
-    ids = []
-    for entry_id_b, flat, deliveries in entries:
-        entry_id = entry_id_b.decode()  # type: ignore[attr-defined]
-        it = iter(flat)  # type: ignore[call-overload]
-        runner.start(entry_id, dict(zip(it, it, strict=True)), int(deliveries), sent_at)  # type: ignore[call-overload]
+def _start_all(runner: StageRunner, entries: object, sent_at: float) -> list[str]:
+    ids: list[str] = []
+    for entry_id, fields, deliveries in script_entries(entries):
+        runner.start(entry_id, fields, deliveries, sent_at)
         ids.append(entry_id)
     return ids

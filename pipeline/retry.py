@@ -26,7 +26,9 @@ def compute_backoff(attempt: int, base_ms: int, max_ms: int, rng: random.Random)
     Half of the delay is kept so that retries never collapse to zero; the random half spreads
     a burst of failures so they do not all come back at once.
     """
-    ceiling = min(max_ms, base_ms * (2 ** max(0, attempt - 1)))
+    # Annotated: `int ** int` is typed Any (a negative power would be a float).
+    factor: int = 2 ** max(0, attempt - 1)
+    ceiling = min(max_ms, base_ms * factor)
     half = ceiling // 2
     return half + rng.randint(0, ceiling - half)
 

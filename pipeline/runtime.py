@@ -12,6 +12,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 import msgspec
 from redis.exceptions import ResponseError
@@ -23,6 +24,7 @@ from pipeline.errors import AuthError, InvalidTask, PermanentError, TransientErr
 from pipeline.handoff import Record, build_call
 from pipeline.leases import drain_own, reclaim_loop, renew, renew_loop
 from pipeline.outcome import Complete, Fail, Forward, Outcome, Retry
+from pipeline.replies import read_entries
 from pipeline.results import make_result, result_ttl, trace_id_of
 from pipeline.retry import GiveUp
 from pipeline.stage import Handler, Message, Stage
@@ -159,15 +161,7 @@ class StageRunner:
             count = min(self.free_slots(), self.rt.read_count)
             sent_at = time.monotonic()
             try:
-                reply = await self.ctx.available.call(
-                    lambda c=count: self.ctx.redis.xreadgroup(
-                        self.group,
-                        self.ctx.consumer,
-                        {self.stream: ">"},
-                        count=c,
-                        block=self.rt.block_ms,
-                    )
-                )
+                reply = await self.ctx.available.call(partial(self._read_new, count))
             except ResponseError as exc:
                 if "NOGROUP" in str(exc):  # stream or group deleted (or Redis lost its data)
                     log.warning("%s: consumer group missing, recreating", self.name)
@@ -175,9 +169,18 @@ class StageRunner:
                     continue
                 raise
             self.stats["reads"] += 1
-            for _stream, entries in reply or ():
-                for entry_id, raw in entries:
-                    self.start(entry_id.decode(), raw, deliveries=1, confirmed_at=sent_at)
+            for entry_id, raw in read_entries(reply):
+                self.start(entry_id, raw, deliveries=1, confirmed_at=sent_at)
+
+    async def _read_new(self, count: int) -> object:
+        """One XREADGROUP for up to `count` new entries (its reply is parsed by the caller)."""
+        return await self.ctx.redis.xreadgroup(
+            self.group,
+            self.ctx.consumer,
+            {self.stream: ">"},
+            count=count,
+            block=self.rt.block_ms,
+        )
 
     async def _sleep_unless_stopping(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):

@@ -16,6 +16,7 @@ import socket
 import sys
 import uuid
 from collections.abc import Sequence
+from functools import partial
 
 from pipeline.config import Settings
 from pipeline.context import WorkerContext
@@ -67,7 +68,7 @@ async def claim_consumer_name(
     candidates = [base] if exact else [f"{base}-{n}" for n in range(10_000)]
     for name in candidates:
         got = await available.call(
-            lambda n=name: scripts.hold(keys=[keys.worker(n)], args=[token, ttl_ms])
+            partial(scripts.hold, keys=[keys.worker(name)], args=[token, ttl_ms])
         )
         if got:
             return name
