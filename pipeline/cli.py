@@ -389,8 +389,9 @@ def demo(
 ) -> None:
     """Everything at once for a first look: Redis, fake Claude API, workers, sample tasks.
 
-    The fake Claude API is used unless ANTHROPIC_API_KEY is set. Uses Redis at REDIS_URL if reachable, else starts a private redis-server. Leaves nothing
-    running, and deletes its keys (a fresh prefix) unless --keep.
+    The fake Claude API is used unless ANTHROPIC_API_KEY is set. Uses Redis at REDIS_URL if
+    reachable, else starts a private redis-server. Leaves nothing running, and deletes its
+    keys (a fresh prefix) unless --keep.
     """
     from pipeline.demo import run_demo
 
