@@ -9,7 +9,7 @@ lognormal Claude latency (median 5 s), all four stages (cache-check -> router ->
 Runs a private redis-server (or --redis-url, under a fresh key prefix deleted at the end),
 the fake Claude API in its own process (no rate limits, no injected errors unless asked),
 `--workers` processes of `python -m pipeline.cli worker --all`, and a paced producer in this
-process: an asyncio loop that XADDs, every --tick-ms (100 ms), what the schedule says is due,
+process: an asyncio loop that XADDs, every --tick-ms (10 ms), what the schedule says is due,
 in one pipelined round trip, never slowing down when the pipeline lags (open loop). Every
 task is distinct (unique prompt), so every task calls the fake; the mix of task types is
 routed by `model=auto` to the haiku / sonnet / opus lanes (about 70 / 25 / 5 %) unless
@@ -623,8 +623,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--tick-ms",
         type=float,
-        default=100.0,
-        help="the producer XADDs what is due once per tick, in one round trip",
+        default=10.0,
+        help="the producer XADDs what is due once per tick, in one round trip (10 ms: about "
+        "one task per tick at 116/s, like a fleet of independent producers; 100 ms sends "
+        "bursts of 12 in the same millisecond)",
     )
     p.add_argument("--sample-every", type=int, default=5, help="seconds between samples")
     p.add_argument(

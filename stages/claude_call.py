@@ -14,8 +14,10 @@ from pipeline.claude import call, make_client
 from pipeline.task import Answer, Routed
 
 NAME = "claude-call"
-#: Calls are I/O-bound (2-30 s each), so one process holds many at once.
-CONCURRENCY = 256
+#: Calls are I/O-bound (2-30 s each), so one process holds many at once: at 10M tasks/day
+#: and ~5.7 s mean latency a family lane needs ~460 calls in flight; 256 per lane let the
+#: Haiku lane queue (benchmarks/sustained.py). One process holds 2,200 at 1.65 ms CPU/call.
+CONCURRENCY = 1024
 
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder(Answer).decode
