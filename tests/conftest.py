@@ -7,15 +7,18 @@ or restart Redis always get a private server of their own (`private_redis`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 
 from pipeline.config import Settings, load_settings
+from pipeline.fake_claude import FakeClaudeConfig, FakeClaudeServer, run_fake_claude_in_thread
 from pipeline.keys import Keys
 from tests.helpers.redis_server import RedisServer, newest_redis_server
 from tests.helpers.workers import Workers
@@ -114,3 +117,25 @@ def workers(fast_env: dict[str, str], tmp_path: Path) -> Iterator[Workers]:
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+@pytest.fixture(autouse=True)
+def _no_ambient_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The SDK falls back to these: a test sees only the credentials it passes, and the real
+    API is never called from a test."""
+    for name in ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+
+
+StartFake = Callable[..., FakeClaudeServer]
+
+
+@pytest.fixture
+def start_fake() -> Iterator[StartFake]:
+    """`start_fake(**FakeClaudeConfig fields)`: a fake Claude API on a thread, for one test."""
+    with contextlib.ExitStack() as stack:
+
+        def start(**fields: Any) -> FakeClaudeServer:
+            return stack.enter_context(run_fake_claude_in_thread(FakeClaudeConfig(**fields)))
+
+        yield start

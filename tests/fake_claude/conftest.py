@@ -2,34 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import anthropic
 import pytest
 
-from pipeline.fake_claude import FakeClaudeConfig, FakeClaudeServer, run_fake_claude_in_thread
-
-StartFake = Callable[..., FakeClaudeServer]
-
-
-@pytest.fixture(autouse=True)
-def _no_ambient_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The SDK falls back to these; a test must see only the credentials it passes."""
-    for name in ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_BASE_URL"):
-        monkeypatch.delenv(name, raising=False)
-
-
-@pytest.fixture
-def start_fake() -> Iterator[StartFake]:
-    """`start_fake(**config_fields)` runs a fake in a thread until the test ends."""
-    with contextlib.ExitStack() as stack:
-
-        def start(**fields: Any) -> FakeClaudeServer:
-            return stack.enter_context(run_fake_claude_in_thread(FakeClaudeConfig(**fields)))
-
-        yield start
+from pipeline.fake_claude import FakeClaudeServer
+from tests.conftest import StartFake
 
 
 @pytest.fixture

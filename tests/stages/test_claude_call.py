@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ from pipeline.redis_conn import connect
 from pipeline.task import Answer, Request, Routed
 from pipeline.wire import ENVELOPE_FIELD, decode_entry, encode_body, encode_envelope
 from stages import claude_call
+from tests.conftest import StartFake
 from tests.helpers.outcomes import tally
 from tests.helpers.redis_server import free_port
 from tests.helpers.workers import Workers, wait_until
@@ -51,25 +52,6 @@ pytestmark = pytest.mark.anyio
 KEY = "sk-test-4f1b2c"
 PROMPT = "SECRET-PROMPT: summarise the quarterly numbers"
 HAIKU = "claude-haiku-5-5"
-StartFake = Callable[..., FakeClaudeServer]
-
-
-@pytest.fixture(autouse=True)
-def _only_our_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The SDK falls back to these; each test sees only what it sets."""
-    for name in ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_BASE_URL"):
-        monkeypatch.delenv(name, raising=False)
-
-
-@pytest.fixture
-def start_fake() -> Iterator[StartFake]:
-    """`start_fake(**FakeClaudeConfig fields)`: a fake API on its own thread for this test."""
-    with contextlib.ExitStack() as stack:
-
-        def start(**fields: Any) -> FakeClaudeServer:
-            return stack.enter_context(run_fake_claude_in_thread(FakeClaudeConfig(**fields)))
-
-        yield start
 
 
 @pytest.fixture
