@@ -8,7 +8,6 @@ cmsgpack, instead of thousands of protocol arguments packed in Python.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -31,7 +30,6 @@ class Record:
     entry_id: str
     expected_deliveries: int  # 0 = no fence check needed
     actions: list[list[object]] = field(default_factory=list)
-    status: asyncio.Future[int] | None = None
 
     def xadd(self, key: str, fields: Mapping[str, str] | Mapping[bytes, bytes],
              maxlen: int = 0) -> None:  # fmt: skip
