@@ -10,7 +10,7 @@ from __future__ import annotations
 import msgspec
 
 from pipeline import Forward, Handler, Message, Outcome, Services, Settings, Stage
-from pipeline.claude import call, make_client
+from pipeline.caller import Caller
 from pipeline.task import Answer, Routed
 
 NAME = "claude-call"
@@ -26,16 +26,16 @@ _decode = msgspec.msgpack.Decoder(Answer).decode
 async def build(services: Services) -> Handler:
     """One client per worker, its pool sized for every lane's calls at once."""
     settings = services.settings
-    client = make_client(settings.claude, pool_size(settings))
-    services.on_close(client.close)
-    memo, ttl_s, pause_s = services.memo, settings.results.ttl_s, settings.claude.auth_pause_s
+    caller = Caller(services, pool_size(settings))
+    services.on_close(caller.aclose)
+    memo, ttl_s = services.memo, settings.results.ttl_s
 
     async def handle(msg: Message) -> Outcome:
         routed = msg.body(Routed)
         recorded = await memo.get(msg.task_id)
         if recorded is not None:
             return Forward("store", _decode(recorded))
-        answer = await call(client, routed, auth_pause_s=pause_s)
+        answer = await caller.call(routed)
         answer = msgspec.structs.replace(answer, attempts=msg.attempt)
         await memo.put(msg.task_id, _encode(answer), ttl_s)
         return Forward("store", answer)
