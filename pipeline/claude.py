@@ -12,6 +12,8 @@ from __future__ import annotations
 import email.utils
 import logging
 import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import anthropic
@@ -22,15 +24,61 @@ from pipeline.config import ClaudeSettings
 from pipeline.errors import AuthError, PermanentError, TransientError
 from pipeline.task import Answer, Routed, Usage
 
-__all__ = ["call", "make_client", "map_error", "retry_after_s"]
+__all__ = [
+    "CallReport",
+    "call",
+    "make_client",
+    "map_error",
+    "observe_calls",
+    "retry_after_s",
+]
 
 #: Statuses worth trying again besides 429 and 5xx (the SDK's own retry policy agrees).
 _RETRYABLE_4XX = frozenset({408, 409, 429, 499})
 #: Account-wide refusals: every call would fail alike, so pause rather than dead-letter.
 _AUTH = frozenset({401, 402, 403})
 _MAX_MESSAGE_CHARS = 500
+log = logging.getLogger(__name__)
 #: An unreachable API should free the slot for a retry long before a call's own timeout.
 _CONNECT_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class CallReport:
+    """What one Messages call did, for metrics and tracing (never the prompt or the key).
+
+    Observers run synchronously in the handler's task, so the stage's trace context is
+    current: a tracer can record the call as a CLIENT span from `started_ns`/`ended_ns`.
+    """
+
+    family: str
+    request_model: str
+    response_model: str | None  # None when the call failed
+    max_tokens: int
+    status: int  # HTTP status: 200, 429, 529, …; 0 for a timeout or connection error
+    started_ns: int  # time.time_ns() at the start and end of the call
+    ended_ns: int
+    usage: Usage | None
+    error_type: str | None  # the pipeline error class name when the call failed
+    headers: Mapping[str, str] | None = None  # response headers (rate-limit state)
+
+
+CallObserver = Callable[[CallReport], None]
+_observers: list[CallObserver] = []
+
+
+def observe_calls(observer: CallObserver) -> Callable[[], None]:
+    """Call `observer` after every Messages call in this process; returns an undo function."""
+    _observers.append(observer)
+    return lambda: _observers.remove(observer) if observer in _observers else None
+
+
+def _report(report: CallReport) -> None:
+    for observer in tuple(_observers):
+        try:
+            observer(report)
+        except Exception:
+            log.exception("call observer %r failed (ignored)", observer)
 
 
 def make_client(
@@ -82,7 +130,7 @@ async def call(
     extra: dict[str, Any] = {}
     if request.temperature is not None:  # SDK 2.x dropped the keyword; the API still takes it
         extra["temperature"] = request.temperature
-    started = time.perf_counter()
+    started_ns = time.time_ns()
     try:
         # The raw body, decoded by msgspec into just the fields we keep: the SDK's pydantic
         # models cost CPU and long-lived objects (GC work) at thousands of calls in flight.
@@ -95,14 +143,22 @@ async def call(
         )
         body = await raw.read()
     except anthropic.AnthropicError as exc:
-        raise map_error(exc, auth_pause_s) from None
-    call_ms = int((time.perf_counter() - started) * 1000)
+        error = map_error(exc, auth_pause_s)
+        if _observers:
+            status = exc.status_code if isinstance(exc, anthropic.APIStatusError) else 0
+            headers = exc.response.headers if isinstance(exc, anthropic.APIStatusError) else None
+            _report(_failed(routed, started_ns, status, error, headers))
+        raise error from None
+    ended_ns = time.time_ns()
     try:
         message = _decode_message(body)
     except msgspec.DecodeError as exc:
-        raise TransientError(f"claude: malformed response ({exc})") from None
+        error = TransientError(f"claude: malformed response ({exc})")
+        if _observers:
+            _report(_failed(routed, started_ns, raw.http_response.status_code, error, raw.headers))
+        raise error from None
     usage = message.usage
-    return Answer(
+    answer = Answer(
         request=request,
         model=message.model or routed.model,
         output="".join(b.text for b in message.content if b.type == "text"),
@@ -112,8 +168,48 @@ async def call(
             output_tokens=usage.output_tokens,
             cache_creation_input_tokens=usage.cache_creation_input_tokens or 0,
             cache_read_input_tokens=usage.cache_read_input_tokens or 0,
+            cache_creation_1h_input_tokens=(
+                usage.cache_creation.ephemeral_1h_input_tokens if usage.cache_creation else 0
+            ),
         ),
-        call_ms=call_ms,
+        call_ms=(ended_ns - started_ns) // 1_000_000,
+    )
+    if _observers:
+        _report(
+            CallReport(
+                family=routed.family,
+                request_model=routed.model,
+                response_model=answer.model,
+                max_tokens=routed.max_tokens,
+                status=raw.http_response.status_code,
+                started_ns=started_ns,
+                ended_ns=ended_ns,
+                usage=answer.usage,
+                error_type=None,
+                headers=raw.headers,
+            )
+        )
+    return answer
+
+
+def _failed(
+    routed: Routed,
+    started_ns: int,
+    status: int,
+    error: Exception,
+    headers: Mapping[str, str] | None,
+) -> CallReport:
+    return CallReport(
+        family=routed.family,
+        request_model=routed.model,
+        response_model=None,
+        max_tokens=routed.max_tokens,
+        status=status,
+        started_ns=started_ns,
+        ended_ns=time.time_ns(),
+        usage=None,
+        error_type=type(error).__name__,
+        headers=headers,
     )
 
 
@@ -122,11 +218,17 @@ class _Block(msgspec.Struct):
     text: str = ""
 
 
+class _CacheCreation(msgspec.Struct):
+    ephemeral_5m_input_tokens: int = 0
+    ephemeral_1h_input_tokens: int = 0
+
+
 class _Usage(msgspec.Struct):
     input_tokens: int = 0
     output_tokens: int = 0
     cache_creation_input_tokens: int | None = None
     cache_read_input_tokens: int | None = None
+    cache_creation: _CacheCreation | None = None
 
 
 class _Message(msgspec.Struct):

@@ -35,10 +35,15 @@ class Routed(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Usage(msgspec.Struct, frozen=True, kw_only=True):
+    """The API's usage fields. `cache_creation_input_tokens` is the total of both cache-write
+    TTLs; `cache_creation_1h_input_tokens` is the part written with the 1-hour TTL (billed
+    at 2x input rather than 1.25x)."""
+
     input_tokens: int = 0
     output_tokens: int = 0
     cache_creation_input_tokens: int = 0
     cache_read_input_tokens: int = 0
+    cache_creation_1h_input_tokens: int = 0
 
 
 class Answer(msgspec.Struct, frozen=True, kw_only=True):
