@@ -54,6 +54,7 @@ class Answer(msgspec.Struct, frozen=True, kw_only=True):
     output: str
     stop_reason: str
     usage: Usage = Usage()
-    cached: bool = False
+    cached: bool = False  # served without a call of its own: from the cache, or coalesced
+    coalesced: bool = False  # the answer of an identical request in flight at the same time
     attempts: int = 0  # Claude calls made for this task (0 on a cache hit)
     call_ms: int = 0  # time spent in the Claude call itself
