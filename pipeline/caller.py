@@ -7,23 +7,105 @@ shared concurrency slots (guarantee 6).
 
 from __future__ import annotations
 
-from pipeline.claude import call, make_client
-from pipeline.config import Settings
+import asyncio
+import logging
+import os
+
+from pipeline.claude import CallReport, call, make_client
+from pipeline.errors import TransientError
+from pipeline.ratelimit import ApiKey, RateLimiter, Ticket
 from pipeline.services import Services
 from pipeline.task import Answer, Routed
+from pipeline.tokens import estimate_input_tokens
+
+log = logging.getLogger(__name__)
 
 
 class Caller:
     """One per worker process; closed with the worker."""
 
     def __init__(self, services: Services, pool_size: int) -> None:
-        settings: Settings = services.settings
-        self._client = make_client(settings.claude, pool_size)
+        settings = services.settings
         self._pause_s = settings.claude.auth_pause_s
+        api_keys = _api_keys(services)
+        self._clients = {
+            key.name: make_client(settings.claude, pool_size, api_key=key.secret)
+            for key in api_keys
+        }
+        self._limiter: RateLimiter | None = None
+        if settings.ratelimit.enabled:
+            self._limiter = RateLimiter(
+                services.redis, services.keys, settings.ratelimit, api_keys, services.available
+            )
+        self._api_keys = api_keys
+        self._turn = 0
+
+    @property
+    def limiter(self) -> RateLimiter | None:
+        return self._limiter
 
     async def call(self, routed: Routed) -> Answer:
         """One Claude call for `routed` (raises the pipeline's error tree, see claude.call)."""
-        return await call(self._client, routed, auth_pause_s=self._pause_s)
+        if self._limiter is None:
+            self._turn = (self._turn + 1) % len(self._api_keys)
+            client = self._clients[self._api_keys[self._turn].name]
+            return await call(client, routed, auth_pause_s=self._pause_s)
+        ticket = await self._limiter.acquire(
+            routed.family, estimate_input_tokens(routed.request), routed.max_tokens
+        )
+        reports: list[CallReport] = []
+        try:
+            answer = await call(
+                self._clients[ticket.key.name],
+                routed,
+                auth_pause_s=self._pause_s,
+                on_report=reports.append,
+            )
+        except BaseException as exc:
+            # Cancelled (shutdown) or failed: charge nothing, free the slot, and on a 429
+            # make every worker pause the family.
+            retry_after = exc.retry_after_s if isinstance(exc, TransientError) else None
+            report = reports[0] if reports else None
+            await self._settle(ticket, report, retry_after)
+            raise
+        await self._settle(ticket, reports[0] if reports else None, None)
+        return answer
+
+    async def _settle(
+        self, ticket: Ticket, report: CallReport | None, retry_after_s: float | None
+    ) -> None:
+        assert self._limiter is not None
+        settle = self._limiter.settle(
+            ticket,
+            usage=report.usage if report else None,
+            status=report.status if report else 0,
+            headers=report.headers if report else None,
+            retry_after_s=retry_after_s,
+        )
+        # A settle must survive the call's cancellation, or the slot would stay held
+        # until its lease runs out.
+        await asyncio.shield(settle)
 
     async def aclose(self) -> None:
-        await self._client.close()
+        if self._limiter is not None:
+            await self._limiter.aclose()
+        for client in self._clients.values():
+            await client.close()
+
+
+def _api_keys(services: Services) -> list[ApiKey]:
+    """The configured keys whose secret is in the environment (a missing one is skipped,
+    loudly). The default key may also be absent: the SDK then finds its own credentials or
+    the call fails as an authentication error, pausing the stage."""
+    configured = services.settings.ratelimit.api_keys()
+    found = [ApiKey(key, os.environ.get(key.env)) for key in configured]
+    present = [key for key in found if key.secret]
+    for key in found:
+        if not key.secret and len(configured) > 1:
+            log.error(
+                "API key %s: $%s is not set; calls use the other keys", key.name, key.settings.env
+            )
+    if present:
+        return present
+    # No secret anywhere: let the SDK resolve ANTHROPIC_AUTH_TOKEN etc. itself.
+    return [found[0]]

@@ -73,8 +73,8 @@ def observe_calls(observer: CallObserver) -> Callable[[], None]:
     return lambda: _observers.remove(observer) if observer in _observers else None
 
 
-def _report(report: CallReport) -> None:
-    for observer in tuple(_observers):
+def _report(report: CallReport, own: CallObserver | None) -> None:
+    for observer in (own, *_observers) if own else tuple(_observers):
         try:
             observer(report)
         except Exception:
@@ -114,9 +114,15 @@ def make_client(
 
 
 async def call(
-    client: anthropic.AsyncAnthropic, routed: Routed, *, auth_pause_s: float = 30.0
+    client: anthropic.AsyncAnthropic,
+    routed: Routed,
+    *,
+    auth_pause_s: float = 30.0,
+    on_report: CallObserver | None = None,
 ) -> Answer:
     """One Messages call for `routed`; the Answer's `attempts` is left for the caller.
+
+    `on_report` receives this call's CallReport (before the process-wide observers).
 
     Raises:
         TransientError: 429, 5xx/529, timeouts, connection errors (retry_after_s from headers).
@@ -144,18 +150,19 @@ async def call(
         body = await raw.read()
     except anthropic.AnthropicError as exc:
         error = map_error(exc, auth_pause_s)
-        if _observers:
+        if on_report or _observers:
             status = exc.status_code if isinstance(exc, anthropic.APIStatusError) else 0
             headers = exc.response.headers if isinstance(exc, anthropic.APIStatusError) else None
-            _report(_failed(routed, started_ns, status, error, headers))
+            _report(_failed(routed, started_ns, status, error, headers), on_report)
         raise error from None
     ended_ns = time.time_ns()
     try:
         message = _decode_message(body)
     except msgspec.DecodeError as exc:
         error = TransientError(f"claude: malformed response ({exc})")
-        if _observers:
-            _report(_failed(routed, started_ns, raw.http_response.status_code, error, raw.headers))
+        if on_report or _observers:
+            status = raw.http_response.status_code
+            _report(_failed(routed, started_ns, status, error, raw.headers), on_report)
         raise error from None
     usage = message.usage
     answer = Answer(
@@ -174,7 +181,7 @@ async def call(
         ),
         call_ms=(ended_ns - started_ns) // 1_000_000,
     )
-    if _observers:
+    if on_report or _observers:
         _report(
             CallReport(
                 family=routed.family,
@@ -187,7 +194,8 @@ async def call(
                 usage=answer.usage,
                 error_type=None,
                 headers=raw.headers,
-            )
+            ),
+            on_report,
         )
     return answer
 

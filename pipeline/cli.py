@@ -121,6 +121,14 @@ def worker(
     app_spec: Annotated[
         str, typer.Option("--app", help="module:attribute of the App to run.")
     ] = "stages:app",
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            max=65535,
+            help="Serve Prometheus metrics on this port (0: any free port; default from config).",
+        ),
+    ] = None,
     config: ConfigOpt = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log at DEBUG level.")] = False,
 ) -> None:
@@ -135,7 +143,16 @@ def worker(
         raise typer.BadParameter("give --stage NAME (repeatable) or --all")
     for name in names:
         the_app.stage(name)
-    _call(run_worker(the_app, names, settings, concurrency=concurrency, consumer=consumer))
+    _call(
+        run_worker(
+            the_app,
+            names,
+            settings,
+            concurrency=concurrency,
+            consumer=consumer,
+            metrics_port=metrics_port,
+        )
+    )
 
 
 # ---- producing and reading results ----------------------------------------------------------

@@ -61,6 +61,37 @@ class Keys:
         """A hash of pipeline-wide counters (cache hits and misses, …)."""
         return f"{self.prefix}:counters"
 
+    def ratelimit(self, key_id: str, family: str) -> str:
+        """One (API key, model family)'s shared buckets, cool-down and counters (a hash).
+        Every rate-limit key shares the `{rl}` hash tag: one admission script may weigh
+        several API keys at once, on Cluster too."""
+        return f"{self.prefix}:{{rl}}:{key_id}:{family}"
+
+    def slots(self, key_id: str) -> str:
+        """One API key's concurrency slots: a sorted set of leases (member -> expiry ms)."""
+        return f"{self.prefix}:{{rl}}:{key_id}:slots"
+
+    def flight(self, identity: str) -> str:
+        """Held (a lease) by the task leading the one call for identical requests in flight.
+        Every key of one flight shares a hash tag of its identity (one slot on Cluster)."""
+        return f"{self.prefix}:flight:{{{identity}}}"
+
+    def flight_answer(self, identity: str) -> str:
+        """The flight leader's answer, kept a few seconds for the tasks that followed it."""
+        return f"{self.prefix}:flight:{{{identity}}}:answer"
+
+    def budget(self, window: str) -> str:
+        """Spend committed in one budget window (a UTC day): settled costs + reservations."""
+        return f"{self.prefix}:budget:{window}"
+
+    def ledger(self, day: str) -> str:
+        """One UTC day's cost ledger (a hash of `<model>|<type>|<metric>` counters)."""
+        return f"{self._base}:ledger:{day}"
+
+    def ledgered(self, task_id: TaskId | str) -> str:
+        """Set once a task is counted in the ledger (same slot as its day's hash)."""
+        return f"{self._base}:ledgered:{task_id}"
+
     def pause(self, stage: str) -> str:
         """Set while a stage is paused (for example by refused credentials)."""
         return f"{self._base}:pause:{stage}"

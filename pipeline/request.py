@@ -21,6 +21,7 @@ import msgspec
 from pipeline.config import Settings
 from pipeline.errors import InvalidTask
 from pipeline.results import MAX_TTL_S
+from pipeline.routing import Route, route
 from pipeline.task import Request
 
 MAX_MAX_TOKENS = 1_000_000  # far above any model's output limit; stops absurd reservations
@@ -53,45 +54,35 @@ def parse_request(fields: Mapping[str, str], settings: Settings) -> Request:
         cache=_cache_flag(_optional(fields, "cache")),
         metadata=_metadata(_optional(fields, "metadata"), ingress.max_metadata_bytes),
     )
-    digest = request_hash(request, routing=routing_fingerprint(settings))
-    return msgspec.structs.replace(request, request_hash=digest)
+    decision = route(request, settings, prompt_chars(request))
+    return msgspec.structs.replace(request, request_hash=request_hash(request, decision))
 
 
-def request_hash(request: Request, *, routing: str = "") -> str:
+def request_hash(request: Request, decision: Route | None) -> str:
     """A short canonical hash of everything that determines the answer (the cache key).
 
-    Covers the model choice, the task type (auto routing and max_tokens caps depend on
-    it), system, messages, max_tokens and temperature, as canonical JSON (sorted keys, no
-    whitespace). `routing` is `routing_fingerprint(settings)`: a change of the model ids or
-    routing rules starts a fresh cache instead of serving answers of the old model.
-    A `prompt` and the equal one-message `messages` hash the same, and so do a string and
-    a single plain text block.
+    Covers what the API is sent: the routing decision (model id and max_tokens after caps,
+    `pipeline.routing.route`), system, messages and temperature, as canonical JSON (sorted
+    keys, no whitespace). Keying by the decision rather than by the model choice, task type
+    and routing settings means `model=sonnet` and its full id share answers, and a rule
+    change re-keys exactly the requests it sends elsewhere. With no decision (a model the
+    router will refuse) the model choice stands in. `cache_control` markers are left out:
+    they change what prompt caching bills, never the answer. A `prompt` and the equal
+    one-message `messages` hash the same, and so do a string and a single plain text block.
     """
     canonical = {
-        "v": 1,
-        "model": request.model,
-        "type": request.type,
+        "v": 2,
+        "model": request.model if decision is None else decision.model,
+        "max_tokens": request.max_tokens if decision is None else decision.max_tokens,
         "system": _canonical_content(request.system),
         "messages": [
             {"role": m["role"], "content": _canonical_content(m["content"])}
             for m in request.messages
         ],
-        "max_tokens": request.max_tokens,
         "temperature": request.temperature,
-        "routing": routing,
     }
     text = msgspec.json.encode(canonical, order="sorted")
     return hashlib.sha256(text).hexdigest()[:HASH_HEX_CHARS]
-
-
-def routing_fingerprint(settings: Settings) -> str:
-    """A digest of the settings that turn a model choice into a model and max_tokens."""
-    relevant = {
-        "models": settings.claude.models,
-        "default_max_tokens": settings.claude.default_max_tokens,
-        "router": settings.router,
-    }
-    return hashlib.sha256(msgspec.json.encode(relevant, order="sorted")).hexdigest()[:16]
 
 
 def prompt_chars(request: Request) -> int:
@@ -312,16 +303,17 @@ def _decode_json(name: str, raw: str) -> Any:
 
 
 def _canonical_content(content: Any) -> Any:
-    """A single plain text block means the same as its text."""
-    if (
-        isinstance(content, list)
-        and len(content) == 1
-        and isinstance(content[0], dict)
-        and set(content[0]) == {"type", "text"}
-        and content[0]["type"] == "text"
-    ):
-        return content[0]["text"]
-    return content
+    """Blocks without their `cache_control`; a single plain text block means its text."""
+    if not isinstance(content, list):
+        return content
+    blocks = [
+        {k: v for k, v in b.items() if k != "cache_control"} if isinstance(b, dict) else b
+        for b in content
+    ]
+    first = blocks[0] if len(blocks) == 1 else None
+    if isinstance(first, dict) and first.keys() == {"type", "text"} and first["type"] == "text":
+        return first["text"]
+    return blocks
 
 
 def _text_chars(content: Any) -> int:

@@ -13,6 +13,7 @@ from redis.asyncio import Redis
 
 from pipeline.config import Settings
 from pipeline.keys import Keys
+from pipeline.ledger import Ledger
 from pipeline.redis_conn import Availability
 
 log = logging.getLogger(__name__)
@@ -40,20 +41,31 @@ class Memo:
         await self._available.call(lambda: self._redis.set(key, value, ex=ttl_s))
 
 
+#: The lookup and its hit/miss count in one round trip.
+_CACHE_GET = """
+local value = redis.call('GET', KEYS[1])
+redis.call('HINCRBY', KEYS[2], value and 'cache_hits' or 'cache_misses', 1)
+return value
+"""
+
+
 class ResponseCache:
     """Exact response cache by canonical request hash, with hit/miss counters."""
 
     def __init__(self, redis: Redis, keys: Keys) -> None:
         self._redis = redis
         self._keys = keys
+        self._get = redis.register_script(_CACHE_GET)
 
     async def get(self, request_hash: str) -> bytes | None:
-        value = await self._redis.get(self._keys.cache(request_hash))
-        await self._redis.hincrby(self._keys.counters, "cache_hits" if value else "cache_misses")
-        return _as_bytes(value)
+        """The cached answer, if any; counts a hit or a miss in `Keys.counters`."""
+        keys = [self._keys.cache(request_hash), self._keys.counters]
+        return _as_bytes(await self._get(keys=keys))
 
     async def put(self, request_hash: str, value: bytes, ttl_s: int) -> None:
-        await self._redis.set(self._keys.cache(request_hash), value, ex=ttl_s)
+        """Cache `value` for `ttl_s` seconds; 0 (a task type not cached) stores nothing."""
+        if ttl_s > 0:
+            await self._redis.set(self._keys.cache(request_hash), value, ex=ttl_s)
 
 
 def _as_bytes(value: bytes | str | None) -> bytes | None:
@@ -72,8 +84,11 @@ class Services:
     ) -> None:
         self.settings = settings
         self.keys = keys
-        self.memo = Memo(redis, keys, available or Availability(settings.redis.url))
+        self.redis = redis
+        self.available = available = available or Availability(settings.redis.url)
+        self.memo = Memo(redis, keys, available)
         self.cache = ResponseCache(redis, keys)
+        self.ledger = Ledger(redis, keys, settings, available)
         self._closers: list[Callable[[], Awaitable[None]]] = []
 
     def on_close(self, closer: Callable[[], Awaitable[None]]) -> None:

@@ -84,8 +84,12 @@ async def run_worker(
     consumer: str | None = None,
     hooks: Sequence[Hook] = (),
     ready: asyncio.Event | None = None,
+    metrics_port: int | None = None,
 ) -> None:
-    """Run the named stages of `app` until SIGTERM/SIGINT (or `ctx.stopping`)."""
+    """Run the named stages of `app` until SIGTERM/SIGINT (or `ctx.stopping`).
+
+    `metrics_port` (else `[metrics] port`) serves Prometheus scrapes (docs/OBSERVABILITY.md).
+    """
     stages = [app.stage(name) for name in stage_names]
     redis = connect(settings.redis)
     available = Availability(settings.redis.url)
@@ -105,6 +109,12 @@ async def run_worker(
         available,
         exact=consumer is not None,
     )
+    from observability.metrics_export import start_metrics
+
+    port = settings.metrics.port if metrics_port is None else metrics_port
+    metrics = start_metrics(settings, redis, keys, app, port=port)
+    if metrics is not None:
+        hooks = [*hooks, metrics.metrics.hook()]
     ctx = WorkerContext(
         app=app,
         settings=settings,
@@ -180,6 +190,8 @@ async def run_worker(
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(_hold_name(ctx, token, hold_ms))
+                if metrics is not None:
+                    tg.create_task(metrics.run())
                 tasks = [tg.create_task(r.run(), name=r.name) for r in runners]
                 if ready is not None:
                     ready.set()
@@ -194,6 +206,8 @@ async def run_worker(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         await services.aclose()
+        if metrics is not None:
+            await asyncio.to_thread(metrics.shutdown)
         try:
             await redis.delete(keys.worker(name))
         except Exception as exc:  # the name expires by itself anyway

@@ -25,7 +25,7 @@ async def build(services: Services) -> Handler:
 
     async def check(msg: Message) -> Outcome:
         request = parse_request(msg.fields, settings)
-        if settings.cache.enabled and request.cache:
+        if request.cache and settings.cache.ttl_for(request.type):
             hit = await cache.get(request.request_hash)
             if hit is not None and (answer := _cached_answer(hit, request)) is not None:
                 return Forward("store", answer)

@@ -27,7 +27,8 @@ async def build(services: Services) -> Handler:
     async def store(msg: Message) -> Outcome:
         answer = msg.body(Answer)
         if _cacheable(answer, settings):
-            await cache.put(answer.request.request_hash, _cache_entry(answer), settings.cache.ttl_s)
+            ttl_s = settings.cache.ttl_for(answer.request.type)
+            await cache.put(answer.request.request_hash, _cache_entry(answer), ttl_s)
         result = make_result(
             "completed",
             output=answer.output,

@@ -13,6 +13,11 @@ def _source(name: str) -> str:
     return resources.files(__package__).joinpath(f"{name}.lua").read_text()
 
 
+def load(redis: Redis, name: str) -> AsyncScript:
+    """One script registered on `redis`, for a module that keeps its own (flights, budget)."""
+    return redis.register_script(_source(name))
+
+
 @dataclass(frozen=True)
 class Scripts:
     """The registered scripts; each computes its SHA once and reloads itself on NOSCRIPT."""
@@ -23,6 +28,7 @@ class Scripts:
     drain: AsyncScript
     promote: AsyncScript
     hold: AsyncScript
+    ratelimit: AsyncScript
 
     @classmethod
     def register(cls, redis: Redis) -> Scripts:

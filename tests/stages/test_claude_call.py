@@ -316,7 +316,7 @@ def test_lanes_follow_the_configured_families() -> None:
     assert claude_call.claude_call.name == "claude-call"
     settings = load_settings(
         env={}, claude__models={"small": "m-1", "big": "m-2"}, router__default_family="big",
-        router__types={}, stages={"claude-call": {"concurrency": 500}},
+        router__rules=[], stages={"claude-call": {"concurrency": 500}},
     )  # fmt: skip
     stage = claude_call.stage(settings)
     assert stage.lanes == ("small", "big")

@@ -9,7 +9,8 @@ import pytest
 
 from pipeline.config import Settings, load_settings
 from pipeline.errors import InvalidTask
-from pipeline.request import parse_request, prompt_chars, request_hash, routing_fingerprint
+from pipeline.request import parse_request, prompt_chars, request_hash
+from pipeline.routing import Route
 from pipeline.task import Request
 
 
@@ -347,16 +348,45 @@ def test_what_does_not_change_the_answer_does_not_change_the_hash(cfg: Settings)
     assert base.request_hash == other.request_hash
 
 
+def test_the_routing_decision_not_the_model_spelling_is_hashed(cfg: Settings) -> None:
+    """`auto` routed to Sonnet, `sonnet` and its full id are the same API request."""
+    auto = parse(cfg, prompt="q", type="essay")
+    assert auto.request_hash == parse(cfg, prompt="q", model="sonnet").request_hash
+    assert auto.request_hash == parse(cfg, prompt="q", model="claude-sonnet-5-5").request_hash
+    assert auto.request_hash == parse(cfg, prompt="q").request_hash  # type default, same route
+    assert auto.request_hash == parse(cfg, prompt="q", max_tokens="1024").request_hash
+    # A type that routes elsewhere (classify -> Haiku) is another request.
+    assert parse(cfg, prompt="q", type="classify").request_hash != auto.request_hash
+    both_haiku = parse(cfg, prompt="q", type="extract")
+    assert parse(cfg, prompt="q", type="classify").request_hash == both_haiku.request_hash
+
+
+def test_cache_control_markers_do_not_change_the_hash(cfg: Settings) -> None:
+    """They change what prompt caching bills, never the answer."""
+    marked = '[{"type": "text", "text": "Long context", "cache_control": %s}]'
+    plain = parse(cfg, prompt="q", system="Long context")
+    unmarked = parse(cfg, prompt="Long context", system="Long context")
+    for marker in ('{"type": "ephemeral"}', '{"type": "ephemeral", "ttl": "1h"}'):
+        system = parse(cfg, prompt="q", system=marked % marker)
+        blocks = json.loads(marked % marker)
+        content = parse(
+            cfg, messages=msgs({"role": "user", "content": blocks}), system="Long context"
+        )
+        assert system.request_hash == plain.request_hash
+        assert content.request_hash == unmarked.request_hash
+        assert system.system != plain.system, "the markers themselves are kept for the API"
+
+
 @pytest.mark.parametrize(
     "change",
     [
         {"prompt": "q2"},
         {"system": "s"},
-        {"model": "sonnet"},
-        {"model": "claude-sonnet-5-5"},  # the same model, but routing the alias may change
+        {"model": "haiku"},
+        {"model": "claude-sonnet-4-5"},  # another model id of the same family
         {"max_tokens": "100"},
         {"temperature": "0"},
-        {"type": "classify"},  # auto routing and max_tokens caps depend on the type
+        {"type": "classify"},  # auto routes it to Haiku
         {"system": '[{"type": "text", "text": "q", "cache_control": {"type": "ephemeral"}}]'},
     ],
 )
@@ -367,30 +397,36 @@ def test_what_changes_the_answer_changes_the_hash(cfg: Settings, change: dict[st
     )
 
 
-def test_routing_settings_are_part_of_the_hash(cfg: Settings) -> None:
-    upgraded = load_settings(
-        env={},
-        ingress__max_prompt_bytes=1000,
-        claude__models={
-            "haiku": "claude-haiku-6",
-            "sonnet": "claude-sonnet-5-5",
-            "opus": "claude-opus-5-5",
-        },
+def test_routing_settings_change_the_hash_of_what_they_reroute(cfg: Settings) -> None:
+    def with_(**overrides: object) -> Settings:
+        return load_settings(env={}, ingress__max_prompt_bytes=1000, **overrides)
+
+    models = {"haiku": "claude-haiku-6", "sonnet": "claude-sonnet-5-5", "opus": "claude-opus-5-5"}
+    upgraded = with_(claude__models=models)
+    assert parse(upgraded, prompt="q", type="classify").request_hash != (
+        parse(cfg, prompt="q", type="classify").request_hash
     )
-    assert routing_fingerprint(upgraded) != routing_fingerprint(cfg)
-    assert parse(upgraded, prompt="q").request_hash != parse(cfg, prompt="q").request_hash
-    unrelated = load_settings(env={}, ingress__max_prompt_bytes=1000, cache__ttl_s=5)
+    # The Sonnet request is sent exactly as before, so its cached answers stay good.
+    assert parse(upgraded, prompt="q").request_hash == parse(cfg, prompt="q").request_hash
+    capped = with_(router__max_tokens_caps={"classify": 10})
+    assert parse(capped, prompt="q", type="classify").request_hash != (
+        parse(cfg, prompt="q", type="classify").request_hash
+    )
+    rerouted = with_(router__rules=[{"types": ["essay"], "family": "opus"}])
+    assert parse(rerouted, prompt="q", type="essay").request_hash != (
+        parse(cfg, prompt="q", type="essay").request_hash
+    )
+    more_tokens = with_(claude__default_max_tokens=2048)
+    assert parse(more_tokens, prompt="q").request_hash != parse(cfg, prompt="q").request_hash
+    unrelated = with_(cache__ttl_s=5)
     assert parse(unrelated, prompt="q").request_hash == parse(cfg, prompt="q").request_hash
 
 
 def test_request_hash_is_pure_and_ignores_a_stale_hash(cfg: Settings) -> None:
     req = parse(cfg, prompt="q")
-    salted = request_hash(req, routing=routing_fingerprint(cfg))
-    assert salted == req.request_hash
-    assert (
-        request_hash(
-            msgspec.structs.replace(req, request_hash="stale"), routing=routing_fingerprint(cfg)
-        )
-        == salted
-    )
-    assert request_hash(req) != salted and len(request_hash(req)) == 32
+    decision = Route(family="sonnet", model="claude-sonnet-5-5", max_tokens=1024)
+    assert request_hash(req, decision) == req.request_hash
+    stale = msgspec.structs.replace(req, request_hash="stale")
+    assert request_hash(stale, decision) == req.request_hash
+    refused = parse(cfg, prompt="q", model="gpt-4o")  # the router will fail it; still keyed
+    assert len(refused.request_hash) == 32 and refused.request_hash != req.request_hash

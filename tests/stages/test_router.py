@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -11,6 +12,7 @@ import pytest
 from redis.asyncio import Redis
 
 from pipeline import Fail, Forward, Keys, Message, Services, Settings, load_settings
+from pipeline.errors import ConfigError
 from pipeline.request import parse_request
 from pipeline.task import Routed
 from pipeline.wire import ENVELOPE_FIELD, decode_entry, encode_body, encode_envelope
@@ -84,16 +86,177 @@ async def test_model_choice_picks_family_and_model(
     assert out.request.model == parse_request({"prompt": "x", **fields}, routing(fast_env)).model
 
 
-async def test_long_prompts_skip_the_type_rule(client: Redis, fast_env: dict[str, str]) -> None:
-    settings = routing(fast_env, router__long_prompt_chars=100)
-    at_limit = routed(
-        await route(client, settings, prompt="x" * 90, system="s" * 10, type="classify")
-    )
-    assert at_limit.family == "haiku"
-    over = routed(await route(client, settings, prompt="x" * 91, system="s" * 10, type="classify"))
-    assert (over.family, over.model) == ("sonnet", MODELS["sonnet"])
-    explicit = routed(await route(client, settings, prompt="x" * 500, model="haiku"))
-    assert explicit.family == "haiku", "an explicit model is honoured whatever the length"
+@pytest.mark.parametrize(
+    ("fields", "family"),
+    [
+        ({"type": "classify", "prompt": "x" * 24_000}, "haiku"),  # bounds are inclusive
+        ({"type": "classify", "prompt": "x" * 23_990, "system": "s" * 11}, "sonnet"),  # too long
+        ({"type": "moderate"}, "haiku"),
+        ({"type": "translate"}, "haiku"),
+        ({"type": "summarise", "max_tokens": "1024"}, "haiku"),
+        ({"type": "summarize", "prompt": "x" * 12_001}, "sonnet"),  # a long summary
+        ({"type": "summarise", "max_tokens": "1025"}, "sonnet"),  # a long answer wanted
+        ({"type": "essay"}, "sonnet"),
+        ({"type": "classify", "prompt": "x" * 50_000, "model": "haiku"}, "haiku"),  # explicit
+    ],
+)
+async def test_default_rules_send_short_simple_work_to_haiku(
+    client: Redis, fast_env: dict[str, str], fields: dict[str, str], family: str
+) -> None:
+    out = routed(await route(client, routing(fast_env), **{"prompt": "Is it spam?", **fields}))
+    assert (out.family, out.model) == (family, MODELS[family])
+
+
+RULES = """
+[router]
+default_family = "sonnet"
+
+[[router.rules]]
+types = ["classify"]
+max_prompt_chars = 100
+family = "haiku"
+
+[[router.rules]]
+min_prompt_chars = 1000
+model = "claude-opus-4-1"
+
+[[router.rules]]
+types = ["essay", "report"]
+min_max_tokens = 2000
+max_max_tokens = 8000
+family = "opus"
+
+[[router.rules]]
+types = ["classify", "chat"]
+family = "haiku"
+max_prompt_chars = 5000
+
+[router.max_tokens_caps]
+classify = 64
+"""
+
+
+def with_rules(fast_env: dict[str, str], tmp_path: Path, toml: str = RULES) -> Settings:
+    path = tmp_path / "pipeline.toml"
+    path.write_text(toml)
+    return load_settings(path, env=fast_env)
+
+
+@pytest.mark.parametrize(
+    ("fields", "family", "model", "max_tokens"),
+    [
+        ({"type": "classify"}, "haiku", MODELS["haiku"], 64),  # rule 0, capped
+        ({"type": "classify", "prompt": "x" * 101}, "haiku", MODELS["haiku"], 64),  # rule 3
+        ({"type": "classify", "prompt": "x" * 1000}, "opus", "claude-opus-4-1", 64),  # rule 1
+        ({"prompt": "x" * 999}, "sonnet", MODELS["sonnet"], 1024),  # no rule: default_family
+        ({"type": "chat", "prompt": "x" * 2000}, "opus", "claude-opus-4-1", 1024),  # 1 before 3
+        ({"type": "essay", "max_tokens": "2000"}, "opus", MODELS["opus"], 2000),  # rule 2
+        ({"type": "report", "max_tokens": "8000"}, "opus", MODELS["opus"], 8000),
+        ({"type": "essay", "max_tokens": "8001"}, "sonnet", MODELS["sonnet"], 8001),
+        ({"type": "essay"}, "sonnet", MODELS["sonnet"], 1024),  # the default max_tokens counts
+        ({"type": "classify", "model": "sonnet"}, "sonnet", MODELS["sonnet"], 64),  # honoured
+        ({"type": "essay", "max_tokens": "4000", "model": "claude-haiku-4-5"},
+         "haiku", "claude-haiku-4-5", 4000),
+    ],
+)  # fmt: skip
+async def test_rules_from_config_first_match_wins(
+    client: Redis,
+    fast_env: dict[str, str],
+    tmp_path: Path,
+    fields: dict[str, str],
+    family: str,
+    model: str,
+    max_tokens: int,
+) -> None:
+    settings = with_rules(fast_env, tmp_path)
+    out = routed(await route(client, settings, **{"prompt": "Is it spam?", **fields}))
+    assert (out.family, out.model, out.max_tokens) == (family, model, max_tokens)
+
+
+async def test_no_rules_send_every_auto_task_to_the_default_family(
+    client: Redis, fast_env: dict[str, str], tmp_path: Path
+) -> None:
+    settings = with_rules(fast_env, tmp_path, '[router]\ndefault_family = "opus"\nrules = []\n')
+    out = routed(await route(client, settings, prompt="q", type="classify"))
+    assert (out.family, out.model) == ("opus", MODELS["opus"])
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        (
+            '[[router.rules]]\ntypes = ["a"]\nfamily = "haiku"\n'
+            '[[router.rules]]\ntypes = ["b"]\nfamily = "sonnet"\n'
+            '[[router.rules]]\ntypes = ["c"]\nfamily = "gpt"\n',
+            "router.rules[2].family: 'gpt' not one of haiku, opus, sonnet",
+        ),
+        (
+            '[[router.rules]]\nfamily = "haiku"\n',
+            "router.rules[0]: matches every task: give types, min/max_prompt_chars or "
+            "min/max_max_tokens (router.default_family already takes what no rule matches)",
+        ),
+        (
+            '[[router.rules]]\ntypes = []\nfamily = "haiku"\n',
+            "router.rules[0]: matches every task",
+        ),
+        (
+            '[[router.rules]]\nmin_prompt_chars = 500\nmax_prompt_chars = 100\nfamily = "haiku"\n',
+            "router.rules[0].min_prompt_chars: 500 is greater than max_prompt_chars (100)",
+        ),
+        (
+            '[[router.rules]]\nmin_max_tokens = 9\nmax_max_tokens = 8\nfamily = "haiku"\n',
+            "router.rules[0].min_max_tokens: 9 is greater than max_max_tokens (8)",
+        ),
+        (
+            '[[router.rules]]\ntypes = ["a"]\nfamliy = "haiku"\n',
+            "router.rules[0].famliy: unknown setting",
+        ),
+        (
+            '[[router.rules]]\ntypes = ["a"]\n',
+            "router.rules[0]: give exactly one of family or model (where matches go)",
+        ),
+        (
+            '[[router.rules]]\ntypes = ["a"]\nfamily = "haiku"\nmodel = "claude-haiku-4-5"\n',
+            "router.rules[0]: give exactly one of family or model",
+        ),
+        (
+            '[[router.rules]]\ntypes = ["a"]\nmodel = "gpt-4o"\n',
+            "router.rules[0].model: 'gpt-4o' is no configured model id (claude.models) and no "
+            "claude-* id naming one of haiku, opus, sonnet",
+        ),
+        (
+            '[[router.rules]]\ntypes = ["Classify"]\nfamily = "haiku"\n',
+            "router.rules[0].types[0]: 'Classify': task types are lower-case labels",
+        ),
+        (
+            '[[router.rules]]\ntypes = ["a"]\nmax_prompt_chars = -1\nfamily = "haiku"\n',
+            "router.rules[0].max_prompt_chars: Expected `int` >= 0",
+        ),
+        (
+            '[[router.rules]]\ntypes = "classify"\nfamily = "haiku"\n',
+            "router.rules[0].types: Expected `array`, got `str`",
+        ),
+        (
+            '[router]\ndefault_family = "gpt"\n',
+            "router.default_family: 'gpt' not one of haiku, opus, sonnet",
+        ),
+        (
+            '[router.types]\nclassify = "haiku"\n',
+            "router.types: replaced by router rules: write [[router.rules]] "
+            'types = ["classify"] family = "haiku" (docs/ROUTING.md)',
+        ),
+        (
+            "[router]\nlong_prompt_chars = 100\n",
+            "router.long_prompt_chars: replaced by router rules: give max_prompt_chars",
+        ),
+    ],
+)
+def test_bad_rules_fail_at_start_naming_the_field(
+    fast_env: dict[str, str], tmp_path: Path, toml: str, message: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        with_rules(fast_env, tmp_path, toml)
+    assert str(info.value).startswith(f"config: {message}"), str(info.value)
 
 
 async def test_a_configured_model_id_needs_no_family_name(
@@ -121,7 +284,8 @@ async def test_unknown_models_fail_with_the_choices(
 async def test_a_family_missing_from_config_is_unknown(
     client: Redis, fast_env: dict[str, str]
 ) -> None:
-    settings = routing(fast_env, claude__models={"haiku": "h", "sonnet": "s"})
+    two = {"haiku": MODELS["haiku"], "sonnet": MODELS["sonnet"]}
+    settings = routing(fast_env, claude__models=two)
     outcome = await route(client, settings, prompt="q", model="claude-opus-4-1")
     assert outcome == Fail(
         "unknown model 'claude-opus-4-1': use auto, haiku, sonnet or a claude-* model id"
