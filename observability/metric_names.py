@@ -1,49 +1,64 @@
-"""The Prometheus names of the pipeline's metrics, fixed: dashboards, alerts and KEDA query them.
+"""The Prometheus names the workers export, in one place.
 
-Counters are listed with their `_total` suffix and histograms by their base name (queries add
-`_bucket`, `_sum`, `_count`), as PromQL writes them. `observability/metrics.py` creates the
-OpenTelemetry instruments whose Prometheus exposition comes out as exactly these names (a test
-scrapes a worker and checks).
+The Grafana dashboard, the docs and the tests refer to these names, so a rename shows up as a
+failing test (tests/test_deploy_files.py) rather than as an empty panel. Names are as Prometheus
+sees them (OTel's exporter adds `_total` to counters and the unit to histograms).
 """
 
 from __future__ import annotations
 
-#: From the periodic queue poll (the same values from every worker: use `max by (stage, lane)`).
-GAUGES = (
-    "pipeline_stream_backlog",  # {stage, lane}: entries in the stream (acked ones are deleted)
-    "pipeline_stream_pending",  # {stage, lane}: delivered, not yet handed on
-    "pipeline_stream_lag",  # {stage, lane}: not yet delivered to the group (Redis >= 7)
-    "pipeline_stream_oldest_pending_age_seconds",  # {stage, lane}
-    "pipeline_delayed_retries",  # {stage, lane}: waiting in the delayed-retry set
-    "pipeline_dlq_size",
+from typing import Literal, NamedTuple
+
+Kind = Literal["gauge", "counter", "histogram"]
+
+
+class Metric(NamedTuple):
+    name: str
+    kind: Kind
+    labels: tuple[str, ...]
+
+
+#: Queue gauges come from a periodic poll that every worker runs, so each worker exports the
+#: same value: query them with `max by (stage, lane)`, and counters with `sum(rate(...))`.
+METRICS: tuple[Metric, ...] = (
+    Metric("pipeline_stream_backlog", "gauge", ("stage", "lane")),
+    Metric("pipeline_stream_pending", "gauge", ("stage", "lane")),
+    Metric("pipeline_stream_lag", "gauge", ("stage", "lane")),
+    Metric("pipeline_stream_oldest_pending_age_seconds", "gauge", ("stage", "lane")),
+    Metric("pipeline_delayed_retries", "gauge", ("stage", "lane")),
+    Metric("pipeline_dlq_size", "gauge", ()),
+    Metric("pipeline_stage_handled_total", "counter", ("stage", "outcome")),
+    Metric("pipeline_stage_duration_seconds", "histogram", ("stage",)),
+    Metric("pipeline_task_latency_seconds", "histogram", ()),
+    Metric("pipeline_cache_hits_total", "counter", ()),
+    Metric("pipeline_cache_misses_total", "counter", ()),
+    Metric("pipeline_cost_usd_total", "counter", ("model", "type")),
+    Metric("pipeline_tokens_total", "counter", ("model", "type", "token_type")),
+    Metric("pipeline_claude_responses_total", "counter", ("family", "status")),
+    Metric(
+        "gen_ai_client_operation_duration_seconds",
+        "histogram",
+        ("gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model", "error_type"),
+    ),
+    Metric("gen_ai_client_token_usage", "histogram", ("gen_ai_token_type", "gen_ai_request_model")),
 )
 
-#: Per worker process (sum them: `sum by (...) (rate(...[5m]))`).
-COUNTERS = (
-    "pipeline_stage_handled_total",  # {stage, outcome}
-    "pipeline_cache_hits_total",
-    "pipeline_cache_misses_total",
-    "pipeline_cost_usd_total",  # {model, type}
-    "pipeline_tokens_total",  # {model, type, token_type}
-    "pipeline_claude_responses_total",  # {family, status}
-)
-
-HISTOGRAMS = (
-    "pipeline_stage_duration_seconds",  # {stage}: handling time
-    "pipeline_task_latency_seconds",  # ingress to stored result
-    "gen_ai_client_operation_duration_seconds",  # {gen_ai_request_model, error_type, …}
-    "gen_ai_client_token_usage",  # {gen_ai_token_type, gen_ai_request_model, …}
-)
-
-#: `outcome` label values of pipeline_stage_handled_total.
-OUTCOMES = ("forward", "complete", "retry", "fail", "dead_letter")
-#: `token_type` label values of pipeline_tokens_total.
-TOKEN_TYPES = ("input", "output", "cache_read", "cache_write")
-
-ALL = GAUGES + COUNTERS + HISTOGRAMS
+#: Labels that Prometheus adds to every scraped series (see observability/prometheus).
+TARGET_LABELS = ("job", "instance", "service")
 
 
-def series_names() -> frozenset[str]:
-    """Every sample name a scrape can show (histograms expanded into their three series)."""
-    expanded = [f"{h}{suffix}" for h in HISTOGRAMS for suffix in ("_bucket", "_sum", "_count")]
-    return frozenset((*GAUGES, *COUNTERS, *expanded))
+def series() -> dict[str, frozenset[str]]:
+    """Every series name a query may use, with the labels it carries.
+
+    A histogram `h` is queried as `h_bucket` (with `le`), `h_sum` and `h_count`.
+    """
+    out: dict[str, frozenset[str]] = {}
+    for metric in METRICS:
+        labels = frozenset(metric.labels + TARGET_LABELS)
+        if metric.kind == "histogram":
+            out[f"{metric.name}_bucket"] = labels | {"le"}
+            out[f"{metric.name}_sum"] = labels
+            out[f"{metric.name}_count"] = labels
+        else:
+            out[metric.name] = labels
+    return out
