@@ -6,12 +6,13 @@ sees what to fix instead of a traceback from deep inside a worker.
 
 from __future__ import annotations
 
+import datetime
 import os
 import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 
@@ -160,6 +161,121 @@ class IngressSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     max_metadata_bytes: PosInt = 16 * 1024
 
 
+class FamilyLimits(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Per-minute limits of one (API key, model family); None: learn from the API's headers."""
+
+    rpm: PosInt | None = None
+    itpm: PosInt | None = None
+    otpm: PosInt | None = None
+
+
+class ApiKeySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One Anthropic API key. The secret is read from the environment variable `env`, never
+    from a file; Redis knows the key by a short hash of it, logs by `name`."""
+
+    name: str
+    env: str = "ANTHROPIC_API_KEY"
+    # Calls in flight at once with this key, across every worker; 0: no shared limit.
+    max_concurrency: Annotated[int, msgspec.Meta(ge=0)] = 0
+    # family -> limits for this key, over `ratelimit.limits`.
+    limits: dict[str, FamilyLimits] = msgspec.field(default_factory=dict)
+
+
+class RateLimitSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Rate limits shared by every worker through Redis (guarantee 6)."""
+
+    enabled: bool = True
+    # Several keys spread the load; each has its own limits. Empty: ANTHROPIC_API_KEY.
+    keys: list[ApiKeySettings] = msgspec.field(default_factory=list)
+    # family -> limits for every key (a key's own `limits` win). Unset limits are learned
+    # from `anthropic-ratelimit-*-limit` headers; until then one call at a time probes.
+    limits: dict[str, FamilyLimits] = msgspec.field(default_factory=dict)
+    # Shared concurrency slots are leases: a dead worker's slots come back after this.
+    slot_lease_ms: PosInt = 30_000
+    # How long a probing call (limits not known yet) holds the probe before another may.
+    probe_ms: PosInt = 60_000
+    # Longest a waiting call sleeps before asking again (a settle may free room sooner).
+    max_poll_ms: PosInt = 1000
+
+    def api_keys(self) -> list[ApiKeySettings]:
+        return self.keys or [ApiKeySettings(name="default")]
+
+
+class ModelPrice(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """List price in USD per million tokens (checked by pricing, which names the model)."""
+
+    input: float
+    output: float
+
+
+def _default_model_prices() -> dict[str, ModelPrice]:
+    """Haiku 4.5+, Sonnet 4.5/4.6+, Opus 4.5+ list prices, by family."""
+    return {
+        "haiku": ModelPrice(input=1.0, output=5.0),
+        "sonnet": ModelPrice(input=3.0, output=15.0),
+        "opus": ModelPrice(input=5.0, output=25.0),
+    }
+
+
+class PriceTableSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One dated price list, in force from `from` (a UTC day) until the next table's."""
+
+    from_: datetime.date = msgspec.field(name="from")
+    # model id or family name -> price; an id not listed is priced by its family.
+    models: dict[str, ModelPrice] = msgspec.field(default_factory=_default_model_prices)
+    # Multiples of the input price: prompt-cache writes (5-minute and 1-hour TTL), reads.
+    cache_write_5m: NonNegFloat = 1.25
+    cache_write_1h: NonNegFloat = 2.0
+    cache_read: NonNegFloat = 0.1
+    # Share of the list price a Batch API call costs (-50%); the pipeline does not batch yet.
+    batch: NonNegFloat = 0.5
+
+
+class PriceSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The dated price tables (`[[prices.tables]]`): a day is priced by the table in force."""
+
+    tables: list[PriceTableSettings] = msgspec.field(
+        default_factory=lambda: [PriceTableSettings(from_=datetime.date(2025, 10, 1))]
+    )
+
+
+class LedgerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The cost ledger: tokens and cost per UTC day x model x task type."""
+
+    enabled: bool = True
+    # Savings are measured against this family for `model=auto` tasks (an explicit model
+    # is its own baseline): "what if everything went to Sonnet".
+    baseline_family: str = "sonnet"
+    ttl_days: PosInt = 400
+    # A task id is remembered this long so a redelivered store entry is not counted twice.
+    once_ttl_s: PosInt = 24 * 3600
+    # Fields per day's hash; past it, new task types of a model are counted as `other`.
+    max_fields: PosInt = 20_000
+
+
+class BudgetSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Daily spend limits, reserved at worst-case cost before each call. None/empty: off."""
+
+    daily_usd: PosFloat | None = None
+    # task type -> its own daily limit (within `daily_usd`, if that is set too).
+    types: dict[str, PosFloat] = msgspec.field(default_factory=dict)
+    # When a call does not fit: re-route to `downgrade_to` (then defer if that does not fit
+    # either), put the task back until the next day, or fail it.
+    action: Literal["downgrade", "defer", "fail"] = "defer"
+    downgrade_to: str = "haiku"
+    # The budget window, aligned to UTC midnight; one day. Tests shorten it.
+    period_s: PosInt = 86_400
+
+
+class MetricsSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Worker metrics (docs/OBSERVABILITY.md): a Prometheus scrape endpoint when `port` is set
+    (0: any free port; `pipeline worker --metrics-port` overrides), and the queue poll."""
+
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] | None = None
+    host: str = "0.0.0.0"
+    poll_s: PosFloat = 5.0
+
+
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Everything a process needs; built by `load_settings`."""
 
@@ -173,6 +289,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     router: RouterSettings = msgspec.field(default_factory=RouterSettings)
     cache: CacheSettings = msgspec.field(default_factory=CacheSettings)
     ingress: IngressSettings = msgspec.field(default_factory=IngressSettings)
+    budget: BudgetSettings = msgspec.field(default_factory=BudgetSettings)
+    prices: PriceSettings = msgspec.field(default_factory=PriceSettings)
+    ledger: LedgerSettings = msgspec.field(default_factory=LedgerSettings)
+    ratelimit: RateLimitSettings = msgspec.field(default_factory=RateLimitSettings)
+    metrics: MetricsSettings = msgspec.field(default_factory=MetricsSettings)
     # Per-stage overrides of runtime settings, e.g. [stages.claude-call] concurrency = 2000.
     stages: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
 
@@ -262,6 +383,7 @@ def _check(settings: Settings) -> None:
         raise ConfigError("prefix", f"only {allowed} allowed: {settings.prefix!r}")
     if not settings.redis.url.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError("redis.url", "must start with redis://, rediss:// or unix://")
+    families = settings.claude.models
     from pipeline.routing import check_router  # routing imports this module
 
     check_router(settings)
@@ -270,6 +392,35 @@ def _check(settings: Settings) -> None:
             raise ConfigError(f"cache.ttl_by_type.{task_type}", f"{ttl} is negative (0: no cache)")
     for stage in settings.stages:
         settings.runtime_for(stage)
+    if settings.budget.downgrade_to not in families:
+        raise ConfigError("budget.downgrade_to", f"not one of {sorted(families)}")
+    _check_prices(settings)
+    _check_ratelimit(settings.ratelimit, families)
+
+
+def _check_ratelimit(rl: RateLimitSettings, families: Mapping[str, str]) -> None:
+    names = [key.name for key in rl.keys]
+    for i, key in enumerate(rl.keys):
+        where = f"ratelimit.keys[{i}]"
+        if not re.fullmatch(r"[A-Za-z0-9_.\-]+", key.name) or names.count(key.name) > 1:
+            raise ConfigError(f"{where}.name", f"must be unique letters/digits/_-.: {key.name!r}")
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key.env):
+            raise ConfigError(f"{where}.env", f"not an environment variable name: {key.env!r}")
+        for family in key.limits:
+            if family not in families:
+                raise ConfigError(f"{where}.limits.{family}", f"not one of {sorted(families)}")
+    for family in rl.limits:
+        if family not in families:
+            raise ConfigError(f"ratelimit.limits.{family}", f"not one of {sorted(families)}")
+
+
+def _check_prices(settings: Settings) -> None:
+    families = settings.claude.models
+    if settings.ledger.baseline_family not in families:
+        raise ConfigError("ledger.baseline_family", f"not one of {sorted(families)}")
+    from pipeline.pricing import PriceTable  # the arithmetic lives there, once
+
+    PriceTable.from_settings(settings)
 
 
 def _check_timeouts(redis: RedisSettings, runtime: RuntimeSettings, where: str) -> None:

@@ -13,6 +13,7 @@ from redis.asyncio import Redis
 
 from pipeline.config import Settings
 from pipeline.keys import Keys
+from pipeline.ledger import Ledger
 from pipeline.redis_conn import Availability
 
 log = logging.getLogger(__name__)
@@ -83,8 +84,11 @@ class Services:
     ) -> None:
         self.settings = settings
         self.keys = keys
-        self.memo = Memo(redis, keys, available or Availability(settings.redis.url))
+        self.redis = redis
+        self.available = available = available or Availability(settings.redis.url)
+        self.memo = Memo(redis, keys, available)
         self.cache = ResponseCache(redis, keys)
+        self.ledger = Ledger(redis, keys, settings, available)
         self._closers: list[Callable[[], Awaitable[None]]] = []
 
     def on_close(self, closer: Callable[[], Awaitable[None]]) -> None:
