@@ -20,6 +20,7 @@ from stages import router
 
 pytestmark = pytest.mark.anyio
 MODELS = {"haiku": "claude-haiku-5-5", "sonnet": "claude-sonnet-5-5", "opus": "claude-opus-5-5"}
+PRICES = {f: {"input": 1.0, "output": 5.0} for f in MODELS}
 
 
 @pytest.fixture
@@ -262,7 +263,11 @@ def test_bad_rules_fail_at_start_naming_the_field(
 async def test_a_configured_model_id_needs_no_family_name(
     client: Redis, fast_env: dict[str, str]
 ) -> None:
-    settings = routing(fast_env, claude__models={**MODELS, "mini": "acme-mini-1"})
+    settings = routing(
+        fast_env,
+        claude__models={**MODELS, "mini": "acme-mini-1"},
+        prices__tables=[{"from": "2025-10-01", "models": {**PRICES, "mini": PRICES["haiku"]}}],
+    )
     out = routed(await route(client, settings, prompt="q", model="acme-mini-1"))
     assert (out.family, out.model) == ("mini", "acme-mini-1")
     aliased = routed(await route(client, settings, prompt="q", model="mini"))
