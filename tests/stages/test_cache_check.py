@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import msgspec
 import pytest
@@ -13,6 +14,7 @@ from redis.asyncio import Redis
 
 from pipeline import (
     App,
+    ConfigError,
     Forward,
     Handler,
     HandlerFactory,
@@ -124,6 +126,66 @@ async def test_a_disabled_cache_is_not_read(client: Redis, fast_env: dict[str, s
     )
     assert (await check(client, settings, FIELDS)).to == "router"
     assert await counters(client, settings) == {}
+
+
+@pytest.mark.parametrize(
+    ("ttl_by_type", "ttl_s"),
+    [({"classify": 604_800}, 604_800), ({"classify": True}, 3600), ({"other": 5}, 3600)],
+)
+async def test_answers_are_cached_for_their_types_ttl(
+    client: Redis, fast_env: dict[str, str], ttl_by_type: dict[str, object], ttl_s: int
+) -> None:
+    settings = load_settings(env=fast_env, cache__ttl_s=3600, cache__ttl_by_type=ttl_by_type)
+    fresh = await remember(client, settings, FIELDS)
+    ttl = await client.ttl(Keys(settings.prefix).cache(fresh.request.request_hash))
+    assert ttl_s - 5 <= ttl <= ttl_s
+    assert (await check(client, settings, FIELDS)).to == "store"
+
+
+@pytest.mark.parametrize("off", [0, False])
+async def test_a_type_with_ttl_0_or_false_is_neither_written_nor_read(
+    client: Redis, fast_env: dict[str, str], off: object
+) -> None:
+    settings = load_settings(env=fast_env, cache__ttl_by_type={"classify": off, "other": 60})
+    fresh = await remember(client, settings, FIELDS)
+    assert not await client.exists(Keys(settings.prefix).cache(fresh.request.request_hash))
+    cached_elsewhere = load_settings(env=fast_env)  # an entry written under another config
+    await remember(client, cached_elsewhere, FIELDS)
+    assert (await check(client, settings, FIELDS)).to == "router"
+    assert await counters(client, settings) == {}, "no lookup, so no hit or miss either"
+
+
+def test_a_negative_type_ttl_fails_at_start(fast_env: dict[str, str]) -> None:
+    with pytest.raises(ConfigError, match=r"^config: cache.ttl_by_type.classify: -1 is negative"):
+        load_settings(env=fast_env, cache__ttl_by_type={"classify": -1})
+
+
+class CountingRedis(Redis):
+    """A real client that records the commands it sends."""
+
+    sent: list[str]
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        self.sent.append(str(args[0]).upper())
+        return await super().execute_command(*args, **options)
+
+
+async def test_the_lookup_and_its_count_are_one_round_trip(
+    redis_url: str, client: Redis, settings: Settings
+) -> None:
+    counting = CountingRedis.from_url(redis_url)
+    counting.sent = []
+    try:
+        cache = Services(settings, counting, Keys(settings.prefix)).cache
+        await cache.get("0" * 32)  # the first call may load the script
+        await client.set(Keys(settings.prefix).cache("1" * 32), b"x")
+        counting.sent = []
+        assert await cache.get("1" * 32) == b"x"
+        assert await cache.get("2" * 32) is None
+    finally:
+        await counting.aclose()
+    assert counting.sent == ["EVALSHA", "EVALSHA"]
+    assert await counters(client, settings) == {"cache_misses": 2, "cache_hits": 1}
 
 
 async def test_an_unreadable_cache_entry_is_a_miss(client: Redis, settings: Settings) -> None:
