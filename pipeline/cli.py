@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import sys
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional, TypeVar
 
@@ -25,6 +25,7 @@ from pipeline.config import Settings, load_settings
 from pipeline.errors import PipelineError, RedisUnavailable
 
 if TYPE_CHECKING:
+    from pipeline.stage import App
     from pipeline.status import Status
 
 _T = TypeVar("_T")
@@ -314,6 +315,18 @@ def status(
         str, typer.Option("--app", help="module:attribute of the App whose stages to show.")
     ] = "stages:app",
     as_json: JsonOpt = False,
+    watch: Annotated[
+        bool,
+        typer.Option(
+            "--watch", "-w", help="Refresh until Ctrl-C, with throughput, cache and 429 rates."
+        ),
+    ] = False,
+    interval: Annotated[
+        float, typer.Option(min=0.1, help="With --watch: seconds between refreshes.")
+    ] = 2.0,
+    iterations: Annotated[
+        int, typer.Option(min=0, hidden=True, help="With --watch: stop after N refreshes.")
+    ] = 0,
     config: ConfigOpt = None,
 ) -> None:
     """Backlog, pending, lag, consumers, oldest pending age and retries per stage; DLQ; pauses."""
@@ -326,6 +339,9 @@ def status(
 
     settings = _settings(config)
     the_app = load_app(app_spec, settings)
+    if watch:
+        _watch_status(settings, the_app, interval, iterations)
+        return
 
     async def gather() -> Status:
         async with _redis(settings) as redis:
@@ -337,6 +353,31 @@ def status(
     else:
         where = f"{redacted(settings.redis.url)}  prefix {settings.prefix}"
         out.print(render.status_view(state, where))
+
+
+def _watch_status(settings: Settings, the_app: App, interval_s: float, iterations: int) -> None:
+    """A live view on a terminal (one frame per refresh when piped); Ctrl-C exits with 0."""
+    from rich.live import Live
+
+    from pipeline.keys import Keys
+    from pipeline.redis_conn import redacted
+    from pipeline.status_watch import WatchView, run_watch
+
+    where = f"{redacted(settings.redis.url)}  prefix {settings.prefix}"
+
+    async def run(show: Callable[[WatchView], None]) -> None:
+        async with _redis(settings) as redis:
+            await run_watch(redis, Keys(settings.prefix), the_app, settings, show,
+                            interval_s=interval_s, iterations=iterations)  # fmt: skip
+
+    try:
+        if out.is_terminal:
+            with Live(console=out, auto_refresh=False, transient=False) as live:
+                _call(run(lambda v: live.update(render.watch_view(v, where), refresh=True)))
+        else:
+            _call(run(lambda v: out.print(render.watch_view(v, where))))
+    except KeyboardInterrupt:
+        pass
 
 
 # ---- the fake Claude API --------------------------------------------------------------------

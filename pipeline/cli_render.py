@@ -24,6 +24,7 @@ from pipeline.dlq import DeadLetter
 from pipeline.errors import Backpressure, InvalidTask
 from pipeline.results import RESULT_FIELDS
 from pipeline.status import Status
+from pipeline.status_watch import WatchView
 
 if TYPE_CHECKING:
     from pipeline.client import Client
@@ -70,9 +71,12 @@ def _pretty(value: str) -> RenderableType:
     return Text(value)
 
 
-def status_view(status: Status, where: str) -> RenderableType:
-    """Per stage and lane: backlog, pending, lag, consumers, oldest pending, delayed; then
-    the DLQ and paused stages, coloured when they need attention."""
+def status_view(
+    status: Status, where: str, rates: Sequence[float | None] | None = None
+) -> RenderableType:
+    """Per stage and lane: backlog, pending, lag, consumers, oldest pending, delayed (and,
+    given `rates` per row, entries handed on per second); then the DLQ and paused stages,
+    coloured when they need attention."""
     paused = {p.stage for p in status.paused}
     table = Table(
         title=Text(f"pipeline status  {where}"),
@@ -87,7 +91,9 @@ def status_view(status: Status, where: str) -> RenderableType:
         table.add_column(name, no_wrap=True)
     for name in ("backlog", "pending", "lag", "consumers", "oldest", "delayed"):
         table.add_column(name, justify="right", no_wrap=True)
-    for row in status.streams:
+    if rates is not None:
+        table.add_column("out/s", justify="right", no_wrap=True)
+    for i, row in enumerate(status.streams):
         oldest = Text(age(row.oldest_pending_s))
         if row.oldest_pending_s is not None and row.oldest_pending_s >= OLD_PENDING_S[0]:
             old = row.oldest_pending_s >= OLD_PENDING_S[1]
@@ -103,6 +109,7 @@ def status_view(status: Status, where: str) -> RenderableType:
             consumers,
             oldest,
             _count(row.delayed, warn=True),
+            *([] if rates is None else [Text(_rate(rates[i]))]),
         )
     dlq = Text("DLQ: ", style="bold")
     dlq.append(f"{status.dlq:,} entries", style="bold red" if status.dlq else "green")
@@ -118,6 +125,41 @@ def status_view(status: Status, where: str) -> RenderableType:
             line.append(f"  ({age(pause.remaining_s)} left)", style="dim")
         lines.append(line)
     return Group(*lines)
+
+
+def watch_view(watch: WatchView, where: str) -> RenderableType:
+    """`status --watch`: the status table with throughput, then the rates of the interval."""
+    status = watch.poll.status
+    lines: list[RenderableType] = [status_view(status, where, [r.per_s for r in watch.rates])]
+    cache = Text.assemble(("cache hits: ", "bold"), _percent(watch.cache_hit_rate))
+    cache.append(f" of lookups now, {_percent(watch.cache_hit_rate_total)} overall", style="dim")
+    line_429 = Text.assemble(("429s: ", "bold"), _percent(watch.rate_429))
+    line_429.append(" of calls admitted by the rate limiter", style="dim")
+    if watch.rate_429:
+        line_429.stylize("bold yellow", 6)
+    latency = Text.assemble(("end to end: ", "bold"))
+    if watch.p50_ms is None or watch.p99_ms is None:
+        latency.append("-  (no recent completions)", style="dim")
+    else:
+        latency.append(f"p50 {age(watch.p50_ms / 1000)}  p99 {age(watch.p99_ms / 1000)}")
+        latency.append(f"  (last {len(watch.poll.latencies_ms)} completions)", style="dim")
+    spend = watch.poll.spend_today_usd
+    lines += [
+        cache,
+        line_429,
+        latency,
+        Text.assemble(("spend today (UTC): ", "bold"), "-" if spend is None else f"${spend:,.2f}"),
+        Text("per-stage p99: Grafana (pipeline_stage_duration_seconds); Ctrl-C exits", "dim"),
+    ]
+    return Group(*lines)
+
+
+def _rate(per_s: float | None) -> str:
+    return "-" if per_s is None else f"{per_s:,.1f}"
+
+
+def _percent(share: float | None) -> str:
+    return "-" if share is None else f"{share:.1%}"
 
 
 def result_view(task_id: str, result: Mapping[str, str]) -> RenderableType:
