@@ -463,6 +463,11 @@ from pipeline.cli_dlq import dlq_app  # noqa: E402
 
 app.add_typer(dlq_app, name="dlq")
 
+# `pipeline cost` lives in pipeline/cli_cost.py.
+from pipeline.cli_cost import cost  # noqa: E402
+
+app.command()(cost)
+
 
 def main() -> None:
     """Entry point: one clear line for expected errors, not a traceback."""

@@ -2,7 +2,8 @@
 
 The runtime stores the result first-writer-wins with its TTL and adds the done event in the
 same atomic step as the ack (guarantees 1 and 5). Only complete, successful, fresh answers
-of tasks that allow caching go into the response cache (cost control).
+of tasks that allow caching go into the response cache (cost control). Every answer is
+charged to the cost ledger first, once per task id even if this entry is redelivered.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import time
 import msgspec
 
 from pipeline import Complete, Handler, Message, Outcome, Services, Settings, Stage
-from pipeline.pricing import cost_micro_usd, usd
+from pipeline.pricing import micro_usd, usd
 from pipeline.results import make_result, result_ttl, trace_id_of
 from pipeline.task import Answer, Request
 
@@ -22,10 +23,12 @@ COMPLETE_STOP_REASONS = frozenset({"end_turn", "stop_sequence"})
 
 async def build(services: Services) -> Handler:
     """The handler, with this worker's settings and response cache."""
-    settings, cache = services.settings, services.cache
+    settings, cache, ledger = services.settings, services.cache, services.ledger
 
     async def store(msg: Message) -> Outcome:
         answer = msg.body(Answer)
+        charge = ledger.charge(answer)
+        await ledger.record(msg.task_id, charge)
         if _cacheable(answer, settings):
             ttl_s = settings.cache.ttl_for(answer.request.type)
             await cache.put(answer.request.request_hash, _cache_entry(answer), ttl_s)
@@ -37,7 +40,7 @@ async def build(services: Services) -> Handler:
             output_tokens=answer.usage.output_tokens,
             cache_read_input_tokens=answer.usage.cache_read_input_tokens,
             cache_creation_input_tokens=answer.usage.cache_creation_input_tokens,
-            cost_usd=usd(0 if answer.cached else cost_micro_usd(answer.model, answer.usage)),
+            cost_usd=usd(micro_usd(charge.spend_pico)),
             cached=answer.cached,
             stop_reason=answer.stop_reason,
             attempts=answer.attempts,
