@@ -33,6 +33,15 @@ class Retry:
 
 
 @dataclass(frozen=True, slots=True)
+class Defer:
+    """Try this stage again after `delay_ms` without spending a retry attempt: nothing
+    failed, the task must wait (e.g. for tomorrow's budget)."""
+
+    reason: str
+    delay_ms: int
+
+
+@dataclass(frozen=True, slots=True)
 class Fail:
     """Give up: dead-letter the entry with the reason and store a `failed` result."""
 
@@ -40,4 +49,4 @@ class Fail:
     result: Mapping[str, str] = field(default_factory=dict)
 
 
-Outcome = Forward | Complete | Retry | Fail
+Outcome = Forward | Complete | Retry | Defer | Fail

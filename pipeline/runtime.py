@@ -23,7 +23,7 @@ from pipeline.dlq import dlq_fields
 from pipeline.errors import AuthError, InvalidTask, PermanentError, TransientError
 from pipeline.handoff import Record, build_call
 from pipeline.leases import drain_own, reclaim_loop, renew, renew_loop
-from pipeline.outcome import Complete, Fail, Forward, Outcome, Retry
+from pipeline.outcome import Complete, Defer, Fail, Forward, Outcome, Retry
 from pipeline.replies import read_entries
 from pipeline.results import make_result, result_ttl, trace_id_of
 from pipeline.retry import GiveUp
@@ -278,6 +278,8 @@ class StageRunner:
             if self.ctx.hooks:
                 self.ctx.spawn_hook("on_retry", msg, delay, outcome.reason)
             return self._requeue(inf, env, delay, next_attempt=True)
+        if isinstance(outcome, Defer):
+            return self._requeue(inf, env, outcome.delay_ms)
         return self._dead_letter(inf, env, outcome.reason, extra=outcome.result)
 
     def _record(self, inf: Inflight) -> Record:
