@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -323,3 +324,17 @@ async def test_the_request_travels_on_unchanged(client: Redis, fast_env: dict[st
     fields = {"prompt": "q", "metadata": '{"a": 1}', "cache": "false", "temperature": "0.2"}
     out = routed(await route(client, settings, **fields))
     assert out.request == parse_request(fields, settings)
+
+
+def test_the_docs_examples_load_and_show_the_real_defaults(tmp_path: Path) -> None:
+    docs = Path(__file__).parents[2] / "docs" / "ROUTING.md"
+    examples = re.findall(r"```toml\n(.*?)```", docs.read_text(), re.S)
+    assert len(examples) == 3
+    loaded = []
+    for i, example in enumerate(examples):
+        path = tmp_path / f"example{i}.toml"
+        path.write_text(example)
+        loaded.append(load_settings(path, env={}))
+    assert loaded[0].router == Settings().router, "docs/ROUTING.md shows stale defaults"
+    assert loaded[1].router.rules[1].model == "claude-opus-4-1"
+    assert loaded[2].cache.ttl_for("chat") == 0
