@@ -147,7 +147,7 @@ def cost_view(report: CostReport, by: tuple[str, ...] = BY) -> RenderableType:
     savings.add_column()
     baseline = f"all to the requested model, else {report.baseline_family}; no cache"
     savings.add_row("baseline", money(base), Text(baseline, style="dim"))
-    savings.add_row("cache saved", money(total.saved_pico), f"{total.hits:,} hits")
+    savings.add_row("cache saved", money(total.saved_pico), f"{total.hits:,} cache hits")
     savings.add_row("routing saved", money(total.routing_saved_pico), "")
     spent = f"{_share(base - total.cost_pico, base)} less than the baseline"
     savings.add_row(Text("spent", style="bold"), Text(money(total.cost_pico), "bold"), spent)
@@ -157,18 +157,17 @@ def cost_view(report: CostReport, by: tuple[str, ...] = BY) -> RenderableType:
 
 
 def _table(by: str, groups: dict[str, Totals], total: Totals) -> Table:
+    """Fits 80 columns: tokens and money are shortened here (exact in the JSON)."""
     table = Table(box=box.SIMPLE_HEAVY, pad_edge=False, show_edge=False, show_footer=True)
-    table.add_column(by, "total", no_wrap=True)
+    table.add_column(by, "total", overflow="fold")
     columns: dict[str, Callable[[Totals], str]] = {
-        "requests": lambda t: f"{t.requests:,}",
+        "calls": lambda t: f"{t.requests:,}",
         "hits": lambda t: f"{t.hits:,}",
-        "input": lambda t: f"{t.input:,}",
-        "output": lambda t: f"{t.output:,}",
-        "cache w 5m/1h": lambda t: f"{t.cache_write_5m:,}/{t.cache_write_1h:,}",
-        "cache r": lambda t: f"{t.cache_read:,}",
-        "spent": lambda t: money(t.cost_pico),
-        "saved": lambda t: money(t.saved_pico),
-        "baseline": lambda t: money(t.baseline_pico),
+        "in": lambda t: _tokens(t.input),
+        "out": lambda t: _tokens(t.output),
+        "cache w": lambda t: _tokens(t.cache_write_5m + t.cache_write_1h),
+        "cache r": lambda t: _tokens(t.cache_read),
+        "spent": lambda t: _short_money(t.cost_pico),
     }
     for name, cell in columns.items():
         table.add_column(name, cell(total), justify="right", no_wrap=True)
@@ -177,6 +176,18 @@ def _table(by: str, groups: dict[str, Totals], total: Totals) -> Table:
     if not groups:
         table.add_row(Text("nothing recorded", style="dim"))
     return table
+
+
+def _tokens(n: int) -> str:
+    if n < 100_000:
+        return f"{n:,}"
+    return f"{n / 1000:,.0f}k" if n < 10_000_000 else f"{n / 1_000_000:,.1f}M"
+
+
+def _short_money(pico: int) -> str:
+    """To the micro-dollar below $100, to the cent above."""
+    exact = money(pico)
+    return exact if micro_usd(pico) < 100_000_000 else exact[:-4]
 
 
 def _projections(report: CostReport) -> Table:
@@ -188,12 +199,12 @@ def _projections(report: CostReport) -> Table:
     grid.add_row(
         "per day at the last hour's rate",
         money(hour.cost_pico * 24),
-        Text(f"{hour.tasks:,} tasks in the 60 minutes to {report.now:%H:%M} UTC, x 24", "dim"),
+        Text(f"x 24 ({hour.tasks:,} tasks, hour to {report.now:%H:%M} UTC)", "dim"),
     )
     if report.tasks_per_day is not None:
         n = f"{report.tasks_per_day:,} tasks/day"
         grid.add_row(f"per day at {n}", money(report.at_rate(report.total.cost_pico)),
-                     Text("with cache + routing, at this range's mix", "dim"))  # fmt: skip
+                     Text("cache + routing, this range's mix", "dim"))  # fmt: skip
         grid.add_row(f"baseline at {n}", money(report.at_rate(report.total.baseline_pico)),
                      Text(f"all-{report.baseline_family}, no cache", "dim"))  # fmt: skip
     return grid
