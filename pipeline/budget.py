@@ -160,7 +160,9 @@ class Budget:
         model = self._models[family]
         if routed.family == family or routed.model == model:
             return None
-        return msgspec.structs.replace(routed, family=family, model=model)
+        # The answer is not what the request's cache key stands for: never cache it.
+        request = msgspec.structs.replace(routed.request, cache=False)
+        return msgspec.structs.replace(routed, request=request, family=family, model=model)
 
     def _window_start(self, now: float) -> int:
         return int(now) - int(now) % self._budget.period_s

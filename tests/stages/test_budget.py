@@ -36,9 +36,10 @@ NOON = datetime.datetime(2026, 12, 29, 12, tzinfo=datetime.UTC).timestamp()
 
 def routed(n: int = 0, *, task_type: str = "default", family: str = "sonnet") -> Routed:
     request = Request(
-        messages=[{"role": "user", "content": "What is 2+2?"}], type=task_type, cache=False,
+        messages=[{"role": "user", "content": "What is 2+2?"}],
+        type=task_type,
         metadata=f'{{"n": {n}}}',
-    )  # fmt: skip
+    )  # fmt: skip (no request_hash: each call flies alone)
     model = SONNET if family == "sonnet" else HAIKU
     return Routed(request=request, family=family, model=model, max_tokens=64)
 
@@ -208,6 +209,7 @@ async def test_downgrade_calls_the_cheaper_family_then_defers(
     first = await handle(message(routed(1), task_id="cheap"))
     assert isinstance(first, Forward) and isinstance(first.body, Answer)
     assert first.body.model == HAIKU
+    assert not first.body.request.cache, "a downgraded answer must not fill the cache"
     assert list(fake.stats()["by_key_family"]) == [f"{KEY}|haiku"]
     second = await handle(message(routed(2), task_id="none-left"))
     assert isinstance(second, Defer) and "(on haiku too)" in second.reason
