@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
+from collections.abc import Callable
 
 import pytest
 from redis.asyncio import Redis
@@ -24,13 +25,18 @@ USAGE = Usage(input_tokens=1000, output_tokens=100)
 HAIKU, SONNET = 1_500_000_000, 4_500_000_000  # pico-dollars
 
 
-def record(settings: Settings, charges: list[tuple[str, datetime.datetime, str, str, bool]]) -> None:
+Charge = tuple[str, datetime.datetime, str, str, bool]
+Run = Callable[..., tuple[int, str]]
+
+
+def record(settings: Settings, charges: list[Charge]) -> None:
     """(task id, when, model, type, cached) -> the ledger, as the store stage writes it."""
 
     async def write() -> None:
         redis = Redis.from_url(settings.redis.url)
         try:
-            ledger = Ledger(redis, Keys(settings.prefix), settings, Availability(settings.redis.url))
+            available = Availability(settings.redis.url)
+            ledger = Ledger(redis, Keys(settings.prefix), settings, available)
             for task_id, at, model, task_type, cached in charges:
                 request = parse_request({"prompt": "hi", "type": task_type}, settings)
                 answer = Answer(request=request, model=model, output="ok", stop_reason="end_turn",
@@ -43,7 +49,7 @@ def record(settings: Settings, charges: list[tuple[str, datetime.datetime, str, 
 
 
 @pytest.fixture
-def run(fast_env: dict[str, str]):  # type: ignore[no-untyped-def]
+def run(fast_env: dict[str, str]) -> Run:
     def invoke(*args: str) -> tuple[int, str]:
         result = CliRunner().invoke(app, ["cost", *args], env=fast_env)
         return result.exit_code, result.output
@@ -65,7 +71,7 @@ def three_days(settings: Settings) -> None:
     )
 
 
-def test_a_day_as_json_has_exact_totals_savings_and_groups(run, three_days) -> None:  # type: ignore[no-untyped-def]
+def test_a_day_as_json_has_exact_totals_savings_and_groups(run: Run, three_days: None) -> None:
     code, out = run("--day", "2026-01-10", "--json")
     assert code == 0, out
     data = json.loads(out)
@@ -82,7 +88,7 @@ def test_a_day_as_json_has_exact_totals_savings_and_groups(run, three_days) -> N
     assert data["by_type"]["reason"]["cost_usd"] == "0.004500"
 
 
-def test_a_range_sums_its_days_only(run, three_days) -> None:  # type: ignore[no-untyped-def]
+def test_a_range_sums_its_days_only(run: Run, three_days: None) -> None:
     code, out = run("--since", "2026-01-10", "--until", "2026-01-11", "--json", "--by", "type")
     assert code == 0, out
     data = json.loads(out)
@@ -94,27 +100,28 @@ def test_a_range_sums_its_days_only(run, three_days) -> None:  # type: ignore[no
     assert json.loads(out)["total"]["cost_pico"] == SONNET
 
 
-def test_the_table_shows_models_types_money_and_savings(run, three_days) -> None:  # type: ignore[no-untyped-def]
+def test_the_table_shows_models_types_money_and_savings(run: Run, three_days: None) -> None:
     code, out = run("--since", "2026-01-10", "--until", "2026-01-12")
     assert code == 0, out
     for text in ("claude-haiku-5-5", "claude-sonnet-5-5", "classify", "extract", "reason",
-                 "2026-01-10 .. 2026-01-12", "cache saved", "routing saved", "baseline"):  # fmt: skip
+                 "2026-01-10 .. 2026-01-12", "cache saved", "routing saved"):  # fmt: skip
         assert text in out, text
     assert "$0.012000" in out  # spent: 2 Haiku + 2 Sonnet calls
     assert "$0.001500" in out  # saved by the one cache hit
     assert "$0.022500" in out  # baseline: 5 tasks x Sonnet price
 
 
-def test_projection_to_a_number_of_tasks_a_day(run, three_days) -> None:  # type: ignore[no-untyped-def]
+def test_projection_to_a_number_of_tasks_a_day(run: Run, three_days: None) -> None:
     code, out = run("--day", "2026-01-10", "--tasks-per-day", "1000000", "--json")
+    assert code == 0, out
     per_day = json.loads(out)["per_day"]
     # 3 tasks cost $0.006 (1 hit): $0.002 a task; the baseline $0.0045 a task.
     assert per_day == {"tasks": 1_000_000, "cost_usd": "2000.000000", "baseline_usd": "4500.000000"}
-    code, out = run("--day", "2026-01-10", "--tasks-per-day", "1000000")
+    _, out = run("--day", "2026-01-10", "--tasks-per-day", "1000000")
     assert "$2,000.000000" in out and "$4,500.000000" in out
 
 
-def test_current_rate_projection_uses_the_last_hour(run, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+def test_current_rate_projection_uses_the_last_hour(run: Run, settings: Settings) -> None:
     record(
         settings,
         [
@@ -130,7 +137,7 @@ def test_current_rate_projection_uses_the_last_hour(run, settings: Settings) -> 
     assert "per day at the last hour's rate" in run()[1]
 
 
-def test_an_empty_ledger_says_so(run) -> None:  # type: ignore[no-untyped-def]
+def test_an_empty_ledger_says_so(run: Run) -> None:
     code, out = run("--day", "2001-01-01")
     assert code == 0
     assert "nothing recorded" in out
@@ -148,7 +155,7 @@ def test_an_empty_ledger_says_so(run) -> None:  # type: ignore[no-untyped-def]
         (["--by", "colour"], "use model or type"),
     ],
 )
-def test_bad_dates_and_options_are_clear_errors(run, args: list[str], message: str) -> None:  # type: ignore[no-untyped-def]
+def test_bad_dates_and_options_are_clear_errors(run: Run, args: list[str], message: str) -> None:
     code, out = run(*args)
     assert code == 2
     assert message in " ".join(out.split()), out
