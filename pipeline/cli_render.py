@@ -22,6 +22,7 @@ from rich.text import Text
 
 from pipeline.dlq import DeadLetter
 from pipeline.errors import Backpressure, InvalidTask
+from pipeline.ratelimit import LimitState
 from pipeline.results import RESULT_FIELDS
 from pipeline.status import Status
 from pipeline.status_watch import WatchView
@@ -113,9 +114,12 @@ def status_view(
         )
     dlq = Text("DLQ: ", style="bold")
     dlq.append(f"{status.dlq:,} entries", style="bold red" if status.dlq else "green")
+
     if status.dlq:
         dlq.append("  (pipeline dlq list)", style="dim")
     lines: list[RenderableType] = [table, dlq]
+    if status.limits:
+        lines.insert(1, limits_view(status.limits))
     if not status.paused:
         lines.append(Text.assemble(("paused: ", "bold"), ("none", "green")))
     for pause in status.paused:
@@ -125,6 +129,47 @@ def status_view(
             line.append(f"  ({age(pause.remaining_s)} left)", style="dim")
         lines.append(line)
     return Group(*lines)
+
+
+def limits_view(limits: Sequence[LimitState]) -> RenderableType:
+    """Per API key x model family: what is left of each per-minute limit, the calls in
+    flight with the key, cool-downs and 429s. A limit shows `?` until learned."""
+    table = Table(
+        title=Text("rate limits (shared by every worker)"),
+        title_justify="left",
+        caption="left/limit per minute; in flight: the key's live concurrency slots",
+        caption_justify="left",
+        box=box.SIMPLE_HEAVY,
+        pad_edge=False,
+        show_edge=False,
+    )
+    table.add_column("key", no_wrap=True)
+    table.add_column("family", no_wrap=True)
+    for name in ("requests", "input tok", "output tok", "in flight", "admitted", "429s"):
+        table.add_column(name, justify="right", no_wrap=True)
+    table.add_column("cool-down", justify="right", no_wrap=True)
+    for row in limits:
+        cool = Text("-")
+        if row.cool_down_s > 0:
+            cool = Text(age(row.cool_down_s), style="bold yellow")
+        table.add_row(
+            Text(row.key_id),
+            Text(row.family),
+            Text(_left(row.requests_left, row.rpm, row.learned)),
+            Text(_left(row.input_left, row.itpm, row.learned)),
+            Text(_left(row.output_left, row.otpm, row.learned)),
+            Text(f"{row.in_flight:,}"),
+            Text(f"{row.admitted:,}"),
+            _count(row.throttled_429, warn=True),
+            cool,
+        )
+    return table
+
+
+def _left(level: float | None, limit: int | None, learned: bool) -> str:
+    if limit is None:
+        return "unlimited" if learned else "?"
+    return f"{max(0, int(level or 0)):,}/{limit:,}"
 
 
 def watch_view(watch: WatchView, where: str) -> RenderableType:

@@ -11,7 +11,9 @@ from typing import Any
 import msgspec
 from redis.asyncio import Redis
 
+from pipeline.config import RateLimitSettings
 from pipeline.keys import Keys
+from pipeline.ratelimit import LimitState, limiter_state
 from pipeline.stage import App
 from pipeline.wire import entry_ms
 
@@ -44,9 +46,12 @@ class Status(msgspec.Struct, frozen=True, kw_only=True):
     dlq: int
     paused: list[PauseStatus]
     server_time_ms: int
+    limits: list[LimitState] = []  # per (API key, model family) the limiter has seen
 
 
-async def gather_status(redis: Redis, keys: Keys, app: App) -> Status:
+async def gather_status(
+    redis: Redis, keys: Keys, app: App, ratelimit: RateLimitSettings | None = None
+) -> Status:
     """Read every stage's numbers in one round trip.
 
     Missing streams and groups read as zeros (a stage nobody has started yet), never as errors.
@@ -102,7 +107,10 @@ async def gather_status(redis: Redis, keys: Keys, app: App) -> Status:
                 group_exists=group is not None,
             )
         )
-    return Status(streams=streams, dlq=_int(replies[1]), paused=paused, server_time_ms=now_ms)
+    limits = await limiter_state(redis, keys, ratelimit)
+    return Status(
+        streams=streams, dlq=_int(replies[1]), paused=paused, server_time_ms=now_ms, limits=limits
+    )
 
 
 def _group(groups: object, name: str) -> dict[str, Any] | None:

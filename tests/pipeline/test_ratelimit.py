@@ -8,6 +8,7 @@ Redis. Waiting is checked with short timeouts rather than by sleeping out whole 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -17,9 +18,11 @@ from redis.asyncio import Redis
 
 from pipeline.config import ApiKeySettings, FamilyLimits, RateLimitSettings
 from pipeline.keys import Keys
-from pipeline.ratelimit import ApiKey, RateLimiter, Ticket, limiter_state
+from pipeline.ratelimit import ApiKey, RateLimiter, Ticket, key_id, limiter_state
 from pipeline.redis_conn import Availability
 from pipeline.task import Usage
+from tests.test_cli import cli
+from tests.test_cli import env as cli_env_fixture
 
 pytestmark = pytest.mark.anyio
 
@@ -51,6 +54,9 @@ async def make_limiter(aredis: Redis, prefix: str, redis_url: str) -> AsyncItera
     yield make
     for limiter in made:
         await limiter.aclose()
+
+
+cli_env = cli_env_fixture.__wrapped__  # type: ignore[attr-defined]
 
 
 def limits(**family: FamilyLimits) -> dict[str, FamilyLimits]:
@@ -194,3 +200,32 @@ async def test_load_spreads_over_several_keys_each_with_its_own_limits(
     assert used.count("a") == 3 and used.count("b") == 5
     assert used[:4] == ["a", "b", "a", "b"]  # round robin while both have room
     assert await admitted(a, 10, 10) is None
+
+
+async def test_status_shows_limits_use_and_cool_downs_per_key_and_family(
+    make_limiter: Any, redis_url: str, prefix: str
+) -> None:
+    a = make_limiter(secrets=["sk-status"])
+    probe = await admitted(a, 10, 10)
+    assert probe is not None
+    headers = {
+        "anthropic-ratelimit-requests-limit": "50",
+        "anthropic-ratelimit-requests-remaining": "40",
+        "anthropic-ratelimit-output-tokens-limit": "8000",
+        "anthropic-ratelimit-output-tokens-remaining": "7000",
+    }
+    await a.settle(probe, usage=None, status=429, headers=headers, retry_after_s=30)
+    env = {**cli_env(redis_url, prefix), "ANTHROPIC_API_KEY": "sk-status"}
+    proc = cli(env, "status")
+    assert proc.returncode == 0, proc.stderr
+    row = next(ln.split() for ln in proc.stdout.splitlines() if ln.startswith(key_id("sk-status")))
+    # key, family, requests, input, output, in flight, admitted, 429s, cool-down
+    assert row[1] == "sonnet"
+    assert row[2].endswith("/50") and 39 <= int(row[2].split("/")[0]) <= 48  # refilling
+    assert row[3] == "unlimited"  # the API stated no input-token limit
+    assert row[4].endswith("/8,000")
+    assert row[5:8] == ["0", "1", "1"]
+    assert row[8].endswith("s")  # cooling down
+    data = json.loads(cli(env, "status", "--json").stdout)
+    (limit,) = data["limits"]
+    assert limit["rpm"] == 50 and limit["throttled_429"] == 1 and limit["cool_down_s"] > 25
