@@ -392,7 +392,7 @@ def _check(settings: Settings) -> None:
             raise ConfigError(f"cache.ttl_by_type.{task_type}", f"{ttl} is negative (0: no cache)")
     for stage in settings.stages:
         settings.runtime_for(stage)
-    if settings.budget.downgrade_to not in families:
+    if settings.budget.action == "downgrade" and settings.budget.downgrade_to not in families:
         raise ConfigError("budget.downgrade_to", f"not one of {sorted(families)}")
     _check_prices(settings)
     _check_ratelimit(settings.ratelimit, families)

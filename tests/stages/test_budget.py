@@ -234,7 +234,9 @@ async def test_a_failed_call_gives_its_reservation_back(
 
 def test_budget_settings_are_validated_with_the_fields_name() -> None:
     with pytest.raises(ConfigError, match=r"budget\.downgrade_to"):
-        load_settings(env={"PIPELINE_BUDGET__DOWNGRADE_TO": "tiny"})
+        load_settings(env={"PIPELINE_BUDGET__DOWNGRADE_TO": "tiny",
+                           "PIPELINE_BUDGET__ACTION": "downgrade"})  # fmt: skip
+    assert load_settings(env={"PIPELINE_BUDGET__DOWNGRADE_TO": "tiny"})  # not used by "defer"
     with pytest.raises(ConfigError, match=r"budget\.action"):
         load_settings(env={"PIPELINE_BUDGET__ACTION": "panic"})
     with pytest.raises(ConfigError, match=r"budget\.daily_usd"):
