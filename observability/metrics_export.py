@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # OpenTelemetry is imported only when metrics are on (the [ot
 
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import MetricExporter, MetricReader
+    from prometheus_client import CollectorRegistry
     from redis.asyncio import Redis
 
     from observability.metrics import PipelineMetrics
@@ -105,11 +106,14 @@ def start_metrics(
         raise ConfigError(
             "metrics", f"metrics need the otlp extra: pip install 'claude-pipeline[otlp]' ({exc})"
         ) from None
+    from prometheus_client import CollectorRegistry
+
     readers: list[MetricReader] = []
-    server: WSGIServer | None = None
+    registry = CollectorRegistry(auto_describe=True)  # ours, not prometheus_client's global
     if port is not None:
-        server, port, reader = _prometheus(settings.metrics.host, port)
-        readers.append(reader)
+        from opentelemetry.exporter.prometheus import PrometheusMetricReader
+
+        readers.append(PrometheusMetricReader(registry=registry, scope_info_enabled=False))
     if otlp:
         from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 
@@ -119,6 +123,12 @@ def start_metrics(
     metrics = PipelineMetrics(meter, looked_up=lambda request: _looked_up(settings, request))
     poller = QueuePoller(redis, keys, app, settings.metrics.poll_s)
     poller.register(meter)
+    server: WSGIServer | None = None
+    if port is not None:
+        for collector in metrics.collectors():
+            registry.register(collector)
+        server = _serve(registry, settings.metrics.host, port)
+        port = server.server_port
     started = WorkerMetrics(metrics, poller, provider, port, server)
     started._undo.append(observe_calls(metrics.observe_call))
     where = f"scrape http://{settings.metrics.host}:{port}/metrics" if port is not None else ""
@@ -130,21 +140,20 @@ def _looked_up(settings: Settings, request: object) -> bool:
     """cache-check's own condition for a cache lookup (a miss counts only then)."""
     from pipeline.task import Request
 
-    return isinstance(request, Request) and request.cache and settings.cache.enabled
+    return (
+        isinstance(request, Request) and request.cache and settings.cache.ttl_for(request.type) > 0
+    )
 
 
-def _prometheus(host: str, port: int) -> tuple[WSGIServer, int, MetricReader]:
-    """A registry of our own (not prometheus_client's global one) served on host:port."""
-    from opentelemetry.exporter.prometheus import PrometheusMetricReader
-    from prometheus_client import CollectorRegistry, start_http_server
+def _serve(registry: CollectorRegistry, host: str, port: int) -> WSGIServer:
+    """Serve `registry` at http://host:port/metrics from a thread."""
+    from prometheus_client import start_http_server
 
-    registry = CollectorRegistry(auto_describe=True)
-    reader = PrometheusMetricReader(registry=registry, scope_info_enabled=False)
     try:
         server, _ = start_http_server(port, host, registry)
     except OSError as exc:
         raise ConfigError("metrics.port", f"cannot serve metrics on {host}:{port}: {exc}") from None
-    return server, server.server_port, reader
+    return server
 
 
 def _otlp_exporter(environ: Mapping[str, str]) -> MetricExporter:

@@ -36,6 +36,8 @@ class Scrape:
         self.metrics = PipelineMetrics(
             self.provider.get_meter("test"), looked_up=lambda req: getattr(req, "cache", False)
         )
+        for collector in self.metrics.collectors():
+            self.registry.register(collector)
 
     def samples(self) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
         text = generate_latest(self.registry).decode()
