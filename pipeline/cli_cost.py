@@ -1,7 +1,7 @@
 """`pipeline cost`: the ledger for a day or a range, savings, and per-day projections.
 
 Registered on `pipeline.cli.app`. Savings compare what was spent with sending every task to
-its baseline model (the model it asked for, else `ledger.baseline_family`) without the
+its baseline model (the model it asked for, else the baseline family, Sonnet) without the
 response cache: the cache's share is what its hits would have cost at their own model, and
 routing's share is the rest. Money is exact (pico-dollars in the ledger), shown in dollars.
 """
@@ -22,7 +22,7 @@ from rich.text import Text
 
 from pipeline.config import Settings
 from pipeline.keys import Keys
-from pipeline.ledger import Minute, Totals, read_days
+from pipeline.ledger import Minute, Totals, baseline_family, read_days
 from pipeline.pricing import micro_usd, usd
 
 #: Longest range one command reads (the ledger keeps 400 days by default).
@@ -104,9 +104,7 @@ async def gather_cost(
         keys = Keys(settings.prefix)
         entries = await read_days(redis, keys, days)
         minutes = (await read_days(redis, keys, recent)).minutes
-    report = CostReport(
-        first, last, settings.ledger.baseline_family, now, tasks_per_day=tasks_per_day
-    )
+    report = CostReport(first, last, baseline_family(settings), now, tasks_per_day=tasks_per_day)
     for row in entries.rows:
         report.by_model.setdefault(row.model, Totals()).add(row.totals)
         report.by_type.setdefault(row.type, Totals()).add(row.totals)

@@ -244,8 +244,8 @@ class LedgerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
 
     enabled: bool = True
     # Savings are measured against this family for `model=auto` tasks (an explicit model
-    # is its own baseline): "what if everything went to Sonnet".
-    baseline_family: str = "sonnet"
+    # is its own baseline): "what if everything went to Sonnet". None: router.default_family.
+    baseline_family: str | None = None
     ttl_days: PosInt = 400
     # A task id is remembered this long so a redelivered store entry is not counted twice.
     once_ttl_s: PosInt = 24 * 3600
@@ -416,7 +416,7 @@ def _check_ratelimit(rl: RateLimitSettings, families: Mapping[str, str]) -> None
 
 def _check_prices(settings: Settings) -> None:
     families = settings.claude.models
-    if settings.ledger.baseline_family not in families:
+    if settings.ledger.baseline_family not in (None, *families):
         raise ConfigError("ledger.baseline_family", f"not one of {sorted(families)}")
     from pipeline.pricing import PriceTable  # the arithmetic lives there, once
 

@@ -78,6 +78,12 @@ class Charge:
         return self.totals.cost_pico
 
 
+def baseline_family(settings: Settings) -> str:
+    """What `model=auto` tasks are compared with: `ledger.baseline_family`, else the router's
+    default family."""
+    return settings.ledger.baseline_family or settings.router.default_family
+
+
 class Ledger:
     """Charges answers at the configured prices and records each task once."""
 
@@ -87,10 +93,15 @@ class Ledger:
         self._keys = keys
         self._settings = settings.ledger
         self._models = settings.claude.models
+        self._baseline = baseline_family(settings)
         self._prices = PriceTable.from_settings(settings)
         self._available = available
         self._script = load(redis, "ledger")
         self._unpriced: set[str] = set()
+        today = self._prices.on(datetime.datetime.now(datetime.UTC).date())
+        for model in self._models.values():
+            if today.rates(model) is None:
+                self._warn_unpriced(model)
 
     def charge(self, answer: Answer, at: datetime.datetime | None = None) -> Charge:
         """What the answer cost (0 if it was a hit), saved, and would have cost on the
@@ -119,17 +130,20 @@ class Ledger:
     def baseline_model(self, request: Request) -> str:
         """The model the task asked for; for `auto`, the configured baseline family's."""
         if request.model == "auto":
-            return self._models[self._settings.baseline_family]
+            return self._models[self._baseline]
         return self._models.get(request.model, request.model)
 
     def _cost(self, model: str, answer: Answer, day: datetime.date) -> int:
         rates = self._prices.on(day).rates(model)
         if rates is None:
-            if model not in self._unpriced:
-                self._unpriced.add(model)
-                log.warning("no price for model %r: counted at 0 (add it to [prices])", model)
+            self._warn_unpriced(model)
             return 0
         return rates.cost_pico(answer.usage)
+
+    def _warn_unpriced(self, model: str) -> None:
+        if model not in self._unpriced:
+            self._unpriced.add(model)
+            log.warning("no price for model %r: counted at 0 (add it to [prices])", model)
 
     async def record(self, task_id: str, charge: Charge) -> bool:
         """Count the charge unless this task was counted before; True if counted now.

@@ -139,10 +139,6 @@ def test_default_table_is_dated_and_prices_the_configured_models() -> None:
         ),
         ("[prices]\ntables = []\n", "prices.tables"),
         (
-            '[[prices.tables]]\nfrom = "2025-10-01"\nmodels.haiku = { input = 1.0, output = 5.0 }',
-            "prices.tables[0].models",
-        ),
-        (
             '[[prices.tables]]\nfrom = "2025-10-01"\n'
             "models.haiku = { input = 0.0000001, output = 5.0 }\n"
             "models.sonnet = { input = 3.0, output = 15.0 }\n"
