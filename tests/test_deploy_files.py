@@ -20,8 +20,9 @@ import socket
 import subprocess
 import sys
 import tomllib
+import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -467,22 +468,12 @@ def _scrape(port: int) -> dict[str, set[str]]:
 
 
 @pytest.fixture
-def processes(tmp_path: Path) -> Iterator[list[subprocess.Popen[bytes]]]:
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for proc in started:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-    for proc in started:
-        proc.wait(10)
-
-
-def test_compose_commands_run_the_pipeline_and_export_what_the_dashboard_queries(
-    redis_url: str, prefix: str, tmp_path: Path, processes: list[subprocess.Popen[bytes]]
-) -> None:
+def compose_stack(
+    redis_url: str, prefix: str, tmp_path: Path
+) -> Iterator[tuple[dict[str, int], Callable[..., subprocess.Popen[bytes]]]]:
     """Every service's command as compose runs it, with local addresses instead of compose's
-    (and no Jaeger: tracing off); then each worker's /metrics has every series and label the
-    dashboard asks for."""
+    (no Jaeger: tracing off), until the producer's tasks all have results. Yields each stage
+    worker's metrics port, and the function that started the processes."""
     services = _services()
     fake_port = _free_port()
     local = {
@@ -491,50 +482,73 @@ def test_compose_commands_run_the_pipeline_and_export_what_the_dashboard_queries
         "ANTHROPIC_BASE_URL": f"http://127.0.0.1:{fake_port}",
         "OTEL_TRACES_EXPORTER": "none",
         "PIPELINE_RUNTIME__GRACE_S": "2",
+        "PIPELINE_RETRY__BASE_MS": "100",
     }
     base = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "PIPELINE_"))}
     base["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{base.get('PATH', '')}"
     base["PYTHONPATH"] = str(ROOT)
+    started: list[subprocess.Popen[bytes]] = []
 
-    def start(name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    def start(name: str, argv: list[str], env: Mapping[str, str] = {}) -> subprocess.Popen[bytes]:
         if argv[0] == "pipeline":
             argv = [sys.executable, "-m", "pipeline.cli", *argv[1:]]
         with open(tmp_path / f"{name}.log", "wb") as log:
             proc = subprocess.Popen(argv, cwd=ROOT, env={**base, **env, **local}, stdout=log,
                                     stderr=subprocess.STDOUT)  # fmt: skip
-        processes.append(proc)
+        started.append(proc)
         return proc
 
-    fake = _replace_option(services["fake-claude"]["command"], "--port", str(fake_port))
-    fake = _replace_option(fake, "--latency-ms", "20")  # seconds of latency make a slow test
-    fake = _replace_option(fake, "--overloaded-rate", "0")  # retries' backoff too
-    start("fake-claude", _replace_option(fake, "--host", "127.0.0.1"), {})
-    wait_until(lambda: _answers(f"{local['ANTHROPIC_BASE_URL']}/_fake/health"), 30, 0.1,
-               "the fake Claude API")  # fmt: skip
-    ports = {}
-    for name in STAGE_NAMES:
-        ports[name] = _free_port()
-        argv = _replace_option(services[name]["command"], "--metrics-port", str(ports[name]))
-        start(name, argv, _env(services[name]))
-
-    producer = services["producer"]
-    batch = 20
-    env = {**_env(producer), "DEMO_ROUNDS": "1", "DEMO_BATCH": str(batch), "DEMO_INTERVAL_S": "0"}
-    script = _default(producer["command"][2])
-    client = redis.Redis.from_url(redis_url)
-    done = Keys(prefix).done
     try:
-        # The same round twice: the second is answered from the cache.
-        for expected in (batch, 2 * batch):
-            assert start("producer", ["sh", "-c", script], env).wait(60) == 0
-            wait_until(lambda n=expected: client.xlen(done) >= n, 60, 0.1, f"{expected} results")
+        fake = _replace_option(services["fake-claude"]["command"], "--port", str(fake_port))
+        fake = _replace_option(fake, "--latency-ms", "20")  # seconds of latency: a slow test
+        # Some 529s, so that the panels about trouble have something to show.
+        fake = _replace_option(fake, "--overloaded-rate", "0.2")
+        start("fake-claude", _replace_option(fake, "--host", "127.0.0.1"))
+        wait_until(lambda: _answers(f"{local['ANTHROPIC_BASE_URL']}/_fake/health"), 30, 0.1,
+                   "the fake Claude API")  # fmt: skip
+        ports = {}
+        for name in STAGE_NAMES:
+            ports[name] = _free_port()
+            argv = _replace_option(services[name]["command"], "--metrics-port", str(ports[name]))
+            start(name, argv, _env(services[name]))
+        producer = services["producer"]
+        batch = 20
+        env = {**_env(producer), "DEMO_ROUNDS": "1", "DEMO_BATCH": str(batch),
+               "DEMO_INTERVAL_S": "0"}  # fmt: skip
+        script = _default(producer["command"][2])
+        client = redis.Redis.from_url(redis_url)
+        done = Keys(prefix).done
+        try:
+            # The same round twice: the second is answered from the cache.
+            for expected in (batch, 2 * batch):
+                assert start("producer", ["sh", "-c", script], env).wait(60) == 0
+                wait_until(lambda n=expected: client.xlen(done) >= n, 60, 0.1, "results")
+        finally:
+            client.close()
+        yield ports, start
     finally:
-        client.close()
+        for proc in started:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+        for proc in started:
+            proc.wait(10)
 
+
+def _dashboard_series() -> dict[str, set[str]]:
+    """Series name -> labels, over every dashboard query."""
     wanted: dict[str, set[str]] = {}
     for _title, expr in _queries():
         for name, labels in _label_uses(expr).items():
             wanted.setdefault(name, set()).update(labels)
+    return wanted
+
+
+def test_compose_commands_run_the_pipeline_and_export_what_the_dashboard_queries(
+    compose_stack: tuple[dict[str, int], Callable[..., subprocess.Popen[bytes]]],
+) -> None:
+    """Each worker's /metrics has every series and label the dashboard asks for."""
+    ports, _start = compose_stack
+    wanted = _dashboard_series()
 
     def exported() -> dict[str, set[str]]:
         merged: dict[str, set[str]] = {}
@@ -543,14 +557,56 @@ def test_compose_commands_run_the_pipeline_and_export_what_the_dashboard_queries
                 merged.setdefault(series, set()).update(labels)
         return merged
 
-    def complete() -> bool:
-        have = exported()
-        return all(name in have for name in wanted)
-
-    wait_until(complete, 30, 0.5, "every series the dashboard queries")
+    wait_until(lambda: set(wanted) <= set(exported()), 30, 0.5, "the dashboard's series")
     have = exported()
     for name, labels in wanted.items():
         assert labels - TARGET_LABELS <= have[name], f"{name}: {labels - have[name]}"
+
+
+@pytest.fixture
+def prometheus_binary() -> str:
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.skip("no prometheus binary on PATH (e.g. Debian's `prometheus` package)")
+    return binary
+
+
+def test_prometheus_answers_every_dashboard_query(
+    prometheus_binary: str,
+    compose_stack: tuple[dict[str, int], Callable[..., subprocess.Popen[bytes]]],
+    tmp_path: Path,
+) -> None:
+    """A real Prometheus scrapes the workers and evaluates every dashboard query: each must
+    return a series (a query over a series that only exists in trouble shows "no data")."""
+    binary = prometheus_binary
+    ports, start = compose_stack
+    config = tmp_path / "prometheus.yml"
+    targets = [f"127.0.0.1:{port}" for port in ports.values()]
+    config.write_text(yaml.safe_dump({
+        "global": {"scrape_interval": "1s"},
+        "scrape_configs": [{"job_name": "workers", "static_configs": [{"targets": targets}]}],
+    }))  # fmt: skip
+    web = f"127.0.0.1:{_free_port()}"
+    start("prometheus", [binary, f"--config.file={config}", f"--web.listen-address={web}",
+                         f"--storage.tsdb.path={tmp_path / 'tsdb'}"])  # fmt: skip
+    queries = [(title, expr.replace("5m", "15s")) for title, expr in _queries()]
+
+    def empty() -> list[str]:
+        missing = []
+        for title, expr in queries:
+            url = f"http://{web}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+            try:
+                with urllib.request.urlopen(url, timeout=5) as response:
+                    if not json.load(response)["data"]["result"]:
+                        missing.append(title)
+            except OSError:
+                missing.append(title)
+        return missing
+
+    try:
+        wait_until(lambda: not empty(), 60, 1, "every dashboard query to return data")
+    except AssertionError:
+        raise AssertionError(f"no data: {empty()}") from None
 
 
 def _answers(url: str) -> bool:
