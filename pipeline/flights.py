@@ -2,10 +2,12 @@
 
 The first task to take a flight's lease leads: it calls, renews the lease while it waits,
 publishes its answer for a few seconds and lets go. Identical tasks arriving meanwhile
-follow: they poll, backing off, for the answer. A leader that dies stops renewing and one
-whose call fails lets go without an answer; either way the next follower to poll takes the
-lead, so nobody is stranded. Identity is the request's canonical hash plus the routed model
-and max_tokens; a task with `cache=false` asked for a fresh answer and flies alone.
+follow: they poll, backing off, for an answer published since they began to follow; a task
+arriving after the answer leads a new flight (only the cache may reuse answers). A leader
+that dies stops renewing and one whose call fails lets go without an answer; either way the
+next follower to poll takes the lead, so nobody is stranded. Identity is the request's
+canonical hash plus the routed model and max_tokens; a task with `cache=false` asked for a
+fresh answer and flies alone.
 """
 
 from __future__ import annotations
@@ -102,7 +104,7 @@ class Flights:
     async def _wait_for_turn(self, keys: list[str], task_id: str) -> bytes | None:
         """The leader's packed answer, or None once this task leads."""
         pause = POLL_FIRST_S
-        args: list[EncodableT] = [task_id, self._lease_ms]
+        args: list[EncodableT] = [task_id, self._lease_ms, ""]
         while True:
             reply = as_list(await self._available.call(lambda: self._join(keys=keys, args=args)))
             kind = as_int(reply[0])
@@ -110,6 +112,8 @@ class Flights:
                 return answer
             if kind == _LEAD:
                 return None
+            if args[2] == "":  # following since now: only answers published later are ours
+                args[2] = as_int(reply[1])
             await asyncio.sleep(pause)
             pause = min(POLL_MAX_S, pause * 1.5)
 

@@ -2,17 +2,23 @@
 -- Minimum Redis 6.2.
 --
 -- KEYS[1]  the flight (the leader's task id, with a lease: PX)
--- KEYS[2]  the flight's answer (the leader's packed Answer, kept a few seconds)
+-- KEYS[2]  the flight's answer: a hash {at = server time µs it was published, answer}
 -- ARGV[1]  this task's id
 -- ARGV[2]  lease ms
--- Returns {1, answer} once the leader has answered; {2} when this task leads (the flight was
--- free, its leader's lease lapsed or it let go, or this task already led it); {0} while
--- another live task leads. One script, so a follower never takes the lead in the instant
--- between the leader publishing its answer and letting go.
+-- ARGV[3]  when this task began to follow (µs, from an earlier reply), or '' on its first try
+-- Returns {1, answer} to a follower once an answer published since it began to follow is
+-- there; {2} when this task leads (the flight was free, its leader's lease lapsed or it let
+-- go, or this task already led it); {0, now µs} while another live task leads. A task that
+-- was not in flight while the answer was being made never takes it (it may be an answer
+-- cut at max_tokens, which only the cache's rules may reuse): it leads a new flight.
 
-local answer = redis.call('GET', KEYS[2])
-if answer then
-  return {1, answer}
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+if ARGV[3] ~= '' then
+  local a = redis.call('HMGET', KEYS[2], 'at', 'answer')
+  if a[2] and tonumber(a[1]) >= tonumber(ARGV[3]) then
+    return {1, a[2]}
+  end
 end
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   return {2}
@@ -21,4 +27,4 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
   return {2}
 end
-return {0}
+return {0, now}

@@ -2,15 +2,18 @@
 -- Minimum Redis 6.2.
 --
 -- KEYS[1]  the flight (the leader's task id)
--- KEYS[2]  the flight's answer
+-- KEYS[2]  the flight's answer (see flight_join.lua)
 -- ARGV[1]  the leader's task id
 -- ARGV[2]  the packed Answer, or '' (the call failed: a follower takes the lead instead)
--- ARGV[3]  how long the answer is kept, ms
+-- ARGV[3]  how long the answer is kept for followers that have yet to poll, ms
 -- Returns 1 if the flight was still this task's, 0 if its lease had lapsed (the answer is
--- published either way: followers of a newer leader may use it).
+-- published either way: the followers of whoever leads now may use it).
 
 if ARGV[2] ~= '' then
-  redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  redis.call('HSET', KEYS[2], 'at', now, 'answer', ARGV[2])
+  redis.call('PEXPIRE', KEYS[2], ARGV[3])
 end
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('DEL', KEYS[1])

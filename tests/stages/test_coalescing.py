@@ -105,6 +105,19 @@ async def test_tasks_that_refuse_the_cache_are_each_called(
     assert all(isinstance(o, Forward) and not o.body.coalesced for o in outcomes)
 
 
+async def test_a_task_arriving_after_the_answer_makes_its_own_call(
+    start_fake: StartFake, handler_for: Any
+) -> None:
+    """Not in flight at the same time: the answer (maybe cut at max_tokens) is not reused."""
+    fake = start_fake()
+    handle = await handler_for(fake)
+    early = await handle(message(routed(0), task_id="early"))
+    late = await handle(message(routed(1), task_id="late"))
+    assert isinstance(early, Forward) and isinstance(late, Forward)
+    assert not late.body.coalesced and late.body.attempts == 1
+    assert fake.stats()["requests_total"] == 2
+
+
 async def test_different_models_or_max_tokens_are_different_flights() -> None:
     base = routed()
     assert identity(base) == identity(routed(7))
