@@ -158,7 +158,7 @@ async def test_concurrency_slots_are_leases_a_dead_worker_gives_back(
     key = ApiKeySettings(name="default", max_concurrency=2)
     config: dict[str, Any] = {
         "limits": limits(sonnet=FamilyLimits(rpm=1000, itpm=10**6, otpm=10**6)),
-        "slot_lease_ms": 900,
+        "slot_lease_ms": 1500,
     }
     dead = make_limiter(keys=[key], secrets=["sk-shared"], **config)
     live = make_limiter(keys=[key], secrets=["sk-shared"], **config)
@@ -166,8 +166,8 @@ async def test_concurrency_slots_are_leases_a_dead_worker_gives_back(
     await dead.aclose()  # its renewals stop, as if SIGKILLed: the slots are never settled
     assert await admitted(live, 10, 10, within=0.3) is None
     started = time.monotonic()
-    assert await admitted(live, 10, 10, within=2.0) is not None
-    assert time.monotonic() - started < 1.5
+    assert await admitted(live, 10, 10, within=5.0) is not None
+    assert time.monotonic() - started < 4.0  # the 1.5 s lease, plus a loaded machine
 
 
 async def test_a_live_worker_keeps_its_slots_past_the_lease(make_limiter: Any) -> None:
