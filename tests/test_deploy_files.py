@@ -4,8 +4,9 @@
 No Docker engine or Kubernetes cluster runs here, so the files are read and checked against
 the real CLI (each command is parsed by the `pipeline` command itself), the stage names, the
 key names, the settings and the metric names. Where a tool validates offline (`docker compose
-config`, `promtool`, `kubectl kustomize`) it is used when present. The last test runs the
-compose services' own commands as local processes and scrapes the workers as Prometheus would.
+config`, `promtool`, `kubectl kustomize`) it is used when present. The last tests run the
+compose services' own commands as local processes, scrape the workers as Prometheus would and,
+where a `prometheus` binary is on PATH, ask a real Prometheus every dashboard query.
 """
 
 from __future__ import annotations
@@ -20,13 +21,12 @@ import socket
 import subprocess
 import sys
 import tomllib
-import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from functools import cache
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 import kubernetes_validate
 import promql_parser
@@ -264,20 +264,20 @@ def test_prometheus_discovers_every_worker_service_on_its_metrics_port() -> None
 def test_grafana_provisioning_matches_compose() -> None:
     grafana = _services()["grafana"]
     mounts = dict(v.split(":")[:2] for v in grafana["volumes"])
-    datasources = _yaml(mounts_file(mounts, "provisioning/datasources/datasources.yaml"))
+    datasources = _yaml(_provisioning_file(mounts, "provisioning/datasources/datasources.yaml"))
     by_uid = {d["uid"]: d for d in datasources["datasources"]}
     prometheus = urlsplit(by_uid["prometheus"]["url"])
     assert prometheus.hostname == "prometheus"
     assert f"{prometheus.port}:{prometheus.port}" in _services()["prometheus"]["ports"]
     assert urlsplit(by_uid["jaeger"]["url"]).netloc == "jaeger:16686"
-    providers = _yaml(mounts_file(mounts, "provisioning/dashboards/dashboards.yaml"))
+    providers = _yaml(_provisioning_file(mounts, "provisioning/dashboards/dashboards.yaml"))
     (provider,) = providers["providers"]
     assert mounts["./observability/grafana/dashboards"] == provider["options"]["path"]
     home = grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
     assert home == f"{provider['options']['path']}/{DASHBOARD.name}"
 
 
-def mounts_file(mounts: dict[str, str], relative: str) -> Path:
+def _provisioning_file(mounts: dict[str, str], relative: str) -> Path:
     """A provisioning file, checking that compose mounts the folder that holds it."""
     assert mounts["./observability/grafana/provisioning"] == "/etc/grafana/provisioning"
     return GRAFANA / relative
@@ -594,7 +594,7 @@ def test_prometheus_answers_every_dashboard_query(
     def empty() -> list[str]:
         missing = []
         for title, expr in queries:
-            url = f"http://{web}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+            url = f"http://{web}/api/v1/query?" + urlencode({"query": expr})
             try:
                 with urllib.request.urlopen(url, timeout=5) as response:
                     if not json.load(response)["data"]["result"]:
