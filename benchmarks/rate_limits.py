@@ -165,7 +165,8 @@ async def seed_design(
                 stats["ok"] += 1
             except anthropic.RateLimitError:
                 stats["429"] += 1
-                await asyncio.sleep(min(2**n, 60) * random.uniform(0.5, 1.0))
+                backoff = min(2**n, 60) * random.uniform(0.5, 1.0)
+                await asyncio.sleep(min(backoff, max(0.0, until - time.monotonic())))
                 queue.put_nowait((i, n + 1))
             except anthropic.APIError:
                 stats["other"] += 1

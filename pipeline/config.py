@@ -192,8 +192,9 @@ class RateLimitSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     limits: dict[str, FamilyLimits] = msgspec.field(default_factory=dict)
     # Shared concurrency slots are leases: a dead worker's slots come back after this.
     slot_lease_ms: PosInt = 30_000
-    # How long a probing call (limits not known yet) holds the probe before another may.
-    probe_ms: PosInt = 60_000
+    # How long a probing call (limits not known yet) holds the probe before another may
+    # (also how long a dead prober blocks its family: keep it short).
+    probe_ms: PosInt = 15_000
     # Longest a waiting call sleeps before asking again (a settle may free room sooner).
     max_poll_ms: PosInt = 1000
 
