@@ -186,3 +186,30 @@ def test_one_429_cools_the_family_down_for_every_worker_until_retry_after(
     t.assert_exactly_once(first + more)
     assert t.completed() == 3
     assert fake.stats()["by_status"]["429"] == theirs + 1
+
+
+def test_several_api_keys_share_the_load_each_within_its_own_limits(
+    run: Any, start_fake: StartFake, rclient: redis.Redis, prefix: str
+) -> None:
+    # Each key may make 30 requests a minute: 60 tasks fit at once only if both are used.
+    fake = start_fake(rpm=30, latency_ms=20)
+    toml = (
+        '[[ratelimit.keys]]\nname = "first"\nenv = "ANTHROPIC_API_KEY"\n'
+        '[[ratelimit.keys]]\nname = "second"\nenv = "BENCH_SECOND_KEY"\n'
+        "[ratelimit.limits.haiku]\nrpm = 30\nitpm = 1000000\notpm = 1000000\n"
+    )
+    workers = run(fake, toml)
+    second = {"BENCH_SECOND_KEY": "sk-second-key"}
+    workers.start(["cache-check", "router", "store"])
+    workers.start(["claude-call"], extra_env=second)
+    workers.start(["claude-call"], extra_env=second)
+    ids = submit(rclient, prefix, 60)
+    took = wait_until(lambda: done(rclient, prefix) >= 60, 60, what="60 results")
+    t = tally(rclient, prefix)
+    t.assert_exactly_once(ids)
+    assert t.completed() == 60
+    by_key = fake.stats()["by_key_family"]
+    assert by_key[f"{KEY}|haiku"]["succeeded"] == 30
+    assert by_key["sk-second-key|haiku"]["succeeded"] == 30
+    assert fake.stats()["by_status"].get("429", 0) == 0
+    assert took < 30, "with both keys nothing had to wait for a refill"
