@@ -67,6 +67,11 @@ class Keys:
         several API keys at once, on Cluster too."""
         return f"{self.prefix}:{{rl}}:{key_id}:{family}"
 
+    @property
+    def ratelimit_index(self) -> str:
+        """The set of every `ratelimit` hash in use, so status never has to SCAN for them."""
+        return f"{self.prefix}:{{rl}}:pairs"
+
     def slots(self, key_id: str) -> str:
         """One API key's concurrency slots: a sorted set of leases (member -> expiry ms)."""
         return f"{self.prefix}:{{rl}}:{key_id}:slots"

@@ -135,6 +135,7 @@ class RateLimiter:
             limits = self.limits(api_key, family)
             per_key += [limits.rpm or 0, limits.itpm or 0, limits.otpm or 0]
             per_key.append(api_key.settings.max_concurrency)
+        keys.append(self._keys.ratelimit_index)
         async with gate:
             while True:
                 call_args = [*args, self._next, *per_key]
@@ -288,13 +289,10 @@ async def limiter_state(
     """
     seconds, micros = await redis.time()
     now = int(seconds) * 1000 + int(micros) // 1000
-    pattern = keys.ratelimit("*", "*")
-    names = sorted({_text(k) for k in await _scan(redis, pattern)})
+    names = sorted(_text(k) for k in await redis.smembers(keys.ratelimit_index))
     states = []
     for name in names:
         key_id, family = name.rsplit(":", 2)[-2:]
-        if family == "slots":
-            continue
         h = {_text(k): _text(v) for k, v in (await redis.hgetall(name)).items()}
         own = _configured(configured, key_id, family)
         last = int(float(h.get("t", now)))
@@ -345,10 +343,6 @@ def _configured(
         _first(own, shared, "itpm"),
         _first(own, shared, "otpm"),
     )
-
-
-async def _scan(redis: Redis, pattern: str) -> list[bytes | str]:
-    return [k async for k in redis.scan_iter(match=pattern, count=1000)]
 
 
 def _text(value: bytes | str) -> str:

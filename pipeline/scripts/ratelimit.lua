@@ -46,6 +46,7 @@ local function save(hkey, s)
 end
 
 if op == 'admit' then
+  -- KEYS: per API key its bucket hash and slots set, then the index of bucket hashes.
   -- ARGV: n, need_i, need_o, token, lease_ms, probe_ms, start; then per key: rpm itpm otpm maxc
   local n = tonumber(ARGV[2])
   local need = {1, tonumber(ARGV[3]), tonumber(ARGV[4])}
@@ -95,6 +96,7 @@ if op == 'admit' then
       redis.call('HINCRBY', hkey, 'admitted', 1)
       redis.call('HINCRBY', hkey, 'res_i', need[2])
       redis.call('HINCRBY', hkey, 'res_o', need[3])
+      redis.call('SADD', KEYS[2 * n + 1], hkey)  -- the index `pipeline status` reads
       redis.call('ZADD', skey, now + lease, token)
       redis.call('PEXPIRE', skey, lease * 2)
       return {1, k, probing and 1 or 0}
