@@ -345,9 +345,7 @@ def status(
 
     async def gather() -> Status:
         async with _redis(settings) as redis:
-            return await gather_status(
-                redis, Keys(settings.prefix), the_app, settings.ratelimit
-            )
+            return await gather_status(redis, Keys(settings.prefix), the_app, settings.ratelimit)
 
     state = _call(gather())
     if as_json:
