@@ -19,9 +19,10 @@ import logging
 import math
 import os
 import re
+import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Self, cast
 
@@ -322,10 +323,12 @@ class Client:
         async with self._errors():
             for start in range(0, len(tasks), BATCH_SIZE):
                 chunk = tasks[start : start + BATCH_SIZE]
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    for fields in chunk:
-                        pipe.xadd(self.keys.ingress, fields)  # type: ignore[arg-type]
-                    entry_ids = await pipe.execute()
+                with _producer_spans(self.keys.ingress, chunk) as sent:
+                    async with self.redis.pipeline(transaction=False) as pipe:
+                        for fields in chunk:
+                            pipe.xadd(self.keys.ingress, fields)  # type: ignore[arg-type]
+                        entry_ids = await pipe.execute()
+                    sent(entry_ids)
                 ids += [f.get("id") or e.decode() for f, e in zip(chunk, entry_ids, strict=True)]
         return ids
 
@@ -406,6 +409,23 @@ class Client:
             yield
         except UNAVAILABLE as exc:
             raise RedisUnavailable(f"cannot reach Redis at {redacted(self._url)}: {exc}") from exc
+
+
+_NO_SPANS: contextlib.nullcontext[Callable[[Sequence[bytes]], None]] = contextlib.nullcontext(
+    lambda entry_ids: None
+)
+
+
+def _producer_spans(
+    stream: str, tasks: Sequence[dict[str, str]]
+) -> contextlib.AbstractContextManager[Callable[[Sequence[bytes]], None]]:
+    """`send` PRODUCER spans whose context goes into the tasks' traceparent, when this
+    process has set up OpenTelemetry (never imported here otherwise)."""
+    if "opentelemetry.trace" not in sys.modules:
+        return _NO_SPANS
+    from observability.propagation import producer_spans
+
+    return producer_spans(stream, tasks)
 
 
 class _HashLookups:

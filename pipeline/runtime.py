@@ -216,7 +216,9 @@ class StageRunner:
             await hooks.emit("before_handle", msg)
         try:
             outcome: Outcome = await self.handler(msg)
-        except asyncio.CancelledError:
+        except asyncio.CancelledError as exc:
+            if hooks:
+                await hooks.emit("after_handle", msg, exc, after=True)
             raise
         except InvalidTask as exc:
             outcome = Fail(f"invalid task: {exc}")
@@ -227,14 +229,18 @@ class StageRunner:
             outcome = Retry(str(exc), delay_ms=delay)
         except AuthError as exc:
             self._pause(exc)
-            self.submit(inf, self._requeue(inf, msg.envelope, int(exc.pause_s * 1000)))
+            later = self._requeue(inf, msg.envelope, int(exc.pause_s * 1000), "pause", str(exc))
+            if hooks:
+                await hooks.emit("after_handle", msg, exc, after=True)
+            self.submit(inf, later)
             return
         except Exception as exc:
             self.ctx.log_once(f"{self.name}:{type(exc).__name__}", "handler raised", exc)
             outcome = Retry(f"{type(exc).__name__}: {exc}")
+        record = self.plan(inf, msg, outcome)  # first: on_handoff sees the span still open
         if hooks:
             await hooks.emit("after_handle", msg, outcome, after=True)
-        self.submit(inf, self.plan(inf, msg, outcome))
+        self.submit(inf, record)
 
     def _pause(self, exc: AuthError) -> None:
         if time.monotonic() >= self._paused_until:
@@ -257,9 +263,11 @@ class StageRunner:
             if target.lanes and outcome.lane not in target.lanes:
                 return self._dead_letter(inf, env, f"no lane {outcome.lane!r} in {target.name}")
             rec = self._record(inf)
+            traceparent, tracestate = self._trace_out(inf, env, "forward", target.name)
             nxt = msgspec.structs.replace(
-                env, attempt=1, enqueued_ms=_now_ms(), body=encode_body(outcome.body)
-            )
+                env, attempt=1, enqueued_ms=_now_ms(), body=encode_body(outcome.body),
+                traceparent=traceparent, tracestate=tracestate,
+            )  # fmt: skip
             key = self.ctx.keys.stream(target.stream, outcome.lane if target.lanes else None)
             rec.xadd(key, {ENVELOPE_FIELD: encode_envelope(nxt)})
             return rec
@@ -277,9 +285,9 @@ class StageRunner:
             self.stats["retried"] += 1
             if self.ctx.hooks:
                 self.ctx.spawn_hook("on_retry", msg, delay, outcome.reason)
-            return self._requeue(inf, env, delay, next_attempt=True)
+            return self._requeue(inf, env, delay, "retry", outcome.reason, next_attempt=True)
         if isinstance(outcome, Defer):
-            return self._requeue(inf, env, outcome.delay_ms)
+            return self._requeue(inf, env, outcome.delay_ms, "defer", outcome.reason)
         return self._dead_letter(inf, env, outcome.reason, extra=outcome.result)
 
     def _record(self, inf: Inflight) -> Record:
@@ -289,9 +297,21 @@ class StageRunner:
         fresh = age_ms < self.rt.lease_ms / 2 and not inf.lost
         return Record(inf.entry_id, 0 if fresh else inf.deliveries)
 
+    def _trace_out(
+        self, inf: Inflight, env: Envelope, action: str, detail: str, delay_ms: int | None = None
+    ) -> tuple[str | None, str | None]:
+        """The trace context the outgoing entry carries: a hook's (tracing), else the incoming."""
+        if self.ctx.hooks and inf.msg is not None:
+            carried = self.ctx.hooks.handoff(inf.msg, action, detail, delay_ms)
+            if carried is not None:
+                return carried
+        return env.traceparent, env.tracestate
+
     def _requeue(
-        self, inf: Inflight, env: Envelope, delay_ms: int, next_attempt: bool = False
-    ) -> Record:
+        self, inf: Inflight, env: Envelope, delay_ms: int, action: str, reason: str,
+        next_attempt: bool = False,
+    ) -> Record:  # fmt: skip
+        traceparent, tracestate = self._trace_out(inf, env, action, reason, delay_ms)
         later = Envelope(
             v=env.v,
             task_id=env.task_id,
@@ -299,8 +319,8 @@ class StageRunner:
             attempt=env.attempt + 1 if next_attempt else env.attempt,
             origin_ms=env.origin_ms,
             enqueued_ms=_now_ms() + delay_ms,
-            traceparent=env.traceparent,
-            tracestate=env.tracestate,
+            traceparent=traceparent,
+            tracestate=tracestate,
             body=env.body,
         )
         rec = self._record(inf)
@@ -315,14 +335,15 @@ class StageRunner:
     def _dead_letter(
         self, inf: Inflight, env: Envelope, reason: str, extra: object = None
     ) -> Record:
+        traceparent, tracestate = self._trace_out(inf, env, "dead_letter", reason)
         return self._dead_letter_fields(
             inf,
             env.task_id,
             env.fields,
             reason,
             env.attempt,
-            env.traceparent,
-            env.tracestate,
+            traceparent,
+            tracestate,
             extra if isinstance(extra, dict) else None,
         )
 

@@ -17,6 +17,7 @@ import sys
 import uuid
 from collections.abc import Sequence
 from functools import partial
+from typing import TYPE_CHECKING
 
 from pipeline.config import Settings
 from pipeline.context import WorkerContext
@@ -29,6 +30,9 @@ from pipeline.runtime import StageRunner
 from pipeline.scripts import Scripts
 from pipeline.services import Services
 from pipeline.stage import App, Stage
+
+if TYPE_CHECKING:
+    from observability.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +119,9 @@ async def run_worker(
     metrics = start_metrics(settings, redis, keys, app, port=port)
     if metrics is not None:
         hooks = [*hooks, metrics.metrics.hook()]
+    tracing = _start_tracing(app, keys)
+    if tracing is not None:
+        hooks = [tracing.hook, *hooks]  # first: its span is current while the others run
     ctx = WorkerContext(
         app=app,
         settings=settings,
@@ -206,6 +213,8 @@ async def run_worker(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         await services.aclose()
+        if tracing is not None:
+            await asyncio.to_thread(tracing.shutdown)  # flushes the last spans
         if metrics is not None:
             await asyncio.to_thread(metrics.shutdown)
         try:
@@ -215,6 +224,21 @@ async def run_worker(
         await redis.aclose()
     if not forced_exit:
         log.info("worker %s stopped cleanly", name)
+
+
+def _start_tracing(app: App, keys: Keys) -> Tracing | None:
+    """Tracing when the `OTEL_*` variables ask for it; only then is OpenTelemetry imported."""
+    from observability import tracing_enabled
+
+    if not tracing_enabled(os.environ):
+        return None
+    try:
+        from observability.tracing import start_tracing
+    except ImportError as exc:
+        raise ConfigError(
+            "OTEL_*", f"tracing needs pip install 'claude-pipeline[otlp]' ({exc})"
+        ) from None
+    return start_tracing(app, keys)
 
 
 def _concurrency(settings: Settings, stage: Stage, cli: int | None) -> int:

@@ -1,0 +1,361 @@
+"""One trace per task, read back from an in-memory exporter.
+
+The four real stages run in this process (`run_worker`, as a worker runs them) against a real
+Redis and the fake Claude API, with the tracing hook installed; the client's PRODUCER spans
+and the stages' spans go to one in-memory exporter. OpenTelemetry's global tracer provider can
+be set once per process, so every test here shares it and keeps to its own traces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any
+
+import msgspec
+import pytest
+import redis
+from opentelemetry import trace
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
+
+from observability.tracing import Tracing
+from pipeline import Keys, Settings, load_settings
+from pipeline.client import Client
+from pipeline.worker import run_worker
+from stages import app as stages_app
+from tests.conftest import StartFake
+from tests.helpers.workers import wait_until
+
+pytestmark = pytest.mark.anyio
+STAGES = ("cache-check", "router", "claude-call", "store")
+
+
+@pytest.fixture(scope="session")
+def _global_tracing() -> tuple[TracerProvider, InMemorySpanExporter]:
+    exporter = InMemorySpanExporter()
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        provider = TracerProvider()
+        trace.set_tracer_provider(provider)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return provider, exporter
+
+
+@pytest.fixture
+def exporter(
+    _global_tracing: tuple[TracerProvider, InMemorySpanExporter],
+) -> Iterator[InMemorySpanExporter]:
+    _global_tracing[1].clear()
+    yield _global_tracing[1]
+    _global_tracing[1].clear()
+
+
+@pytest.fixture
+def provider(_global_tracing: tuple[TracerProvider, InMemorySpanExporter]) -> TracerProvider:
+    return _global_tracing[0]
+
+
+def settings_for(fast_env: dict[str, str], base_url: str, **env: str) -> Settings:
+    return load_settings(env={**fast_env, "PIPELINE_CLAUDE__BASE_URL": base_url, **env})
+
+
+@contextlib.asynccontextmanager
+async def pipeline_running(
+    settings: Settings, provider: TracerProvider, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[None]:
+    """All four stages in this process with the tracing hook, until the block ends."""
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "good-key")
+    monkeypatch.delenv("ANTHROPIC_OPEN_TELEMETRY", raising=False)  # Tracing sets it
+    app = stages_app(settings)
+    tracing = Tracing(provider, app, Keys(settings.prefix), owned=False)
+    ready = asyncio.Event()
+    worker = asyncio.create_task(
+        run_worker(app, STAGES, settings, hooks=[tracing.hook], ready=ready, concurrency=16)
+    )
+    try:
+        await asyncio.wait({worker, asyncio.create_task(ready.wait())}, timeout=30,
+                           return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+        assert ready.is_set(), worker.exception() if worker.done() else "worker never started"
+        yield
+    finally:
+        # Stopped as operators stop it (the worker's own SIGTERM handler), not cancelled.
+        if not worker.done():
+            os.kill(os.getpid(), signal.SIGTERM)
+        await asyncio.wait_for(worker, 30)
+        tracing.shutdown()
+
+
+def trace_of(exporter: InMemorySpanExporter, trace_id: str) -> list[ReadableSpan]:
+    return [
+        s
+        for s in exporter.get_finished_spans()
+        if s.context and f"{s.context.trace_id:032x}" == trace_id
+    ]
+
+
+def one(spans: Sequence[ReadableSpan], name: str) -> ReadableSpan:
+    found = [s for s in spans if s.name == name]
+    assert len(found) == 1, (name, [s.name for s in spans])
+    return found[0]
+
+
+def parent_of(span: ReadableSpan) -> int | None:
+    return span.parent.span_id if span.parent else None
+
+
+async def wait_for_spans(
+    exporter: InMemorySpanExporter, trace_id: str, count: int
+) -> list[ReadableSpan]:
+    """The spans of one trace once `count` of them have ended (the last stage's ends after
+    its result is written). Polled on a thread: the worker runs on this event loop."""
+    await asyncio.to_thread(wait_until, lambda: len(trace_of(exporter, trace_id)) >= count,
+                            10, what=f"{count} spans")  # fmt: skip
+    return trace_of(exporter, trace_id)
+
+
+async def test_one_task_is_one_trace_across_producer_stages_and_the_claude_call(
+    start_fake: StartFake,
+    fast_env: dict[str, str],
+    prefix: str,
+    redis_url: str,
+    provider: TracerProvider,
+    exporter: InMemorySpanExporter,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fake = start_fake(max_output_tokens=100)  # under max_tokens: complete, so cached
+    settings = settings_for(fast_env, fake.base_url)
+    keys = Keys(prefix)
+    async with pipeline_running(settings, provider, monkeypatch), Client(
+        redis_url, prefix, settings=settings
+    ) as client:  # fmt: skip
+        task_id = await client.submit("Say hello", type="classify", max_tokens=500)
+        result = await client.result(task_id, wait=30)
+        assert result is not None and result["status"] == "completed", result
+        trace_id = result["trace_id"]
+        spans = await wait_for_spans(exporter, trace_id, 6)
+
+        send = one(spans, f"send {keys.ingress}")
+        assert send.kind == SpanKind.PRODUCER and send.parent is None
+        assert send.attributes is not None
+        assert send.attributes["messaging.system"] == "redis"
+        assert send.attributes["messaging.operation.type"] == "send"
+        assert send.attributes["messaging.destination.name"] == keys.ingress
+        assert send.attributes["messaging.message.conversation_id"] == task_id
+
+        streams = [keys.ingress, keys.stream("route"), keys.stream("call", "haiku"),
+                   keys.stream("store")]  # fmt: skip
+        parent = send
+        for stage, stream in zip(STAGES, streams, strict=True):
+            span = one(spans, f"process {stream}")
+            assert span.kind == SpanKind.CONSUMER
+            assert parent_of(span) == parent.context.span_id, stage  # type: ignore[union-attr]
+            assert span.attributes is not None
+            assert dict(span.attributes) | {"messaging.message.id": "?"} == {
+                "messaging.system": "redis",
+                "messaging.operation.type": "process",
+                "messaging.operation.name": "process",
+                "messaging.destination.name": stream,
+                "messaging.consumer.group.name": stage,
+                "messaging.message.id": "?",
+                "messaging.message.conversation_id": task_id,
+                "pipeline.attempt": 1,
+                "pipeline.deliveries": 1,
+                "pipeline.outcome": "complete" if stage == "store" else "forward",
+                **({"pipeline.forward.to": STAGES[STAGES.index(stage) + 1]}
+                   if stage != "store" else {}),
+                **({"pipeline.cache.hit": False} if stage == "cache-check" else {}),
+            }  # fmt: skip
+            assert str(span.attributes["messaging.message.id"]).count("-") == 1
+            parent = span
+
+        call_span = one(spans, f"process {keys.stream('call', 'haiku')}")
+        chat = next(s for s in spans if s.kind == SpanKind.CLIENT)
+        assert chat.name.startswith("chat claude-haiku")
+        assert parent_of(chat) == call_span.context.span_id  # type: ignore[union-attr]
+        assert call_span.start_time <= chat.start_time <= chat.end_time <= call_span.end_time  # type: ignore[operator]
+        attrs = dict(chat.attributes or {})
+        input_all = sum(int(result[k]) for k in ("input_tokens", "cache_read_input_tokens",
+                                                 "cache_creation_input_tokens"))  # fmt: skip
+        assert attrs["gen_ai.operation.name"] == "chat"
+        assert attrs["gen_ai.provider.name"] == "anthropic"
+        assert attrs["gen_ai.request.model"] == chat.name.removeprefix("chat ")
+        assert attrs["gen_ai.response.model"] == result["model"]
+        assert attrs["gen_ai.request.max_tokens"] == 500
+        assert attrs["gen_ai.usage.input_tokens"] == input_all > 0
+        assert attrs["gen_ai.usage.output_tokens"] == int(result["output_tokens"]) > 0
+        assert attrs["http.response.status_code"] == 200
+        assert "error.type" not in attrs
+        # The SDK's own call span is turned off: each call appears once.
+        assert not [s for s in exporter.get_finished_spans() if s.name.startswith("anthropic.")]
+        assert len(spans) == 6, [s.name for s in spans]
+
+        # The same request again: answered from the cache, which the cache-check span says.
+        again = await client.submit("Say hello", type="classify", max_tokens=500)
+        cached = await client.result(again, wait=30)
+        assert cached is not None and cached["cached"] == "true", cached
+        spans = await wait_for_spans(exporter, cached["trace_id"], 3)
+        check = one(spans, f"process {keys.ingress}")
+        assert check.attributes and check.attributes["pipeline.cache.hit"] is True
+        assert check.attributes["pipeline.forward.to"] == "store"
+        assert sorted(s.name for s in spans) == sorted(
+            [f"send {keys.ingress}", f"process {keys.ingress}", f"process {keys.stream('store')}"]
+        )
+
+
+async def test_a_retried_call_shows_the_retry_and_both_attempts(
+    start_fake: StartFake,
+    fast_env: dict[str, str],
+    prefix: str,
+    rclient: redis.Redis,
+    provider: TracerProvider,
+    exporter: InMemorySpanExporter,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # With this seed the fake's first call is a 529 and its second succeeds.
+    fake = start_fake(overloaded_rate=0.5, seed=2)
+    settings = settings_for(fast_env, fake.base_url)
+    keys = Keys(prefix)
+    async with pipeline_running(settings, provider, monkeypatch):
+        # No traceparent from this producer: the first stage starts the trace.
+        task_id = rclient.xadd(keys.ingress, {"prompt": "retry me", "type": "classify"}).decode()
+        result = await wait_result(rclient, keys, task_id)
+        assert result["status"] == "completed" and result["attempts"] == "2", result
+        spans = await wait_for_spans(exporter, result["trace_id"], 7)
+
+    calls = sorted((s for s in spans if s.name == f"process {keys.stream('call', 'haiku')}"),
+                   key=lambda s: s.start_time or 0)  # fmt: skip
+    assert [c.attributes and c.attributes["pipeline.attempt"] for c in calls] == [1, 2]
+    first, second = calls
+    assert parent_of(second) == first.context.span_id  # type: ignore[union-attr]
+    assert first.attributes and first.attributes["pipeline.outcome"] == "retry"
+    delay = first.attributes["pipeline.retry.delay_ms"]
+    assert isinstance(delay, int) and delay > 0
+    (retry,) = [e for e in first.events if e.name == "retry"]
+    assert retry.attributes and retry.attributes["pipeline.delay_ms"] == delay
+    assert "529" in str(retry.attributes["pipeline.reason"])
+    chats = sorted((s for s in spans if s.kind == SpanKind.CLIENT), key=lambda s: s.start_time or 0)
+    assert [parent_of(c) for c in chats] == [c.context.span_id for c in calls]  # type: ignore[union-attr]
+    failed = dict(chats[0].attributes or {})
+    assert failed["error.type"] == "529" and failed["http.response.status_code"] == 529
+    assert chats[0].status.status_code == StatusCode.ERROR
+    assert "gen_ai.usage.input_tokens" not in failed
+    assert chats[1].status.status_code != StatusCode.ERROR
+    roots = [s for s in spans if s.parent is None]
+    assert [r.name for r in roots] == [f"process {keys.ingress}"]
+
+
+async def test_a_dead_lettered_task_keeps_its_trace_in_the_failed_result(
+    start_fake: StartFake,
+    fast_env: dict[str, str],
+    prefix: str,
+    rclient: redis.Redis,
+    provider: TracerProvider,
+    exporter: InMemorySpanExporter,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fake = start_fake(overloaded_rate=1.0)
+    settings = settings_for(fast_env, fake.base_url, PIPELINE_RETRY__MAX_ATTEMPTS="2")
+    keys = Keys(prefix)
+    async with pipeline_running(settings, provider, monkeypatch):
+        task_id = rclient.xadd(keys.ingress, {"prompt": "never", "type": "classify"}).decode()
+        result = await wait_result(rclient, keys, task_id)
+        assert result["status"] == "failed", result
+        spans = await wait_for_spans(exporter, result["trace_id"], 6)
+    last = max((s for s in spans if s.name == f"process {keys.stream('call', 'haiku')}"),
+               key=lambda s: s.start_time or 0)  # fmt: skip
+    assert [e.name for e in last.events] == ["dead_letter"]
+    assert last.status.status_code == StatusCode.ERROR
+    (entry,) = rclient.xrange(keys.dlq)[-1:]
+    assert entry[1][b"traceparent"].decode().split("-")[1] == result["trace_id"]
+
+
+async def test_a_traceparent_xadded_by_redis_cli_is_continued(
+    start_fake: StartFake,
+    fast_env: dict[str, str],
+    prefix: str,
+    rclient: redis.Redis,
+    redis_url: str,
+    provider: TracerProvider,
+    exporter: InMemorySpanExporter,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    if shutil.which("redis-cli") is None:
+        pytest.skip("needs redis-cli")
+    fake = start_fake()
+    settings = settings_for(fast_env, fake.base_url)
+    keys = Keys(prefix)
+    port = str(redis.Redis.from_url(redis_url).connection_pool.connection_kwargs["port"])
+    trace_id, span_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    unsampled = "0af7651916cd43dd8448eb211c80319c"
+
+    def redis_cli(*args: str) -> str:
+        out = subprocess.run(["redis-cli", "-p", port, "XADD", keys.ingress, "*", *args],
+                             check=True, capture_output=True, text=True)  # fmt: skip
+        return out.stdout.strip()
+
+    async with pipeline_running(settings, provider, monkeypatch):
+        sampled_id = redis_cli("prompt", "from another language", "type", "classify",
+                               "traceparent", f"00-{trace_id}-{span_id}-01",
+                               "tracestate", "vendor=abc")  # fmt: skip
+        skipped_id = redis_cli("prompt", "not sampled", "type", "classify",
+                               "traceparent", f"00-{unsampled}-{span_id}-00")  # fmt: skip
+        result = await wait_result(rclient, keys, sampled_id)
+        skipped = await wait_result(rclient, keys, skipped_id)
+        spans = await wait_for_spans(exporter, trace_id, 5)
+    assert result["trace_id"] == trace_id
+    check = one(spans, f"process {keys.ingress}")
+    assert parent_of(check) == int(span_id, 16)
+    assert check.parent is not None and check.parent.is_remote
+    assert all(s.context and s.context.trace_state.get("vendor") == "abc" for s in spans)
+    # The producer decided not to sample: nothing recorded, but the trace id still goes through.
+    assert skipped["trace_id"] == unsampled
+    assert trace_of(exporter, unsampled) == []
+
+
+async def test_an_entry_reclaimed_from_a_dead_consumer_records_the_redelivery(
+    start_fake: StartFake,
+    fast_env: dict[str, str],
+    prefix: str,
+    rclient: redis.Redis,
+    provider: TracerProvider,
+    exporter: InMemorySpanExporter,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fake = start_fake()
+    settings = settings_for(fast_env, fake.base_url)
+    keys = Keys(prefix)
+    # A consumer that reads the entry and dies holding it: its lease lapses, a worker reclaims.
+    rclient.xgroup_create(keys.ingress, "cache-check", id="0", mkstream=True)
+    task_id = rclient.xadd(keys.ingress, {"prompt": "orphan", "type": "classify"}).decode()
+    rclient.xreadgroup("cache-check", "ghost", {keys.ingress: ">"}, count=1)
+    async with pipeline_running(settings, provider, monkeypatch):
+        result = await wait_result(rclient, keys, task_id)
+        spans = await wait_for_spans(exporter, result["trace_id"], 5)
+    check = one(spans, f"process {keys.ingress}")
+    assert check.attributes and check.attributes["pipeline.deliveries"] == 2
+    assert [e.name for e in check.events] == ["redelivered"]
+
+
+async def wait_result(rclient: redis.Redis, keys: Keys, task_id: str) -> dict[str, Any]:
+    key = keys.result(task_id)
+    await asyncio.to_thread(wait_until, lambda: rclient.exists(key) == 1, 30, what="the result")
+    return {k.decode(): v.decode() for k, v in rclient.hgetall(key).items()}
+
+
+def test_envelope_trace_fields_are_plain_w3c() -> None:
+    """What a stage writes is what another language's consumer would parse."""
+    from observability.propagation import format_context, parent_context
+
+    tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    ctx = trace.get_current_span(parent_context(tp, "a=1,b=2")).get_span_context()
+    assert format_context(ctx) == (tp, "a=1,b=2")
+    assert parent_context("garbage", None) == parent_context(None, None)
+    assert msgspec.json.encode(format_context(ctx)) == f'["{tp}","a=1,b=2"]'.encode()
