@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
@@ -366,9 +367,12 @@ def _watch_status(settings: Settings, the_app: App, interval_s: float, iteration
     where = f"{redacted(settings.redis.url)}  prefix {settings.prefix}"
 
     async def run(show: Callable[[WatchView], None]) -> None:
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):  # end between polls, never mid-command
+            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
         async with _redis(settings) as redis:
             await run_watch(redis, Keys(settings.prefix), the_app, settings, show,
-                            interval_s=interval_s, iterations=iterations)  # fmt: skip
+                            interval_s=interval_s, iterations=iterations, stop=stop)  # fmt: skip
 
     try:
         if out.is_terminal:

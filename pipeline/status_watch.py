@@ -19,6 +19,7 @@ completions (their results' `latency_ms`) and the oldest pending entry's age per
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import logging
 import math
@@ -199,18 +200,26 @@ async def run_watch(
     *,
     interval_s: float,
     iterations: int = 0,
+    stop: asyncio.Event | None = None,
 ) -> None:
-    """Poll every `interval_s` and `show` each view, `iterations` times (0: until cancelled)."""
+    """Poll every `interval_s` and `show` each view, `iterations` times (0: until `stop`).
+
+    `stop` ends the loop between polls: a Ctrl-C delivered as a cancellation could land
+    inside a Redis command, which redis-py may turn into a connection error instead.
+    """
+    stop = stop or asyncio.Event()
     prev: Poll | None = None
     shown = 0
-    while True:
+    while not stop.is_set():
         started = time.monotonic()
         cur = await poll(redis, keys, app, settings)
         show(view(cur, prev))
         prev, shown = cur, shown + 1
         if iterations and shown >= iterations:
             return
-        await asyncio.sleep(max(0.0, interval_s - (time.monotonic() - started)))
+        with contextlib.suppress(TimeoutError):
+            left = max(0.0, interval_s - (time.monotonic() - started))
+            await asyncio.wait_for(stop.wait(), left)
 
 
 __all__ = ["Poll", "StageRate", "WatchView", "percentile", "poll", "run_watch", "view"]
