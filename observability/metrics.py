@@ -28,7 +28,7 @@ from opentelemetry.sdk.metrics.export import MetricReader
 from opentelemetry.sdk.resources import Resource
 
 from observability.buckets import Buckets, BucketsCollector
-from pipeline.claude import CallReport
+from pipeline.call_report import CallReport
 from pipeline.hooks import Hook
 from pipeline.outcome import Complete, Fail, Forward, Outcome, Retry
 from pipeline.stage import Message

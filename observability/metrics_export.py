@@ -101,7 +101,7 @@ def start_metrics(
     try:
         from observability.metrics import PipelineMetrics, meter_provider
         from observability.queues import QueuePoller
-        from pipeline.claude import observe_calls
+        from pipeline.call_report import observe_calls
     except ImportError as exc:
         raise ConfigError(
             "metrics", f"metrics need the otlp extra: pip install 'claude-pipeline[otlp]' ({exc})"

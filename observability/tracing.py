@@ -2,7 +2,7 @@
 
 The runtime knows nothing of OpenTelemetry. A worker whose `OTEL_*` variables ask for traces
 calls `start_tracing`, which adds `TracingHook` to its hooks and watches the Claude calls
-(`pipeline.claude.observe_calls`):
+(`pipeline.call_report.observe_calls`):
 
 - each stage's handling of an entry is a `process <stream>` CONSUMER span (messaging
   conventions), a child of the span that sent the entry (the producer's, or the stage
@@ -24,6 +24,7 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import os
+import re
 from collections.abc import Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -33,19 +34,21 @@ from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+from opentelemetry.sdk.trace.sampling import Decision, Sampler
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from opentelemetry.util.types import AttributeValue
 
 from observability.propagation import SCOPE, format_context, parent_context
-from pipeline.claude import CallReport, observe_calls
+from pipeline.call_report import CallReport, observe_calls
 from pipeline.errors import ConfigError
 from pipeline.hooks import Hook, TraceContext
 from pipeline.keys import Keys
-from pipeline.outcome import Complete, Fail, Forward, Outcome, Retry
+from pipeline.outcome import Complete, Forward, Outcome
 from pipeline.stage import App, Message
 from pipeline.task import Answer, Request
 
-__all__ = ["Tracing", "TracingHook", "start_tracing"]
+__all__ = ["PresetIds", "Tracing", "TracingHook", "start_tracing"]
 
 log = logging.getLogger(__name__)
 #: Reasons are error messages (never prompts); long ones are cut on spans.
@@ -56,31 +59,63 @@ _OTLP_BY_PROTOCOL = {"grpc": "otlp_proto_grpc", "http/protobuf": "otlp_proto_htt
 
 @dataclass(slots=True)
 class _Active:
-    """The stage span of the entry the current handler task is working on."""
+    """The entry the current handler task is working on, and its stage span (if sampled)."""
 
     msg: Message
-    span: Span
-    token: object
+    span: Span | None  # None: not sampled, so no span was made at all
+    carried: TraceContext | None  # what an unsampled entry sends on (None: as it came)
+    token: object = None
 
 
 _active: ContextVar[_Active | None] = ContextVar("pipeline_stage_span", default=None)
+#: A valid version-00 traceparent whose sampled flag is off.
+_NOT_SAMPLED = re.compile(r"00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f][02468ace]")
+
+
+class PresetIds(RandomIdGenerator):
+    """Random ids, except that the next root span may take a trace id chosen in advance.
+
+    The hook asks the sampler about a new trace before making a span: an unsampled root
+    (99 in 100 at 1%) then costs a formatted traceparent, and a sampled one becomes a real
+    span with the very trace id the sampler said yes to.
+    """
+
+    def __init__(self) -> None:
+        self._next = 0
+
+    def preset(self, trace_id: int) -> None:
+        self._next = trace_id
+
+    def generate_trace_id(self) -> int:
+        trace_id, self._next = self._next, 0
+        return trace_id or super().generate_trace_id()
 
 
 class TracingHook(Hook):
-    """The stage spans (one per handled entry) and the Claude call spans under them."""
+    """The stage spans (one per handled entry) and the Claude call spans under them.
 
-    def __init__(self, tracer: trace.Tracer, app: App, keys: Keys) -> None:
+    The stages follow the sampled flag of the trace context an entry brings (as the default
+    parent-based samplers do): an entry not sampled upstream costs a regex match here.
+    """
+
+    def __init__(
+        self, tracer: trace.Tracer, app: App, keys: Keys, sampler: Sampler | None = None,
+        ids: PresetIds | None = None,
+    ) -> None:  # fmt: skip
         self._tracer = tracer
         self._app = app
         self._keys = keys
         self._streams: dict[tuple[str, str | None], str] = {}
+        # Both or neither: asking the sampler first is only right if the span gets that id.
+        self._roots = (sampler, ids) if sampler is not None and ids is not None else None
 
     # ---- the stage span -------------------------------------------------------------------
 
     async def before_handle(self, msg: Message) -> None:
-        span = self._start(msg)
-        token = otel_context.attach(trace.set_span_in_context(span))
-        _active.set(_Active(msg, span, token))
+        active = self._start(msg)
+        if active.span is not None:
+            active.token = otel_context.attach(trace.set_span_in_context(active.span))
+        _active.set(active)
 
     async def after_handle(self, msg: Message, outcome: Outcome | BaseException) -> None:
         active = _active.get()
@@ -88,6 +123,8 @@ class TracingHook(Hook):
             return
         _active.set(None)
         span = active.span
+        if span is None:
+            return
         if span.is_recording():
             _record_outcome(span, outcome)
         span.end()
@@ -98,8 +135,12 @@ class TracingHook(Hook):
     ) -> TraceContext | None:
         active = _active.get()
         own = active is None or active.msg is not msg
-        # Dead-lettered before any handler ran (delivered too often): a span of its own.
-        span = self._start(msg) if own else active.span  # type: ignore[union-attr]
+        if own:  # dead-lettered before any handler ran (delivered too often)
+            active = self._start(msg)
+        assert active is not None
+        span = active.span
+        if span is None:
+            return active.carried
         if span.is_recording() and action != "forward":
             event: dict[str, AttributeValue] = {"pipeline.reason": detail[:_MAX_REASON_CHARS]}
             if delay_ms is not None:
@@ -113,31 +154,43 @@ class TracingHook(Hook):
             span.end()
         return carried
 
-    def _start(self, msg: Message) -> Span:
+    def _start(self, msg: Message) -> _Active:
         env = msg.envelope
+        traceparent = env.traceparent
+        if traceparent is not None and _NOT_SAMPLED.fullmatch(traceparent):
+            return _Active(msg, None, None)
         stream = self._stream(msg)
+        name = f"process {stream}"
+        if traceparent is None and self._roots is not None:
+            sampler, ids = self._roots
+            trace_id = ids.generate_trace_id()
+            decision = sampler.should_sample(None, trace_id, name, SpanKind.CONSUMER).decision
+            if decision is Decision.DROP:
+                carried = f"00-{trace_id:032x}-{ids.generate_span_id():016x}-00"
+                return _Active(msg, None, (carried, None))
+            ids.preset(trace_id)
+        attributes: dict[str, AttributeValue] = {
+            "messaging.system": "redis",
+            "messaging.operation.type": "process",
+            "messaging.destination.name": stream,
+            "messaging.consumer.group.name": msg.stage,
+            "messaging.message.id": msg.entry_id,
+            "messaging.message.conversation_id": msg.task_id,
+        }
+        if msg.attempt > 1:
+            attributes["pipeline.attempt"] = msg.attempt
         span = self._tracer.start_span(
-            f"process {stream}",
-            context=parent_context(env.traceparent, env.tracestate),
+            name,
+            context=parent_context(traceparent, env.tracestate),
             kind=SpanKind.CONSUMER,
+            attributes=attributes,
         )
-        if span.is_recording():
-            span.set_attributes(
-                {
-                    "messaging.system": "redis",
-                    "messaging.operation.type": "process",
-                    "messaging.operation.name": "process",
-                    "messaging.destination.name": stream,
-                    "messaging.consumer.group.name": msg.stage,
-                    "messaging.message.id": msg.entry_id,
-                    "messaging.message.conversation_id": msg.task_id,
-                    "pipeline.attempt": msg.attempt,
-                    "pipeline.deliveries": msg.deliveries,
-                }
-            )
-            if msg.deliveries > 1:  # reclaimed from a dead worker, or resumed after a restart
-                span.add_event("redelivered", {"pipeline.deliveries": msg.deliveries})
-        return span
+        if msg.deliveries > 1 and span.is_recording():  # reclaimed, or resumed after a restart
+            span.set_attribute("pipeline.deliveries", msg.deliveries)
+            span.add_event("redelivered", {"pipeline.deliveries": msg.deliveries})
+        if not span.is_recording():  # the sampler said no after all: no span to keep
+            return _Active(msg, None, format_context(span.get_span_context()))
+        return _Active(msg, span, None)
 
     def _stream(self, msg: Message) -> str:
         key = (msg.stage, msg.lane)
@@ -151,6 +204,9 @@ class TracingHook(Hook):
 
     def on_call(self, report: CallReport) -> None:
         """A `chat <model>` CLIENT span, under the current stage span, with the call's times."""
+        active = _active.get()
+        if active is not None and active.span is None:
+            return  # the task is not sampled
         span = self._tracer.start_span(
             f"chat {report.request_model}", kind=SpanKind.CLIENT, start_time=report.started_ns
         )
@@ -188,34 +244,28 @@ def _call_attributes(report: CallReport) -> dict[str, AttributeValue]:
 
 
 def _record_outcome(span: Span, outcome: Outcome | BaseException) -> None:
-    if isinstance(outcome, BaseException):
-        kind = type(outcome).__name__
-        span.set_attribute("pipeline.outcome", "interrupted")
-        if isinstance(outcome, Exception):  # an AuthError pause
-            span.set_attribute("error.type", kind)
-            span.set_status(Status(StatusCode.ERROR, kind))
-        else:  # cancelled at shutdown: the entry is handed back to another worker
-            span.add_event("handed_back")
-        return
+    """What the handler decided, where it is not the usual hand-on (the next span says that)."""
     if isinstance(outcome, Forward):
-        span.set_attribute("pipeline.outcome", "forward")
-        span.set_attribute("pipeline.forward.to", outcome.to)
         body = outcome.body
         if isinstance(body, Answer):
             if body.coalesced:
                 span.set_attribute("pipeline.coalesced", True)
             elif body.cached:
                 span.set_attribute("pipeline.cache.hit", True)
-        elif isinstance(body, Request):
+        elif isinstance(body, Request):  # cache-check found nothing: on to the router
             span.set_attribute("pipeline.cache.hit", False)
-    elif isinstance(outcome, Complete):
-        span.set_attribute("pipeline.outcome", "complete")
-    elif isinstance(outcome, Retry):
-        span.set_attribute("pipeline.outcome", "retry")
-    elif isinstance(outcome, Fail):
-        span.set_attribute("pipeline.outcome", "fail")
-    else:
-        span.set_attribute("pipeline.outcome", type(outcome).__name__.lower())
+        return
+    if isinstance(outcome, Complete):
+        return
+    if isinstance(outcome, BaseException):
+        kind = type(outcome).__name__
+        if isinstance(outcome, Exception):  # an AuthError pause
+            span.set_attribute("error.type", kind)
+            span.set_status(Status(StatusCode.ERROR, kind))
+        else:  # cancelled at shutdown: the entry is handed back for another worker
+            span.add_event("handed_back")
+        return
+    span.set_attribute("pipeline.outcome", type(outcome).__name__.lower())  # retry, fail, …
 
 
 class Tracing:
@@ -223,7 +273,11 @@ class Tracing:
 
     def __init__(self, provider: trace.TracerProvider, app: App, keys: Keys, *, owned: bool):
         self.provider = provider
-        self.hook = TracingHook(provider.get_tracer(SCOPE, _version()), app, keys)
+        tracer = provider.get_tracer(SCOPE, _version())
+        if isinstance(provider, TracerProvider) and isinstance(provider.id_generator, PresetIds):
+            self.hook = TracingHook(tracer, app, keys, provider.sampler, provider.id_generator)
+        else:
+            self.hook = TracingHook(tracer, app, keys)
         self._owned = owned
         self._unobserve = observe_calls(self.hook.on_call)
         # Each call once, as the `chat` span: Anthropic clients made from now on (the worker
@@ -253,7 +307,7 @@ def start_tracing(app: App, keys: Keys, environ: Mapping[str, str] = os.environ)
     resource = Resource.create()
     if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
         resource = resource.merge(Resource({"service.name": _SERVICE_NAME}))
-    provider = TracerProvider(resource=resource)
+    provider = TracerProvider(resource=resource, id_generator=PresetIds())
     for exporter in _exporters(environ):
         provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)  # handlers' own spans join the task's trace

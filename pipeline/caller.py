@@ -11,7 +11,8 @@ import asyncio
 import logging
 import os
 
-from pipeline.claude import CallReport, call, make_client
+from pipeline.call_report import CallReport
+from pipeline.claude import call, make_client
 from pipeline.errors import TransientError
 from pipeline.ratelimit import ApiKey, RateLimiter, Ticket
 from pipeline.services import Services

@@ -12,14 +12,20 @@ from __future__ import annotations
 import email.utils
 import logging
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any
 
 import anthropic
 import httpx2
 import msgspec
 
+from pipeline.call_report import (
+    CallObserver,
+    CallReport,
+    observe_calls,
+    observing,
+    report_call,
+)
 from pipeline.config import ClaudeSettings
 from pipeline.errors import AuthError, PermanentError, TransientError
 from pipeline.task import Answer, Routed, Usage
@@ -38,47 +44,8 @@ _RETRYABLE_4XX = frozenset({408, 409, 429, 499})
 #: Account-wide refusals: every call would fail alike, so pause rather than dead-letter.
 _AUTH = frozenset({401, 402, 403})
 _MAX_MESSAGE_CHARS = 500
-log = logging.getLogger(__name__)
 #: An unreachable API should free the slot for a retry long before a call's own timeout.
 _CONNECT_TIMEOUT_S = 10.0
-
-
-@dataclass(frozen=True, slots=True)
-class CallReport:
-    """What one Messages call did, for metrics and tracing (never the prompt or the key).
-
-    Observers run synchronously in the handler's task, so the stage's trace context is
-    current: a tracer can record the call as a CLIENT span from `started_ns`/`ended_ns`.
-    """
-
-    family: str
-    request_model: str
-    response_model: str | None  # None when the call failed
-    max_tokens: int
-    status: int  # HTTP status: 200, 429, 529, …; 0 for a timeout or connection error
-    started_ns: int  # time.time_ns() at the start and end of the call
-    ended_ns: int
-    usage: Usage | None
-    error_type: str | None  # the pipeline error class name when the call failed
-    headers: Mapping[str, str] | None = None  # response headers (rate-limit state)
-
-
-CallObserver = Callable[[CallReport], None]
-_observers: list[CallObserver] = []
-
-
-def observe_calls(observer: CallObserver) -> Callable[[], None]:
-    """Call `observer` after every Messages call in this process; returns an undo function."""
-    _observers.append(observer)
-    return lambda: _observers.remove(observer) if observer in _observers else None
-
-
-def _report(report: CallReport, own: CallObserver | None) -> None:
-    for observer in (own, *_observers) if own else tuple(_observers):
-        try:
-            observer(report)
-        except Exception:
-            log.exception("call observer %r failed (ignored)", observer)
 
 
 def make_client(
@@ -150,19 +117,19 @@ async def call(
         body = await raw.read()
     except anthropic.AnthropicError as exc:
         error = map_error(exc, auth_pause_s)
-        if on_report or _observers:
+        if on_report or observing():
             status = exc.status_code if isinstance(exc, anthropic.APIStatusError) else 0
             headers = exc.response.headers if isinstance(exc, anthropic.APIStatusError) else None
-            _report(_failed(routed, started_ns, status, error, headers), on_report)
+            report_call(_failed(routed, started_ns, status, error, headers), on_report)
         raise error from None
     ended_ns = time.time_ns()
     try:
         message = _decode_message(body)
     except msgspec.DecodeError as exc:
         error = TransientError(f"claude: malformed response ({exc})")
-        if on_report or _observers:
+        if on_report or observing():
             status = raw.http_response.status_code
-            _report(_failed(routed, started_ns, status, error, raw.headers), on_report)
+            report_call(_failed(routed, started_ns, status, error, raw.headers), on_report)
         raise error from None
     usage = message.usage
     answer = Answer(
@@ -181,8 +148,8 @@ async def call(
         ),
         call_ms=(ended_ns - started_ns) // 1_000_000,
     )
-    if on_report or _observers:
-        _report(
+    if on_report or observing():
+        report_call(
             CallReport(
                 family=routed.family,
                 request_model=routed.model,

@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from observability.metric_names import METRICS, series
 from observability.metrics import MetricsHook, PipelineMetrics, meter_provider
-from pipeline.claude import CallReport
+from pipeline.call_report import CallReport
 from pipeline.outcome import Complete, Fail, Forward, Outcome, Retry
 from pipeline.results import make_result
 from pipeline.stage import Message
