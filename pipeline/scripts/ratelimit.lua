@@ -63,7 +63,9 @@ if op == 'admit' then
     local probing = false
     if not s.known then
       if s.probe > now then
-        if s.probe - now > wait then wait, reason = s.probe - now, 'probe' end
+        -- The probe ends when its call settles, any moment now: ask again soon.
+        local w = math.min(s.probe - now, 50)
+        if w > wait then wait, reason = w, 'probe' end
       else
         probing = true
       end
