@@ -110,6 +110,14 @@ def worker(
         ),
     ] = [],  # noqa: B006
     all_stages: Annotated[bool, typer.Option("--all", help="Run every stage.")] = False,
+    lane: Annotated[
+        list[str],
+        typer.Option(
+            "--lane",
+            help="Only these lanes of a laned stage (repeatable), e.g. claude-call's "
+            "--lane haiku: scale each model family's callers on its own.",
+        ),
+    ] = [],  # noqa: B006
     concurrency: Annotated[
         int | None,
         typer.Option(
@@ -145,11 +153,17 @@ def worker(
         raise typer.BadParameter("give --stage NAME (repeatable) or --all")
     for name in names:
         the_app.stage(name)
+    known = {ln for name in names for ln in the_app.stage(name).lanes}
+    for wanted in lane:
+        if wanted not in known:
+            choices = ", ".join(sorted(known)) or "none: no laned stage selected"
+            raise _exit(f"error: --lane: no lane {wanted!r} (lanes: {choices})", 2)
     _call(
         run_worker(
             the_app,
             names,
             settings,
+            lanes=lane,
             concurrency=concurrency,
             consumer=consumer,
             metrics_port=metrics_port,

@@ -86,6 +86,7 @@ async def run_worker(
     *,
     concurrency: int | None = None,
     consumer: str | None = None,
+    lanes: Sequence[str] = (),
     hooks: Sequence[Hook] = (),
     ready: asyncio.Event | None = None,
     metrics_port: int | None = None,
@@ -93,6 +94,7 @@ async def run_worker(
     """Run the named stages of `app` until SIGTERM/SIGINT (or `ctx.stopping`).
 
     `metrics_port` (else `[metrics] port`) serves Prometheus scrapes (docs/OBSERVABILITY.md).
+    `lanes` limits laned stages to those lanes (all when empty).
     """
     stages = [app.stage(name) for name in stage_names]
     redis = connect(settings.redis)
@@ -150,6 +152,7 @@ async def run_worker(
         )
         for stage in stages
         for lane in (stage.lanes or (None,))
+        if lane is None or not lanes or lane in lanes
     ]
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()

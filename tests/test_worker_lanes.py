@@ -1,0 +1,42 @@
+"""`pipeline worker --lane`: one model family's callers scale on their own (KEDA per family)."""
+
+from __future__ import annotations
+
+import redis
+
+from pipeline.keys import Keys
+from tests.helpers.workers import Workers, wait_until
+from tests.test_cli import cli, one_error_line
+from tests.test_cli import env as cli_env_fixture
+
+cli_env = cli_env_fixture.__wrapped__  # type: ignore[attr-defined]
+
+
+def test_a_worker_runs_only_the_lanes_it_is_given(
+    workers: Workers, rclient: redis.Redis, prefix: str
+) -> None:
+    keys = Keys(prefix)
+    proc = Workers(workers.env, workers.logdir, app="stages:app").start(
+        ["claude-call"], args=["--lane", "haiku", "--lane", "opus"]
+    )
+    try:
+        wait_until(lambda: "running claude-call" in proc.log(), 30, what="the worker to start")
+        line = next(ln for ln in proc.log().splitlines() if "running claude-call" in ln)
+        assert "claude-call[haiku]" in line and "claude-call[opus]" in line
+        assert "sonnet" not in line
+        groups = {
+            lane: [g["name"] for g in rclient.xinfo_groups(keys.stream("call", lane))]
+            for lane in ("haiku", "opus")
+        }
+        assert groups == {"haiku": [b"claude-call"], "opus": [b"claude-call"]}
+        assert not rclient.exists(keys.stream("call", "sonnet"))
+    finally:
+        proc.kill()
+
+
+def test_an_unknown_lane_is_one_clear_line(redis_url: str, prefix: str) -> None:
+    env = cli_env(redis_url, prefix)
+    line = one_error_line(cli(env, "worker", "--stage", "claude-call", "--lane", "gpt"))
+    assert "no lane 'gpt'" in line and "haiku" in line
+    line = one_error_line(cli(env, "worker", "--stage", "router", "--lane", "haiku"))
+    assert "no laned stage selected" in line
