@@ -54,6 +54,10 @@ class Hooks:
     def __init__(self, hooks: Sequence[Hook] = ()) -> None:
         self._hooks = tuple(hooks)
         self._reversed = tuple(reversed(self._hooks))
+        # Per entry every hook call counts (tracing's budget is a few microseconds), so only
+        # the hooks that override a method are called for it.
+        self._handoffs = _overriding(self._hooks, "on_handoff")
+        self._by_name: dict[tuple[str, bool], tuple[Hook, ...]] = {}
 
     def __bool__(self) -> bool:
         return bool(self._hooks)
@@ -63,7 +67,7 @@ class Hooks:
     ) -> TraceContext | None:
         """Every hook's `on_handoff`; the first trace context one returns wins."""
         carried: TraceContext | None = None
-        for hook in self._hooks:
+        for hook in self._handoffs:
             try:
                 got = hook.on_handoff(msg, action, detail, delay_ms)
             except Exception:
@@ -74,8 +78,16 @@ class Hooks:
         return carried
 
     async def emit(self, name: str, *args: object, after: bool = False) -> None:
-        for hook in self._reversed if after else self._hooks:
+        hooks = self._by_name.get((name, after))
+        if hooks is None:
+            hooks = _overriding(self._reversed if after else self._hooks, name)
+            self._by_name[name, after] = hooks
+        for hook in hooks:
             try:
                 await getattr(hook, name)(*args)
             except Exception:
                 log.exception("hook %s.%s failed (ignored)", type(hook).__name__, name)
+
+
+def _overriding(hooks: Sequence[Hook], name: str) -> tuple[Hook, ...]:
+    return tuple(h for h in hooks if getattr(type(h), name) is not getattr(Hook, name))
