@@ -7,9 +7,10 @@ only when the standard `OTEL_*` variables turn tracing on.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 
-__all__ = ["tracing_enabled"]
+__all__ = ["producer_tracing", "tracing_enabled"]
 
 
 def tracing_enabled(environ: Mapping[str, str]) -> bool:
@@ -26,3 +27,12 @@ def tracing_enabled(environ: Mapping[str, str]) -> bool:
         environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
         or environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
     )
+
+
+def producer_tracing(environ: Mapping[str, str]) -> contextlib.AbstractContextManager[None]:
+    """For a process that only submits: export the client's `send` spans when `OTEL_*` ask."""
+    if not tracing_enabled(environ):
+        return contextlib.nullcontext()
+    from observability.tracing import producer_tracing as setup
+
+    return setup(environ)

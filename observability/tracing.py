@@ -21,11 +21,12 @@ span per call under the global provider; `start_tracing` turns that off (unless
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 
@@ -48,7 +49,7 @@ from pipeline.outcome import Complete, Forward, Outcome
 from pipeline.stage import App, Message
 from pipeline.task import Answer, Request
 
-__all__ = ["PresetIds", "Tracing", "TracingHook", "start_tracing"]
+__all__ = ["PresetIds", "Tracing", "TracingHook", "producer_tracing", "start_tracing"]
 
 log = logging.getLogger(__name__)
 #: Reasons are error messages (never prompts); long ones are cut on spans.
@@ -304,14 +305,33 @@ def start_tracing(app: App, keys: Keys, environ: Mapping[str, str] = os.environ)
     current = trace.get_tracer_provider()
     if isinstance(current, TracerProvider):
         return Tracing(current, app, keys, owned=False)
+    provider = _global_provider(environ)  # global: handlers' own spans join the task's trace
+    return Tracing(provider, app, keys, owned=True)
+
+
+@contextlib.contextmanager
+def producer_tracing(environ: Mapping[str, str] = os.environ) -> Iterator[None]:
+    """The `OTEL_*` provider for a process that only submits (`pipeline submit`), so that
+    the client's `send` spans are exported; flushed when the block ends."""
+    if isinstance(trace.get_tracer_provider(), TracerProvider):
+        yield
+        return
+    provider = _global_provider(environ)
+    try:
+        yield
+    finally:
+        provider.shutdown()
+
+
+def _global_provider(environ: Mapping[str, str]) -> TracerProvider:
     resource = Resource.create()
     if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
         resource = resource.merge(Resource({"service.name": _SERVICE_NAME}))
     provider = TracerProvider(resource=resource, id_generator=PresetIds())
     for exporter in _exporters(environ):
         provider.add_span_processor(BatchSpanProcessor(exporter))
-    trace.set_tracer_provider(provider)  # handlers' own spans join the task's trace
-    return Tracing(provider, app, keys, owned=True)
+    trace.set_tracer_provider(provider)
+    return provider
 
 
 def _exporters(environ: Mapping[str, str]) -> list[SpanExporter]:

@@ -232,7 +232,8 @@ def submit(
     if file is not None:
         if prompt is not None or messages is not None or wait is not None:
             raise typer.BadParameter("--file takes no PROMPT, --messages or --wait")
-        report = _call(_submit_file(settings, file, out_file))
+        with _producer_tracing():
+            report = _call(_submit_file(settings, file, out_file))
         if out_file is None:
             sys.stdout.write("".join(f"{i}\n" for i in report.ids))
         submitted = f"{len(report.ids)} task(s) were submitted"
@@ -257,13 +258,23 @@ def submit(
         "ttl": ttl,
         "metadata": metadata,
     }
-    new_id, result = _call(_submit_one(settings, prompt, task, wait))
+    with _producer_tracing():
+        new_id, result = _call(_submit_one(settings, prompt, task, wait))
     if wait is None:
         typer.echo(new_id)
     elif result is None:
         raise _exit(f"submitted {new_id}; no result within {wait:g}s", 1)
     else:
         _show_result(new_id, result, as_json)
+
+
+def _producer_tracing() -> contextlib.AbstractContextManager[None]:
+    """`send` spans for what `submit` adds, when the OTEL_* variables ask for traces."""
+    import os
+
+    from observability import producer_tracing
+
+    return producer_tracing(os.environ)
 
 
 async def _submit_file(settings: Settings, path: Path, out_file: Path | None) -> render.FileReport:

@@ -197,3 +197,25 @@ def test_without_otel_variables_nothing_of_opentelemetry_is_loaded() -> None:
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, check=True,
                          capture_output=True, text=True)  # fmt: skip
     assert out.stdout.split() == ["False", "False", "True", "False", "False"]
+
+
+def test_pipeline_submit_sends_a_producer_span_whose_context_is_the_entrys_traceparent(
+    otlp: tuple[Receiver, dict[str, str]], fast_env: dict[str, str], prefix: str,
+    rclient: redis.Redis,
+) -> None:  # fmt: skip
+    receiver, otel_env = otlp
+    env = {**os.environ, **fast_env, **otel_env, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "submit", "hello", "--type",
+                          "classify"], cwd=ROOT, env=env, check=True, capture_output=True,
+                         text=True)  # fmt: skip
+    task_id = out.stdout.strip()
+    ((entry_id, fields),) = rclient.xrange(Keys(prefix).ingress)
+    assert entry_id.decode() == task_id
+    _, trace_id, span_id, flags = fields[b"traceparent"].decode().split("-")
+    assert int(flags, 16) & 1
+    (send,) = receiver.trace(trace_id)  # flushed before the command exited
+    assert (send.name, send.kind) == (f"send {Keys(prefix).ingress}",
+                                      Span.SpanKind.SPAN_KIND_PRODUCER)  # fmt: skip
+    assert send.span_id == span_id and send.parent_id == ""
+    assert send.attributes["messaging.message.id"] == task_id
+    assert send.attributes["messaging.operation.type"] == "send"
