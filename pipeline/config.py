@@ -47,6 +47,8 @@ class RuntimeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     grace_s: NonNegFloat = 20.0
     max_entry_bytes: PosInt = 4 * 1024 * 1024
     handoff_batch: PosInt = 512
+    # Consumer names with nothing pending and no read for this long are forgotten.
+    prune_idle_ms: PosInt = 3_600_000
 
 
 class RetrySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

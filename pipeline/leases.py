@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from functools import partial
 from typing import TYPE_CHECKING
+
+import redis
 
 from pipeline.replies import as_list, as_str, script_entries
 
@@ -68,11 +71,46 @@ async def renew(runner: StageRunner, held: list[Inflight], idle_ms: int = 0) -> 
 
 async def reclaim_loop(runner: StageRunner) -> None:
     every_s = runner.rt.reclaim_every_ms / 1000
+    prune_every_s = min(600.0, runner.rt.prune_idle_ms / 6000)
+    next_prune = time.monotonic() + random.uniform(0, prune_every_s)
     while True:
         await asyncio.sleep(every_s)
         if runner.ctx.stopping.is_set() or runner.paused:
             continue
         await reclaim(runner)
+        if time.monotonic() >= next_prune:
+            next_prune = time.monotonic() + prune_every_s
+            await prune_consumers(runner)
+
+
+async def prune_consumers(runner: StageRunner) -> list[str]:
+    """Forget consumer names that hold nothing and have not read for `prune_idle_ms`.
+
+    Every restarted pod with a new name leaves one behind, and `pipeline status` would count
+    them forever. Only names with no pending entries go (XGROUP DELCONSUMER would drop a
+    name's pending entries); a live worker reads every `block_ms`, so it is never idle that
+    long, and if it were, its next XREADGROUP simply creates the name again.
+    """
+    idle_ms = runner.rt.prune_idle_ms
+    ctx = runner.ctx
+    try:
+        consumers = await ctx.available.call(
+            lambda: ctx.redis.xinfo_consumers(runner.stream, runner.group)
+        )
+    except redis.ResponseError:  # no stream or group yet
+        return []
+    gone = [
+        as_str(c["name"])
+        for c in consumers
+        if int(c["pending"]) == 0 and int(c["idle"]) > idle_ms and as_str(c["name"]) != ctx.consumer
+    ]
+    for name in gone:
+        await ctx.available.call(
+            lambda n=name: ctx.redis.xgroup_delconsumer(runner.stream, runner.group, n)  # type: ignore[misc]
+        )
+    if gone:
+        log.info("%s: forgot %d idle consumer names with nothing pending", runner.name, len(gone))
+    return gone
 
 
 async def reclaim(runner: StageRunner) -> int:
