@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tomllib
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,7 @@ DASHBOARD = GRAFANA / "dashboards/pipeline.json"
 DEFAULTS = load_settings(env={})
 STAGES: tuple[Stage, ...] = stages.app(DEFAULTS).stages
 STAGE_NAMES = [s.name for s in STAGES]
+STAGE_BY_NAME = {s.name: s for s in STAGES}
 TARGET_LABELS = set(metric_names.TARGET_LABELS)
 
 
@@ -87,7 +88,14 @@ def _parse_cli(argv: list[str]) -> dict[str, Any]:
     assert argv[0] == "pipeline", argv
     command = typer.main.get_command(cli_app).commands[argv[1]]  # type: ignore[attr-defined]
     with command.make_context(argv[1], list(argv[2:])) as ctx:
-        return dict(ctx.params)
+        params = dict(ctx.params)
+    if argv[1] == "worker":  # the CLI checks stages and lanes once it has loaded the app
+        assert params["app_spec"] == "stages:app", argv
+        assert set(params["stage"]) <= set(STAGE_NAMES), argv
+        selected = STAGES if params["all_stages"] else [STAGE_BY_NAME[n] for n in params["stage"]]
+        lanes = {lane for stage in selected for lane in stage.lanes}
+        assert set(params["lane"]) <= lanes, f"{argv}: lanes are {sorted(lanes)}"
+    return params
 
 
 def _is_worker(argv: list[str]) -> bool:
@@ -98,9 +106,10 @@ def _workers() -> dict[str, dict[str, Any]]:
     return {n: s for n, s in _services().items() if _is_worker(s.get("command") or [])}
 
 
-def _streams(stage: Stage, prefix: str = "pipeline") -> list[str]:
+def _streams(stage: Stage, lanes: Sequence[str] = (), prefix: str = "pipeline") -> list[str]:
+    """The streams a worker of `stage` reads, given its `--lane`s (none: every lane)."""
     keys = Keys(prefix)
-    return [keys.stream(stage.stream, lane) for lane in stage.lanes or (None,)]
+    return [keys.stream(stage.stream, lane) for lane in lanes or stage.lanes or (None,)]
 
 
 def _manifests() -> list[dict[str, Any]]:
@@ -113,6 +122,21 @@ def _manifests() -> list[dict[str, Any]]:
 
 def _of_kind(kind: str) -> dict[str, dict[str, Any]]:
     return {d["metadata"]["name"]: d for d in _manifests() if d["kind"] == kind}
+
+
+def _expected_deployments() -> dict[str, tuple[Stage, str | None]]:
+    """Deployment name -> the stage and lane it runs: one per stage, and one per lane of a
+    laned stage (claude-call per model family: rate limits are per family)."""
+    return {
+        stage.name if lane is None else f"{stage.name}-{lane}": (stage, lane)
+        for stage in STAGES
+        for lane in stage.lanes or (None,)
+    }
+
+
+def _worker_params(deployment: dict[str, Any]) -> dict[str, Any]:
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    return _parse_cli(container["command"])
 
 
 def _secret_example() -> dict[str, Any]:
@@ -375,22 +399,26 @@ def test_configmap_holds_valid_settings_where_the_workers_read_them(tmp_path: Pa
         assert pod["terminationGracePeriodSeconds"] > settings.runtime.grace_s, name
 
 
-def test_one_deployment_per_stage_running_that_stage() -> None:
+def test_one_deployment_per_stage_and_per_lane_running_exactly_that() -> None:
     deployments = _of_kind("Deployment")
-    assert sorted(deployments) == sorted(STAGE_NAMES)
+    expected = _expected_deployments()
+    assert sorted(deployments) == sorted(expected)
     configmaps = _of_kind("ConfigMap")
     secret = _secret_example()
     image = _yaml(DEPLOY / "kustomization.yaml")["images"][0]["name"]
     for name, deployment in deployments.items():
         template = deployment["spec"]["template"]
-        assert (
-            deployment["spec"]["selector"]["matchLabels"].items()
-            <= template["metadata"]["labels"].items()
-        )
+        selector = deployment["spec"]["selector"]["matchLabels"].items()
+        assert selector <= template["metadata"]["labels"].items()
+        for other, pods in deployments.items():  # no Deployment adopts another's pods
+            if other != name:
+                assert not selector <= pods["spec"]["template"]["metadata"]["labels"].items()
         (container,) = template["spec"]["containers"]
         assert container["image"] == image
-        params = _parse_cli(container["command"])
-        assert params["stage"] == [name]
+        stage, lane = expected[name]
+        params = _worker_params(deployment)
+        assert params["stage"] == [stage.name] and not params["all_stages"], name
+        assert params["lane"] == ([] if lane is None else [lane]), name
         port = params["metrics_port"]
         assert template["metadata"]["annotations"]["prometheus.io/port"] == str(port)
         assert {"name": "metrics", "containerPort": port} in container["ports"]
@@ -401,13 +429,16 @@ def test_one_deployment_per_stage_running_that_stage() -> None:
                 assert source["secretRef"]["name"] == secret["metadata"]["name"]
 
 
-def test_one_scaledobject_per_stage_with_lag_and_pending_triggers_per_stream() -> None:
+def test_one_scaledobject_per_deployment_with_lag_and_pending_triggers_per_stream_read() -> None:
     scaled = _of_kind("ScaledObject")
-    assert sorted(scaled) == sorted(STAGE_NAMES)
+    deployments = _of_kind("Deployment")
+    assert sorted(scaled) == sorted(deployments)
     secret_keys = set(_secret_example()["stringData"])
-    for stage in STAGES:
-        spec = scaled[stage.name]["spec"]
-        assert spec["scaleTargetRef"]["name"] == stage.name
+    for name, scaled_object in scaled.items():
+        spec = scaled_object["spec"]
+        assert spec["scaleTargetRef"]["name"] == name
+        params = _worker_params(deployments[name])
+        (stage,) = [STAGE_BY_NAME[n] for n in params["stage"]]
         # One live worker at least: it promotes delayed retries and reclaims dead pods' entries.
         assert 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"]
         lag: dict[str, dict[str, str]] = {}
@@ -424,8 +455,10 @@ def test_one_scaledobject_per_stage_with_lag_and_pending_triggers_per_stream() -
             else:
                 assert int(meta["pendingEntriesCount"]) > 0
                 pending[meta["stream"]] = meta
-        streams = sorted(_streams(stage))
-        assert sorted(lag) == streams and sorted(pending) == streams, stage.name
+        # Exactly the streams this Deployment's workers read (claude-call-haiku:
+        # pipeline:call:haiku only), so each family scales on its own backlog.
+        streams = sorted(_streams(stage, params["lane"]))
+        assert sorted(lag) == streams and sorted(pending) == streams, name
         assert len(spec["triggers"]) == 2 * len(streams)
 
 
