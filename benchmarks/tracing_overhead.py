@@ -7,23 +7,28 @@ alike) through four chained trivial stages, one worker process per stage. Tracin
 up only by `OTEL_*` variables, as an operator would: parent-based ratio sampling, the batch
 processor, and OTLP/HTTP export to a receiver in this process that counts the spans and
 throws them away, so encoding and sending are paid for but no collector is needed. Prints
-each run, then the medians and their ratios to "off"; the last line is
-`overhead_100pct=<fraction> overhead_1pct=<fraction>`. Target (issue 6): <= 0.25 at 100%,
-<= 0.05 at 1%.
+each run, then the medians against "off": throughput lost, and steady-state CPU per task
+(the sturdier figure on a shared machine). The last line is `overhead_100pct=<fraction>
+overhead_1pct=<fraction> cpu_overhead_100pct=… cpu_overhead_1pct=…`. Target (issue 6):
+<= 0.25 at 100%, <= 0.05 at 1%.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+import time
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+import redis
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -32,8 +37,9 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (  # noqa: 
     ExportTraceServiceRequest,
 )
 
-from benchmarks.runtime import run_pipeline  # noqa: E402
+from benchmarks.runtime import STAGES, cpu_s, load  # noqa: E402
 from pipeline.embedded_redis import RedisServer  # noqa: E402
+from pipeline.keys import Keys  # noqa: E402
 
 #: Sampler settings per mode; "off" sets no OTEL_* variable at all.
 MODES: dict[str, dict[str, str]] = {
@@ -73,19 +79,56 @@ class SpanSink:
         self._server.shutdown()
 
 
-@contextmanager
-def environment(values: dict[str, str]) -> Iterator[None]:
-    """The workers inherit this process's environment (benchmarks/runtime.py)."""
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
+@dataclass
+class Run:
+    rate: float  # tasks/s from 5% to 100% done (start-up left out, as in runtime.py)
+    cpu_us: float  # CPU of the four stage processes per task over the same span
+    spans: int
+
+
+def run_once(url: str, n: int, concurrency: int, env: dict[str, str], sink: SpanSink) -> Run:
+    """One run of benchmarks/runtime.py's four-stage chain, measuring steady-state CPU too.
+
+    CPU per task is what matters on a shared machine: other load slows a run's wall clock
+    but hardly its CPU per task. Each process's CPU is read at 5% and at 100% done, so the
+    start-up (imports, connecting) counts in neither figure.
+    """
+    prefix = f"trace{os.getpid()}x{time.monotonic_ns()}"
+    keys = Keys(prefix)
+    client = redis.Redis.from_url(url)
+    load(client, keys.ingress, n)
+    env = {**os.environ, **env, "REDIS_URL": url, "PIPELINE_PREFIX": prefix,
+           "PIPELINE_RESULTS__DONE_MAXLEN": str(n * 2), "PYTHONPATH": str(ROOT),
+           # A worker whose shutdown stalls gives up after grace + 10 s.
+           "PIPELINE_RUNTIME__GRACE_S": "2"}  # fmt: skip
+    cmd = [sys.executable, "-m", "pipeline.cli", "worker", "--app", "benchmarks.bench_app:app",
+           "-n", str(concurrency)]  # fmt: skip
+    procs = [
+        subprocess.Popen([*cmd, "--stage", stage], env=env, cwd=ROOT, stderr=subprocess.DEVNULL)
+        for stage in STAGES
+    ]
+    before = sink.spans
     try:
-        yield
+        while (done := client.xlen(keys.done)) < n // 20:
+            time.sleep(0.005)
+            if any(p.poll() is not None for p in procs):
+                raise SystemExit("a worker exited early")
+        start, start_done = time.perf_counter(), done
+        cpu0 = sum(cpu_s(p.pid) for p in procs)
+        while client.xlen(keys.done) < n:
+            time.sleep(0.005)
+        elapsed = time.perf_counter() - start
+        cpu = sum(cpu_s(p.pid) for p in procs) - cpu0
     finally:
-        for key, old in saved.items():
-            if old is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = old
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            p.wait(60)  # the last spans are flushed at shutdown
+    for key in client.scan_iter(match=keys.pattern(), count=5000):
+        client.unlink(key)
+    client.close()
+    steady = n - start_done
+    return Run(steady / elapsed, cpu * 1e6 / steady, sink.spans - before)
 
 
 def main() -> None:
@@ -96,10 +139,6 @@ def main() -> None:
     args = parser.parse_args()
     for key in [k for k in os.environ if k.startswith("OTEL_")]:
         del os.environ[key]  # only what each mode sets
-    # A worker whose shutdown stalls (a cancellation redis-py swallowed, seen now and then)
-    # gives up after grace + 10 s, inside runtime.py's 30 s wait; throughput is measured
-    # before any of that.
-    os.environ["PIPELINE_RUNTIME__GRACE_S"] = "2"
     sink = SpanSink()
     tracing = {
         "OTEL_EXPORTER_OTLP_ENDPOINT": sink.endpoint,
@@ -107,30 +146,30 @@ def main() -> None:
         "OTEL_SERVICE_NAME": "tracing-overhead-bench",
     }
     server = RedisServer(Path(tempfile.mkdtemp(prefix="bench-redis-"))).start()
-    rates: dict[str, list[float]] = {mode: [] for mode in MODES}
+    runs: dict[str, list[Run]] = {mode: [] for mode in MODES}
     try:
         for round_no in range(1, args.rounds + 1):
             for mode, sampler in MODES.items():
-                before = sink.spans
-                with environment({**tracing, **sampler} if sampler else {}):
-                    _overall, rate, _rss = run_pipeline(server.url, args.tasks, args.concurrency)
-                rates[mode].append(rate)
-                spans = sink.spans - before  # the last batch arrives at worker shutdown
-                print(f"round {round_no} {mode:>4}: {rate:,.0f} tasks/s steady, "
-                      f"{spans:,} spans exported ({spans / args.tasks:.2f} per task)",
-                      flush=True)  # fmt: skip
+                env = {**tracing, **sampler} if sampler else {}
+                run = run_once(server.url, args.tasks, args.concurrency, env, sink)
+                runs[mode].append(run)
+                print(f"round {round_no} {mode:>4}: {run.rate:,.0f} tasks/s, "
+                      f"{run.cpu_us:.0f} us CPU per task (4 stages), {run.spans:,} spans "
+                      f"exported ({run.spans / args.tasks:.2f} per task)", flush=True)  # fmt: skip
     finally:
         server.stop()
         sink.close()
-    off = statistics.median(rates["off"])
     print(f"\nmedians over {args.rounds} rounds of {args.tasks:,} tasks (4 stages x 1 process):")
-    overhead = {}
-    for mode, values in rates.items():
-        median = statistics.median(values)
-        overhead[mode] = 1 - median / off
-        print(f"  {mode:>4}: {median:,.0f} tasks/s  ratio to off {median / off:.3f}  "
-              f"overhead {overhead[mode]:+.1%}")  # fmt: skip
-    print(f"overhead_100pct={overhead['100%']:.3f} overhead_1pct={overhead['1%']:.3f}")
+    rate = {m: statistics.median(r.rate for r in rs) for m, rs in runs.items()}
+    cpu = {m: statistics.median(r.cpu_us for r in rs) for m, rs in runs.items()}
+    for mode in MODES:
+        print(f"  {mode:>4}: {rate[mode]:,.0f} tasks/s ({1 - rate[mode] / rate['off']:+.1%} "
+              f"throughput lost), {cpu[mode]:.0f} us CPU per task "
+              f"({cpu[mode] / cpu['off'] - 1:+.1%})")  # fmt: skip
+    print(f"overhead_100pct={1 - rate['100%'] / rate['off']:.3f} "
+          f"overhead_1pct={1 - rate['1%'] / rate['off']:.3f} "
+          f"cpu_overhead_100pct={cpu['100%'] / cpu['off'] - 1:.3f} "
+          f"cpu_overhead_1pct={cpu['1%'] / cpu['off'] - 1:.3f}")  # fmt: skip
 
 
 if __name__ == "__main__":

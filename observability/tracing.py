@@ -13,10 +13,11 @@ calls `start_tracing`, which adds `TracingHook` to its hooks and watches the Cla
 - retries, deferrals, pauses, dead letters and redeliveries are span events; cache hits an
   attribute.
 
-Unsampled entries cost a sampler decision and a span context: attributes are built only for
-spans that record. The anthropic SDK (2.x) would also emit an `anthropic.messages.create`
-span per call under the global provider; `start_tracing` turns that off (unless
-`ANTHROPIC_OPEN_TELEMETRY` is set) so each call appears once, as the `chat` span.
+The hot path is kept short for what is not sampled: an entry not sampled upstream costs a
+regex match, a new trace one sampler call and, unless sampled, a formatted traceparent; only
+sampled spans get attributes. The anthropic SDK (2.x) would also emit an
+`anthropic.messages.create` span per call under the global provider; `Tracing` turns that
+off (unless `ANTHROPIC_OPEN_TELEMETRY` is set) so each call appears once, as the `chat` span.
 """
 
 from __future__ import annotations
