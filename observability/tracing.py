@@ -27,6 +27,7 @@ import importlib.metadata
 import logging
 import os
 import re
+import threading
 from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -56,6 +57,7 @@ log = logging.getLogger(__name__)
 #: Reasons are error messages (never prompts); long ones are cut on spans.
 _MAX_REASON_CHARS = 300
 _SERVICE_NAME = "claude-pipeline"
+_FLUSH_TIMEOUT_S = 5.0
 _OTLP_BY_PROTOCOL = {"grpc": "otlp_proto_grpc", "http/protobuf": "otlp_proto_http"}
 
 
@@ -290,7 +292,7 @@ class Tracing:
         """Stop watching calls; flush and close the provider if this process made it."""
         self._unobserve()
         if self._owned and isinstance(self.provider, TracerProvider):
-            self.provider.shutdown()
+            _close(self.provider)
 
 
 def start_tracing(app: App, keys: Keys, environ: Mapping[str, str] = os.environ) -> Tracing:
@@ -321,7 +323,18 @@ def producer_tracing(environ: Mapping[str, str] = os.environ) -> Iterator[None]:
     try:
         yield
     finally:
-        provider.shutdown()
+        _close(provider)
+
+
+def _close(provider: TracerProvider, timeout_s: float = _FLUSH_TIMEOUT_S) -> None:
+    """Flush and shut down, waiting at most `timeout_s`: with the collector down, the
+    exporters' retries would hold a stopping process for half a minute. What is not sent
+    by then is dropped."""
+    closing = threading.Thread(target=provider.shutdown, daemon=True)
+    closing.start()
+    closing.join(timeout_s)
+    if closing.is_alive():
+        log.warning("tracing: spans not exported within %.0fs of stopping dropped", timeout_s)
 
 
 def _global_provider(environ: Mapping[str, str]) -> TracerProvider:

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 from pipeline import Keys
 from tests.conftest import StartFake
+from tests.helpers.redis_server import free_port
 from tests.helpers.workers import ROOT, Workers, wait_until
 
 ExportRequest = trace_service_pb2.ExportTraceServiceRequest
@@ -219,3 +221,22 @@ def test_pipeline_submit_sends_a_producer_span_whose_context_is_the_entrys_trace
     assert send.span_id == span_id and send.parent_id == ""
     assert send.attributes["messaging.message.id"] == task_id
     assert send.attributes["messaging.operation.type"] == "send"
+
+
+def test_a_worker_whose_collector_is_down_still_stops_promptly(
+    workers: Workers, prefix: str, rclient: redis.Redis
+) -> None:
+    """Spans that cannot be sent are dropped after a bounded wait, not retried for 30 s."""
+    worker = workers.start(extra_env={
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{free_port()}",  # nobody listens
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+    })  # fmt: skip
+    keys = Keys(prefix)
+    for n in range(20):
+        rclient.xadd(keys.ingress, {"n": str(n)})
+    wait_until(lambda: rclient.xlen(keys.done) >= 20, 30, what="20 results")
+    started = time.monotonic()
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(30) == 0
+    assert time.monotonic() - started < 15, worker.log()[-2000:]
+    assert "spans not exported within" in worker.log()
