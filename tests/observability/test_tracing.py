@@ -395,3 +395,19 @@ async def test_a_trace_is_sampled_once_at_its_root_and_followed_by_every_stage()
     assert set(by_trace) == sampled
     assert all(sorted(names) == ["process sampling:next", "process sampling:tasks"]
                for names in by_trace.values())  # fmt: skip
+
+
+async def test_the_clients_send_span_continues_a_traceparent_the_caller_passed(
+    redis_url: str, prefix: str, rclient: redis.Redis, exporter: InMemorySpanExporter
+) -> None:
+    caller_trace, caller_span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    async with Client(redis_url, prefix) as client:
+        task_id = await client.submit("hi", traceparent=f"00-{caller_trace}-{caller_span}-01",
+                                      tracestate="vendor=abc")  # fmt: skip
+    ((_, fields),) = rclient.xrange(Keys(prefix).ingress)
+    _, trace_id, span_id, _ = fields[b"traceparent"].decode().split("-")
+    (send,) = trace_of(exporter, caller_trace)
+    assert trace_id == caller_trace and span_id == f"{send.context.span_id:016x}"  # type: ignore[union-attr]
+    assert parent_of(send) == int(caller_span, 16)
+    assert fields[b"tracestate"] == b"vendor=abc"
+    assert send.attributes and send.attributes["messaging.message.id"] == task_id
