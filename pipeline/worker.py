@@ -101,6 +101,9 @@ async def run_worker(
     available = Availability(settings.redis.url)
     scripts = Scripts.register(redis)
     keys = Keys(settings.prefix)
+    tracing = _start_tracing(app, keys)  # before connecting: a bad OTEL_* fails at once
+    if tracing is not None:
+        hooks = [tracing.hook, *hooks]  # first: its span is current while the others run
     log.info("connecting to %s", redacted(settings.redis.url))
     version = await available.call(lambda: server_version(redis))
     token = uuid.uuid4().hex
@@ -121,9 +124,6 @@ async def run_worker(
     metrics = start_metrics(settings, redis, keys, app, port=port)
     if metrics is not None:
         hooks = [*hooks, metrics.metrics.hook()]
-    tracing = _start_tracing(app, keys)
-    if tracing is not None:
-        hooks = [tracing.hook, *hooks]  # first: its span is current while the others run
     ctx = WorkerContext(
         app=app,
         settings=settings,
