@@ -237,6 +237,8 @@ def test_a_worker_whose_collector_is_down_still_stops_promptly(
     wait_until(lambda: rclient.xlen(keys.done) >= 20, 30, what="20 results")
     started = time.monotonic()
     worker.signal(signal.SIGTERM)
-    assert worker.wait(30) == 0
-    assert time.monotonic() - started < 15, worker.log()[-2000:]
-    assert "spans not exported within" in worker.log()
+    assert worker.wait(40) == 0
+    # Unbounded, the exporter's retries take ~30 s. (25 s, not 5: a worker's own shutdown
+    # now and then stalls until grace + 10 s, a cancellation lost in redis-py.)
+    assert time.monotonic() - started < 25, worker.log()[-2000:]
+    assert "spans not exported within 5s of stopping dropped" in worker.log()
