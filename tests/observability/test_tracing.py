@@ -41,15 +41,22 @@ pytestmark = pytest.mark.anyio
 STAGES = ("cache-check", "router", "claude-call", "store")
 
 
-@pytest.fixture(scope="session")
-def _global_tracing() -> tuple[TracerProvider, InMemorySpanExporter]:
+@pytest.fixture(scope="module")
+def _global_tracing() -> Iterator[tuple[TracerProvider, InMemorySpanExporter]]:
+    """A global provider for this module's tests, forgotten afterwards: later tests in the
+    session (the client's exact wire fields) must see a process without tracing."""
     exporter = InMemorySpanExporter()
     provider = trace.get_tracer_provider()
     if not isinstance(provider, TracerProvider):
         provider = TracerProvider()
         trace.set_tracer_provider(provider)
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    return provider, exporter
+    yield provider, exporter
+    provider.shutdown()
+    # What OpenTelemetry's own test utilities do (reset_trace_globals): the API allows
+    # setting the global provider once per process.
+    trace._TRACER_PROVIDER_SET_ONCE = trace.Once()  # type: ignore[attr-defined]
+    trace._TRACER_PROVIDER = None  # type: ignore[attr-defined]
 
 
 @pytest.fixture
