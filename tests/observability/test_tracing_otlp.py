@@ -230,6 +230,7 @@ def test_a_worker_whose_collector_is_down_still_stops_promptly(
     worker = workers.start(extra_env={
         "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{free_port()}",  # nobody listens
         "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+        "OTEL_BSP_SCHEDULE_DELAY": "600000",  # all spans wait for the flush at stop
     })  # fmt: skip
     keys = Keys(prefix)
     for n in range(20):
