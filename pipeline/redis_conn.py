@@ -112,6 +112,11 @@ class Availability:
                 delay = min(self._max_backoff_s, delay * 2)
                 continue
             self._mark_up()
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # A cancellation that landed mid-command, which redis-py swallowed and
+                # finished the command instead: deliver it, or the task never stops.
+                raise asyncio.CancelledError
             return result
 
 
