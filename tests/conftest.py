@@ -10,12 +10,13 @@ from __future__ import annotations
 import contextlib
 import os
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
+from redis.asyncio import Redis
 
 from pipeline.config import Settings, load_settings
 from pipeline.fake_claude import FakeClaudeConfig, FakeClaudeServer, run_fake_claude_in_thread
@@ -117,6 +118,14 @@ def workers(fast_env: dict[str, str], tmp_path: Path) -> Iterator[Workers]:
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+@pytest.fixture
+async def aredis(redis_url: str, anyio_backend: str) -> AsyncIterator[Redis]:
+    """An asyncio Redis client on the test server (closed after the test)."""
+    client = Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
 
 
 @pytest.fixture(autouse=True)

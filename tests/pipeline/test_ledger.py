@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime
 import random
-from collections.abc import AsyncIterator
 
 import pytest
 from redis.asyncio import Redis
@@ -31,10 +30,8 @@ USAGE = Usage(
 
 
 @pytest.fixture
-async def client(redis_url: str, anyio_backend: str) -> AsyncIterator[Redis]:
-    redis = Redis.from_url(redis_url)
-    yield redis
-    await redis.aclose()
+def client(aredis: Redis) -> Redis:
+    return aredis
 
 
 @pytest.fixture

@@ -28,13 +28,6 @@ pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture
-async def aredis(redis_url: str, anyio_backend: str) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_url)
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
 async def make_limiter(aredis: Redis, prefix: str, redis_url: str) -> AsyncIterator[Any]:
     made: list[RateLimiter] = []
 

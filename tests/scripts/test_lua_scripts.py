@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import anyio
 import pytest
 from redis.asyncio import Redis
@@ -27,10 +25,8 @@ LEASE_MS = 60_000
 
 
 @pytest.fixture
-async def r(redis_url: str, anyio_backend: str) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_url)
-    yield client
-    await client.aclose()
+def r(aredis: Redis) -> Redis:
+    return aredis
 
 
 @pytest.fixture

@@ -48,13 +48,6 @@ def with_budget(settings: Settings, **budget: Any) -> Settings:
     return msgspec.structs.replace(settings, budget=BudgetSettings(**budget))
 
 
-@pytest.fixture
-async def aredis(redis_url: str, anyio_backend: str) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_url)
-    yield client
-    await client.aclose()
-
-
 def budget_for(settings: Settings, redis: Redis, clock: Any = None, **budget: Any) -> Budget:
     extra = {"clock": clock} if clock else {}
     available = Availability(settings.redis.url)

@@ -54,13 +54,6 @@ PROMPT = "SECRET-PROMPT: summarise the quarterly numbers"
 HAIKU = "claude-haiku-5-5"
 
 
-@pytest.fixture
-async def aredis(redis_url: str, anyio_backend: str) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_url)
-    yield client
-    await client.aclose()
-
-
 def routed(prompt: str = PROMPT, max_tokens: int = 64, **request: Any) -> Routed:
     req = Request(messages=[{"role": "user", "content": prompt}], **request)
     return Routed(request=req, family="haiku", model=HAIKU, max_tokens=max_tokens)

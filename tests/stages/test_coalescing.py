@@ -39,13 +39,6 @@ def routed(n: int = 0, *, cache: bool = True, prompt: str = "What is 2+2?", **kw
 
 
 @pytest.fixture
-async def aredis(redis_url: str, anyio_backend: str) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_url)
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
 async def handler_for(
     aredis: Redis, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> AsyncIterator[Any]:
