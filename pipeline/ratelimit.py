@@ -24,9 +24,8 @@ import hashlib
 import logging
 import os
 import secrets
-import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Union
 
 from redis.asyncio import Redis
@@ -74,12 +73,6 @@ class Ticket:
     input_tokens: int
     output_tokens: int
     probing: bool
-    waited_s: float = 0.0
-
-
-@dataclass(slots=True)
-class _Held:
-    slots: dict[str, set[str]] = field(default_factory=dict)  # slots key -> tokens
 
 
 class RateLimiter:
@@ -102,29 +95,17 @@ class RateLimiter:
         self._available = available
         self._script = Scripts.register(redis).ratelimit
         self._gates: dict[str, asyncio.Lock] = {}
-        self._held = _Held()
+        self._held: dict[str, set[str]] = {}  # slots key -> tokens of live calls
         self._next = 0
         self._renewer: asyncio.Task[None] | None = None
 
-    @property
-    def api_keys(self) -> tuple[ApiKey, ...]:
-        return self._api_keys
-
     def limits(self, key: ApiKey, family: str) -> FamilyLimits:
-        """The configured limits of one pair (None fields are learned from the API)."""
-        own = key.settings.limits.get(family)
-        shared = self._settings.limits.get(family)
-        return FamilyLimits(
-            rpm=_first(own, shared, "rpm"),
-            itpm=_first(own, shared, "itpm"),
-            otpm=_first(own, shared, "otpm"),
-        )
+        return configured_limits(self._settings, key.settings, family)
 
     async def acquire(self, family: str, input_tokens: int, max_tokens: int) -> Ticket:
         """Wait until some API key has room for this call, reserve it, return the ticket."""
         self._start_renewer()
         gate = self._gates.setdefault(family, asyncio.Lock())
-        started = time.monotonic()
         token = secrets.token_hex(8)
         args: list[Arg] = ["admit", len(self._api_keys), input_tokens, max_tokens, token]
         args += [self._settings.slot_lease_ms, self._settings.probe_ms]
@@ -153,7 +134,6 @@ class RateLimiter:
                         input_tokens=input_tokens,
                         output_tokens=max_tokens,
                         probing=bool(int(reply[2])),
-                        waited_s=time.monotonic() - started,
                     )
                 wait_ms = min(max(int(reply[1]), 1), self._settings.max_poll_ms)
                 await asyncio.sleep(wait_ms / 1000)
@@ -205,10 +185,10 @@ class RateLimiter:
     # ---- concurrency slots ---------------------------------------------------------------
 
     def _hold(self, api_key: ApiKey, token: str) -> None:
-        self._held.slots.setdefault(self._keys.slots(api_key.id), set()).add(token)
+        self._held.setdefault(self._keys.slots(api_key.id), set()).add(token)
 
     def _release(self, api_key: ApiKey, token: str) -> None:
-        self._held.slots.get(self._keys.slots(api_key.id), set()).discard(token)
+        self._held.get(self._keys.slots(api_key.id), set()).discard(token)
 
     def _start_renewer(self) -> None:
         if self._renewer is None or self._renewer.done():
@@ -218,7 +198,7 @@ class RateLimiter:
         every_s = self._settings.slot_lease_ms / 3000
         while True:
             await asyncio.sleep(every_s)
-            for slots_key, tokens in list(self._held.slots.items()):
+            for slots_key, tokens in list(self._held.items()):
                 if not tokens:
                     continue
                 args: list[Arg] = ["renew", self._settings.slot_lease_ms, *tokens]
@@ -237,12 +217,22 @@ class RateLimiter:
                 await self._renewer
 
 
-def _first(own: FamilyLimits | None, shared: FamilyLimits | None, name: str) -> int | None:
-    for limits in (own, shared):
-        value = getattr(limits, name, None) if limits is not None else None
-        if value is not None:
-            return int(value)
-    return None
+def configured_limits(
+    settings: RateLimitSettings, key: ApiKeySettings | None, family: str
+) -> FamilyLimits:
+    """One pair's limits from config: the key's own, else `ratelimit.limits` (None fields are
+    learned from the API)."""
+    own = key.limits.get(family) if key is not None else None
+    shared = settings.limits.get(family)
+
+    def first(name: str) -> int | None:
+        for limits in (own, shared):
+            value = getattr(limits, name) if limits is not None else None
+            if value is not None:
+                return int(value)
+        return None
+
+    return FamilyLimits(rpm=first("rpm"), itpm=first("itpm"), otpm=first("otpm"))
 
 
 def _header_state(headers: Mapping[str, str] | None) -> tuple[list[str], list[str]]:
@@ -333,16 +323,9 @@ def _configured(
 ) -> tuple[int | None, int | None, int | None]:
     if configured is None:
         return (None, None, None)
-    own: FamilyLimits | None = None
-    for key in configured.api_keys():
-        if key_id(os.environ.get(key.env)) == key_id_:
-            own = key.limits.get(family)
-    shared = configured.limits.get(family)
-    return (
-        _first(own, shared, "rpm"),
-        _first(own, shared, "itpm"),
-        _first(own, shared, "otpm"),
-    )
+    keys = [k for k in configured.api_keys() if key_id(os.environ.get(k.env)) == key_id_]
+    limits = configured_limits(configured, keys[0] if keys else None, family)
+    return (limits.rpm, limits.itpm, limits.otpm)
 
 
 def _text(value: bytes | str) -> str:
