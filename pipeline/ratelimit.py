@@ -26,7 +26,6 @@ import os
 import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Union
 
 from redis.asyncio import Redis
 
@@ -38,7 +37,7 @@ from pipeline.task import Usage
 
 log = logging.getLogger(__name__)
 
-Arg = Union[str, int, float]  # noqa: UP007  (a runtime alias)
+Arg = str | int | float  # a script argument
 _KINDS = ("requests", "input-tokens", "output-tokens")
 
 
