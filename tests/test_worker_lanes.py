@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import redis
 
 from pipeline.keys import Keys
@@ -24,11 +26,14 @@ def test_a_worker_runs_only_the_lanes_it_is_given(
         line = next(ln for ln in proc.log().splitlines() if "running claude-call" in ln)
         assert "claude-call[haiku]" in line and "claude-call[opus]" in line
         assert "sonnet" not in line
-        groups = {
-            lane: [g["name"] for g in rclient.xinfo_groups(keys.stream("call", lane))]
-            for lane in ("haiku", "opus")
-        }
+        lanes = ("haiku", "opus")
+        # The groups are created as each lane's runner starts, just after the log line.
+        wait_until(lambda: all(rclient.exists(keys.stream("call", ln)) for ln in lanes), 10,
+                   what="both lanes' groups")  # fmt: skip
+        groups = {ln: [g["name"] for g in rclient.xinfo_groups(keys.stream("call", ln))]
+                  for ln in lanes}  # fmt: skip
         assert groups == {"haiku": [b"claude-call"], "opus": [b"claude-call"]}
+        time.sleep(0.5)  # the sonnet lane would have been created by now
         assert not rclient.exists(keys.stream("call", "sonnet"))
     finally:
         proc.kill()
