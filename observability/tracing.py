@@ -1,23 +1,28 @@
 """One OpenTelemetry trace per task, across every stage (DESIGN: Observability).
 
-The runtime knows nothing of OpenTelemetry. A worker whose `OTEL_*` variables ask for traces
-calls `start_tracing`, which adds `TracingHook` to its hooks and watches the Claude calls
-(`pipeline.call_report.observe_calls`):
+The runtime knows nothing of OpenTelemetry; it asks a `pipeline.tracer.Tracer` about each
+entry it takes. `Tracing` is that tracer, set up by `start_tracing` when the `OTEL_*`
+variables ask for traces:
 
 - each stage's handling of an entry is a `process <stream>` CONSUMER span (messaging
   conventions), a child of the span that sent the entry (the producer's, or the stage
   before), so the producer's trace goes on; with no traceparent the first stage starts one;
-- the span's context goes into the entry the stage hands on (`Hook.on_handoff`), so the
-  next stage, a retry, the DLQ entry and the result's `trace_id` all carry the same trace;
+- the span's context goes into the entry the stage hands on, so the next stage, a retry,
+  the DLQ entry and the result's `trace_id` all carry the same trace;
 - each Messages call is a `chat <model>` CLIENT span (GenAI conventions) under the stage span;
 - retries, deferrals, pauses, dead letters and redeliveries are span events; cache hits an
   attribute.
 
-The hot path is kept short for what is not sampled: an entry not sampled upstream costs a
-regex match, a new trace one sampler call and, unless sampled, a formatted traceparent; only
-sampled spans get attributes. The anthropic SDK (2.x) would also emit an
-`anthropic.messages.create` span per call under the global provider; `Tracing` turns that
-off (unless `ANTHROPIC_OPEN_TELEMETRY` is set) so each call appears once, as the `chat` span.
+Cost is the design: the stages follow the trace's sampled flag (as the default parent-based
+samplers do), so an entry whose trace is not sampled costs one method call; a new trace
+costs a random number and, when not sampled, a formatted traceparent. Sampled spans are
+`SpanData` records (`observability.spans`), not SDK spans: they go straight to the OTLP
+collector (`span_export.OtlpExport`), or, under a tracer provider the application set up
+itself, into its processors (`span_export.SdkExport`). Handlers see the stage span as the
+current OpenTelemetry span, so their own spans (made with the SDK) join the task's trace.
+The anthropic SDK (2.x) would also emit an `anthropic.messages.create` span per call;
+`Tracing` turns that off (unless `ANTHROPIC_OPEN_TELEMETRY` is set) so each call appears
+once, as the `chat` span.
 """
 
 from __future__ import annotations
@@ -26,32 +31,43 @@ import contextlib
 import importlib.metadata
 import logging
 import os
-import re
 import threading
-from collections.abc import Iterator, Mapping
-from contextvars import ContextVar
-from dataclasses import dataclass
+import time
+import traceback
+from collections.abc import Callable, Iterator, Mapping
+from contextvars import Context, copy_context
+from random import getrandbits
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
+from opentelemetry.context import Context as OtelContext
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
-from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
-from opentelemetry.sdk.trace.sampling import Decision, Sampler
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode
-from opentelemetry.util.types import AttributeValue
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
+    ALWAYS_ON,
+    ParentBased,
+    Sampler,
+    TraceIdRatioBased,
+)
+from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.trace.span import TraceState
+from opentelemetry.util.types import Attributes, AttributeValue
 
-from observability.propagation import SCOPE, format_context, parent_context
+from observability.otlp_encode import Encoder
+from observability.propagation import SCOPE
+from observability.span_export import OtlpExport, SdkExport, SpanExport, batch_settings
+from observability.spans import CLIENT, CONSUMER, ERROR, SpanData, SpanShape
 from pipeline.call_report import CallReport, observe_calls
 from pipeline.errors import ConfigError
-from pipeline.hooks import Hook, TraceContext
 from pipeline.keys import Keys
 from pipeline.outcome import Complete, Forward, Outcome
 from pipeline.stage import App, Message
 from pipeline.task import Answer, Request
+from pipeline.tracer import TraceContext
 
-__all__ = ["PresetIds", "Tracing", "TracingHook", "producer_tracing", "start_tracing"]
+__all__ = ["StageSpan", "Tracing", "producer_tracing", "start_tracing"]
 
 log = logging.getLogger(__name__)
 #: Reasons are error messages (never prompts); long ones are cut on spans.
@@ -59,166 +75,269 @@ _MAX_REASON_CHARS = 300
 _SERVICE_NAME = "claude-pipeline"
 _FLUSH_TIMEOUT_S = 5.0
 _OTLP_BY_PROTOCOL = {"grpc": "otlp_proto_grpc", "http/protobuf": "otlp_proto_http"}
+#: The last hex digit of a traceparent whose sampled flag (bit 0 of the flags) is off.
+_NOT_SAMPLED = frozenset("02468ace")
+_ID_BITS = TraceIdRatioBased.TRACE_ID_LIMIT
+_NO_CONTEXT = OtelContext()
+_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 
 
-@dataclass(slots=True)
-class _Active:
-    """The entry the current handler task is working on, and its stage span (if sampled)."""
+class StageSpan(SpanData, trace.Span):
+    """A sampled entry's stage span: the runtime's `EntrySpan`, and the current
+    OpenTelemetry span while its handler runs (handlers may add attributes and events;
+    the runtime, not the handler, ends it)."""
 
-    msg: Message
-    span: Span | None  # None: not sampled, so no span was made at all
-    carried: TraceContext | None  # what an unsampled entry sends on (None: as it came)
-    token: object = None
+    def __init__(self, export: SpanExport, shape: SpanShape, trace_id: str, parent_id: str | None,
+                 msg: Message, trace_state: str | None) -> None:  # fmt: skip
+        SpanData.__init__(
+            self, shape, trace_id, getrandbits(64) or 1, parent_id, time.time_ns(),
+            (msg.entry_id, msg.task_id), trace_state=trace_state,
+        )  # fmt: skip
+        self._export = export
+        self._ended = False
 
+    # ---- the runtime's EntrySpan ------------------------------------------------------------
 
-_active: ContextVar[_Active | None] = ContextVar("pipeline_stage_span", default=None)
-#: A valid version-00 traceparent whose sampled flag is off.
-_NOT_SAMPLED = re.compile(r"00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f][02468ace]")
+    def task_context(self) -> Context:
+        context = copy_context()
+        context.run(otel_context.attach, trace.set_span_in_context(self, _NO_CONTEXT))
+        return context
 
-
-class PresetIds(RandomIdGenerator):
-    """Random ids, except that the next root span may take a trace id chosen in advance.
-
-    The hook asks the sampler about a new trace before making a span: an unsampled root
-    (99 in 100 at 1%) then costs a formatted traceparent, and a sampled one becomes a real
-    span with the very trace id the sampler said yes to.
-    """
-
-    def __init__(self) -> None:
-        self._next = 0
-
-    def preset(self, trace_id: int) -> None:
-        self._next = trace_id
-
-    def generate_trace_id(self) -> int:
-        trace_id, self._next = self._next, 0
-        return trace_id or super().generate_trace_id()
-
-
-class TracingHook(Hook):
-    """The stage spans (one per handled entry) and the Claude call spans under them.
-
-    The stages follow the sampled flag of the trace context an entry brings (as the default
-    parent-based samplers do): an entry not sampled upstream costs a regex match here.
-    """
-
-    def __init__(
-        self, tracer: trace.Tracer, app: App, keys: Keys, sampler: Sampler | None = None,
-        ids: PresetIds | None = None,
-    ) -> None:  # fmt: skip
-        self._tracer = tracer
-        self._app = app
-        self._keys = keys
-        self._streams: dict[tuple[str, str | None], str] = {}
-        # Both or neither: asking the sampler first is only right if the span gets that id.
-        self._roots = (sampler, ids) if sampler is not None and ids is not None else None
-
-    # ---- the stage span -------------------------------------------------------------------
-
-    async def before_handle(self, msg: Message) -> None:
-        active = self._start(msg)
-        if active.span is not None:
-            active.token = otel_context.attach(trace.set_span_in_context(active.span))
-        _active.set(active)
-
-    async def after_handle(self, msg: Message, outcome: Outcome | BaseException) -> None:
-        active = _active.get()
-        if active is None or active.msg is not msg:
-            return
-        _active.set(None)
-        span = active.span
-        if span is None:
-            return
-        if span.is_recording():
-            _record_outcome(span, outcome)
-        span.end()
-        otel_context.detach(active.token)  # type: ignore[arg-type]
-
-    def on_handoff(
-        self, msg: Message, action: str, detail: str, delay_ms: int | None
-    ) -> TraceContext | None:
-        active = _active.get()
-        own = active is None or active.msg is not msg
-        if own:  # dead-lettered before any handler ran (delivered too often)
-            active = self._start(msg)
-        assert active is not None
-        span = active.span
-        if span is None:
-            return active.carried
-        if span.is_recording() and action != "forward":
+    def handoff(self, action: str, detail: str, delay_ms: int | None) -> TraceContext:
+        if action != "forward" and not self._ended:
             event: dict[str, AttributeValue] = {"pipeline.reason": detail[:_MAX_REASON_CHARS]}
             if delay_ms is not None:
                 event["pipeline.delay_ms"] = delay_ms
-                span.set_attribute(f"pipeline.{action}.delay_ms", delay_ms)
-            span.add_event(action, event)
+                self.set_attribute(f"pipeline.{action}.delay_ms", delay_ms)
+            self.add_event(action, event)
             if action == "dead_letter":
-                span.set_status(Status(StatusCode.ERROR, detail[:_MAX_REASON_CHARS]))
-        carried = format_context(span.get_span_context())
-        if own:
-            span.end()
-        return carried
+                self.status = (ERROR, detail[:_MAX_REASON_CHARS])
+        return f"00-{self.trace_id}-{self.span_id:016x}-01", self.trace_state
 
-    def _start(self, msg: Message) -> _Active:
+    def finish(self, outcome: Outcome | BaseException | None) -> None:
+        if self._ended:
+            return
+        if outcome is not None:
+            _record_outcome(self, outcome)
+        self._ended = True
+        self.end_ns = time.time_ns()
+        self._export.add(self)
+
+    # ---- the OpenTelemetry Span API, for handlers ---------------------------------------------
+
+    def end(self, end_time: int | None = None) -> None:
+        """A handler's `end()` (e.g. leaving `with span:`) does nothing: a stage span lasts
+        until the runtime has decided the hand-off."""
+
+    def get_span_context(self) -> SpanContext:
+        state = TraceState.from_header([self.trace_state]) if self.trace_state else None
+        return SpanContext(int(self.trace_id, 16), self.span_id, False, _SAMPLED, state)
+
+    def is_recording(self) -> bool:
+        return not self._ended
+
+    def set_attributes(self, attributes: Mapping[str, AttributeValue]) -> None:
+        for key, value in attributes.items():
+            self.set_attribute(key, value)
+
+    def set_attribute(self, key: str, value: AttributeValue) -> None:
+        if self.attributes is None:
+            self.attributes = {}
+        self.attributes[key] = value
+
+    def add_event(
+        self, name: str, attributes: Attributes = None, timestamp: int | None = None
+    ) -> None:
+        if self.events is None:
+            self.events = []
+        self.events.append((name, timestamp or time.time_ns(), dict(attributes or {})))
+
+    def add_link(self, context: SpanContext, attributes: Attributes = None) -> None:
+        """Links are not recorded on stage spans."""
+
+    def update_name(self, name: str) -> None:
+        """A stage span keeps its conventional name (`process <stream>`)."""
+
+    def set_status(self, status: Status | StatusCode, description: str | None = None) -> None:
+        code = status.status_code if isinstance(status, Status) else status
+        if code is StatusCode.ERROR:
+            text = status.description if isinstance(status, Status) else description
+            self.status = (ERROR, text or "")
+        elif code is StatusCode.OK:
+            self.status = None
+
+    def record_exception(
+        self, exception: BaseException, attributes: Attributes = None,
+        timestamp: int | None = None, escaped: bool = False,
+    ) -> None:  # fmt: skip
+        event: dict[str, AttributeValue] = {
+            "exception.type": type(exception).__qualname__,
+            "exception.message": str(exception)[:_MAX_REASON_CHARS],
+            "exception.stacktrace": "".join(traceback.format_exception(exception)),
+        }
+        event.update(attributes or {})
+        self.add_event("exception", event, timestamp)
+
+
+class _NotSampled:
+    """A new trace its root sampler said no to: the stages after carry the decision on."""
+
+    __slots__ = ("carried",)
+
+    def __init__(self, trace_id: int) -> None:
+        self.carried: TraceContext = (f"00-{trace_id:032x}-{getrandbits(64) or 1:016x}-00", None)
+
+    def task_context(self) -> None:
+        return None
+
+    def handoff(self, action: str, detail: str, delay_ms: int | None) -> TraceContext:
+        return self.carried
+
+    def finish(self, outcome: Outcome | BaseException | None) -> None:
+        return None
+
+
+#: Whether a new trace (its 128-bit id) is sampled.
+RootSampler = Callable[[int], bool]
+
+
+class Tracing:
+    """Tracing in one worker process: the runtime's tracer, the Claude call spans, and
+    shutdown (which flushes)."""
+
+    def __init__(
+        self, provider: TracerProvider, app: App, keys: Keys, *, export: SpanExport | None = None,
+        sample_root: RootSampler | None = None, owned: bool = False,
+    ) -> None:  # fmt: skip
+        """`export` defaults to the provider's own processors; `sample_root` to asking the
+        provider's sampler."""
+        self.provider = provider
+        self._app = app
+        self._keys = keys
+        self._export = export or SdkExport(provider, SCOPE, _version())
+        self._sample_root = sample_root or _asking(provider.sampler)
+        self._owned = owned
+        self._shapes: dict[tuple[str, str | None], SpanShape] = {}
+        self._chat_shapes: dict[str, SpanShape] = {}
+        self._unobserve = observe_calls(self.on_call)
+        # Each call once, as the `chat` span: Anthropic clients made from now on (the worker
+        # builds its stages after this) leave out the SDK's own span, unless asked for.
+        os.environ.setdefault("ANTHROPIC_OPEN_TELEMETRY", "false")
+
+    def start(self, msg: Message) -> StageSpan | _NotSampled | None:
         env = msg.envelope
         traceparent = env.traceparent
-        if traceparent is not None and _NOT_SAMPLED.fullmatch(traceparent):
-            return _Active(msg, None, None)
-        stream = self._stream(msg)
-        name = f"process {stream}"
-        if traceparent is None and self._roots is not None:
-            sampler, ids = self._roots
-            trace_id = ids.generate_trace_id()
-            decision = sampler.should_sample(None, trace_id, name, SpanKind.CONSUMER).decision
-            if decision is Decision.DROP:
-                carried = f"00-{trace_id:032x}-{ids.generate_span_id():016x}-00"
-                return _Active(msg, None, (carried, None))
-            ids.preset(trace_id)
-        attributes: dict[str, AttributeValue] = {
-            "messaging.system": "redis",
-            "messaging.operation.type": "process",
-            "messaging.destination.name": stream,
-            "messaging.consumer.group.name": msg.stage,
-            "messaging.message.id": msg.entry_id,
-            "messaging.message.conversation_id": msg.task_id,
-        }
+        if traceparent is None:
+            trace_id = getrandbits(128) or 1
+            if not self._sample_root(trace_id):
+                return _NotSampled(trace_id)
+            span = StageSpan(self._export, self._shape(msg), f"{trace_id:032x}", None, msg, None)
+        elif traceparent[-1] in _NOT_SAMPLED:
+            return None
+        else:  # valid: checked at ingress (pipeline.wire), written by a stage after that
+            span = StageSpan(
+                self._export, self._shape(msg), traceparent[3:35], traceparent[36:52], msg,
+                env.tracestate,
+            )  # fmt: skip
         if msg.attempt > 1:
-            attributes["pipeline.attempt"] = msg.attempt
-        span = self._tracer.start_span(
-            name,
-            context=parent_context(traceparent, env.tracestate),
-            kind=SpanKind.CONSUMER,
-            attributes=attributes,
-        )
-        if msg.deliveries > 1 and span.is_recording():  # reclaimed, or resumed after a restart
+            span.set_attribute("pipeline.attempt", msg.attempt)
+        if msg.deliveries > 1:  # reclaimed, or resumed after a restart
             span.set_attribute("pipeline.deliveries", msg.deliveries)
             span.add_event("redelivered", {"pipeline.deliveries": msg.deliveries})
-        if not span.is_recording():  # the sampler said no after all: no span to keep
-            return _Active(msg, None, format_context(span.get_span_context()))
-        return _Active(msg, span, None)
+        return span
 
-    def _stream(self, msg: Message) -> str:
+    def _shape(self, msg: Message) -> SpanShape:
         key = (msg.stage, msg.lane)
-        stream = self._streams.get(key)
-        if stream is None:
+        shape = self._shapes.get(key)
+        if shape is None:
             stream = self._keys.stream(self._app.stage(msg.stage).stream, msg.lane)
-            self._streams[key] = stream
-        return stream
-
-    # ---- the Claude call --------------------------------------------------------------------
+            shape = self._shapes[key] = SpanShape(
+                f"process {stream}",
+                CONSUMER,
+                {
+                    "messaging.system": "redis",
+                    "messaging.operation.type": "process",
+                    "messaging.destination.name": stream,
+                    "messaging.consumer.group.name": msg.stage,
+                },
+                ("messaging.message.id", "messaging.message.conversation_id"),
+            )
+        return shape
 
     def on_call(self, report: CallReport) -> None:
-        """A `chat <model>` CLIENT span, under the current stage span, with the call's times."""
-        active = _active.get()
-        if active is not None and active.span is None:
-            return  # the task is not sampled
-        span = self._tracer.start_span(
-            f"chat {report.request_model}", kind=SpanKind.CLIENT, start_time=report.started_ns
-        )
-        if span.is_recording():
-            span.set_attributes(_call_attributes(report))
-            if report.error_type is not None:
-                span.set_status(Status(StatusCode.ERROR))
-        span.end(end_time=report.ended_ns)
+        """A `chat <model>` CLIENT span under the stage span, when the entry is sampled."""
+        stage = trace.get_current_span()
+        if not isinstance(stage, StageSpan):
+            return  # not sampled, or not inside a stage
+        model = report.request_model
+        shape = self._chat_shapes.get(model)
+        if shape is None:
+            shape = self._chat_shapes[model] = SpanShape(f"chat {model}", CLIENT, {
+                "gen_ai.operation.name": "chat", "gen_ai.provider.name": "anthropic",
+                "gen_ai.request.model": model,
+            })  # fmt: skip
+        span = SpanData(
+            shape, stage.trace_id, getrandbits(64) or 1, f"{stage.span_id:016x}",
+            report.started_ns, remote_parent=False, trace_state=stage.trace_state,
+        )  # fmt: skip
+        span.end_ns = report.ended_ns
+        span.attributes = _call_attributes(report)
+        if report.error_type is not None:
+            span.status = (ERROR, "")
+        self._export.add(span)
+
+    def shutdown(self) -> None:
+        """Stop watching calls; flush what is queued, and close the provider if this
+        process made it."""
+        self._unobserve()
+        self._export.shutdown(_FLUSH_TIMEOUT_S)
+        if self._owned:
+            _close(self.provider)
+
+
+def _asking(sampler: Sampler) -> RootSampler:
+    def sample_root(trace_id: int) -> bool:
+        result = sampler.should_sample(None, trace_id, "process", SpanKind.CONSUMER)
+        return bool(result.decision.is_sampled())  # type: ignore[no-untyped-call]
+
+    return sample_root
+
+
+def _ratio(bound: int) -> RootSampler:
+    """The SDK's TraceIdRatioBased decision, without its result objects (a root per entry)."""
+
+    def sample_root(trace_id: int) -> bool:
+        return trace_id & _ID_BITS < bound
+
+    return sample_root
+
+
+def _env_sampler(environ: Mapping[str, str]) -> tuple[Sampler | None, RootSampler | None]:
+    """The `OTEL_TRACES_SAMPLER` sampler and, for the built-in ones, its root decision.
+
+    Others (samplers from entry points) are left to the SDK: (None, None).
+    """
+    name = environ.get("OTEL_TRACES_SAMPLER", "parentbased_always_on").strip().lower()
+    base = name.removeprefix("parentbased_")
+    if base == "always_on":
+        rate = 1.0
+    elif base == "always_off":
+        rate = 0.0
+    elif base == "traceidratio":
+        raw = environ.get("OTEL_TRACES_SAMPLER_ARG", "1.0")
+        try:
+            rate = float(raw)
+        except ValueError:
+            raise ConfigError("OTEL_TRACES_SAMPLER_ARG", f"{raw!r} is not a number") from None
+        if not 0.0 <= rate <= 1.0:
+            raise ConfigError("OTEL_TRACES_SAMPLER_ARG", f"{rate} is not between 0 and 1")
+    else:
+        return None, None
+    root: Sampler = (
+        ALWAYS_ON if rate == 1.0 else ALWAYS_OFF if rate == 0.0 else TraceIdRatioBased(rate)
+    )
+    sampler = ParentBased(root) if name.startswith("parentbased_") else root
+    return sampler, _ratio(TraceIdRatioBased.get_bound_for_rate(rate))
 
 
 def _call_attributes(report: CallReport) -> dict[str, AttributeValue]:
@@ -247,7 +366,7 @@ def _call_attributes(report: CallReport) -> dict[str, AttributeValue]:
     return attributes
 
 
-def _record_outcome(span: Span, outcome: Outcome | BaseException) -> None:
+def _record_outcome(span: StageSpan, outcome: Outcome | BaseException) -> None:
     """What the handler decided, where it is not the usual hand-on (the next span says that)."""
     if isinstance(outcome, Forward):
         body = outcome.body
@@ -272,44 +391,31 @@ def _record_outcome(span: Span, outcome: Outcome | BaseException) -> None:
     span.set_attribute("pipeline.outcome", type(outcome).__name__.lower())  # retry, fail, …
 
 
-class Tracing:
-    """Tracing in one worker process: the hook to install, and shutdown (which flushes)."""
-
-    def __init__(self, provider: trace.TracerProvider, app: App, keys: Keys, *, owned: bool):
-        self.provider = provider
-        tracer = provider.get_tracer(SCOPE, _version())
-        if isinstance(provider, TracerProvider) and isinstance(provider.id_generator, PresetIds):
-            self.hook = TracingHook(tracer, app, keys, provider.sampler, provider.id_generator)
-        else:
-            self.hook = TracingHook(tracer, app, keys)
-        self._owned = owned
-        self._unobserve = observe_calls(self.hook.on_call)
-        # Each call once, as the `chat` span: Anthropic clients made from now on (the worker
-        # builds its stages after this) leave out the SDK's own span, unless asked for.
-        os.environ.setdefault("ANTHROPIC_OPEN_TELEMETRY", "false")
-
-    def shutdown(self) -> None:
-        """Stop watching calls; flush and close the provider if this process made it."""
-        self._unobserve()
-        if self._owned and isinstance(self.provider, TracerProvider):
-            _close(self.provider)
-
-
 def start_tracing(app: App, keys: Keys, environ: Mapping[str, str] = os.environ) -> Tracing:
     """Tracing as the `OTEL_*` variables configure it, the provider made global.
 
-    The SDK reads its own variables: the sampler (`OTEL_TRACES_SAMPLER`, `_ARG`), the
-    resource (`OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`), the batch processor
-    (`OTEL_BSP_*`) and each exporter's endpoint, headers and timeout. Only the choice of
-    exporter (`OTEL_TRACES_EXPORTER`, default `otlp`; `OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL`,
-    default `grpc` as in the Python SDK) is made here. A provider the application already set
-    (e.g. under `opentelemetry-instrument`) is used as it is.
+    The variables mean what they mean to the SDK: the sampler (`OTEL_TRACES_SAMPLER`,
+    `_ARG`), the resource (`OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`), the batch
+    processor (`OTEL_BSP_*`), the exporter (`OTEL_TRACES_EXPORTER`, default `otlp`) and the
+    OTLP endpoint, protocol (default `grpc`, as in the Python SDK), headers, timeout,
+    compression and certificates. With OTLP the only exporter (the usual case) the stage spans
+    go to the collector directly; the provider, made global, serves handlers' own spans. A
+    provider the application already set (e.g. under `opentelemetry-instrument`) is used as
+    it is, for every span.
     """
     current = trace.get_tracer_provider()
     if isinstance(current, TracerProvider):
-        return Tracing(current, app, keys, owned=False)
-    provider = _global_provider(environ)  # global: handlers' own spans join the task's trace
-    return Tracing(provider, app, keys, owned=True)
+        return Tracing(current, app, keys)
+    sampler, sample_root = _env_sampler(environ)
+    provider = _global_provider(environ, sampler)
+    if _exporter_names(environ) != ["otlp"]:
+        return Tracing(provider, app, keys, sample_root=sample_root, owned=True)
+    from observability.otlp_sender import sender_from_env  # grpcio and httpx: only here
+
+    resource = provider.resource
+    encoder = Encoder(resource.attributes, SCOPE, _version(), resource.schema_url)
+    export = OtlpExport(encoder, sender_from_env(environ), batch_settings(environ))
+    return Tracing(provider, app, keys, export=export, sample_root=sample_root, owned=True)
 
 
 @contextlib.contextmanager
@@ -337,23 +443,26 @@ def _close(provider: TracerProvider, timeout_s: float = _FLUSH_TIMEOUT_S) -> Non
         log.warning("tracing: spans not exported within %.0fs of stopping dropped", timeout_s)
 
 
-def _global_provider(environ: Mapping[str, str]) -> TracerProvider:
+def _global_provider(environ: Mapping[str, str], sampler: Sampler | None = None) -> TracerProvider:
+    """The SDK provider the `OTEL_*` variables describe (None: the SDK's own sampler)."""
     resource = Resource.create()
     if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
         resource = resource.merge(Resource({"service.name": _SERVICE_NAME}))
-    provider = TracerProvider(resource=resource, id_generator=PresetIds())
+    provider = TracerProvider(resource=resource, sampler=sampler)
     for exporter in _exporters(environ):
         provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
     return provider
 
 
+def _exporter_names(environ: Mapping[str, str]) -> list[str]:
+    names = [n.strip().lower() for n in environ.get("OTEL_TRACES_EXPORTER", "otlp").split(",")]
+    return [n for n in names if n not in ("", "none")]
+
+
 def _exporters(environ: Mapping[str, str]) -> list[SpanExporter]:
     exporters: list[SpanExporter] = []
-    for raw in environ.get("OTEL_TRACES_EXPORTER", "otlp").split(","):
-        name = raw.strip().lower()
-        if name in ("", "none"):
-            continue
+    for name in _exporter_names(environ):
         if name == "otlp":
             protocol = (
                 environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")

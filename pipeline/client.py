@@ -35,6 +35,7 @@ from pipeline.errors import Backpressure, ConfigError, InvalidTask, RedisUnavail
 from pipeline.keys import Keys
 from pipeline.redis_conn import UNAVAILABLE, redacted
 from pipeline.request import parse_request
+from pipeline.tracer import valid_traceparent
 from pipeline.wire import MAX_TASK_ID_CHARS
 
 log = logging.getLogger(__name__)
@@ -65,9 +66,8 @@ _JSON_FIELDS: dict[str, type | tuple[type, ...]] = {
     "metadata": Mapping,
 }
 _NUMBER_FIELDS = frozenset({"max_tokens", "temperature", "ttl"})
-# Producer-side checks only: the stages never read these fields' shape (a bad traceparent is
-# ignored there, as W3C Trace Context asks), but a producer sending one has a bug to hear about.
-_TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+# Producer-side checks: the stages ignore a bad traceparent (as W3C Trace Context asks), but a
+# producer sending one has a bug to hear about.
 _MAX_TRACESTATE_BYTES = 512
 _PREFIX = re.compile(r"[A-Za-z0-9_.\-]+")
 _Entries = list[tuple[bytes, dict[bytes, bytes]]]
@@ -136,7 +136,7 @@ def _check_producer_fields(fields: Mapping[str, str]) -> None:
     ):
         raise InvalidTask(f"id: must be 1-{MAX_TASK_ID_CHARS} printable characters, no spaces")
     traceparent = fields.get("traceparent")
-    if traceparent is not None and not _TRACEPARENT.fullmatch(traceparent):
+    if traceparent is not None and not valid_traceparent(traceparent):
         raise InvalidTask("traceparent: is not a W3C traceparent (00-<32 hex>-<16 hex>-<2 hex>)")
     size = len(fields.get("tracestate", "").encode())
     if size > _MAX_TRACESTATE_BYTES:

@@ -16,6 +16,7 @@ from pipeline.redis_conn import Availability
 from pipeline.retry import RetryPolicy
 from pipeline.scripts import Scripts
 from pipeline.stage import App
+from pipeline.tracer import Tracer
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ class WorkerContext:
     available: Availability
     retry_policy: RetryPolicy
     hooks: Hooks = field(default_factory=Hooks)
+    tracer: Tracer | None = None
     has_xackdel: bool = False
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     forced: bool = False  # a second signal: skip the rest of the grace period

@@ -28,6 +28,7 @@ from pipeline.replies import read_entries
 from pipeline.results import make_result, result_ttl, trace_id_of
 from pipeline.retry import GiveUp
 from pipeline.stage import Handler, Message, Stage
+from pipeline.tracer import EntrySpan
 from pipeline.wire import ENVELOPE_FIELD, Envelope, decode_entry, encode_body, encode_envelope
 from pipeline.wire import raw_fields_text as _raw_text
 
@@ -45,6 +46,7 @@ class Inflight:
     lost: bool = False
     decided: bool = False  # the handler returned; the hand-off is queued or sent
     msg: Message | None = field(default=None, repr=False)
+    span: EntrySpan | None = field(default=None, repr=False)  # when its trace is sampled
 
 
 class StageRunner:
@@ -204,11 +206,16 @@ class StageRunner:
             return
         msg = Message(env, entry_id, self.stage.name, self.lane, deliveries)
         inf.msg = msg
+        tracer = self.ctx.tracer
+        span = inf.span = None if tracer is None else tracer.start(msg)
         if deliveries > self.rt.max_deliveries:
             reason = f"delivered {deliveries} times (max_deliveries={self.rt.max_deliveries})"
             self.submit(inf, self._dead_letter(inf, env, reason))
+            if span is not None:
+                span.finish(None)
             return
-        inf.task = self._loop.create_task(self._handle(inf, msg))
+        context = None if span is None else span.task_context()
+        inf.task = self._loop.create_task(self._handle(inf, msg), context=context)
 
     async def _handle(self, inf: Inflight, msg: Message) -> None:
         hooks = self.ctx.hooks
@@ -217,6 +224,8 @@ class StageRunner:
         try:
             outcome: Outcome = await self.handler(msg)
         except asyncio.CancelledError as exc:
+            if inf.span is not None:
+                inf.span.finish(exc)
             if hooks:
                 await hooks.emit("after_handle", msg, exc, after=True)
             raise
@@ -230,6 +239,8 @@ class StageRunner:
         except AuthError as exc:
             self._pause(exc)
             later = self._requeue(inf, msg.envelope, int(exc.pause_s * 1000), "pause", str(exc))
+            if inf.span is not None:
+                inf.span.finish(exc)
             if hooks:
                 await hooks.emit("after_handle", msg, exc, after=True)
             self.submit(inf, later)
@@ -237,7 +248,9 @@ class StageRunner:
         except Exception as exc:
             self.ctx.log_once(f"{self.name}:{type(exc).__name__}", "handler raised", exc)
             outcome = Retry(f"{type(exc).__name__}: {exc}")
-        record = self.plan(inf, msg, outcome)  # first: on_handoff sees the span still open
+        record = self.plan(inf, msg, outcome)  # first: the span records the hand-off
+        if inf.span is not None:
+            inf.span.finish(outcome)
         if hooks:
             await hooks.emit("after_handle", msg, outcome, after=True)
         self.submit(inf, record)
@@ -300,11 +313,9 @@ class StageRunner:
     def _trace_out(
         self, inf: Inflight, env: Envelope, action: str, detail: str, delay_ms: int | None = None
     ) -> tuple[str | None, str | None]:
-        """The trace context the outgoing entry carries: a hook's (tracing), else the incoming."""
-        if self.ctx.hooks and inf.msg is not None:
-            carried = self.ctx.hooks.handoff(inf.msg, action, detail, delay_ms)
-            if carried is not None:
-                return carried
+        """The trace context the outgoing entry carries: its span's, else the incoming."""
+        if inf.span is not None:
+            return inf.span.handoff(action, detail, delay_ms)
         return env.traceparent, env.tracestate
 
     def _requeue(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import msgspec
 
 from pipeline.errors import InvalidTask
+from pipeline.tracer import valid_traceparent
 
 WIRE_VERSION = 1
 ENVELOPE_FIELD = b"_env"
@@ -94,6 +95,9 @@ def decode_entry(entry_id: str, raw: dict[bytes, bytes], max_entry_bytes: int) -
     if len(task_id) > MAX_TASK_ID_CHARS:
         raise InvalidTask(f"task id is longer than {MAX_TASK_ID_CHARS} characters")
     ms = entry_ms(entry_id)
+    traceparent = fields.get("traceparent")
+    if not valid_traceparent(traceparent):  # W3C: ignore it (and its tracestate); start anew
+        traceparent = None
     return Envelope(
         v=WIRE_VERSION,
         task_id=task_id,
@@ -101,8 +105,8 @@ def decode_entry(entry_id: str, raw: dict[bytes, bytes], max_entry_bytes: int) -
         attempt=1,
         origin_ms=ms,
         enqueued_ms=ms,
-        traceparent=fields.get("traceparent"),
-        tracestate=fields.get("tracestate"),
+        traceparent=traceparent,
+        tracestate=fields.get("tracestate") if traceparent else None,
     )
 
 

@@ -30,6 +30,7 @@ from pipeline.runtime import StageRunner
 from pipeline.scripts import Scripts
 from pipeline.services import Services
 from pipeline.stage import App, Stage
+from pipeline.tracer import Tracer
 
 if TYPE_CHECKING:
     from observability.tracing import Tracing
@@ -88,13 +89,15 @@ async def run_worker(
     consumer: str | None = None,
     lanes: Sequence[str] = (),
     hooks: Sequence[Hook] = (),
+    tracer: Tracer | None = None,
     ready: asyncio.Event | None = None,
     metrics_port: int | None = None,
 ) -> None:
     """Run the named stages of `app` until SIGTERM/SIGINT (or `ctx.stopping`).
 
     `metrics_port` (else `[metrics] port`) serves Prometheus scrapes (docs/OBSERVABILITY.md).
-    `lanes` limits laned stages to those lanes (all when empty).
+    `lanes` limits laned stages to those lanes (all when empty). Tracing comes from the
+    `OTEL_*` variables, else from `tracer`.
     """
     stages = [app.stage(name) for name in stage_names]
     redis = connect(settings.redis)
@@ -103,7 +106,7 @@ async def run_worker(
     keys = Keys(settings.prefix)
     tracing = _start_tracing(app, keys)  # before connecting: a bad OTEL_* fails at once
     if tracing is not None:
-        hooks = [tracing.hook, *hooks]  # first: its span is current while the others run
+        tracer = tracing
     log.info("connecting to %s", redacted(settings.redis.url))
     version = await available.call(lambda: server_version(redis))
     token = uuid.uuid4().hex
@@ -134,6 +137,7 @@ async def run_worker(
         available=available,
         retry_policy=RetryPolicy.from_settings(settings.retry),
         hooks=Hooks(hooks),
+        tracer=tracer,
         has_xackdel=version >= (8, 2),
     )
     services = Services(settings, redis, keys, available)

@@ -27,10 +27,10 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.trace import SpanKind, StatusCode
 
-from observability.tracing import PresetIds, Tracing
+from observability.tracing import Tracing
 from pipeline import App, Complete, Forward, Keys, Message, Outcome, Settings, Stage, load_settings
 from pipeline.client import Client
-from pipeline.hooks import TraceContext
+from pipeline.tracer import TraceContext
 from pipeline.wire import Envelope
 from pipeline.worker import run_worker
 from stages import app as stages_app
@@ -85,10 +85,10 @@ async def pipeline_running(
     monkeypatch.setenv("ANTHROPIC_API_KEY", "good-key")
     monkeypatch.delenv("ANTHROPIC_OPEN_TELEMETRY", raising=False)  # Tracing sets it
     app = stages_app(settings)
-    tracing = Tracing(provider, app, Keys(settings.prefix), owned=False)
+    tracing = Tracing(provider, app, Keys(settings.prefix))
     ready = asyncio.Event()
     worker = asyncio.create_task(
-        run_worker(app, STAGES, settings, hooks=[tracing.hook], ready=ready, concurrency=16)
+        run_worker(app, STAGES, settings, tracer=tracing, ready=ready, concurrency=16)
     )
     try:
         await asyncio.wait({worker, asyncio.create_task(ready.wait())}, timeout=30,
@@ -367,22 +367,24 @@ def test_envelope_trace_fields_are_plain_w3c() -> None:
 async def test_a_trace_is_sampled_once_at_its_root_and_followed_by_every_stage() -> None:
     """The sampler is asked once per new trace; unsampled entries make no span anywhere."""
     exporter = InMemorySpanExporter()
-    provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(0.5)), id_generator=PresetIds())
+    provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(0.5)))
     provider.add_span_processor(SimpleSpanProcessor(exporter))
 
     async def handler(msg: Message) -> Outcome:
         return Complete()
 
     app = App([Stage("first", "tasks", handler), Stage("second", "next", handler)])
-    tracing = Tracing(provider, app, Keys("sampling"), owned=True)
+    tracing = Tracing(provider, app, Keys("sampling"), owned=True)  # asks the SDK's sampler
 
     async def handle(stage: str, n: int, traceparent: str | None) -> TraceContext | None:
         env = Envelope(v=1, task_id=f"t{n}", fields={}, attempt=1, origin_ms=0, enqueued_ms=0,
                        traceparent=traceparent)  # fmt: skip
         msg = Message(env, f"{n}-0", stage, None, 1)
-        await tracing.hook.before_handle(msg)
-        carried = tracing.hook.on_handoff(msg, "forward", "second", None)
-        await tracing.hook.after_handle(msg, Forward("second"))
+        span = tracing.start(msg)
+        if span is None:
+            return None
+        carried = span.handoff("forward", "second", None)
+        span.finish(Forward("second"))
         return carried
 
     sampled, unsampled = set(), set()

@@ -1,0 +1,166 @@
+"""OTLP/protobuf bytes for the pipeline's spans, at a few microseconds a span.
+
+The SDK's exporters build a protobuf object per span, attribute and value (~40 µs a span).
+Here what spans share is encoded once with the official generated classes (the resource,
+the scope, each shape's name, kind and constant attributes), and so are a span's rarer
+parts (events, status, extra attributes). Per span only the hot fields are written by the
+wire format's rules: ids, times, flags and the shape's string values. Protobuf merges
+concatenated encodings of one message, which is what lets the two halves be joined. Field
+numbers come from the generated descriptors.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, NamedTuple
+
+from opentelemetry.proto.common.v1.common_pb2 import (
+    AnyValue,
+    ArrayValue,
+    InstrumentationScope,
+    KeyValue,
+)
+from opentelemetry.proto.resource.v1.resource_pb2 import Resource
+from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, Status
+from opentelemetry.util.types import AttributeValue
+
+if TYPE_CHECKING:
+    from observability.spans import SpanData
+
+__all__ = ["EncodedShape", "Encoder", "encode_shape"]
+
+_VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
+_FIELDS = Span.DESCRIPTOR.fields_by_name
+#: Span flags: the parent's is-remote bit is known (0x100), and set (0x200); low byte W3C.
+_HAS_IS_REMOTE, _IS_REMOTE, _SAMPLED = 0x100, 0x200, 0x01
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _tag(number: int, wire_type: int) -> bytes:
+    return _varint(number << 3 | wire_type)
+
+
+def _span_tag(name: str, wire_type: int) -> bytes:
+    return _tag(_FIELDS[name].number, wire_type)
+
+
+_SMALL = [_varint(n) for n in range(128)]
+_TRACE_ID = _span_tag("trace_id", _LEN) + _SMALL[16]
+_SPAN_ID = _span_tag("span_id", _LEN) + _SMALL[8]
+_PARENT_ID = _span_tag("parent_span_id", _LEN) + _SMALL[8]
+_TRACE_STATE = _span_tag("trace_state", _LEN)
+_ATTRIBUTE = _span_tag("attributes", _LEN)
+_TIMES = struct.Struct(
+    f"<{len(_span_tag('start_time_unix_nano', _I64))}sQ"
+    f"{len(_span_tag('end_time_unix_nano', _I64))}sQ"
+)
+_START, _END = _span_tag("start_time_unix_nano", _I64), _span_tag("end_time_unix_nano", _I64)
+_FLAGS = _span_tag("flags", _I32)
+_FLAGS_LOCAL = _FLAGS + struct.pack("<I", _HAS_IS_REMOTE | _SAMPLED)  # or no parent
+_FLAGS_REMOTE = _FLAGS + struct.pack("<I", _HAS_IS_REMOTE | _IS_REMOTE | _SAMPLED)
+_KV_KEY = _tag(KeyValue.DESCRIPTOR.fields_by_name["key"].number, _LEN)
+_KV_VALUE = _tag(KeyValue.DESCRIPTOR.fields_by_name["value"].number, _LEN)
+_STRING_VALUE = _tag(AnyValue.DESCRIPTOR.fields_by_name["string_value"].number, _LEN)
+_SCOPE_SPANS = _tag(ResourceSpans.DESCRIPTOR.fields_by_name["scope_spans"].number, _LEN)
+_SPANS = _tag(ScopeSpans.DESCRIPTOR.fields_by_name["spans"].number, _LEN)
+_RESOURCE_SPANS = _tag(1, _LEN)  # ExportTraceServiceRequest.resource_spans
+
+
+def _len(n: int) -> bytes:
+    return _SMALL[n] if n < 128 else _varint(n)
+
+
+def _field(tag: bytes, payload: bytes) -> bytes:
+    return tag + _len(len(payload)) + payload
+
+
+class EncodedShape(NamedTuple):
+    constant: bytes  # name, kind and constant attributes, as Span fields
+    keys: tuple[bytes, ...]  # each string attribute's key, ready for its value
+
+
+def encode_shape(
+    name: str, kind: int, attributes: Mapping[str, AttributeValue], keys: Sequence[str]
+) -> EncodedShape:
+    span = Span(name=name, kind=kind, attributes=_key_values(attributes))  # type: ignore[arg-type]
+    constant: bytes = span.SerializeToString()
+    return EncodedShape(constant, tuple(_field(_KV_KEY, k.encode()) + _KV_VALUE for k in keys))
+
+
+def _string_attribute(key: bytes, value: str) -> bytes:
+    any_value = _field(_STRING_VALUE, value.encode())
+    return _field(_ATTRIBUTE, key + _len(len(any_value)) + any_value)
+
+
+def _span(span: SpanData) -> bytes:
+    shape = span.shape
+    parts = [_TRACE_ID, bytes.fromhex(span.trace_id), _SPAN_ID, span.span_id.to_bytes(8, "big")]
+    if span.trace_state:
+        parts.append(_field(_TRACE_STATE, span.trace_state.encode()))
+    if span.parent_id is None:
+        flags = _FLAGS_LOCAL
+    else:
+        parts += (_PARENT_ID, bytes.fromhex(span.parent_id))
+        flags = _FLAGS_REMOTE if span.remote_parent else _FLAGS_LOCAL
+    parts += (shape.encoded.constant, _TIMES.pack(_START, span.start_ns, _END, span.end_ns), flags)
+    for key, value in zip(shape.encoded.keys, span.values, strict=True):
+        parts.append(_string_attribute(key, value))
+    if span.attributes or span.events or span.status:
+        parts.append(_rare(span))
+    return _field(_SPANS, b"".join(parts))
+
+
+def _rare(span: SpanData) -> bytes:
+    """Extra attributes, events and status: rare enough for the generated classes."""
+    message = Span(attributes=_key_values(span.attributes or {}))
+    for name, time_ns, attributes in span.events or ():
+        message.events.add(time_unix_nano=time_ns, name=name, attributes=_key_values(attributes))
+    if span.status is not None:
+        code, description = span.status
+        message.status.CopyFrom(Status(code=code, message=description))  # type: ignore[arg-type]
+    out: bytes = message.SerializeToString()
+    return out
+
+
+class Encoder:
+    """ExportTraceServiceRequest bytes for spans of one resource and instrumentation scope."""
+
+    def __init__(
+        self, resource: Mapping[str, AttributeValue], scope: str, version: str,
+        schema_url: str = "",
+    ) -> None:  # fmt: skip
+        self._resource = ResourceSpans(
+            resource=Resource(attributes=_key_values(resource)), schema_url=schema_url
+        ).SerializeToString()
+        self._scope = ScopeSpans(
+            scope=InstrumentationScope(name=scope, version=version)
+        ).SerializeToString()
+
+    def encode(self, spans: Iterable[SpanData]) -> bytes:
+        scope_spans = self._scope + b"".join(map(_span, spans))
+        return _field(_RESOURCE_SPANS, self._resource + _field(_SCOPE_SPANS, scope_spans))
+
+
+def _key_values(attributes: Mapping[str, AttributeValue]) -> list[KeyValue]:
+    return [KeyValue(key=key, value=_any_value(value)) for key, value in attributes.items()]
+
+
+def _any_value(value: object) -> AnyValue:
+    if isinstance(value, bool):  # before int: a bool is an int
+        return AnyValue(bool_value=value)
+    if isinstance(value, int):
+        return AnyValue(int_value=value)
+    if isinstance(value, float):
+        return AnyValue(double_value=value)
+    if isinstance(value, list | tuple):
+        return AnyValue(array_value=ArrayValue(values=[_any_value(v) for v in value]))
+    return AnyValue(string_value=str(value))

@@ -1,0 +1,58 @@
+"""The seam tracing plugs into: one span per handled entry, opened when the worker takes it.
+
+Hooks (`pipeline.hooks`) are awaited for every entry; a tracer must cost next to nothing for
+an entry its trace does not sample (99 in 100 at 1%). So the runtime asks the tracer once,
+synchronously, when it takes an entry, and an entry the tracer leaves alone costs that one
+call. The runtime knows nothing of OpenTelemetry: only W3C trace context travels, as the
+`traceparent`/`tracestate` fields a producer in any language may XADD.
+"""
+
+from __future__ import annotations
+
+import re
+from contextvars import Context
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from pipeline.outcome import Outcome
+    from pipeline.stage import Message
+
+__all__ = ["TRACEPARENT", "EntrySpan", "TraceContext", "Tracer", "valid_traceparent"]
+
+#: A W3C trace context as it travels with a task: (traceparent, tracestate).
+TraceContext = tuple[str, str | None]
+
+#: A W3C traceparent: version (not ff), trace id and parent id (not all zeros), flags.
+TRACEPARENT = re.compile(
+    r"(?!ff)[0-9a-f]{2}-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}"
+)
+
+
+def valid_traceparent(traceparent: str | None) -> bool:
+    return traceparent is not None and TRACEPARENT.fullmatch(traceparent) is not None
+
+
+class EntrySpan(Protocol):
+    """A traced entry, from the worker taking it until its hand-off is decided."""
+
+    def task_context(self) -> Context | None:
+        """The context the handler's task runs in (its current span), or None for the
+        worker's own."""
+
+    def handoff(self, action: str, detail: str, delay_ms: int | None) -> TraceContext:
+        """The runtime is building the entry that carries the task on: record the decision
+        and return the trace context that entry carries.
+
+        `action` is `forward` (detail: the target stage), `retry`, `defer` or `pause`
+        (detail: the reason; `delay_ms`), or `dead_letter` (detail: the reason; the handler
+        may not have run).
+        """
+
+    def finish(self, outcome: Outcome | BaseException | None) -> None:
+        """What the handler decided (None: it never ran); called once, after any `handoff`."""
+
+
+class Tracer(Protocol):
+    def start(self, msg: Message) -> EntrySpan | None:
+        """The entry's span, or None to leave the entry alone (its trace context goes on
+        as it came). Must not raise."""
