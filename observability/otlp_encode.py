@@ -96,27 +96,33 @@ def encode_shape(
     return EncodedShape(constant, tuple(_field(_KV_KEY, k.encode()) + _KV_VALUE for k in keys))
 
 
-def _string_attribute(key: bytes, value: str) -> bytes:
-    any_value = _field(_STRING_VALUE, value.encode())
-    return _field(_ATTRIBUTE, key + _len(len(any_value)) + any_value)
-
-
 def _span(span: SpanData) -> bytes:
-    shape = span.shape
-    parts = [_TRACE_ID, bytes.fromhex(span.trace_id), _SPAN_ID, span.span_id.to_bytes(8, "big")]
+    constant, keys = span.shape.encoded
+    parent_id = span.parent_id
+    parts = [
+        _TRACE_ID, bytes.fromhex(span.trace_id), _SPAN_ID, span.span_id.to_bytes(8, "big"),
+        constant, _TIMES.pack(_START, span.start_ns, _END, span.end_ns),
+    ]  # fmt: skip
+    if parent_id is None:
+        parts.append(_FLAGS_LOCAL)
+    else:
+        parts += (_PARENT_ID, bytes.fromhex(parent_id),
+                  _FLAGS_REMOTE if span.remote_parent else _FLAGS_LOCAL)  # fmt: skip
     if span.trace_state:
         parts.append(_field(_TRACE_STATE, span.trace_state.encode()))
-    if span.parent_id is None:
-        flags = _FLAGS_LOCAL
-    else:
-        parts += (_PARENT_ID, bytes.fromhex(span.parent_id))
-        flags = _FLAGS_REMOTE if span.remote_parent else _FLAGS_LOCAL
-    parts += (shape.encoded.constant, _TIMES.pack(_START, span.start_ns, _END, span.end_ns), flags)
-    for key, value in zip(shape.encoded.keys, span.values, strict=True):
-        parts.append(_string_attribute(key, value))
+    for key, value in zip(keys, span.values, strict=True):  # KeyValue{key, AnyValue{str}}
+        data = value.encode()
+        n = len(data)
+        if n < 126:  # every length below fits one byte
+            kv = b"".join((key, _SMALL[n + 2], _STRING_VALUE, _SMALL[n], data))
+        else:
+            any_value = _field(_STRING_VALUE, data)
+            kv = key + _len(len(any_value)) + any_value
+        parts += (_ATTRIBUTE, _len(len(kv)), kv)
     if span.attributes or span.events or span.status:
         parts.append(_rare(span))
-    return _field(_SPANS, b"".join(parts))
+    body = b"".join(parts)
+    return _SPANS + _len(len(body)) + body
 
 
 def _rare(span: SpanData) -> bytes:
