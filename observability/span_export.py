@@ -96,7 +96,7 @@ class OtlpExport:
             self._drop(1, "the queue is full (OTEL_BSP_MAX_QUEUE_SIZE)")
             return
         queue.append(span)
-        if len(queue) == self._batch:
+        if len(queue) >= self._batch and not self._wake.is_set():
             self._wake.set()
 
     def shutdown(self, timeout_s: float) -> None:
@@ -112,8 +112,14 @@ class OtlpExport:
         while not self._stopping:
             self._wake.wait(self._delay_s)
             self._wake.clear()
+            self._send_guarded()
+        self._send_guarded()
+
+    def _send_guarded(self) -> None:
+        try:
             self._send_queued()
-        self._send_queued()
+        except Exception:  # a bug here must not end the thread (the queue would only fill)
+            log.exception("tracing: exporting spans failed")
 
     def _send_queued(self) -> None:
         queue = self._queue
