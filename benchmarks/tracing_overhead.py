@@ -182,6 +182,20 @@ def main() -> None:
         print(f"  {mode:>4}: {rate[mode]:,.0f} tasks/s ({1 - rate[mode] / rate['off']:+.1%} "
               f"throughput lost), {cpu[mode]:.0f} us CPU per task "
               f"({cpu[mode] / cpu['off'] - 1:+.1%})")  # fmt: skip
+
+    # Paired: each round's figure against that round's "off", then the median. Slow drifts
+    # of the shared machine cancel within a round, so this is the steadier estimate.
+    def paired(mode: str, field: str) -> float:
+        ratios = [
+            getattr(r, field) / getattr(o, field)
+            for r, o in zip(runs[mode], runs["off"], strict=True)
+        ]
+        return statistics.median(ratios)
+
+    print("  paired by round (median of each round's ratio to its own 'off'):")
+    for mode in ("1%", "100%"):
+        print(f"  {mode:>4}: {1 - paired(mode, 'rate'):+.1%} throughput lost, "
+              f"{paired(mode, 'cpu_us') - 1:+.1%} CPU per task")  # fmt: skip
     print(f"overhead_100pct={1 - rate['100%'] / rate['off']:.3f} "
           f"overhead_1pct={1 - rate['1%'] / rate['off']:.3f} "
           f"cpu_overhead_100pct={cpu['100%'] / cpu['off'] - 1:.3f} "
