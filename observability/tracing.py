@@ -410,7 +410,7 @@ def start_tracing(app: App, keys: Keys, environ: Mapping[str, str] = os.environ)
     provider = _global_provider(environ, sampler)
     if _exporter_names(environ) != ["otlp"]:
         return Tracing(provider, app, keys, sample_root=sample_root, owned=True)
-    from observability.otlp_sender import sender_from_env  # grpcio and httpx: only here
+    from observability.otlp_sender import sender_from_env
 
     resource = provider.resource
     encoder = Encoder(resource.attributes, SCOPE, _version(), resource.schema_url)

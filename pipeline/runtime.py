@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import time
 from dataclasses import dataclass, field
@@ -206,15 +207,14 @@ class StageRunner:
             return
         msg = Message(env, entry_id, self.stage.name, self.lane, deliveries)
         inf.msg = msg
-        tracer = self.ctx.tracer
-        span = inf.span = None if tracer is None else tracer.start(msg)
+        context = None
+        if self.ctx.tracer is not None:
+            context = self._trace_in(inf, msg)
         if deliveries > self.rt.max_deliveries:
             reason = f"delivered {deliveries} times (max_deliveries={self.rt.max_deliveries})"
             self.submit(inf, self._dead_letter(inf, env, reason))
-            if span is not None:
-                span.finish(None)
+            self._finish_span(inf, None)
             return
-        context = None if span is None else span.task_context()
         inf.task = self._loop.create_task(self._handle(inf, msg), context=context)
 
     async def _handle(self, inf: Inflight, msg: Message) -> None:
@@ -224,8 +224,7 @@ class StageRunner:
         try:
             outcome: Outcome = await self.handler(msg)
         except asyncio.CancelledError as exc:
-            if inf.span is not None:
-                inf.span.finish(exc)
+            self._finish_span(inf, exc)
             if hooks:
                 await hooks.emit("after_handle", msg, exc, after=True)
             raise
@@ -239,8 +238,7 @@ class StageRunner:
         except AuthError as exc:
             self._pause(exc)
             later = self._requeue(inf, msg.envelope, int(exc.pause_s * 1000), "pause", str(exc))
-            if inf.span is not None:
-                inf.span.finish(exc)
+            self._finish_span(inf, exc)
             if hooks:
                 await hooks.emit("after_handle", msg, exc, after=True)
             self.submit(inf, later)
@@ -249,8 +247,7 @@ class StageRunner:
             self.ctx.log_once(f"{self.name}:{type(exc).__name__}", "handler raised", exc)
             outcome = Retry(f"{type(exc).__name__}: {exc}")
         record = self.plan(inf, msg, outcome)  # first: the span records the hand-off
-        if inf.span is not None:
-            inf.span.finish(outcome)
+        self._finish_span(inf, outcome)
         if hooks:
             await hooks.emit("after_handle", msg, outcome, after=True)
         self.submit(inf, record)
@@ -315,8 +312,33 @@ class StageRunner:
     ) -> tuple[str | None, str | None]:
         """The trace context the outgoing entry carries: its span's, else the incoming."""
         if inf.span is not None:
-            return inf.span.handoff(action, detail, delay_ms)
+            try:
+                return inf.span.handoff(action, detail, delay_ms)
+            except Exception as exc:
+                self._tracer_failed(inf, exc)
         return env.traceparent, env.tracestate
+
+    # A tracer that raises is logged and dropped for the entry: tracing never fails a task.
+
+    def _trace_in(self, inf: Inflight, msg: Message) -> contextvars.Context | None:
+        """Open the entry's span (if its trace is sampled): the context its handler runs in."""
+        try:
+            inf.span = span = self.ctx.tracer.start(msg)  # type: ignore[union-attr]
+            return None if span is None else span.task_context()
+        except Exception as exc:
+            self._tracer_failed(inf, exc)
+            return None
+
+    def _finish_span(self, inf: Inflight, outcome: Outcome | BaseException | None) -> None:
+        if inf.span is not None:
+            try:
+                inf.span.finish(outcome)
+            except Exception as exc:
+                self._tracer_failed(inf, exc)
+
+    def _tracer_failed(self, inf: Inflight, exc: Exception) -> None:
+        inf.span = None
+        self.ctx.log_once(f"{self.name}:tracer", "tracing failed (the entry goes on)", exc)
 
     def _requeue(
         self, inf: Inflight, env: Envelope, delay_ms: int, action: str, reason: str,

@@ -402,3 +402,42 @@ def test_mutual_tls_with_the_certificate_variables(protocol: str, tmp_path: Path
     finally:
         stop()
     assert collector.requests == [SENT]
+
+
+def test_http_keeps_its_connection_and_replaces_one_the_collector_closed() -> None:
+    """Batches reuse one connection; when the collector has closed it while idle (as proxies
+    and collectors do), the next batch goes out once, on a new one, and is not a failure."""
+    connections: list[tuple[str, int]] = []  # the client's address: one per connection
+    bodies: list[bytes] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive
+
+        def do_POST(self) -> None:
+            bodies.append(self.rfile.read(int(self.headers["Content-Length"])))
+            connections.append(self.client_address)
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            # Every second request: hang up afterwards, without saying so in the reply.
+            self.close_connection = len(bodies) % 2 == 0
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True).start()
+    endpoint = f"http://127.0.0.1:{server.server_port}"
+    sender = sender_from_env({"OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+                              "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint})  # fmt: skip
+    try:
+        started = time.monotonic()
+        assert all(sender.send(_payload(), 5) for _ in range(4))
+        elapsed = time.monotonic() - started
+    finally:
+        sender.close()
+        server.shutdown()
+    assert len(bodies) == 4 and all(ExportRequest.FromString(b) == SENT for b in bodies)
+    assert connections[0] == connections[1] and connections[2] == connections[3]
+    assert connections[1] != connections[2]
+    assert elapsed < 0.15  # no retry backoff (0.2 s at least): a stale connection is no failure

@@ -1,7 +1,7 @@
 """One trace per task, read back from an in-memory exporter.
 
 The four real stages run in this process (`run_worker`, as a worker runs them) against a real
-Redis and the fake Claude API, with the tracing hook installed; the client's PRODUCER spans
+Redis and the fake Claude API, with `Tracing` as the runtime's tracer; the client's PRODUCER spans
 and the stages' spans go to one in-memory exporter. OpenTelemetry's global tracer provider can
 be set once per process, so every test here shares it and keeps to its own traces.
 """
@@ -81,7 +81,7 @@ def settings_for(fast_env: dict[str, str], base_url: str, **env: str) -> Setting
 async def pipeline_running(
     settings: Settings, provider: TracerProvider, monkeypatch: pytest.MonkeyPatch
 ) -> AsyncIterator[None]:
-    """All four stages in this process with the tracing hook, until the block ends."""
+    """All four stages in this process, traced, until the block ends."""
     monkeypatch.setenv("ANTHROPIC_API_KEY", "good-key")
     monkeypatch.delenv("ANTHROPIC_OPEN_TELEMETRY", raising=False)  # Tracing sets it
     app = stages_app(settings)
@@ -420,3 +420,59 @@ async def test_the_clients_send_span_continues_a_traceparent_the_caller_passed(
     assert parent_of(send) == int(caller_span, 16)
     assert fields[b"tracestate"] == b"vendor=abc"
     assert send.attributes and send.attributes["messaging.message.id"] == task_id
+
+
+class _BrokenTracer:
+    """A tracer with a bug in one of its three calls."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        self.calls = 0
+
+    def start(self, msg: Message) -> _BrokenTracer:
+        self.calls += 1
+        if self.where == "start":
+            raise RuntimeError("tracer bug in start")
+        return self
+
+    def task_context(self) -> None:
+        return None
+
+    def handoff(self, action: str, detail: str, delay_ms: int | None) -> TraceContext:
+        if self.where == "handoff":
+            raise RuntimeError("tracer bug in handoff")
+        return "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", None
+
+    def finish(self, outcome: object) -> None:
+        if self.where == "finish":
+            raise RuntimeError("tracer bug in finish")
+
+
+@pytest.mark.parametrize("where", ["start", "handoff", "finish"])
+async def test_a_tracer_that_raises_never_fails_a_task(
+    where: str, fast_env: dict[str, str], prefix: str, rclient: redis.Redis
+) -> None:
+    async def first(msg: Message) -> Outcome:
+        return Forward("second", {"n": msg.fields["n"]})
+
+    async def second(msg: Message) -> Outcome:
+        return Complete({"status": "completed", "output": msg.body(dict)["n"]})
+
+    app = App([Stage("first", "tasks", first), Stage("second", "second", second)])
+    settings = load_settings(env=fast_env)
+    keys = Keys(prefix)
+    tracer = _BrokenTracer(where)
+    ids = [rclient.xadd(keys.ingress, {"n": str(n)}).decode() for n in range(5)]
+    ready = asyncio.Event()
+    worker = asyncio.create_task(
+        run_worker(app, ["first", "second"], settings, tracer=tracer, ready=ready)
+    )
+    try:
+        results = [await wait_result(rclient, keys, task_id) for task_id in ids]
+    finally:
+        os.kill(os.getpid(), signal.SIGTERM)
+        await asyncio.wait_for(worker, 30)
+    assert [r["output"] for r in results] == [str(n) for n in range(5)]
+    assert all(r["status"] == "completed" for r in results)
+    assert tracer.calls == 10  # asked about every entry at both stages
+    assert rclient.xlen(keys.dlq) == 0
