@@ -87,12 +87,20 @@ class StageSpan(SpanData, trace.Span):
     OpenTelemetry span while its handler runs (handlers may add attributes and events;
     the runtime, not the handler, ends it)."""
 
+    __slots__ = ("_ended", "_export")
+
     def __init__(self, export: SpanExport, shape: SpanShape, trace_id: str, parent_id: str | None,
                  msg: Message, trace_state: str | None) -> None:  # fmt: skip
-        SpanData.__init__(
-            self, shape, trace_id, getrandbits(64) or 1, parent_id, time.time_ns(),
-            (msg.entry_id, msg.task_id), trace_state=trace_state,
-        )  # fmt: skip
+        # SpanData's fields, set here directly: one span per entry and stage.
+        self.shape = shape
+        self.trace_id = trace_id
+        self.span_id = getrandbits(64) or 1
+        self.parent_id = parent_id
+        self.remote_parent = True
+        self.trace_state = trace_state
+        self.start_ns = self.end_ns = time.time_ns()
+        self.values = (msg.entry_id, msg.task_id)
+        self.attributes = self.events = self.status = None
         self._export = export
         self._ended = False
 
@@ -141,6 +149,8 @@ class StageSpan(SpanData, trace.Span):
             self.set_attribute(key, value)
 
     def set_attribute(self, key: str, value: AttributeValue) -> None:
+        if self._ended:  # queued for export: no longer ours to change
+            return
         if self.attributes is None:
             self.attributes = {}
         self.attributes[key] = value
@@ -148,6 +158,8 @@ class StageSpan(SpanData, trace.Span):
     def add_event(
         self, name: str, attributes: Attributes = None, timestamp: int | None = None
     ) -> None:
+        if self._ended:
+            return
         if self.events is None:
             self.events = []
         self.events.append((name, timestamp or time.time_ns(), dict(attributes or {})))
@@ -159,6 +171,8 @@ class StageSpan(SpanData, trace.Span):
         """A stage span keeps its conventional name (`process <stream>`)."""
 
     def set_status(self, status: Status | StatusCode, description: str | None = None) -> None:
+        if self._ended:
+            return
         code = status.status_code if isinstance(status, Status) else status
         if code is StatusCode.ERROR:
             text = status.description if isinstance(status, Status) else description
