@@ -28,7 +28,7 @@ from opentelemetry.util.types import AttributeValue
 if TYPE_CHECKING:
     from observability.spans import SpanData
 
-__all__ = ["EncodedShape", "Encoder", "encode_shape"]
+__all__ = ["EncodedShape", "Encoder", "encode_shape", "encode_span"]
 
 _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
 _FIELDS = Span.DESCRIPTOR.fields_by_name
@@ -96,7 +96,8 @@ def encode_shape(
     return EncodedShape(constant, tuple(_field(_KV_KEY, k.encode()) + _KV_VALUE for k in keys))
 
 
-def _span(span: SpanData) -> bytes:
+def encode_span(span: SpanData) -> bytes:
+    """The span as a field of ScopeSpans."""
     constant, keys = span.shape.encoded
     parent_id = span.parent_id
     parts = [
@@ -152,7 +153,11 @@ class Encoder:
         ).SerializeToString()
 
     def encode(self, spans: Iterable[SpanData]) -> bytes:
-        scope_spans = self._scope + b"".join(map(_span, spans))
+        return self.request(map(encode_span, spans))
+
+    def request(self, encoded: Iterable[bytes]) -> bytes:
+        """The request around spans `encode_span` encoded."""
+        scope_spans = self._scope + b"".join(encoded)
         return _field(_RESOURCE_SPANS, self._resource + _field(_SCOPE_SPANS, scope_spans))
 
 
