@@ -29,7 +29,7 @@ from pipeline.replies import read_entries
 from pipeline.results import make_result, result_ttl, trace_id_of
 from pipeline.retry import GiveUp
 from pipeline.stage import Handler, Message, Stage
-from pipeline.tracer import EntrySpan
+from pipeline.tracer import EntrySpan, Tracer
 from pipeline.wire import ENVELOPE_FIELD, Envelope, decode_entry, encode_body, encode_envelope
 from pipeline.wire import raw_fields_text as _raw_text
 
@@ -207,9 +207,8 @@ class StageRunner:
             return
         msg = Message(env, entry_id, self.stage.name, self.lane, deliveries)
         inf.msg = msg
-        context = None
-        if self.ctx.tracer is not None:
-            context = self._trace_in(inf, msg)
+        tracer = self.ctx.tracer
+        context = None if tracer is None else self._trace_in(tracer, inf, msg)
         if deliveries > self.rt.max_deliveries:
             reason = f"delivered {deliveries} times (max_deliveries={self.rt.max_deliveries})"
             self.submit(inf, self._dead_letter(inf, env, reason))
@@ -320,10 +319,10 @@ class StageRunner:
 
     # A tracer that raises is logged and dropped for the entry: tracing never fails a task.
 
-    def _trace_in(self, inf: Inflight, msg: Message) -> contextvars.Context | None:
+    def _trace_in(self, tracer: Tracer, inf: Inflight, msg: Message) -> contextvars.Context | None:
         """Open the entry's span (if its trace is sampled): the context its handler runs in."""
         try:
-            inf.span = span = self.ctx.tracer.start(msg)  # type: ignore[union-attr]
+            inf.span = span = tracer.start(msg)
             return None if span is None else span.task_context()
         except Exception as exc:
             self._tracer_failed(inf, exc)

@@ -72,6 +72,24 @@ def test_trace_context_picked_up() -> None:
     assert env.tracestate == "a=1"
 
 
+@pytest.mark.parametrize(
+    "traceparent",
+    [
+        "garbage",
+        "00-00000000000000000000000000000000-00f067aa0ba902b7-01",  # all-zero trace id
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",  # all-zero parent id
+        "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",  # version ff is invalid
+        "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",  # upper case
+    ],
+)
+def test_a_malformed_traceparent_is_ignored_with_its_tracestate(traceparent: str) -> None:
+    """W3C: start a new trace. The stages after trust the envelope's, so ingress decides."""
+    raw = {b"prompt": b"x", b"traceparent": traceparent.encode(), b"tracestate": b"a=1"}
+    env = decode_entry(EID, raw, LIMIT)
+    assert env.traceparent is None and env.tracestate is None
+    assert env.fields["traceparent"] == traceparent  # the producer's fields stay as sent
+
+
 def test_envelope_round_trip() -> None:
     original = envelope(body=encode_body({"answer": [1, 2, 3]}))
     decoded = decode_entry(EID, {ENVELOPE_FIELD: encode_envelope(original)}, LIMIT)
