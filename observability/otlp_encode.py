@@ -58,6 +58,7 @@ _TRACE_ID = _span_tag("trace_id", _LEN) + _SMALL[16]
 _SPAN_ID = _span_tag("span_id", _LEN) + _SMALL[8]
 _PARENT_ID = _span_tag("parent_span_id", _LEN) + _SMALL[8]
 _TRACE_STATE = _span_tag("trace_state", _LEN)
+_TRACE_ID_HEX, _SPAN_ID_HEX, _PARENT_ID_HEX = _TRACE_ID.hex(), _SPAN_ID.hex(), _PARENT_ID.hex()
 _ATTRIBUTE = _span_tag("attributes", _LEN)
 _TIMES = struct.Struct(
     f"<{len(_span_tag('start_time_unix_nano', _I64))}sQ"
@@ -76,16 +77,34 @@ _RESOURCE_SPANS = _tag(1, _LEN)  # ExportTraceServiceRequest.resource_spans
 
 
 def _len(n: int) -> bytes:
-    return _SMALL[n] if n < 128 else _varint(n)
+    if n < 128:
+        return _SMALL[n]
+    return bytes((n & 0x7F | 0x80, n >> 7)) if n < 0x4000 else _varint(n)
 
 
 def _field(tag: bytes, payload: bytes) -> bytes:
     return tag + _len(len(payload)) + payload
 
 
+class _Heads(dict[int, bytes]):
+    """A string attribute's field up to its value's bytes, by the value's length: built
+    once for the usual lengths, so a span's value costs one lookup."""
+
+    def __init__(self, key: bytes) -> None:
+        self.key = key
+        super().__init__((n, self[n]) for n in range(128))
+
+    def __missing__(self, n: int) -> bytes:
+        # KeyValue{key, value: AnyValue{string_value}} as an attribute field (Span.attributes).
+        any_value = _STRING_VALUE + _len(n)
+        value_size = len(any_value) + n
+        key_value = self.key + _len(value_size) + any_value
+        return _ATTRIBUTE + _len(len(key_value) + n) + key_value
+
+
 class EncodedShape(NamedTuple):
     constant: bytes  # name, kind and constant attributes, as Span fields
-    keys: tuple[bytes, ...]  # each string attribute's key, ready for its value
+    heads: tuple[_Heads, ...]  # one per string attribute
 
 
 def encode_shape(
@@ -93,33 +112,29 @@ def encode_shape(
 ) -> EncodedShape:
     span = Span(name=name, kind=kind, attributes=_key_values(attributes))  # type: ignore[arg-type]
     constant: bytes = span.SerializeToString()
-    return EncodedShape(constant, tuple(_field(_KV_KEY, k.encode()) + _KV_VALUE for k in keys))
+    heads = tuple(_Heads(_field(_KV_KEY, key.encode()) + _KV_VALUE) for key in keys)
+    return EncodedShape(constant, heads)
 
 
 def encode_span(span: SpanData) -> bytes:
     """The span as a field of ScopeSpans."""
-    constant, keys = span.shape.encoded
+    shape = span.shape.encoded
     parent_id = span.parent_id
-    parts = [
-        _TRACE_ID, bytes.fromhex(span.trace_id), _SPAN_ID, span.span_id.to_bytes(8, "big"),
-        constant, _TIMES.pack(_START, span.start_ns, _END, span.end_ns),
-    ]  # fmt: skip
+    # The ids with their tags, as hex, made bytes in one call.
     if parent_id is None:
-        parts.append(_FLAGS_LOCAL)
+        ids = bytes.fromhex(f"{_TRACE_ID_HEX}{span.trace_id}{_SPAN_ID_HEX}{span.span_id}")
+        flags = _FLAGS_LOCAL
     else:
-        parts += (_PARENT_ID, bytes.fromhex(parent_id),
-                  _FLAGS_REMOTE if span.remote_parent else _FLAGS_LOCAL)  # fmt: skip
+        ids = bytes.fromhex(
+            f"{_TRACE_ID_HEX}{span.trace_id}{_SPAN_ID_HEX}{span.span_id}{_PARENT_ID_HEX}{parent_id}"
+        )
+        flags = _FLAGS_REMOTE if span.remote_parent else _FLAGS_LOCAL
+    parts = [shape.constant, ids, flags, _TIMES.pack(_START, span.start_ns, _END, span.end_ns)]
+    for heads, value in zip(shape.heads, span.values, strict=True):
+        data = value.encode()
+        parts += (heads[len(data)], data)
     if span.trace_state:
         parts.append(_field(_TRACE_STATE, span.trace_state.encode()))
-    for key, value in zip(keys, span.values, strict=True):  # KeyValue{key, AnyValue{str}}
-        data = value.encode()
-        n = len(data)
-        if n < 126:  # every length below fits one byte
-            kv = b"".join((key, _SMALL[n + 2], _STRING_VALUE, _SMALL[n], data))
-        else:
-            any_value = _field(_STRING_VALUE, data)
-            kv = key + _len(len(any_value)) + any_value
-        parts += (_ATTRIBUTE, _len(len(kv)), kv)
     if span.attributes or span.events or span.status:
         parts.append(_rare(span))
     body = b"".join(parts)

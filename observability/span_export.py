@@ -161,7 +161,7 @@ class SdkExport:
     def readable(self, span: SpanData) -> ReadableSpan:
         trace_id = int(span.trace_id, 16)
         state = TraceState.from_header([span.trace_state]) if span.trace_state else None
-        context = SpanContext(trace_id, span.span_id, False, _SAMPLED, state)
+        context = SpanContext(trace_id, int(span.span_id, 16), False, _SAMPLED, state)
         parent = None
         if span.parent_id is not None:
             parent_id = int(span.parent_id, 16)

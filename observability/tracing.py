@@ -35,12 +35,13 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator, Mapping
-from contextvars import Context, copy_context
+from contextvars import Context, ContextVar, copy_context
 from random import getrandbits
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context as OtelContext
+from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
@@ -52,6 +53,7 @@ from opentelemetry.sdk.trace.sampling import (
     TraceIdRatioBased,
 )
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.trace.propagation import _SPAN_KEY
 from opentelemetry.trace.span import TraceState
 from opentelemetry.util.types import Attributes, AttributeValue
 
@@ -82,33 +84,51 @@ _NO_CONTEXT = OtelContext()
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 
 
+def _new_span_id() -> str:
+    return (getrandbits(64) or 1).to_bytes(8, "big").hex()
+
+
+def _current_context_var() -> ContextVar[OtelContext] | None:
+    """OpenTelemetry's current-context variable, when it keeps the context in one (the
+    default `contextvars_context`); None for any other runtime context."""
+    runtime = getattr(otel_context, "_RUNTIME_CONTEXT", None)
+    if not isinstance(runtime, ContextVarsRuntimeContext):
+        return None
+    var = getattr(runtime, "_current_context", None)
+    return var if isinstance(var, ContextVar) else None
+
+
+_CURRENT_CONTEXT = _current_context_var()
+
+
 class StageSpan(SpanData, trace.Span):
     """A sampled entry's stage span: the runtime's `EntrySpan`, and the current
     OpenTelemetry span while its handler runs (handlers may add attributes and events;
     the runtime, not the handler, ends it)."""
 
-    __slots__ = ("_ended", "_export")
+    _ended = False
 
     def __init__(self, export: SpanExport, shape: SpanShape, trace_id: str, parent_id: str | None,
                  msg: Message, trace_state: str | None) -> None:  # fmt: skip
         # SpanData's fields, set here directly: one span per entry and stage.
         self.shape = shape
         self.trace_id = trace_id
-        self.span_id = getrandbits(64) or 1
+        self.span_id = (getrandbits(64) or 1).to_bytes(8, "big").hex()  # _new_span_id(), inline
         self.parent_id = parent_id
-        self.remote_parent = True
-        self.trace_state = trace_state
-        self.start_ns = self.end_ns = time.time_ns()
+        if trace_state:
+            self.trace_state = trace_state
+        self.start_ns = time.time_ns()
         self.values = (msg.entry_id, msg.task_id)
-        self.attributes = self.events = self.status = None
         self._export = export
-        self._ended = False
 
     # ---- the runtime's EntrySpan ------------------------------------------------------------
 
     def task_context(self) -> Context:
-        context = copy_context()
-        context.run(otel_context.attach, trace.set_span_in_context(self, _NO_CONTEXT))
+        context = copy_context()  # (what create_task would do without one)
+        if _CURRENT_CONTEXT is None:
+            context.run(otel_context.attach, trace.set_span_in_context(self, _NO_CONTEXT))
+        else:  # the same, without the API's frames: a context holding only this span
+            context.run(_CURRENT_CONTEXT.set, OtelContext({_SPAN_KEY: self}))
         return context
 
     def handoff(self, action: str, detail: str, delay_ms: int | None) -> TraceContext:
@@ -120,7 +140,7 @@ class StageSpan(SpanData, trace.Span):
             self.add_event(action, event)
             if action == "dead_letter":
                 self.status = (ERROR, detail[:_MAX_REASON_CHARS])
-        return f"00-{self.trace_id}-{self.span_id:016x}-01", self.trace_state
+        return f"00-{self.trace_id}-{self.span_id}-01", self.trace_state
 
     def finish(self, outcome: Outcome | BaseException | None) -> None:
         if self._ended:
@@ -139,7 +159,7 @@ class StageSpan(SpanData, trace.Span):
 
     def get_span_context(self) -> SpanContext:
         state = TraceState.from_header([self.trace_state]) if self.trace_state else None
-        return SpanContext(int(self.trace_id, 16), self.span_id, False, _SAMPLED, state)
+        return SpanContext(int(self.trace_id, 16), int(self.span_id, 16), False, _SAMPLED, state)
 
     def is_recording(self) -> bool:
         return not self._ended
@@ -199,7 +219,7 @@ class _NotSampled:
     __slots__ = ("carried",)
 
     def __init__(self, trace_id: int) -> None:
-        self.carried: TraceContext = (f"00-{trace_id:032x}-{getrandbits(64) or 1:016x}-00", None)
+        self.carried: TraceContext = (f"00-{trace_id:032x}-{_new_span_id()}-00", None)
 
     def task_context(self) -> None:
         return None
@@ -245,14 +265,14 @@ class Tracing:
             trace_id = getrandbits(128) or 1
             if not self._sample_root(trace_id):
                 return _NotSampled(trace_id)
-            span = StageSpan(self._export, self._shape(msg), f"{trace_id:032x}", None, msg, None)
+            trace_hex, parent_id, trace_state = f"{trace_id:032x}", None, None
         elif traceparent[-1] in _NOT_SAMPLED:
             return None
         else:  # valid: checked at ingress (pipeline.wire), written by a stage after that
-            span = StageSpan(
-                self._export, self._shape(msg), traceparent[3:35], traceparent[36:52], msg,
-                env.tracestate,
-            )  # fmt: skip
+            trace_hex, parent_id = traceparent[3:35], traceparent[36:52]
+            trace_state = env.tracestate
+        shape = self._shapes.get((msg.stage, msg.lane)) or self._new_shape(msg)
+        span = StageSpan(self._export, shape, trace_hex, parent_id, msg, trace_state)
         if msg.attempt > 1:
             span.set_attribute("pipeline.attempt", msg.attempt)
         if msg.deliveries > 1:  # reclaimed, or resumed after a restart
@@ -260,22 +280,19 @@ class Tracing:
             span.add_event("redelivered", {"pipeline.deliveries": msg.deliveries})
         return span
 
-    def _shape(self, msg: Message) -> SpanShape:
-        key = (msg.stage, msg.lane)
-        shape = self._shapes.get(key)
-        if shape is None:
-            stream = self._keys.stream(self._app.stage(msg.stage).stream, msg.lane)
-            shape = self._shapes[key] = SpanShape(
-                f"process {stream}",
-                CONSUMER,
-                {
-                    "messaging.system": "redis",
-                    "messaging.operation.type": "process",
-                    "messaging.destination.name": stream,
-                    "messaging.consumer.group.name": msg.stage,
-                },
-                ("messaging.message.id", "messaging.message.conversation_id"),
-            )
+    def _new_shape(self, msg: Message) -> SpanShape:
+        stream = self._keys.stream(self._app.stage(msg.stage).stream, msg.lane)
+        shape = self._shapes[msg.stage, msg.lane] = SpanShape(
+            f"process {stream}",
+            CONSUMER,
+            {
+                "messaging.system": "redis",
+                "messaging.operation.type": "process",
+                "messaging.destination.name": stream,
+                "messaging.consumer.group.name": msg.stage,
+            },
+            ("messaging.message.id", "messaging.message.conversation_id"),
+        )
         return shape
 
     def on_call(self, report: CallReport) -> None:
@@ -291,7 +308,7 @@ class Tracing:
                 "gen_ai.request.model": model,
             })  # fmt: skip
         span = SpanData(
-            shape, stage.trace_id, getrandbits(64) or 1, f"{stage.span_id:016x}",
+            shape, stage.trace_id, _new_span_id(), stage.span_id,
             report.started_ns, remote_parent=False, trace_state=stage.trace_state,
         )  # fmt: skip
         span.end_ns = report.ended_ns

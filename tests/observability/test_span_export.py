@@ -43,7 +43,7 @@ class Recorder:
 
 
 def span(n: int, trace_id: str = "4bf92f3577b34da6a3ce929d0e0e4736") -> SpanData:
-    return SpanData(SHAPE, trace_id, n + 1, None, 1_000 + n, (str(n),))
+    return SpanData(SHAPE, trace_id, f"{n + 1:016x}", None, 1_000 + n, (str(n),))
 
 
 def export(sender: Recorder, **settings: float) -> OtlpExport:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
@@ -15,6 +16,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.sampling import Decision
 
+from observability import tracing as tracing_module
 from observability.otlp_encode import Encoder
 from observability.span_export import SdkExport
 from observability.spans import CLIENT, CONSUMER, ERROR, SpanData, SpanShape
@@ -31,22 +33,30 @@ SHAPE = SpanShape(
 
 
 def spans() -> list[SpanData]:
-    """A plain span, a root with a tracestate, and one with every rare part."""
-    plain = SpanData(SHAPE, "4bf92f3577b34da6a3ce929d0e0e4736", 0x00F067AA0BA902B7,
+    """Plain spans, roots with a tracestate, values at and past what one length byte holds
+    (the encoder's two ways), and a span with every rare part."""
+    plain = SpanData(SHAPE, "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7",
                      "a3ce929d0e0e4736", 1_700_000_000_000_000_000, ("1-0", "task-1"))  # fmt: skip
     plain.end_ns = plain.start_ns + 1_500
-    root = SpanData(SHAPE, "0af7651916cd43dd8448eb211c80319c", 7, None, 5, ("2-0", "é" * 200),
-                    trace_state="vendor=abc,x=1")  # fmt: skip
-    root.end_ns = 9
+    root = SpanData(SHAPE, "0af7651916cd43dd8448eb211c80319c", "0000000000000007", None, 5,
+                    ("2-0", "task-2"), trace_state="vendor=abc,x=1")  # fmt: skip
+    long_root = SpanData(SHAPE, "0af7651916cd43dd8448eb211c80319c", "0000000000000008", None,
+                         5, ("3-0", "é" * 200), trace_state="vendor=abc")  # fmt: skip
+    # "messaging.message.conversation_id" makes a 39-byte KeyValue with an empty value.
+    edge = [
+        SpanData(SHAPE, "4bf92f3577b34da6a3ce929d0e0e4736", f"{n:016x}", "a3ce929d0e0e4736",
+                 10, ("4-0", "t" * n), remote_parent=False)
+        for n in (87, 88, 89, 126, 127)
+    ]  # fmt: skip
     rich = SpanData(SpanShape("chat claude-haiku-4-5", CLIENT, {"gen_ai.operation.name": "chat"}),
-                    "4bf92f3577b34da6a3ce929d0e0e4736", 11, "00f067aa0ba902b7", 100,
+                    "4bf92f3577b34da6a3ce929d0e0e4736", "000000000000000b", "00f067aa0ba902b7", 100,
                     remote_parent=False)  # fmt: skip
     rich.end_ns = 200
     rich.attributes = {"gen_ai.usage.input_tokens": 12, "ok": True, "ratio": 0.5,
                        "tags": ("a", "b")}  # fmt: skip
     rich.events = [("retry", 150, {"pipeline.reason": "529 overloaded", "pipeline.delay_ms": 80})]
     rich.status = (ERROR, "gave up")
-    return [plain, root, rich]
+    return [plain, root, long_root, *edge, rich]
 
 
 def test_the_encoding_is_what_the_sdks_exporter_sends_for_the_same_spans() -> None:
@@ -96,7 +106,9 @@ async def _done(msg: Message) -> Outcome:
     return Complete()
 
 
-def test_the_handler_runs_under_the_stage_span_and_its_own_spans_join_the_trace() -> None:
+def test_the_handler_runs_under_the_stage_span_and_its_own_spans_join_the_trace(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
@@ -113,13 +125,16 @@ def test_the_handler_runs_under_the_stage_span_and_its_own_spans_join_the_trace(
         current.end()  # a handler ending the stage span: ignored, the runtime ends it
 
     span.task_context().run(handler_code)
+    # Without a contextvars runtime context, the API's attach does the same.
+    monkeypatch.setattr(tracing_module, "_CURRENT_CONTEXT", None)
+    assert span.task_context().run(trace.get_current_span) is span
     assert span.is_recording()
     assert trace.get_current_span() is trace.INVALID_SPAN  # only the task's context changed
     span.handoff("retry", "529 overloaded", 250)
     span.finish(Retry("529 overloaded"))
     inner, stage = exporter.get_finished_spans()
     assert inner.name == "app work" and stage.name == "process p:tasks"
-    assert inner.parent is not None and inner.parent.span_id == span.span_id
+    assert inner.parent is not None and inner.parent.span_id == int(span.span_id, 16)
     assert inner.context is not None and inner.context.trace_id == span.get_span_context().trace_id
     assert stage.attributes is not None
     assert stage.attributes["app.note"] == "from the handler"
