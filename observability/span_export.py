@@ -9,7 +9,6 @@ or a test's in-memory exporter).
 
 from __future__ import annotations
 
-import collections
 import logging
 import threading
 import time
@@ -83,7 +82,8 @@ class OtlpExport:
         self._max_queue = settings.max_queue
         self._batch = max(1, min(settings.batch, settings.max_queue))
         self._timeout_s = settings.timeout_s
-        self._queue: collections.deque[bytes] = collections.deque()
+        # A list: appends here and slices there are each one step under the GIL.
+        self._queue: list[bytes] = []
         self._wake = threading.Event()
         self._stopping = False
         self.dropped = 0
@@ -131,7 +131,8 @@ class OtlpExport:
     def _send_queued(self) -> None:
         queue = self._queue
         while queue:
-            batch = [queue.popleft() for _ in range(min(self._batch, len(queue)))]
+            batch = queue[: self._batch]
+            del queue[: len(batch)]  # the worker only appends: these are the ones taken
             if self._sender.send(self._encoder.request(batch), self._timeout_s):
                 self.sent += len(batch)
             else:

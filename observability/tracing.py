@@ -219,7 +219,9 @@ class _NotSampled:
     __slots__ = ("carried",)
 
     def __init__(self, trace_id: int) -> None:
-        self.carried: TraceContext = (f"00-{trace_id:032x}-{_new_span_id()}-00", None)
+        span_id = getrandbits(64) or 1
+        # (printf-style: measurably cheaper than format specifiers, once per entry at 1%)
+        self.carried: TraceContext = ("00-%032x-%016x-00" % (trace_id, span_id), None)  # noqa: UP031
 
     def task_context(self) -> None:
         return None
@@ -401,6 +403,8 @@ def _record_outcome(span: StageSpan, outcome: Outcome | BaseException) -> None:
     """What the handler decided, where it is not the usual hand-on (the next span says that)."""
     if isinstance(outcome, Forward):
         body = outcome.body
+        if body.__class__ is dict:  # the usual body of a custom stage: nothing to record
+            return
         if isinstance(body, Answer):
             if body.coalesced:
                 span.set_attribute("pipeline.coalesced", True)
