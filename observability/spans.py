@@ -46,17 +46,12 @@ class SpanShape:
 
 
 class SpanData:
-    """A span: ids as W3C hex (as they travel and are encoded), times in ns since the epoch.
+    """A span: ids as W3C hex (as they travel and are encoded), times in ns since the epoch."""
 
-    The fields most spans leave unset are class-level defaults: a stage span, one per
-    entry and stage, sets only what it has.
-    """
-
-    trace_state: str | None = None
-    remote_parent = True  # the parent span was made in another process
-    attributes: Attributes | None = None  # the rarer ones, set as they come
-    events: list[Event] | None = None
-    status: tuple[int, str] | None = None  # (code, description)
+    __slots__ = (
+        "attributes", "end_ns", "events", "parent_id", "remote_parent", "shape", "span_id",
+        "start_ns", "status", "trace_id", "trace_state", "values",
+    )  # fmt: skip
 
     def __init__(
         self, shape: SpanShape, trace_id: str, span_id: str, parent_id: str | None,
@@ -67,12 +62,13 @@ class SpanData:
         self.trace_id = trace_id  # 32 hex digits
         self.span_id = span_id  # 16 hex digits
         self.parent_id = parent_id  # 16 hex digits; None for a trace's root
+        self.remote_parent = remote_parent  # the parent span was made in another process
+        self.trace_state = trace_state
         self.start_ns = self.end_ns = start_ns
         self.values = values  # one per shape.keys
-        if not remote_parent:
-            self.remote_parent = False
-        if trace_state:
-            self.trace_state = trace_state
+        self.attributes: Attributes | None = None  # the rarer ones, set as they come
+        self.events: list[Event] | None = None
+        self.status: tuple[int, str] | None = None  # (code, description)
 
     def all_attributes(self) -> Attributes:
         out = {**self.shape.attributes, **dict(zip(self.shape.keys, self.values, strict=True))}

@@ -106,7 +106,7 @@ class StageSpan(SpanData, trace.Span):
     OpenTelemetry span while its handler runs (handlers may add attributes and events;
     the runtime, not the handler, ends it)."""
 
-    _ended = False
+    __slots__ = ("_ended", "_export")
 
     def __init__(self, export: SpanExport, shape: SpanShape, trace_id: str, parent_id: str | None,
                  msg: Message, trace_state: str | None) -> None:  # fmt: skip
@@ -115,11 +115,13 @@ class StageSpan(SpanData, trace.Span):
         self.trace_id = trace_id
         self.span_id = (getrandbits(64) or 1).to_bytes(8, "big").hex()  # _new_span_id(), inline
         self.parent_id = parent_id
-        if trace_state:
-            self.trace_state = trace_state
-        self.start_ns = time.time_ns()
+        self.remote_parent = True
+        self.trace_state = trace_state
+        self.start_ns = self.end_ns = time.time_ns()
         self.values = (msg.entry_id, msg.task_id)
+        self.attributes = self.events = self.status = None
         self._export = export
+        self._ended = False
 
     # ---- the runtime's EntrySpan ------------------------------------------------------------
 
