@@ -53,7 +53,7 @@ from opentelemetry.sdk.trace.sampling import (
     TraceIdRatioBased,
 )
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
-from opentelemetry.trace.propagation import _SPAN_KEY
+from opentelemetry.trace import propagation as trace_propagation
 from opentelemetry.trace.span import TraceState
 from opentelemetry.util.types import Attributes, AttributeValue
 
@@ -90,14 +90,17 @@ def _new_span_id() -> str:
 
 def _current_context_var() -> ContextVar[OtelContext] | None:
     """OpenTelemetry's current-context variable, when it keeps the context in one (the
-    default `contextvars_context`); None for any other runtime context."""
+    default `contextvars_context`) and its span key is where this version keeps it; None
+    otherwise (the API's `attach` is used then)."""
     runtime = getattr(otel_context, "_RUNTIME_CONTEXT", None)
-    if not isinstance(runtime, ContextVarsRuntimeContext):
+    if not isinstance(runtime, ContextVarsRuntimeContext) or not isinstance(_SPAN_KEY, str):
         return None
     var = getattr(runtime, "_current_context", None)
     return var if isinstance(var, ContextVar) else None
 
 
+#: Private to the API, read once: where a context holds its current span.
+_SPAN_KEY: object = getattr(trace_propagation, "_SPAN_KEY", None)
 _CURRENT_CONTEXT = _current_context_var()
 
 
@@ -130,7 +133,7 @@ class StageSpan(SpanData, trace.Span):
         if _CURRENT_CONTEXT is None:
             context.run(otel_context.attach, trace.set_span_in_context(self, _NO_CONTEXT))
         else:  # the same, without the API's frames: a context holding only this span
-            context.run(_CURRENT_CONTEXT.set, OtelContext({_SPAN_KEY: self}))
+            context.run(_CURRENT_CONTEXT.set, OtelContext({_SPAN_KEY: self}))  # type: ignore[dict-item]
         return context
 
     def handoff(self, action: str, detail: str, delay_ms: int | None) -> TraceContext:

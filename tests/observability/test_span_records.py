@@ -124,6 +124,7 @@ def test_the_handler_runs_under_the_stage_span_and_its_own_spans_join_the_trace(
             pass
         current.end()  # a handler ending the stage span: ignored, the runtime ends it
 
+    assert tracing_module._CURRENT_CONTEXT is not None  # the fast path, on these versions
     span.task_context().run(handler_code)
     # Without a contextvars runtime context, the API's attach does the same.
     monkeypatch.setattr(tracing_module, "_CURRENT_CONTEXT", None)
