@@ -15,8 +15,8 @@ from pipeline.errors import (
 )
 from pipeline.hooks import Hook
 from pipeline.keys import Keys
-from pipeline.outcome import Complete, Fail, Forward, Outcome, Retry
-from pipeline.services import Memo, ResponseCache, Services
+from pipeline.outcome import Complete, Defer, Drop, Fail, Forward, Outcome, Reject, Retry
+from pipeline.services import ResponseCache, Services
 from pipeline.stage import App, Handler, HandlerFactory, Message, Stage
 
 __all__ = [
@@ -25,6 +25,8 @@ __all__ = [
     "Backpressure",
     "Complete",
     "ConfigError",
+    "Defer",
+    "Drop",
     "Fail",
     "Forward",
     "Handler",
@@ -32,12 +34,12 @@ __all__ = [
     "Hook",
     "InvalidTask",
     "Keys",
-    "Memo",
     "Message",
     "Outcome",
     "PermanentError",
     "PipelineError",
     "RedisUnavailable",
+    "Reject",
     "ResponseCache",
     "Retry",
     "Services",

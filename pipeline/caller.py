@@ -1,6 +1,6 @@
 """The paid call itself: pick an API key, wait for rate-limit admission, call, settle.
 
-claude-call's handler decides *whether* to call (memo, coalescing, budget); this module
+claude-call's handler decides *whether* to call (task record, budget, coalescing); this module
 owns *how*: the clients (one per configured API key), the distributed rate limiter and the
 shared concurrency slots (guarantee 6).
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Callable
 
 from pipeline.call_report import CallReport
 from pipeline.claude import call, make_client
@@ -20,6 +21,10 @@ from pipeline.task import Answer, Routed
 from pipeline.tokens import estimate_input_tokens
 
 log = logging.getLogger(__name__)
+
+
+def _nothing() -> None:
+    pass
 
 
 class Caller:
@@ -45,15 +50,21 @@ class Caller:
     def limiter(self) -> RateLimiter | None:
         return self._limiter
 
-    async def call(self, routed: Routed) -> Answer:
-        """One Claude call for `routed` (raises the pipeline's error tree, see claude.call)."""
+    async def call(self, routed: Routed, before_send: Callable[[], None] = _nothing) -> Answer:
+        """One Claude call for `routed` (raises the pipeline's error tree, see claude.call).
+
+        `before_send` runs once the call is admitted, just before it goes out: from then on
+        it is paid for and must not be thrown away.
+        """
         if self._limiter is None:
             self._turn = (self._turn + 1) % len(self._api_keys)
             client = self._clients[self._api_keys[self._turn].name]
+            before_send()
             return await call(client, routed, auth_pause_s=self._pause_s)
         ticket = await self._limiter.acquire(
             routed.family, estimate_input_tokens(routed.request), routed.max_tokens
         )
+        before_send()
         reports: list[CallReport] = []
         try:
             answer = await call(

@@ -68,6 +68,9 @@ class DlqSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
 
 class ResultSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     ttl_s: PosInt = 3600
+    # A task's record (its id's idempotency, its paid call and answer) lives this long while
+    # the task has no result yet; then it expires with the result.
+    live_ttl_s: PosInt = 7 * 24 * 3600
     done_maxlen: PosInt = 100_000
 
 
@@ -250,8 +253,6 @@ class LedgerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     # is its own baseline): "what if everything went to Sonnet". None: router.default_family.
     baseline_family: str | None = None
     ttl_days: PosInt = 400
-    # A task id is remembered this long so a redelivered store entry is not counted twice.
-    once_ttl_s: PosInt = 24 * 3600
     # Fields per day's hash; past it, new task types of a model are counted as `other`.
     max_fields: PosInt = 20_000
 

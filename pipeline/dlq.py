@@ -28,10 +28,15 @@ def dlq_fields(
     traceparent: str | None,
     tracestate: str | None,
     max_field_bytes: int,
+    result_kept: bool = False,
 ) -> dict[str, str]:
-    """One DLQ entry: the original task fields (JSON) plus where and why it failed."""
+    """One DLQ entry: the original task fields (JSON) plus where and why it failed.
+
+    `result_kept`: the entry was refused because its id belongs to another task, whose
+    result (if any) is not this letter's: a replay must leave it alone.
+    """
     original = {k: _cut(v, max_field_bytes) for k, v in fields.items()}
-    return {
+    letter = {
         "task_id": task_id,
         "stage": stage,
         "stream": stream,
@@ -44,6 +49,9 @@ def dlq_fields(
         "tracestate": tracestate or "",
         "fields": json.dumps(original, ensure_ascii=False),
     }
+    if result_kept:
+        letter["result_kept"] = "1"
+    return letter
 
 
 def _cut(text: str, limit: int) -> str:
@@ -66,6 +74,7 @@ class DeadLetter:
     failed_at_ms: int
     traceparent: str
     fields: dict[str, str]
+    result_kept: bool = False  # refused for an id in use: the result there is not ours
 
     @classmethod
     def parse(cls, dlq_id: bytes | str, raw: Mapping[bytes, bytes]) -> DeadLetter:
@@ -85,6 +94,7 @@ class DeadLetter:
             failed_at_ms=int(get.get("failed_at_ms", "0") or 0),
             traceparent=get.get("traceparent", ""),
             fields=fields if isinstance(fields, dict) else {},
+            result_kept=get.get("result_kept") == "1",
         )
 
 
@@ -111,8 +121,10 @@ class DeadLetters:
     async def replay(self, dlq_ids: builtins.list[str]) -> builtins.list[str]:
         """Send entries back to the start of the pipeline (ingress), fresh attempts.
 
-        The old `failed` result is removed in the same transaction, so the replayed task can
-        store its new result (results are first-writer-wins).
+        The old `failed` result and the task's record (`pipeline.task_record`) are removed
+        in the same transaction, so the replayed task is a new one and can store its new
+        result (results are first-writer-wins). A letter refused because its id belonged to
+        another task keeps that task's result and record: its replay is judged afresh.
         """
         replayed: builtins.list[str] = []
         for dlq_id in dlq_ids:
@@ -133,7 +145,8 @@ class DeadLetters:
             )
             async with self._redis.pipeline(transaction=True) as tx:
                 tx.xadd(self._keys.ingress, {ENVELOPE_FIELD: encode_envelope(env)})
-                tx.delete(self._keys.result(letter.task_id))
+                if not letter.result_kept:
+                    tx.delete(self._keys.result(letter.task_id), self._keys.task(letter.task_id))
                 tx.xdel(self._keys.dlq, dlq_id)
                 await tx.execute()
             replayed.append(dlq_id)

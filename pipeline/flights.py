@@ -6,8 +6,15 @@ follow: they poll, backing off, for an answer published since they began to foll
 arriving after the answer leads a new flight (only the cache may reuse answers). A leader
 that dies stops renewing and one whose call fails lets go without an answer; either way the
 next follower to poll takes the lead, so nobody is stranded. Identity is the request's
-canonical hash plus the routed model and max_tokens; a task with `cache=false` asked for a
-fresh answer and flies alone.
+canonical hash plus the model and max_tokens it is sent with, after routing *and* the budget's
+decision, so a follower only ever shares the answer of exactly the request it would have
+sent; a task with `cache=false` asked for a fresh answer, and a downgraded one is not what
+its hash stands for: both fly alone.
+
+The response cache lives next to the flights (same hash tag): the leader's answer lands in
+the cache in the same step as it is published to its followers, and a task joining a flight
+takes a cached answer first, so an identical request a moment after an answer landed is a
+hit, not a second call.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import msgspec
 from redis.asyncio import Redis
 from redis.typing import EncodableT
 
+from pipeline.config import Settings
 from pipeline.keys import Keys
 from pipeline.redis_conn import Availability
 from pipeline.replies import as_int, as_list
@@ -37,17 +45,37 @@ POLL_MAX_S = 0.5
 #: How long a published answer waits for followers that have yet to poll.
 ANSWER_TTL_MS = 15_000
 
-_ANSWERED, _LEAD = 1, 2
+#: Stop reasons of an answer Claude finished by itself (not cut by max_tokens, not refused).
+COMPLETE_STOP_REASONS = frozenset({"end_turn", "stop_sequence"})
+
+_ANSWERED, _LEAD, _CACHED = 1, 2, 3
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder(Answer).decode
 
 
-def identity(routed: Routed) -> str | None:
-    """What makes two tasks' calls the same one; None for a task that must call alone."""
+def identity(routed: Routed) -> tuple[str, str] | None:
+    """What makes two tasks' calls the same one, as (request hash, model and max_tokens);
+    None for a task that must call alone."""
     request = routed.request
     if not request.cache or not request.request_hash:
         return None
-    return f"{request.request_hash}:{routed.model}:{routed.max_tokens}"
+    return request.request_hash, f"{routed.model}:{routed.max_tokens}"
+
+
+def cache_ttl_s(answer: Answer, settings: Settings) -> int:
+    """How long the response cache keeps `answer` (0: not at all). Only complete, fresh,
+    non-empty answers of tasks that allow caching, for their type's TTL."""
+    request = answer.request
+    if not (
+        settings.cache.enabled
+        and request.cache
+        and request.request_hash
+        and not answer.cached
+        and answer.stop_reason in COMPLETE_STOP_REASONS
+        and answer.output
+    ):
+        return 0
+    return settings.cache.ttl_for(request.type)
 
 
 @dataclass(slots=True)
@@ -56,19 +84,24 @@ class Flight:
 
     answer: Answer | None = None
     landed: bool = False
-    _publish: Callable[[bytes], Awaitable[None]] | None = None
+    _publish: Callable[[bytes, int], Awaitable[None]] | None = None
+    _settings: Settings | None = None
 
     async def land(self, answer: Answer) -> None:
-        """Publish the leader's answer to its followers, then let go (a follower: no-op)."""
-        if self._publish is not None:
-            await self._publish(_encode(answer))
+        """Publish the leader's answer to its followers and the response cache, then let go
+        (a follower: no-op)."""
+        if self._publish is not None and self._settings is not None:
+            await self._publish(_encode(answer.bare()), cache_ttl_s(answer, self._settings))
             self.landed = True
 
 
 class Flights:
     """The flights of one worker process's claude-call handlers."""
 
-    def __init__(self, redis: Redis, keys: Keys, available: Availability, lease_ms: int) -> None:
+    def __init__(
+        self, redis: Redis, keys: Keys, available: Availability, lease_ms: int, settings: Settings
+    ) -> None:
+        self._settings = settings
         self._keys = keys
         self._available = available
         self._lease_ms = lease_ms
@@ -87,29 +120,41 @@ class Flights:
         if ident is None:
             yield Flight()
             return
-        keys = [self._keys.flight(ident), self._keys.flight_answer(ident)]
-        answer = await self._wait_for_turn(keys, task_id)
-        if answer is not None:
-            yield Flight(answer=_as_follower(answer, routed))
+        request_hash, call = ident
+        keys = [
+            self._keys.flight(request_hash, call),
+            self._keys.flight_answer(request_hash, call),
+            self._keys.cache(request_hash),
+        ]
+        cacheable = self._settings.cache.enabled and self._settings.cache.ttl_for(
+            routed.request.type
+        )
+        joined = await self._wait_for_turn(keys, task_id, bool(cacheable))
+        if joined is not None:
+            kind, packed = joined
+            answer = _decode(packed).served_for(routed.request, coalesced=kind == _ANSWERED)
+            yield Flight(answer=answer)
             return
-        flight = Flight(_publish=partial(self._publish, keys, task_id))
+        flight = Flight(_publish=partial(self._publish, keys, task_id), _settings=self._settings)
         renewing = asyncio.create_task(self._keep_lead(keys, task_id))
         try:
             yield flight
         finally:
             renewing.cancel()
             if not flight.landed:
-                await asyncio.shield(self._publish(keys, task_id, b""))
+                await asyncio.shield(self._publish(keys, task_id, b"", 0))
 
-    async def _wait_for_turn(self, keys: list[str], task_id: str) -> bytes | None:
-        """The leader's packed answer, or None once this task leads."""
+    async def _wait_for_turn(
+        self, keys: list[str], task_id: str, cacheable: bool
+    ) -> tuple[int, bytes] | None:
+        """(how it was answered, the packed answer), or None once this task leads."""
         pause = POLL_FIRST_S
-        args: list[EncodableT] = [task_id, self._lease_ms, ""]
+        args: list[EncodableT] = [task_id, self._lease_ms, "", "1" if cacheable else "0"]
         while True:
             reply = as_list(await self._available.call(lambda: self._join(keys=keys, args=args)))
             kind = as_int(reply[0])
-            if kind == _ANSWERED and isinstance(answer := reply[1], bytes):
-                return answer
+            if kind in (_ANSWERED, _CACHED) and isinstance(answer := reply[1], bytes):
+                return kind, answer
             if kind == _LEAD:
                 return None
             if args[2] == "":  # following since now: only answers published later are ours
@@ -127,15 +172,9 @@ class Flights:
                 log.warning("flight of task %s: lease lapsed, another task leads now", task_id)
                 return
 
-    async def _publish(self, keys: list[str], task_id: str, packed: bytes) -> None:
+    async def _publish(
+        self, keys: list[str], task_id: str, packed: bytes, cache_ttl_s: int
+    ) -> None:
         """Let go of the flight, publishing the answer first (b"": none, the call failed)."""
-        args: list[EncodableT] = [task_id, packed, ANSWER_TTL_MS]
+        args: list[EncodableT] = [task_id, packed, ANSWER_TTL_MS, cache_ttl_s]
         await self._available.call(lambda: self._land(keys=keys, args=args))
-
-
-def _as_follower(packed: bytes, routed: Routed) -> Answer:
-    """The leader's answer as this task's own: its request, served without a call."""
-    return msgspec.structs.replace(
-        _decode(packed), request=routed.request, cached=True, coalesced=True, attempts=0,
-        call_ms=0,
-    )  # fmt: skip

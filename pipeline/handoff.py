@@ -40,13 +40,15 @@ class Record:
 
     def result(
         self, key: str, ttl_s: int, fields: Mapping[str, str],
-        done_key: str, done_maxlen: int, event: Mapping[str, str],
+        done_key: str, done_maxlen: int, event: Mapping[str, str], record_key: str,
     ) -> None:  # fmt: skip
+        """Store the result (first writer wins) and its done event; the task's record
+        (`pipeline.task_record`) then expires with the result."""
         self.actions.append(["RESULT", key, ttl_s, _flat(fields), done_key, done_maxlen,
-                             _flat(event)])  # fmt: skip
+                             _flat(event), record_key])  # fmt: skip
 
 
-_KEY_SLOTS = {"XADD": (1,), "ZADD": (1,), "RESULT": (1, 4)}
+_KEY_SLOTS = {"XADD": (1,), "ZADD": (1,), "RESULT": (1, 4, 7)}
 _FIELD_SLOTS = {"XADD": (3,), "RESULT": (3, 6)}
 
 

@@ -48,13 +48,16 @@ class Keys:
         slot, so that the store's hand-off writes it in the same atomic step as its ack."""
         return f"{self._base}:result:{task_id}"
 
-    def memo(self, task_id: str) -> str:
-        """A task's recorded Claude response (so a redelivery does not pay twice)."""
-        return f"{self._base}:memo:{task_id}"
+    def task(self, task_id: TaskId | str) -> str:
+        """What the pipeline remembers of one task id while it is live and while its result
+        lives (`pipeline.task_record`): idempotency, the paid call's claim and answer, the
+        ledger's mark. Same slot as the result, which expires it."""
+        return f"{self._base}:task:{task_id}"
 
     def cache(self, request_hash: str) -> str:
-        """A cached response, by canonical request hash."""
-        return f"{self.prefix}:cache:{request_hash}"
+        """A cached response, by canonical request hash. It shares its hash tag with the
+        request's flights, so an answer lands in the cache and its flight in one step."""
+        return f"{self.prefix}:cache:{{{request_hash}}}"
 
     @property
     def counters(self) -> str:
@@ -76,14 +79,15 @@ class Keys:
         """One API key's concurrency slots: a sorted set of leases (member -> expiry ms)."""
         return f"{self.prefix}:{{rl}}:{key_id}:slots"
 
-    def flight(self, identity: str) -> str:
+    def flight(self, request_hash: str, call: str) -> str:
         """Held (a lease) by the task leading the one call for identical requests in flight.
-        Every key of one flight shares a hash tag of its identity (one slot on Cluster)."""
-        return f"{self.prefix}:flight:{{{identity}}}"
+        `call` is what the request hash does not pin (the model and max_tokens sent). Every
+        key of one flight shares the request's hash tag with its cache entry."""
+        return f"{self.prefix}:flight:{{{request_hash}}}:{call}"
 
-    def flight_answer(self, identity: str) -> str:
+    def flight_answer(self, request_hash: str, call: str) -> str:
         """The flight leader's answer, kept a few seconds for the tasks that followed it."""
-        return f"{self.prefix}:flight:{{{identity}}}:answer"
+        return f"{self.prefix}:flight:{{{request_hash}}}:{call}:answer"
 
     def budget(self, window: str) -> str:
         """Spend committed in one budget window (a UTC day): settled costs + reservations."""
@@ -92,10 +96,6 @@ class Keys:
     def ledger(self, day: str) -> str:
         """One UTC day's cost ledger (a hash of `<model>|<type>|<metric>` counters)."""
         return f"{self._base}:ledger:{day}"
-
-    def ledgered(self, task_id: TaskId | str) -> str:
-        """Set once a task is counted in the ledger (same slot as its day's hash)."""
-        return f"{self._base}:ledgered:{task_id}"
 
     def pause(self, stage: str) -> str:
         """Set while a stage is paused (for example by refused credentials)."""

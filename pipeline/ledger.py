@@ -1,9 +1,13 @@
-"""The cost ledger: tokens and cost per UTC day x model x task type, counted once per task.
+"""The cost ledger: tokens and cost per UTC day x model x task type.
 
-The store stage charges every answer before it completes the task. One script sets a marker
-for the task id and, only if it was not there, adds the counters (`scripts/ledger.lua`), so
-a redelivered store entry is never counted twice. Costs are kept in pico-dollars, a whole
-number per token (`pipeline.pricing`), so the ledger's cost is exactly its tokens x price.
+Two things are counted, each exactly once. Every **paid call** is counted as its answer is
+recorded (`pipeline.task_record`, in the same script), by the call's own record: a call whose
+answer was not used (a stalled worker's late duplicate) was billed all the same. Every
+**task** is counted once by the store stage (hits, what they saved, the baseline), guarded by
+a mark in the task's record, which lives exactly as long as the task's result and recorded
+answer, so a redelivered store entry is never counted twice and a reused id after expiry is
+a new task. Costs are kept in pico-dollars, a whole number per token (`pipeline.pricing`),
+so the ledger's cost is exactly its tokens x price.
 
 Layout: one hash per day, `<prefix>:ledger:<YYYY-MM-DD>`, with fields
 `<model>|<type>|<metric>` (the `METRICS` below) and per-minute buckets `@HHMM|tasks` and
@@ -19,6 +23,7 @@ from dataclasses import dataclass
 
 import msgspec
 from redis.asyncio import Redis
+from redis.typing import EncodableT
 
 from pipeline.config import Settings
 from pipeline.keys import Keys
@@ -77,6 +82,19 @@ class Charge:
     def spend_pico(self) -> int:
         return self.totals.cost_pico
 
+    def part(self, metrics: tuple[str, ...]) -> Charge:
+        """The same charge with only `metrics` (CALL_METRICS or TASK_METRICS) kept."""
+        totals = Totals(**{name: getattr(self.totals, name) for name in metrics})
+        return Charge(self.day, self.minute, self.model, self.task_type, totals)
+
+
+#: What a paid call adds (counted when its answer is recorded) ...
+CALL_METRICS = (
+    "requests", "input", "output", "cache_write_5m", "cache_write_1h", "cache_read", "cost_pico",
+)  # fmt: skip
+#: ... and what a task adds (counted once per task by the store).
+TASK_METRICS = ("hits", "saved_pico", "baseline_pico")
+
 
 def baseline_family(settings: Settings) -> str:
     """What `model=auto` tasks are compared with: `ledger.baseline_family`, else the router's
@@ -96,7 +114,8 @@ class Ledger:
         self._baseline = baseline_family(settings)
         self._prices = PriceTable.from_settings(settings)
         self._available = available
-        self._script = load(redis, "ledger")
+        self._script = load(redis, "ledger", after="ledger_add")
+        self._live_ttl_s = settings.results.live_ttl_s
         self._unpriced: set[str] = set()
         today = self._prices.on(datetime.datetime.now(datetime.UTC).date())
         for model in self._models.values():
@@ -145,28 +164,37 @@ class Ledger:
             self._unpriced.add(model)
             log.warning("no price for model %r: counted at 0 (add it to [prices])", model)
 
-    async def record(self, task_id: str, charge: Charge) -> bool:
-        """Count the charge unless this task was counted before; True if counted now.
+    @property
+    def enabled(self) -> bool:
+        return self._settings.enabled
 
-        Waits out a Redis outage rather than fail: a failure here would retry a paid task.
-        """
-        if not self._settings.enabled:
-            return False
-        pairs: list[str | int] = []
-        for name in METRICS:
-            if value := getattr(charge.totals, name):
-                pairs += (name, value)
-        keys = [self._keys.ledgered(task_id), self._keys.ledger(charge.day.isoformat())]
-        args = [
-            self._settings.once_ttl_s,
+    def add_args(self, charge: Charge, tasks: int) -> tuple[str, list[EncodableT]]:
+        """The day's key and `scripts/ledger_add.lua`'s arguments for adding `charge`."""
+        args: list[EncodableT] = [
             self._settings.ttl_days * 86_400,
             self._settings.max_fields,
             f"{charge.model}|{charge.task_type}",
             f"{charge.model}|other",
             charge.minute,
+            tasks,
             charge.spend_pico,
-            *pairs,
         ]
+        for name in METRICS:
+            if value := getattr(charge.totals, name):
+                args += (name, value)
+        return self._keys.ledger(charge.day.isoformat()), args
+
+    async def record(self, task_id: str, charge: Charge) -> bool:
+        """Count the task's part of `charge` (`TASK_METRICS`) unless this task was counted
+        before; True if counted now. Its paid call was counted when it was recorded.
+
+        Waits out a Redis outage rather than fail: a failure here would retry the task.
+        """
+        if not self._settings.enabled:
+            return False
+        day_key, args = self.add_args(charge.part(TASK_METRICS), tasks=1)
+        keys = [self._keys.task(task_id), day_key]
+        args = [self._live_ttl_s, *args]
         done = await self._available.call(lambda: self._script(keys=keys, args=args))
         return bool(done)
 

@@ -49,4 +49,20 @@ class Fail:
     result: Mapping[str, str] = field(default_factory=dict)
 
 
-Outcome = Forward | Complete | Retry | Defer | Fail
+@dataclass(frozen=True, slots=True)
+class Drop:
+    """This entry repeats work already in hand (another entry of the same task is live, or
+    the task is finished): acknowledge it and write nothing."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    """This entry reuses the id of a live task for another request: dead-letter it with the
+    reason, but write nothing under the id (the task that owns it keeps its result)."""
+
+    reason: str
+
+
+Outcome = Forward | Complete | Retry | Defer | Fail | Drop | Reject

@@ -24,11 +24,11 @@ from pipeline.dlq import dlq_fields
 from pipeline.errors import AuthError, InvalidTask, PermanentError, TransientError
 from pipeline.handoff import Record, build_call
 from pipeline.leases import drain_own, reclaim_loop, renew, renew_loop
-from pipeline.outcome import Complete, Defer, Fail, Forward, Outcome, Retry
+from pipeline.outcome import Complete, Defer, Drop, Fail, Forward, Outcome, Reject, Retry
 from pipeline.replies import read_entries
 from pipeline.results import make_result, result_ttl, trace_id_of
 from pipeline.retry import GiveUp
-from pipeline.stage import Handler, Message, Stage
+from pipeline.stage import Handler, Lease, Message, Stage
 from pipeline.tracer import EntrySpan, Tracer
 from pipeline.wire import ENVELOPE_FIELD, Envelope, decode_entry, encode_body, encode_envelope
 from pipeline.wire import raw_fields_text as _raw_text
@@ -75,7 +75,7 @@ class StageRunner:
         self._loop = asyncio.get_running_loop()
         self.stats = {
             "handled": 0, "fenced": 0, "dead": 0, "retried": 0, "reclaimed": 0, "reads": 0,
-            "handoffs": 0,
+            "handoffs": 0, "duplicates": 0,
         }  # fmt: skip
 
     @property
@@ -107,24 +107,44 @@ class StageRunner:
         log.info("%s stopped: %s", self.name, ", ".join(f"{k} {v}" for k, v in self.stats.items()))
 
     async def _shutdown(self) -> None:
+        """Let handlers finish within the grace period, and handlers doing paid work (see
+        `Message.finish_before_exit`) within their own bound; hand back the rest."""
         running = await self.drain_inflight(self.rt.grace_s)
-        if running:
-            for inf in running:
-                if inf.task is not None:
-                    inf.task.cancel()
-            await asyncio.gather(*(i.task for i in running if i.task), return_exceptions=True)
-            running = [inf for inf in running if not inf.decided]
-            await renew(self, running, idle_ms=self.rt.lease_ms)
-            for inf in running:
-                self.inflight.pop(inf.entry_id, None)
-            log.warning(
-                "%s: handed back %d unfinished entries for other workers to take",
+        finishing = [i for i in running if i.msg is not None and i.msg.finish_by > 0]
+        if finishing and not self.ctx.forced:
+            until = max(i.msg.finish_by for i in finishing if i.msg is not None)
+            log.info(
+                "%s: waiting up to %.0fs for %d paid calls already sent",
                 self.name,
-                len(running),
+                max(0.0, until - time.monotonic()),
+                len(finishing),
             )
+            paid = {i.entry_id for i in finishing}
+            await self._cancel_and_hand_back([i for i in running if i.entry_id not in paid])
+            running = await self.drain_inflight(until - time.monotonic())
+        await self._cancel_and_hand_back(running)
         while self.outbox or self._committing:
             self._slot_free.clear()
             await self._slot_free.wait()
+
+    async def _cancel_and_hand_back(self, running: list[Inflight]) -> None:
+        """Cancel unfinished handlers and hand their entries back at once, without counting
+        a delivery: a deploy must not bring a healthy task closer to the DLQ."""
+        if not running:
+            return
+        for inf in running:
+            if inf.task is not None:
+                inf.task.cancel()
+        await asyncio.gather(*(i.task for i in running if i.task), return_exceptions=True)
+        running = [inf for inf in running if not inf.decided]
+        await renew(self, running, idle_ms=self.rt.lease_ms)
+        for inf in running:
+            self.inflight.pop(inf.entry_id, None)
+        log.warning(
+            "%s: handed back %d unfinished entries for other workers to take",
+            self.name,
+            len(running),
+        )
 
     # ---- reading ----------------------------------------------------------------------
 
@@ -205,7 +225,8 @@ class StageRunner:
         except InvalidTask as exc:
             self.submit(inf, self._dead_letter_raw(inf, raw, str(exc)))
             return
-        msg = Message(env, entry_id, self.stage.name, self.lane, deliveries)
+        lease = Lease(self.stream, self.group, self.ctx.consumer, entry_id, deliveries)
+        msg = Message(env, entry_id, self.stage.name, self.lane, deliveries, lease)
         inf.msg = msg
         tracer = self.ctx.tracer
         context = None if tracer is None else self._trace_in(tracer, inf, msg)
@@ -297,14 +318,32 @@ class StageRunner:
             return self._requeue(inf, env, delay, "retry", outcome.reason, next_attempt=True)
         if isinstance(outcome, Defer):
             return self._requeue(inf, env, outcome.delay_ms, "defer", outcome.reason)
+        if isinstance(outcome, Drop):
+            self.stats["duplicates"] += 1
+            log.debug("%s: dropped %s: %s", self.name, env.task_id, outcome.reason)
+            return self._record(inf)
+        if isinstance(outcome, Reject):
+            return self._dead_letter(inf, env, outcome.reason, result=False)
         return self._dead_letter(inf, env, outcome.reason, extra=outcome.result)
 
     def _record(self, inf: Inflight) -> Record:
-        # Skip the ownership check while the lease we last confirmed cannot have lapsed:
-        # nobody may reclaim an entry before it has been idle for a whole lease.
-        age_ms = (time.monotonic() - inf.confirmed_at) * 1000
-        fresh = age_ms < self.rt.lease_ms / 2 and not inf.lost
-        return Record(inf.entry_id, 0 if fresh else inf.deliveries)
+        """A record fenced by the entry's delivery count; `_fence` may relax it when sent."""
+        return Record(inf.entry_id, inf.deliveries)
+
+    def _fence(self, batch: list[tuple[Inflight, Record]], first_try: bool) -> None:
+        """Decide, as the batch is sent, which records must prove ownership in the script.
+
+        The check may be skipped only for an entry whose lease was confirmed less than half
+        a lease ago *now*: nobody may reclaim an entry before it has been idle for a whole
+        lease. Deciding earlier (when the handler returned) would let a process that was
+        stalled between the two commit on stale confidence. A retried send fences all: the
+        reply of the earlier try may be lost.
+        """
+        now = time.monotonic()
+        fresh_after = now - self.rt.lease_ms / 2000
+        for inf, rec in batch:
+            fresh = first_try and inf.confirmed_at > fresh_after and not inf.lost
+            rec.expected_deliveries = 0 if fresh else inf.deliveries
 
     def _trace_out(
         self, inf: Inflight, env: Envelope, action: str, detail: str, delay_ms: int | None = None
@@ -362,10 +401,13 @@ class StageRunner:
     def _add_result(self, rec: Record, task_id: str, result: dict[str, str], ttl: int) -> None:
         keys, res = self.ctx.keys, self.ctx.settings.results
         event = {"id": task_id, "status": result.get("status", "completed")}
-        rec.result(keys.result(task_id), ttl, result, keys.done, res.done_maxlen, event)
+        rec.result(
+            keys.result(task_id), ttl, result, keys.done, res.done_maxlen, event,
+            keys.task(task_id),
+        )  # fmt: skip
 
     def _dead_letter(
-        self, inf: Inflight, env: Envelope, reason: str, extra: object = None
+        self, inf: Inflight, env: Envelope, reason: str, extra: object = None, result: bool = True
     ) -> Record:
         traceparent, tracestate = self._trace_out(inf, env, "dead_letter", reason)
         return self._dead_letter_fields(
@@ -377,6 +419,7 @@ class StageRunner:
             traceparent,
             tracestate,
             extra if isinstance(extra, dict) else None,
+            result,
         )
 
     def _dead_letter_raw(self, inf: Inflight, raw: dict[bytes, bytes], reason: str) -> Record:
@@ -405,6 +448,7 @@ class StageRunner:
         traceparent: str | None,
         tracestate: str | None,
         extra: dict[str, str] | None,
+        result: bool = True,
     ) -> Record:
         settings = self.ctx.settings
         rec = self._record(inf)
@@ -420,8 +464,13 @@ class StageRunner:
             traceparent=traceparent,
             tracestate=tracestate,
             max_field_bytes=settings.dlq.max_field_bytes,
+            result_kept=not result,
         )
         rec.xadd(self.ctx.keys.dlq, entry, maxlen=settings.dlq.maxlen)
+        self.stats["dead"] += 1
+        if not result:  # the id belongs to another task: its result stays as it is
+            log.info("%s: rejected %s: %s", self.name, task_id, reason)
+            return rec
         failed = make_result(
             "failed",
             error=reason,
@@ -432,7 +481,6 @@ class StageRunner:
         )
         failed.update(extra or {})
         self._add_result(rec, task_id, failed, result_ttl(fields, settings.results.ttl_s))
-        self.stats["dead"] += 1
         if self.ctx.hooks:
             self.ctx.spawn_hook("on_dead_letter", self.stage.name, task_id, reason)
         log.debug("%s: dead-lettered %s: %s", self.name, task_id, reason)
@@ -462,17 +510,14 @@ class StageRunner:
 
     async def _commit(self, batch: list[tuple[Inflight, Record]]) -> None:
         records = [rec for _, rec in batch]
-        keys, packed = build_call(self.stream, records)
         head = [self.group, self.ctx.consumer, "1" if self.ctx.has_xackdel else "0"]
         first = True
 
         async def run() -> list[int]:
-            nonlocal first, packed
-            if not first:  # the reply of an earlier try may be lost: fence every record now
-                for inf, rec in batch:
-                    rec.expected_deliveries = inf.deliveries
-                packed = build_call(self.stream, records)[1]
+            nonlocal first
+            self._fence(batch, first)
             first = False
+            keys, packed = build_call(self.stream, records)
             return list(await self.ctx.scripts.handoff(keys=keys, args=[*head, *packed]))
 
         statuses = await self.ctx.available.call(run)

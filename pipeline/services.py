@@ -19,28 +19,6 @@ from pipeline.redis_conn import Availability
 log = logging.getLogger(__name__)
 
 
-class Memo:
-    """Paid work recorded against a task id (guarantee 5): a redelivery finds it here.
-
-    Both calls wait out a Redis outage rather than fail: a failed `put` right after a paid
-    call would turn into a retry that pays again.
-    """
-
-    def __init__(self, redis: Redis, keys: Keys, available: Availability) -> None:
-        self._redis = redis
-        self._keys = keys
-        self._available = available
-
-    async def get(self, task_id: str) -> bytes | None:
-        key = self._keys.memo(task_id)
-        value = await self._available.call(lambda: self._redis.get(key))
-        return _as_bytes(value)
-
-    async def put(self, task_id: str, value: bytes, ttl_s: int) -> None:
-        key = self._keys.memo(task_id)
-        await self._available.call(lambda: self._redis.set(key, value, ex=ttl_s))
-
-
 #: The lookup and its hit/miss count in one round trip.
 _CACHE_GET = """
 local value = redis.call('GET', KEYS[1])
@@ -86,7 +64,6 @@ class Services:
         self.keys = keys
         self.redis = redis
         self.available = available = available or Availability(settings.redis.url)
-        self.memo = Memo(redis, keys, available)
         self.cache = ResponseCache(redis, keys)
         self.ledger = Ledger(redis, keys, settings, available)
         self._closers: list[Callable[[], Awaitable[None]]] = []

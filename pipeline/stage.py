@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -18,6 +19,22 @@ if TYPE_CHECKING:
 _B = TypeVar("_B")
 
 
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """What proves a worker still owns an entry: it is pending in `stream`'s `group` to
+    `consumer` with this delivery count. Other records (a paid call's claim) may name it,
+    so that anyone can tell a live holder from one that died or stalled past its lease."""
+
+    stream: str
+    group: str
+    consumer: str
+    entry_id: str
+    deliveries: int
+
+    def token(self) -> str:
+        return f"{self.stream}\n{self.group}\n{self.entry_id}\n{self.consumer}\n{self.deliveries}"
+
+
 @dataclass(slots=True)
 class Message:
     """One entry as a handler sees it."""
@@ -27,6 +44,20 @@ class Message:
     stage: str
     lane: str | None
     deliveries: int
+    lease: Lease | None = None
+    #: Monotonic time until which shutdown lets the handler finish (see `finish_before_exit`).
+    finish_by: float = 0.0
+
+    def finish_before_exit(self, within_s: float) -> None:
+        """At shutdown, let this handler run up to `within_s` more instead of cancelling
+        it at the grace period: it has started work that is paid for and cannot be taken
+        back (a Claude call already sent), so its result must be recorded and handed on."""
+        self.finish_by = time.monotonic() + within_s
+
+    def lease_token(self) -> str:
+        """The lease as one string (`Lease.token`); a bare entry id outside a worker."""
+        lease = self.lease or Lease("", "", "", self.entry_id, self.deliveries)
+        return lease.token()
 
     @property
     def task_id(self) -> str:
@@ -72,7 +103,7 @@ class Stage:
         stream: the key suffix of its input stream (`tasks`, `route`, `call`, `store`).
         handler: parse -> decide -> return an Outcome.
         build: instead of `handler`, an async factory called once per worker with the
-            `Services` (settings, memo, cache), for stages that need clients or state.
+            `Services` (settings, cache, ledger), for stages that need clients or state.
         lanes: one input stream per lane (claude-call: one per model family).
         concurrency: default in-flight limit per process (config may override).
     """

@@ -58,3 +58,16 @@ class Answer(msgspec.Struct, frozen=True, kw_only=True):
     coalesced: bool = False  # the answer of an identical request in flight at the same time
     attempts: int = 0  # Claude calls made for this task (0 on a cache hit)
     call_ms: int = 0  # time spent in the Claude call itself
+
+    def bare(self) -> Answer:
+        """The answer without the request's content (its hash stays): what task records, the
+        response cache and flights keep, since whoever reads it brings its own request."""
+        return msgspec.structs.replace(
+            self, request=Request(messages=[], request_hash=self.request.request_hash)
+        )
+
+    def served_for(self, request: Request, *, coalesced: bool = False) -> Answer:
+        """This answer as `request`'s own, served without a call of its own (cache, flight)."""
+        return msgspec.structs.replace(
+            self, request=request, cached=True, coalesced=coalesced, attempts=0, call_ms=0
+        )

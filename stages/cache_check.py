@@ -1,9 +1,12 @@
-"""cache-check: the first stage. Validates a producer's task and answers it from the cache.
+"""cache-check: the first stage. Validates a producer's task, admits its id, and answers it
+from the cache.
 
 Reads the ingress (`<prefix>:tasks`). Bad input raises `InvalidTask`, which the runtime
-dead-letters with the reason and answers with a `failed` result (guarantees 3 and 8). A
-cached answer goes straight to the store, skipping the router and the paid call (cost
-control); anything else goes on to the router.
+dead-letters with the reason and answers with a `failed` result (guarantees 3 and 8). A task
+whose producer chose its `id` takes that id (an idempotency key, `pipeline.task_record`):
+another entry with the id of a live task is dropped if it asks the same, refused if it asks
+something else. A cached answer goes straight to the store, skipping the router and the paid
+call (cost control); anything else goes on to the router.
 """
 
 from __future__ import annotations
@@ -12,9 +15,10 @@ import logging
 
 import msgspec
 
-from pipeline import Forward, Handler, Message, Outcome, Services, Stage
+from pipeline import Drop, Forward, Handler, Message, Outcome, Reject, Services, Stage
 from pipeline.request import parse_request
 from pipeline.task import Answer, Request
+from pipeline.task_record import Admission, TaskRecords
 
 log = logging.getLogger(__name__)
 
@@ -22,9 +26,19 @@ log = logging.getLogger(__name__)
 async def build(services: Services) -> Handler:
     """The handler, with this worker's settings and response cache."""
     settings, cache = services.settings, services.cache
+    records = TaskRecords.for_stage(services, "cache-check")
 
     async def check(msg: Message) -> Outcome:
         request = parse_request(msg.fields, settings)
+        if msg.fields.get("id"):  # an id of the producer's: it may come twice
+            admission = await records.admit(msg.task_id, msg.fields, msg.entry_id)
+            if admission is Admission.DUPLICATE:
+                return Drop("the same task under this id is already live or answered")
+            if admission is Admission.CONFLICT:
+                return Reject(
+                    f"id {msg.task_id!r} is already in use by a different request "
+                    "(ids are idempotency keys while the task or its result lives)"
+                )
         if request.cache and settings.cache.ttl_for(request.type):
             hit = await cache.get(request.request_hash)
             if hit is not None and (answer := _cached_answer(hit, request)) is not None:
@@ -41,7 +55,7 @@ def _cached_answer(raw: bytes, request: Request) -> Answer | None:
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         log.warning("unreadable cache entry %s (treated as a miss): %s", request.request_hash, exc)
         return None
-    return msgspec.structs.replace(cached, request=request, cached=True, attempts=0, call_ms=0)
+    return cached.served_for(request)
 
 
 stage = Stage("cache-check", "tasks", build=build)

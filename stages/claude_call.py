@@ -1,11 +1,13 @@
-"""claude-call: one Claude call per routed task, recorded before it is handed on (guarantee 5).
+"""claude-call: one paid Claude call per routed task, claimed before it is made and recorded
+with its answer before it is handed on (guarantee 5).
 
-One input stream per model family (a lane each), since rate limits are per family. A task
-whose answer is already recorded (a redelivery after a crash between the call and the
-hand-off) is handed on from the record: Claude is never paid twice for it. Identical tasks
-in flight at once share one call (`pipeline.flights`), and a call is made only once its
-worst-case cost fits the budget (`pipeline.budget`): memo -> coalesce -> budget -> call ->
-settle -> memo -> publish.
+One input stream per model family (a lane each), since rate limits are per family. The task's
+record (`pipeline.task_record`) decides first: an answer already recorded for this call is
+handed on without paying (a redelivery after a crash), another live entry of the same task
+means this one is a duplicate, and otherwise this entry claims the call. Then the budget
+decides what may be sent (`pipeline.budget`, maybe a downgrade), and only then may an
+identical call in flight or a cached answer stand in for it (`pipeline.flights`), so nothing
+is shared across a budget decision. claim -> budget -> coalesce -> call -> record -> land.
 """
 
 from __future__ import annotations
@@ -14,11 +16,12 @@ import asyncio
 
 import msgspec
 
-from pipeline import Forward, Handler, Message, Outcome, Services, Settings, Stage
+from pipeline import Drop, Forward, Handler, Message, Outcome, Reject, Services, Settings, Stage
 from pipeline.budget import Budget, Reservation
 from pipeline.caller import Caller
 from pipeline.flights import Flights
 from pipeline.task import Answer, Routed
+from pipeline.task_record import ClaimState, TaskRecords
 
 NAME = "claude-call"
 #: Calls are I/O-bound (2-30 s each), so one process holds many at once: at 10M tasks/day
@@ -26,47 +29,54 @@ NAME = "claude-call"
 #: Haiku lane queue (benchmarks/sustained.py). One process holds 2,200 at 1.65 ms CPU/call.
 CONCURRENCY = 1024
 
-_encode = msgspec.msgpack.Encoder().encode
-_decode = msgspec.msgpack.Decoder(Answer).decode
-
 
 async def build(services: Services) -> Handler:
     """One client per worker, its pool sized for every lane's calls at once."""
     settings = services.settings
     caller = Caller(services, pool_size(settings))
     services.on_close(caller.aclose)
-    memo, ttl_s = services.memo, settings.results.ttl_s
     redis, keys, available = services.redis, services.keys, services.available
-    flights = Flights(redis, keys, available, settings.runtime_for(NAME).lease_ms)
+    records = TaskRecords.for_stage(services, NAME)
+    flights = Flights(redis, keys, available, settings.runtime_for(NAME).lease_ms, settings)
     budget = Budget(settings, redis, keys, available)
+    call_s = settings.claude.timeout_s
 
     async def handle(msg: Message) -> Outcome:
         routed = msg.body(Routed)
-        recorded = await memo.get(msg.task_id)
-        if recorded is not None:
-            return Forward("store", _decode(recorded))
-        async with flights.board(routed, msg.task_id) as flight:
-            answer = flight.answer  # an identical call in flight answered for this task
-            if answer is None:
-                paid = await call_within_budget(routed, msg.attempt)
-                if not isinstance(paid, Answer):
-                    return paid
-                answer = paid
-            await memo.put(msg.task_id, _encode(answer), ttl_s)
-            await flight.land(answer)
-        return Forward("store", answer)
-
-    async def call_within_budget(routed: Routed, attempt: int) -> Answer | Outcome:
+        claim = await records.claim(msg, routed)
+        if claim.state is ClaimState.RECORDED and claim.answer is not None:
+            return Forward("store", claim.answer)
+        if claim.state is ClaimState.HELD:
+            return Drop("another entry of this task holds its call")
+        if claim.state is ClaimState.CONFLICT:
+            return Reject(f"id {msg.task_id!r} already holds the answer to another request")
         granted = await budget.reserve(routed)
         if not isinstance(granted, Reservation):
             return granted
+        async with flights.board(granted.routed, msg.task_id) as flight:
+            answer, paid = flight.answer, False
+            if answer is not None:  # an identical call in flight, or the cache, answered
+                await budget.release(granted)
+            else:
+                answer = await call(granted, msg)
+                paid = True
+            own = await records.record(msg.task_id, routed, answer, paid)
+            await flight.land(answer)
+        if own is None:
+            return Reject(f"id {msg.task_id!r} already holds the answer to another request")
+        return Forward("store", own)
+
+    async def call(granted: Reservation, msg: Message) -> Answer:
+        """The paid call; once sent, shutdown lets it finish (bounded by its timeout)."""
         try:
-            answer = await caller.call(granted.routed)
+            answer = await caller.call(
+                granted.routed, before_send=lambda: msg.finish_before_exit(call_s + 5)
+            )
         except BaseException:
             await asyncio.shield(budget.release(granted))
             raise
         await budget.settle(granted, answer)
-        return msgspec.structs.replace(answer, attempts=attempt)
+        return msgspec.structs.replace(answer, attempts=msg.attempt)
 
     return handle
 

@@ -1,37 +1,30 @@
-"""store: the last stage. Writes the task's result and caches complete answers.
+"""store: the last stage. Writes the task's result.
 
 The runtime stores the result first-writer-wins with its TTL and adds the done event in the
-same atomic step as the ack (guarantees 1 and 5). Only complete, successful, fresh answers
-of tasks that allow caching go into the response cache (cost control). Every answer is
-charged to the cost ledger first, once per task id even if this entry is redelivered.
+same atomic step as the ack (guarantees 1 and 5); the task's record expires with it. Every
+task is counted in the cost ledger first, once per task id even if this entry is redelivered
+(its paid call was counted when claude-call recorded it). The response cache was written as
+the answer landed (`pipeline.flights`).
 """
 
 from __future__ import annotations
 
 import time
 
-import msgspec
-
-from pipeline import Complete, Handler, Message, Outcome, Services, Settings, Stage
+from pipeline import Complete, Handler, Message, Outcome, Services, Stage
 from pipeline.pricing import micro_usd, usd
 from pipeline.results import make_result, result_ttl, trace_id_of
-from pipeline.task import Answer, Request
-
-#: Stop reasons of an answer Claude finished by itself (not cut by max_tokens, not refused).
-COMPLETE_STOP_REASONS = frozenset({"end_turn", "stop_sequence"})
+from pipeline.task import Answer
 
 
 async def build(services: Services) -> Handler:
     """The handler, with this worker's settings and response cache."""
-    settings, cache, ledger = services.settings, services.cache, services.ledger
+    settings, ledger = services.settings, services.ledger
 
     async def store(msg: Message) -> Outcome:
         answer = msg.body(Answer)
         charge = ledger.charge(answer)
         await ledger.record(msg.task_id, charge)
-        if _cacheable(answer, settings):
-            ttl_s = settings.cache.ttl_for(answer.request.type)
-            await cache.put(answer.request.request_hash, _cache_entry(answer), ttl_s)
         result = make_result(
             "completed",
             output=answer.output,
@@ -52,24 +45,6 @@ async def build(services: Services) -> Handler:
         return Complete(result, ttl_s=result_ttl(msg.fields, settings.results.ttl_s))
 
     return store
-
-
-def _cacheable(answer: Answer, settings: Settings) -> bool:
-    request = answer.request
-    return (
-        settings.cache.enabled
-        and request.cache
-        and bool(request.request_hash)
-        and not answer.cached
-        and answer.stop_reason in COMPLETE_STOP_REASONS
-        and bool(answer.output)
-    )
-
-
-def _cache_entry(answer: Answer) -> bytes:
-    """The answer without its prompt (a hit brings its own request) or producer metadata."""
-    bare = Request(messages=[], request_hash=answer.request.request_hash)
-    return msgspec.msgpack.encode(msgspec.structs.replace(answer, request=bare))
 
 
 stage = Stage("store", "store", build=build)

@@ -46,6 +46,7 @@ class ParsedRequest:
     input_tokens: int
     key: str
     breakpoints: list[Breakpoint] = field(default_factory=list)
+    last_user_text: str | None = None  # for the stats: which prompt a reply answered
 
 
 def count_tokens(text: str) -> int:
@@ -110,7 +111,25 @@ def parse_request(raw: bytes, *, count_only: bool = False) -> ParsedRequest:
         input_tokens=walker.tokens,
         key=request_key(body),
         breakpoints=walker.breakpoints(model),
+        last_user_text=last_user_text(body["messages"]),
     )
+
+
+def last_user_text(messages: list[Any]) -> str | None:
+    """The text of the last user message (its text blocks joined by newlines); None if no
+    message is the user's. Takes messages `parse_request` has already checked."""
+    for message in reversed(messages):
+        if message.get("role") != "user":
+            continue
+        content = message.get("content")
+        if isinstance(content, str):
+            return content
+        return "\n".join(
+            block["text"]
+            for block in content
+            if block.get("type") == "text" and isinstance(block.get("text"), str)
+        )
+    return None
 
 
 def _check_sampling(body: dict[str, Any]) -> None:

@@ -71,6 +71,15 @@ def api_key_of(request: web.Request) -> str | None:
     return None
 
 
+def peer_of(request: web.Request) -> str | None:
+    """The client's address as `host:port` (None when the transport does not say)."""
+    transport = request.transport
+    peername = transport.get_extra_info("peername") if transport is not None else None
+    if isinstance(peername, tuple) and len(peername) >= 2:
+        return f"{peername[0]}:{peername[1]}"
+    return None
+
+
 class FakeClaudeApp:
     """State and handlers of one fake server; `clock`/`wall` are injectable for tests."""
 
@@ -140,14 +149,15 @@ class FakeClaudeApp:
     # -- /v1 -------------------------------------------------------------------------------
 
     async def _messages(self, request: web.Request) -> web.StreamResponse:
-        self.stats.begin()
+        peer, began = peer_of(request), time.time()
+        self.stats.begin(peer)
         status, key_family = 500, None
         try:
-            response, key_family = await self._handle_messages(request)
+            response, key_family = await self._handle_messages(request, peer, began)
             status = response.status
             return response
         finally:
-            self.stats.end(status, key_family)
+            self.stats.end(status, key_family, peer)
 
     async def _count_tokens(self, request: web.Request) -> web.StreamResponse:
         self.stats.begin()
@@ -209,7 +219,9 @@ class FakeClaudeApp:
             return too_large
         return too_large if len(raw) > limit else raw
 
-    async def _handle_messages(self, request: web.Request) -> tuple[web.StreamResponse, str | None]:
+    async def _handle_messages(
+        self, request: web.Request, peer: str | None = None, began: float | None = None
+    ) -> tuple[web.StreamResponse, str | None]:
         config = self.config
         request_id, message_id = self._next_ids()
         denied = self._authenticate(request, request_id)
@@ -270,6 +282,10 @@ class FakeClaudeApp:
             key_family,
             usage,
             client_gone=transport is None or transport.is_closing(),
+            model=parsed.model,
+            prompt=parsed.last_user_text,
+            peer=peer,
+            began=began,
         )
         message = {
             "id": message_id,

@@ -2,14 +2,23 @@
 
 `calls_by_request` counts successful calls per request key (see `prompt.request_key`): a
 pipeline that pays for each task exactly once shows 1 everywhere. A call whose client hung up
-during the latency still counts (Anthropic would bill it) and is also counted in `client_gone`.
+during the latency still counts (Anthropic would bill it) and is also counted in `client_gone`,
+its usage also in `usage_client_gone`.
+
+So that a test can tell which request an answer came from (the reply's first word is
+`fake-claude:<first 12 hex of the request key>`), each request key maps to its model
+(`model_by_request`) and its last user message (`prompt_by_request`, see `prompt_digest`).
+`inflight_by_peer` counts calls in flight per client address (`host:port`), and `calls` logs
+each successful call (key, peer, start and end time, client gone) so that a test can tie a
+paid call to the worker process that made it (the most recent `CALL_LOG_MAX` calls).
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
-from collections import Counter, defaultdict
-from typing import Any
+from collections import Counter, defaultdict, deque
+from typing import Any, NamedTuple
 
 _USAGE_FIELDS = (
     "input_tokens",
@@ -17,6 +26,28 @@ _USAGE_FIELDS = (
     "cache_creation_input_tokens",
     "cache_read_input_tokens",
 )
+#: Prompts up to this many characters are recorded as they are; longer ones as a digest.
+PROMPT_RECORD_MAX = 512
+#: The call log keeps this many of the most recent successful calls.
+CALL_LOG_MAX = 100_000
+
+
+def prompt_digest(text: str) -> str:
+    """How `prompt_by_request` records a prompt: the text itself when it is at most
+    `PROMPT_RECORD_MAX` characters, else `blake2b:<hex of its UTF-8 bytes>`."""
+    if len(text) <= PROMPT_RECORD_MAX:
+        return text
+    return "blake2b:" + hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+class CallRecord(NamedTuple):
+    """One successful call; times are `time.time()` seconds."""
+
+    key: str
+    peer: str | None  # the client's "host:port", when the transport told
+    began: float
+    ended: float
+    client_gone: bool
 
 
 class FakeStats:
@@ -24,6 +55,7 @@ class FakeStats:
 
     def __init__(self) -> None:
         self.inflight = 0
+        self.inflight_by_peer: Counter[str] = Counter()
         self._reset_counters()
 
     def _reset_counters(self) -> None:
@@ -35,20 +67,33 @@ class FakeStats:
         self.calls_by_request: Counter[str] = Counter()
         self.calls_by_user_id: Counter[str] = Counter()
         self.usage: Counter[str] = Counter()
+        self.usage_client_gone: Counter[str] = Counter()
+        self.prompt_by_request: dict[str, str] = {}
+        self.model_by_request: dict[str, str] = {}
+        self.calls: deque[CallRecord] = deque(maxlen=CALL_LOG_MAX)
         self.by_key_family: defaultdict[str, Counter[str]] = defaultdict(Counter)
 
     def reset(self) -> None:
-        """Zero everything; requests still in flight stay counted in `inflight`."""
+        """Zero everything; requests still in flight stay counted in `inflight` (and
+        `inflight_by_peer`)."""
         self._reset_counters()
 
-    def begin(self) -> None:
+    def begin(self, peer: str | None = None) -> None:
         self.requests_total += 1
         self.inflight += 1
         if self.inflight > self.inflight_max:
             self.inflight_max = self.inflight
+        if peer is not None:
+            self.inflight_by_peer[peer] += 1
 
-    def end(self, status: int, key_family: str | None) -> None:
+    def end(self, status: int, key_family: str | None, peer: str | None = None) -> None:
         self.inflight -= 1
+        if peer is not None:
+            left = self.inflight_by_peer[peer] - 1
+            if left > 0:
+                self.inflight_by_peer[peer] = left
+            else:
+                self.inflight_by_peer.pop(peer, None)
         self.by_status[status] += 1
         if key_family is not None:
             counters = self.by_key_family[key_family]
@@ -62,10 +107,24 @@ class FakeStats:
         key_family: str,
         usage: dict[str, int],
         client_gone: bool,
+        *,
+        model: str | None = None,
+        prompt: str | None = None,
+        peer: str | None = None,
+        began: float | None = None,
     ) -> None:
+        """Count a successful call; `prompt` is the last user message's text."""
         self.calls_by_request[request_key] += 1
         if user_id is not None:
             self.calls_by_user_id[user_id] += 1
+        if model is not None:
+            self.model_by_request[request_key] = model
+        if prompt is not None:
+            self.prompt_by_request[request_key] = prompt_digest(prompt)
+        now = time.time()
+        self.calls.append(
+            CallRecord(request_key, peer, now if began is None else began, now, client_gone)
+        )
         if client_gone:
             self.client_gone += 1
         counters = self.by_key_family[key_family]
@@ -74,6 +133,8 @@ class FakeStats:
             value = usage[name]
             self.usage[name] += value
             counters[name] += value
+            if client_gone:
+                self.usage_client_gone[name] += value
 
     def snapshot(self) -> dict[str, Any]:
         calls = self.calls_by_request
@@ -91,5 +152,10 @@ class FakeStats:
             "inflight_max": self.inflight_max,
             "client_gone": self.client_gone,
             "usage": {name: self.usage[name] for name in _USAGE_FIELDS},
+            "usage_client_gone": {name: self.usage_client_gone[name] for name in _USAGE_FIELDS},
+            "prompt_by_request": dict(self.prompt_by_request),
+            "model_by_request": dict(self.model_by_request),
+            "inflight_by_peer": dict(self.inflight_by_peer),
+            "calls": [call._asdict() for call in self.calls],
             "by_key_family": {k: dict(v) for k, v in sorted(self.by_key_family.items())},
         }

@@ -13,9 +13,12 @@ def _source(name: str) -> str:
     return resources.files(__package__).joinpath(f"{name}.lua").read_text()
 
 
-def load(redis: Redis, name: str) -> AsyncScript:
-    """One script registered on `redis`, for a module that keeps its own (flights, budget)."""
-    return redis.register_script(_source(name))
+def load(redis: Redis, name: str, *, after: str = "") -> AsyncScript:
+    """One script registered on `redis`, for a module that keeps its own (flights, budget).
+
+    `after`: a file of shared Lua functions (e.g. `ledger_add`) the script starts with.
+    """
+    return redis.register_script((_source(after) + "\n" if after else "") + _source(name))
 
 
 @dataclass(frozen=True)

@@ -1,16 +1,21 @@
--- flight_join.lua: lead the one call for identical requests in flight, or follow it.
+-- flight_join.lua: lead the one call for identical requests in flight, or follow it, or
+-- take the answer the response cache already holds.
 -- Minimum Redis 6.2.
 --
 -- KEYS[1]  the flight (the leader's task id, with a lease: PX)
 -- KEYS[2]  the flight's answer: a hash {at = server time µs it was published, answer}
+-- KEYS[3]  the request's response-cache entry (same hash tag)
 -- ARGV[1]  this task's id
 -- ARGV[2]  lease ms
 -- ARGV[3]  when this task began to follow (µs, from an earlier reply), or '' on its first try
+-- ARGV[4]  '1' if this task may take a cached answer
 -- Returns {1, answer} to a follower once an answer published since it began to follow is
--- there; {2} when this task leads (the flight was free, its leader's lease lapsed or it let
--- go, or this task already led it); {0, now µs} while another live task leads. A task that
--- was not in flight while the answer was being made never takes it (it may be an answer
--- cut at max_tokens, which only the cache's rules may reuse): it leads a new flight.
+-- there; {3, answer} when the cache holds the answer (it landed with its flight, so a task
+-- that arrives a moment after the answer pays nothing); {2} when this task leads (the
+-- flight was free, its leader's lease lapsed or it let go, or this task already led it);
+-- {0, now µs} while another live task leads. A task that was not in flight while the
+-- answer was being made never takes a published answer (it may be an answer cut at
+-- max_tokens, which only the cache's rules may reuse).
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -18,6 +23,12 @@ if ARGV[3] ~= '' then
   local a = redis.call('HMGET', KEYS[2], 'at', 'answer')
   if a[2] and tonumber(a[1]) >= tonumber(ARGV[3]) then
     return {1, a[2]}
+  end
+end
+if ARGV[4] == '1' then
+  local cached = redis.call('GET', KEYS[3])
+  if cached then
+    return {3, cached}
   end
 end
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then

@@ -14,8 +14,9 @@
 --                ['XADD', key_index, maxlen (0 = untrimmed), [field, value, ...]]
 --                ['ZADD', key_index, delay_ms, member_argv_index]   (due = server time + delay)
 --                ['RESULT', key_index, ttl_s, [field, value, ...],
---                           done_index, done_maxlen, [field, value, ...]]
---                  (first writer wins: if the result exists, neither it nor the event is written)
+--                           done_index, done_maxlen, [field, value, ...], record_index]
+--                  (first writer wins: if the result exists, neither it nor the event is
+--                  written; else the task's record, if any, expires with the result)
 -- Returns one status per record: 1 handed on, 2 handed on but the result already existed,
 -- 0 fenced (this worker no longer owns the entry: nothing was written, nothing acked).
 
@@ -70,6 +71,7 @@ for r = 1, #records do
         if redis.call('EXISTS', key) == 0 then
           redis.call('HSET', key, unpack(deref(a[4])))
           redis.call('EXPIRE', key, a[3])
+          redis.call('EXPIRE', KEYS[a[8]], a[3])
           xadd(KEYS[a[5]], a[6], a[7])
         else
           status = 2

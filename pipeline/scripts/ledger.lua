@@ -1,34 +1,20 @@
--- ledger: count one answered task in its day's cost ledger, exactly once per task id.
+-- ledger.lua: count one task in its day's cost ledger, exactly once per task id: whether it
+-- was served without a call of its own (a hit, and what that saved) and what it would have
+-- cost on the baseline model. Paid calls are counted as they are recorded (call_record.lua).
+-- Prepended with ledger_add.lua.
 --
--- KEYS[1]  the task's marker (<prefix>:ledgered:<task id>), set here with a TTL
+-- KEYS[1]  the task's record (pipeline.task_record); its `counted` field is the mark
 -- KEYS[2]  the day's ledger hash (<prefix>:ledger:<YYYY-MM-DD>)
--- ARGV[1]  marker TTL (s)
--- ARGV[2]  ledger TTL (s)
--- ARGV[3]  most fields the day's hash may hold before new groups fold into ARGV[5]
--- ARGV[4]  group "<model>|<type>"
--- ARGV[5]  overflow group "<model>|other"
--- ARGV[6]  minute bucket "@HHMM" (UTC), for the current-rate projection
--- ARGV[7]  the task's spend (pico-dollars)
--- ARGV[8..] metric, value pairs to add to the group
---
+-- ARGV[1]  the record's TTL if this creates it (s); the store's hand-off then sets the
+--          result's TTL on it
+-- ARGV[2..] ledger_add's arguments (b = 1)
 -- Returns 1 if counted, 0 if the task was counted before (a redelivered store entry).
--- Redis 6.2+.
 
-if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then
+if redis.call('HSETNX', KEYS[1], 'counted', '1') == 0 then
   return 0
 end
-local group = ARGV[4]
-if redis.call('HEXISTS', KEYS[2], group .. '|requests') == 0
-    and redis.call('HEXISTS', KEYS[2], group .. '|hits') == 0
-    and redis.call('HLEN', KEYS[2]) >= tonumber(ARGV[3]) then
-  group = ARGV[5]
+if redis.call('TTL', KEYS[1]) < 0 then
+  redis.call('EXPIRE', KEYS[1], ARGV[1])
 end
-for i = 8, #ARGV, 2 do
-  redis.call('HINCRBY', KEYS[2], group .. '|' .. ARGV[i], ARGV[i + 1])
-end
-redis.call('HINCRBY', KEYS[2], ARGV[6] .. '|tasks', 1)
-if ARGV[7] ~= '0' then
-  redis.call('HINCRBY', KEYS[2], ARGV[6] .. '|cost_pico', ARGV[7])
-end
-redis.call('EXPIRE', KEYS[2], ARGV[2])
+ledger_add(KEYS[2], 1)
 return 1

@@ -1,0 +1,176 @@
+"""A task's record: what the pipeline remembers of one task id, and the model of a paid call.
+
+One hash per task id, `<prefix>:task:<id>`, created when the task first needs it and expiring
+with the task's result (the hand-off that stores the result sets both TTLs in one step), so
+an id is an idempotency key exactly as long as its result can be read (DESIGN guarantee 5).
+Its fields:
+
+- `fp`, `entry`: for a task whose producer chose its id, a fingerprint of what the producer
+  sent and the ingress entry that owns the id. Another entry with that id is a harmless
+  duplicate (same fingerprint: dropped) or refused (another request under a live id).
+- `holder`, `fence`: the claim on the task's paid call, taken before the call. It names the
+  stream entry that holds it (`Lease.token`), so it is renewed with that entry's lease at no
+  cost of its own, and it lapses when the entry is acknowledged, reclaimed by another
+  worker, or its worker dies or stalls past the lease. `fence` numbers the claims.
+- `req`, `answer`: the answer the call got (without the request's content) and the call it
+  answered (`binding`: request hash, model and max_tokens), checked on every read: a
+  recorded answer is only ever handed on for the call it answered.
+- `counted`: the ledger has counted the task (`pipeline.ledger`).
+
+The only paid duplicates left are answers that died with a killed process (the call was made
+but never recorded) and calls of a process stalled past its lease (its claim lapsed and
+another worker called; both answers are counted in the ledger, the first recorded is the
+task's).
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import msgspec
+from redis.asyncio import Redis
+from redis.typing import EncodableT
+
+from pipeline.keys import Keys
+from pipeline.ledger import CALL_METRICS, Ledger
+from pipeline.redis_conn import Availability
+from pipeline.replies import as_int, as_list
+from pipeline.scripts import load
+from pipeline.services import Services
+from pipeline.stage import Message
+from pipeline.task import Answer, Routed
+
+#: Producer fields that may differ between two submissions of one request (each try of a
+#: producer starts a new trace), so they are not part of its fingerprint.
+UNFINGERPRINTED = frozenset({"traceparent", "tracestate"})
+
+_encode = msgspec.msgpack.Encoder().encode
+_decode = msgspec.msgpack.Decoder(Answer).decode
+
+
+class Admission(enum.Enum):
+    NEW = 0  # the id is this entry's (or was free)
+    DUPLICATE = 1  # another entry owns the id with the same request
+    CONFLICT = 2  # another entry owns the id with another request
+
+
+class ClaimState(enum.Enum):
+    CLAIMED = 0  # call now
+    RECORDED = 1  # the answer is recorded: hand it on
+    HELD = 2  # another live entry of this task is calling
+    CONFLICT = 3  # the id's answer is for another request
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    state: ClaimState
+    answer: Answer | None = None  # RECORDED: the recorded answer, as this request's
+    fence: int = 0  # CLAIMED: the claim's number
+
+
+def fingerprint(fields: Mapping[str, str]) -> str:
+    """A hash of everything a producer sent but its trace context, in any field order."""
+    digest = hashlib.sha256()
+    for name in sorted(fields):
+        if name not in UNFINGERPRINTED:
+            digest.update(f"{len(name)}:{name}{len(fields[name])}:".encode())
+            digest.update(fields[name].encode())
+    return digest.hexdigest()[:32]
+
+
+def binding(routed: Routed) -> str:
+    """What a recorded answer answered: the request's canonical hash (`request_hash`) and
+    the model and max_tokens the task was routed to (before any budget downgrade, which is
+    the task's own call either way)."""
+    return f"{routed.request.request_hash}:{routed.model}:{routed.max_tokens}"
+
+
+class TaskRecords:
+    """The task records of one worker process."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        available: Availability,
+        ledger: Ledger,
+        live_ttl_s: int,
+        lease_ms: int,
+    ) -> None:
+        self._keys = keys
+        self._available = available
+        self._ledger = ledger
+        self._live_ttl_s = live_ttl_s
+        self._lease_ms = lease_ms
+        self._admit = load(redis, "task_admit")
+        self._claim = load(redis, "call_claim")
+        self._record = load(redis, "call_record", after="ledger_add")
+
+    @classmethod
+    def for_stage(cls, services: Services, stage: str) -> TaskRecords:
+        """The records as `stage`'s handlers use them (claims last that stage's lease)."""
+        settings = services.settings
+        return cls(
+            services.redis, services.keys, services.available, services.ledger,
+            settings.results.live_ttl_s, settings.runtime_for(stage).lease_ms,
+        )  # fmt: skip
+
+    async def admit(self, task_id: str, fields: Mapping[str, str], entry_id: str) -> Admission:
+        """Take the id for this ingress entry, or tell what the id already stands for."""
+        keys = [self._keys.task(task_id)]
+        args: list[EncodableT] = [fingerprint(fields), entry_id, self._live_ttl_s]
+        reply = await self._available.call(lambda: self._admit(keys=keys, args=args))
+        return Admission(as_int(reply))
+
+    async def claim(self, msg: Message, routed: Routed) -> Claim:
+        """Claim the task's paid call for this entry, before it is made."""
+        lease = msg.lease
+        keys = [self._keys.task(msg.task_id), lease.stream if lease else ""]
+        args: list[EncodableT] = [
+            binding(routed), msg.lease_token(), self._lease_ms, self._live_ttl_s,
+        ]  # fmt: skip
+        reply = as_list(await self._available.call(lambda: self._claim(keys=keys, args=args)))
+        state = ClaimState(as_int(reply[0]))
+        if state is ClaimState.RECORDED:
+            return Claim(state, answer=self._as_own(reply[1], routed))
+        if state is ClaimState.CLAIMED:
+            return Claim(state, fence=as_int(reply[1]))
+        return Claim(state)
+
+    async def record(
+        self, task_id: str, routed: Routed, answer: Answer, paid: bool
+    ) -> Answer | None:
+        """Record `answer` as the task's (and count it in the ledger if it was `paid`, in the
+        same step). Returns the task's answer: this one, or one recorded first for the same
+        call (a worker that stalled past its lease answered too); None if the id's answer is
+        for another request.
+
+        Waits out a Redis outage rather than fail: a failure here would pay again.
+        """
+        day_key, ledger_args = self._keys.ledger("-"), list[EncodableT]()
+        if paid and self._ledger.enabled:
+            day_key, ledger_args = self._ledger.add_args(
+                self._ledger.charge(answer).part(CALL_METRICS), tasks=0
+            )
+        keys = [self._keys.task(task_id), day_key]
+        args: list[EncodableT] = [
+            binding(routed), _encode(answer.bare()), self._live_ttl_s,
+            "1" if ledger_args else "0", *ledger_args,
+        ]  # fmt: skip
+        reply = as_list(await self._available.call(lambda: self._record(keys=keys, args=args)))
+        status = as_int(reply[0])
+        if status == 0:
+            return answer
+        if status == 1:
+            return self._as_own(reply[1], routed)
+        return None
+
+    @staticmethod
+    def _as_own(packed: object, routed: Routed) -> Answer:
+        """A recorded answer with this entry's request (content and metadata) put back."""
+        if not isinstance(packed, bytes):
+            raise TypeError(f"expected bytes from Redis, got {type(packed).__name__}")
+        return msgspec.structs.replace(_decode(packed), request=routed.request)
