@@ -535,6 +535,10 @@ class StageRunner:
 
     # ---- shutdown ---------------------------------------------------------------------
 
+    def finish_deadline(self) -> float:
+        """The latest monotonic time until which a handler may finish paid work (0: none)."""
+        return max((i.msg.finish_by for i in self.inflight.values() if i.msg), default=0.0)
+
     async def drain_inflight(self, grace_s: float) -> list[Inflight]:
         """Wait up to `grace_s` for in-flight entries; return those still running."""
         deadline = time.monotonic() + grace_s

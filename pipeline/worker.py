@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import sys
+import time
 import uuid
 from collections.abc import Sequence
 from functools import partial
@@ -164,8 +165,13 @@ async def run_worker(
     forced_exit = False
 
     def force_exit() -> None:
-        """Last resort (e.g. Redis gone during shutdown): entries stay pending, leases lapse."""
+        """Last resort (e.g. Redis gone during shutdown): entries stay pending, leases lapse.
+        Not while paid calls already sent may still finish (their own bound, plus 10 s)."""
         nonlocal forced_exit
+        finishing = max((r.finish_deadline() for r in runners), default=0.0) - time.monotonic()
+        if finishing > 0 and not ctx.forced:
+            loop.call_later(finishing + 10, force_exit)
+            return
         forced_exit = True
         log.error("shutdown did not finish within the grace period; exiting, held entries "
                   "will be reclaimed by other workers when their lease lapses")  # fmt: skip
