@@ -58,7 +58,7 @@ def submit_identical(client: redis.Redis, prefix: str) -> list[str]:
 
 def the_flight(client: redis.Redis, prefix: str) -> tuple[str, str] | None:
     """(flight key, leader's task id) of the one flight in progress, if any."""
-    for key in client.scan_iter(match=Keys(prefix).flight("*"), count=1000):
+    for key in client.scan_iter(match=Keys(prefix).flight("*", "*"), count=1000):
         if not key.endswith(b":answer") and (leader := client.get(key)):
             return key.decode(), leader.decode()
     return None
