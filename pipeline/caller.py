@@ -17,7 +17,7 @@ from pipeline.claude import call, make_client
 from pipeline.errors import TransientError
 from pipeline.ratelimit import ApiKey, RateLimiter, Ticket
 from pipeline.services import Services
-from pipeline.task import Answer, Routed
+from pipeline.task import Answer, Routed, Usage
 from pipeline.tokens import estimate_input_tokens
 
 log = logging.getLogger(__name__)
@@ -73,9 +73,15 @@ class Caller:
                 auth_pause_s=self._pause_s,
                 on_report=reports.append,
             )
+        except asyncio.CancelledError:
+            # Cancelled after it was sent (a forced shutdown): the API may well have billed
+            # it, so the reservation stays charged rather than be handed back as unused.
+            used = Usage(input_tokens=ticket.input_tokens, output_tokens=ticket.output_tokens)
+            await asyncio.shield(self._limiter.settle(ticket, usage=used, status=0))
+            raise
         except BaseException as exc:
-            # Cancelled (shutdown) or failed: charge nothing, free the slot, and on a 429
-            # make every worker pause the family.
+            # Failed: charge nothing, free the slot, and on a 429 make every worker pause
+            # the family.
             retry_after = exc.retry_after_s if isinstance(exc, TransientError) else None
             report = reports[0] if reports else None
             await self._settle(ticket, report, retry_after)
