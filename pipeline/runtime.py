@@ -296,7 +296,7 @@ class StageRunner:
             traceparent, tracestate = self._trace_out(inf, env, "forward", target.name)
             nxt = msgspec.structs.replace(
                 env, attempt=1, enqueued_ms=_now_ms(), body=encode_body(outcome.body),
-                traceparent=traceparent, tracestate=tracestate,
+                traceparent=traceparent, tracestate=tracestate, origin_id=msg.origin_id,
             )  # fmt: skip
             key = self.ctx.keys.stream(target.stream, outcome.lane if target.lanes else None)
             rec.xadd(key, {ENVELOPE_FIELD: encode_envelope(nxt)})
@@ -393,6 +393,7 @@ class StageRunner:
             traceparent=traceparent,
             tracestate=tracestate,
             body=env.body,
+            origin_id=env.origin_id or inf.entry_id,
         )
         rec = self._record(inf)
         rec.zadd(self.delayed, delay_ms, encode_envelope(later))

@@ -30,15 +30,17 @@ return value
 class ResponseCache:
     """Exact response cache by canonical request hash, with hit/miss counters."""
 
-    def __init__(self, redis: Redis, keys: Keys) -> None:
+    def __init__(self, redis: Redis, keys: Keys, available: Availability) -> None:
         self._redis = redis
         self._keys = keys
+        self._available = available
         self._get = redis.register_script(_CACHE_GET)
 
     async def get(self, request_hash: str) -> bytes | None:
-        """The cached answer, if any; counts a hit or a miss in `Keys.counters`."""
+        """The cached answer, if any; counts a hit or a miss in `Keys.counters`. Waits out
+        a Redis outage (a failure would only retry the task, but nothing gains by it)."""
         keys = [self._keys.cache(request_hash), self._keys.counters]
-        return _as_bytes(await self._get(keys=keys))
+        return _as_bytes(await self._available.call(lambda: self._get(keys=keys)))
 
     async def put(self, request_hash: str, value: bytes, ttl_s: int) -> None:
         """Cache `value` for `ttl_s` seconds; 0 (a task type not cached) stores nothing."""
@@ -64,7 +66,7 @@ class Services:
         self.keys = keys
         self.redis = redis
         self.available = available = available or Availability(settings.redis.url)
-        self.cache = ResponseCache(redis, keys)
+        self.cache = ResponseCache(redis, keys, available)
         self.ledger = Ledger(redis, keys, settings, available)
         self._closers: list[Callable[[], Awaitable[None]]] = []
 

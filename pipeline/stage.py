@@ -64,6 +64,11 @@ class Message:
         return self.envelope.task_id
 
     @property
+    def origin_id(self) -> str:
+        """The ingress entry id the task came in by (the same on every retry)."""
+        return self.envelope.origin_id or self.entry_id
+
+    @property
     def fields(self) -> dict[str, str]:
         """The producer's original fields."""
         return self.envelope.fields

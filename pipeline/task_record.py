@@ -38,6 +38,7 @@ from pipeline.keys import Keys
 from pipeline.ledger import CALL_METRICS, Ledger
 from pipeline.redis_conn import Availability
 from pipeline.replies import as_int, as_list
+from pipeline.request import request_hash
 from pipeline.scripts import load
 from pipeline.services import Services
 from pipeline.stage import Message
@@ -85,7 +86,9 @@ def binding(routed: Routed) -> str:
     """What a recorded answer answered: the request's canonical hash (`request_hash`) and
     the model and max_tokens the task was routed to (before any budget downgrade, which is
     the task's own call either way)."""
-    return f"{routed.request.request_hash}:{routed.model}:{routed.max_tokens}"
+    request = routed.request
+    canonical = request.request_hash or request_hash(request, None)  # a hand-built request
+    return f"{canonical}:{routed.model}:{routed.max_tokens}"
 
 
 class TaskRecords:

@@ -32,6 +32,9 @@ class Envelope(msgspec.Struct, array_like=True, frozen=True):
     traceparent: str | None = None
     tracestate: str | None = None
     body: msgspec.Raw = _NIL
+    #: The ingress entry the task came in by ("" until a stage has handed it on): the one
+    #: entry that owns a producer's id, whatever retries re-enqueue (`Message.origin_id`).
+    origin_id: str = ""
 
 
 _encoder = msgspec.msgpack.Encoder()

@@ -29,9 +29,8 @@ async def build(services: Services) -> Handler:
     records = TaskRecords.for_stage(services, "cache-check")
 
     async def check(msg: Message) -> Outcome:
-        request = parse_request(msg.fields, settings)
         if msg.fields.get("id"):  # an id of the producer's: it may come twice
-            admission = await records.admit(msg.task_id, msg.fields, msg.entry_id)
+            admission = await records.admit(msg.task_id, msg.fields, msg.origin_id)
             if admission is Admission.DUPLICATE:
                 return Drop("the same task under this id is already live or answered")
             if admission is Admission.CONFLICT:
@@ -39,6 +38,7 @@ async def build(services: Services) -> Handler:
                     f"id {msg.task_id!r} is already in use by a different request "
                     "(ids are idempotency keys while the task or its result lives)"
                 )
+        request = parse_request(msg.fields, settings)
         if request.cache and settings.cache.ttl_for(request.type):
             hit = await cache.get(request.request_hash)
             if hit is not None and (answer := _cached_answer(hit, request)) is not None:

@@ -22,6 +22,7 @@ pytestmark = pytest.mark.anyio
 GROUP = "g"
 A, B = "worker-a", "worker-b"
 LEASE_MS = 60_000
+LIVE_TTL_S = 7 * 86_400  # a task record's TTL while its task has no result
 
 
 @pytest.fixture
@@ -153,9 +154,15 @@ async def test_handoff_is_fenced_after_another_worker_reclaimed(
     rec = Record(eid, 1)
     rec.xadd(dst, {"late": "yes"})
     rec.zadd(keys.delayed(dst), 10, b"member")
-    rec.result(keys.result("t1"), 60, {"status": "completed"}, keys.done, 100, {"id": "t1"})
+    await r.hset(keys.task("t1"), "holder", "b's claim")
+    await r.expire(keys.task("t1"), LIVE_TTL_S)
+    rec.result(
+        keys.result("t1"), 60, {"status": "completed"}, keys.done, 100, {"id": "t1"},
+        keys.task("t1"),
+    )  # fmt: skip
     assert await handoff(scripts, src, [rec]) == [0]
     assert await r.exists(dst, keys.delayed(dst), keys.result("t1"), keys.done) == 0
+    assert await r.ttl(keys.task("t1")) > LIVE_TTL_S - 60, "a fenced record keeps its TTL"
     assert await r.xlen(src) == 1
     assert {k: v[:2] for k, v in (await pending(r, src)).items()} == {eid: (B, 2)}
     # The new owner, with the delivery count it read, can hand it on.
@@ -176,13 +183,21 @@ async def test_handoff_fence_checks_each_record_of_a_batch(
     await steal(r, src, B, ids[1])
     records = []
     for i, eid in enumerate(ids):
+        await r.hset(keys.task(f"t{i}"), "counted", "1")
+        await r.expire(keys.task(f"t{i}"), LIVE_TTL_S)
         rec = Record(eid, 1)
-        rec.result(keys.result(f"t{i}"), 60, {"i": str(i)}, keys.done, 100, {"id": f"t{i}"})
+        rec.result(
+            keys.result(f"t{i}"), 60, {"i": str(i)}, keys.done, 100, {"id": f"t{i}"},
+            keys.task(f"t{i}"),
+        )  # fmt: skip
         rec.xadd(dst, {"i": str(i)})
         records.append(rec)
     assert await handoff(scripts, src, records) == [1, 0, 1]
     assert [f[b"i"] for _, f in await r.xrange(dst)] == [b"0", b"2"]
     assert await r.exists(keys.result("t0"), keys.result("t1"), keys.result("t2")) == 2
+    ttls = [await r.ttl(keys.task(f"t{i}")) for i in range(3)]
+    assert 0 < ttls[0] <= 60 and 0 < ttls[2] <= 60, "records expire with their results"
+    assert ttls[1] > LIVE_TTL_S - 60, "the fenced record is untouched"
     assert await r.xlen(keys.done) == 2
     assert [eid.decode() for eid, _ in await r.xrange(src)] == [ids[1]]
     assert list(await pending(r, src)) == [ids[1]]
@@ -222,22 +237,44 @@ async def test_handoff_result_first_writer_wins_with_ttl(
     src = keys.stream("store")
     ids = await make_stream(r, src, 2)
     await read(r, src, A)
-    res = keys.result("task-1")
+    res, record = keys.result("task-1"), keys.task("task-1")
+    await r.hset(record, mapping={"req": "h:m:64", "answer": "packed", "counted": "1"})
+    await r.expire(record, LIVE_TTL_S)  # a live task's record lives long ...
     first = Record(ids[0], 1)
-    first.result(res, 120, {"status": "completed", "output": "first"}, keys.done, 1000, {"id": "1"})
+    first.result(res, 120, {"status": "completed", "output": "first"}, keys.done, 1000,
+                 {"id": "1"}, record)  # fmt: skip
     second = Record(ids[1], 1)
-    second.result(res, 999, {"status": "failed", "error": "late"}, keys.done, 1000, {"id": "1"})
+    second.result(res, 999, {"status": "failed", "error": "late"}, keys.done, 1000,
+                  {"id": "1"}, record)  # fmt: skip
     assert await handoff(scripts, src, [first]) == [1]
     ttl = await r.ttl(res)
     assert 0 < ttl <= 120
+    assert 0 < await r.ttl(record) <= 120  # ... and then exactly as long as its result
     assert await handoff(scripts, src, [second]) == [2]
     assert await r.hgetall(res) == {b"status": b"completed", b"output": b"first"}
     assert 0 < await r.ttl(res) <= 120  # the loser did not extend the TTL
+    assert 0 < await r.ttl(record) <= 120  # nor the record's
+    assert await r.hgetall(record) == {b"req": b"h:m:64", b"answer": b"packed", b"counted": b"1"}
     done = await r.xrange(keys.done)
     assert [f for _, f in done] == [{b"id": b"1"}]
     # Status 2 is still a hand-off: the duplicate is acked and deleted.
     assert await r.xlen(src) == 0
     assert await pending(r, src) == {}
+
+
+async def test_handoff_result_without_a_task_record_creates_none(
+    r: Redis, scripts: Scripts, keys: Keys
+) -> None:
+    """A task that never needed a record (no producer id, no call, ledger off) gets none."""
+    src = keys.stream("store")
+    (eid,) = await make_stream(r, src, 1)
+    await read(r, src, A)
+    rec = Record(eid, 1)
+    rec.result(keys.result("t1"), 120, {"status": "completed"}, keys.done, 1000, {"id": "t1"},
+               keys.task("t1"))  # fmt: skip
+    assert await handoff(scripts, src, [rec]) == [1]
+    assert 0 < await r.ttl(keys.result("t1")) <= 120
+    assert not await r.exists(keys.task("t1"))
 
 
 async def test_handoff_zadd_due_at_server_time_plus_delay(
@@ -341,10 +378,32 @@ async def test_renew_with_lease_idle_hands_entry_back(
     await read(r, src, A)
     assert await scripts.renew(keys=[src], args=[GROUP, A, LEASE_MS, eid, 1]) == []
     owner, deliveries, idle = (await pending(r, src))[eid]
-    assert (owner, deliveries) == (A, 1)
+    assert (owner, deliveries) == (A, 0)  # a hand-back is not a delivery: the reclaim adds it
     assert idle >= LEASE_MS
     _, claimed = await scripts.reclaim(keys=[src], args=[GROUP, B, LEASE_MS, "0-0", 10])
-    assert [(c[0].decode(), c[2]) for c in claimed] == [(eid, 2)]
+    assert [(c[0].decode(), c[2]) for c in claimed] == [(eid, 1)]
+    assert (await pending(r, src))[eid][:2] == (B, 1)
+
+
+async def test_renew_hand_backs_never_add_up_to_a_delivery(
+    r: Redis, scripts: Scripts, keys: Keys
+) -> None:
+    """Deploys hand an entry back again and again: its count stays that of real deliveries."""
+    src = keys.stream("route")
+    (eid,) = await make_stream(r, src, 1)
+    await read(r, src, A)
+    await steal(r, src, A, eid)  # a real redelivery: 2
+    consumers, expected = [A, B], 2
+    for turn in range(3):
+        owner = consumers[turn % 2]
+        args: list[str | int] = [GROUP, owner, LEASE_MS, eid, expected]
+        assert await scripts.renew(keys=[src], args=args) == []
+        assert (await pending(r, src))[eid][:2] == (owner, expected - 1)
+        other = consumers[(turn + 1) % 2]
+        _, claimed = await scripts.reclaim(keys=[src], args=[GROUP, other, LEASE_MS, "0-0", 10])
+        assert [(c[0].decode(), c[2]) for c in claimed] == [(eid, 2)]
+    # A hand-back with a stale delivery count is refused like any renewal, and changes nothing.
+    assert await scripts.renew(keys=[src], args=[GROUP, B, LEASE_MS, eid, 1]) == [eid.encode()]
     assert (await pending(r, src))[eid][:2] == (B, 2)
 
 

@@ -169,7 +169,10 @@ async def test_fail_explains_the_budget_and_makes_no_call(
     assert "this call may cost up to $0.000981" in refused.reason
     assert refused.reason.endswith("the task fails (budget.action = fail)")
     assert fake.stats()["requests_total"] == 1
-    assert await aredis.get(Keys(settings.prefix).memo("b")) is None
+    # b took its claim (the claim comes before the budget) but recorded no answer.
+    record = Keys(settings.prefix).task("b")
+    assert await aredis.hmget(record, "answer", "req", "fence") == [None, None, b"1"]
+    assert await aredis.hget(Keys(settings.prefix).task("a"), "answer") is not None
 
 
 async def test_defer_waits_for_the_next_window_without_a_call(
@@ -193,20 +196,49 @@ async def test_defer_delay_reaches_the_next_utc_day(aredis: Redis, settings: Set
 
 
 async def test_downgrade_calls_the_cheaper_family_then_defers(
-    start_fake: StartFake, handler_for: Any, settings: Settings
+    start_fake: StartFake, handler_for: Any, aredis: Redis, settings: Settings
 ) -> None:
-    fake = start_fake()
+    fake = start_fake(max_output_tokens=40)  # complete answers: cacheable but for the downgrade
     # Sonnet never fits; one haiku call does (it costs >= 103 after settling), not two.
     room = 400 / 1e6
     handle = await handler_for(fake, daily_usd=room, action="downgrade", downgrade_to="haiku")
-    first = await handle(message(routed(1), task_id="cheap"))
+    task = routed(1)
+    task = msgspec.structs.replace(
+        task, request=msgspec.structs.replace(task.request, request_hash="hash-of-2+2")
+    )
+    first = await handle(message(task, task_id="cheap"))
     assert isinstance(first, Forward) and isinstance(first.body, Answer)
-    assert first.body.model == HAIKU
-    assert not first.body.request.cache, "a downgraded answer must not fill the cache"
+    assert first.body.model == HAIKU and first.body.stop_reason == "end_turn"
+    assert not first.body.request.cache
+    # A downgraded call flies alone and never fills the cache: its answer is not what the
+    # request's hash (asked of Sonnet) stands for.
+    assert await aredis.keys(f"{settings.prefix}:cache:*") == []
+    assert await aredis.keys(f"{settings.prefix}:flight:*") == []
     assert list(fake.stats()["by_key_family"]) == [f"{KEY}|haiku"]
     second = await handle(message(routed(2), task_id="none-left"))
     assert isinstance(second, Defer) and "(on haiku too)" in second.reason
     assert fake.stats()["requests_total"] == 1
+
+
+async def test_a_follower_gives_its_reservation_back(
+    start_fake: StartFake, handler_for: Any, aredis: Redis, settings: Settings
+) -> None:
+    """The budget decides before coalescing, so a task that then follows an identical call in
+    flight has reserved too: it hands the reservation back, and only the call is spent."""
+    fake = start_fake(latency_ms=500)
+    handle = await handler_for(fake, daily_usd=1.0)
+    same = routed()
+    same = msgspec.structs.replace(
+        same, request=msgspec.structs.replace(same.request, request_hash="hash-of-2+2")
+    )
+    outcomes = await asyncio.gather(*(handle(message(same, task_id=f"same-{n}")) for n in range(3)))
+    answers = [o.body for o in outcomes if isinstance(o, Forward)]
+    assert len(answers) == 3 and sum(1 for a in answers if a.coalesced) == 2
+    assert fake.stats()["requests_total"] == 1
+    keys = await aredis.keys(Keys(settings.prefix).budget("*"))
+    assert len(keys) == 1
+    totals = {k.decode(): int(v) for k, v in (await aredis.hgetall(keys[0])).items()}
+    assert totals["committed"] == totals["spent"] > 0  # the one call, settled
 
 
 async def test_a_failed_call_gives_its_reservation_back(

@@ -15,6 +15,7 @@ from redis.asyncio import Redis
 from pipeline import (
     App,
     ConfigError,
+    Drop,
     Forward,
     Handler,
     HandlerFactory,
@@ -22,11 +23,14 @@ from pipeline import (
     Keys,
     Message,
     Outcome,
+    Reject,
     Services,
     Settings,
     Stage,
     load_settings,
 )
+from pipeline.flights import Flights
+from pipeline.redis_conn import Availability
 from pipeline.request import parse_request
 from pipeline.task import Answer, Request, Routed, Usage
 from pipeline.wire import decode_entry
@@ -60,9 +64,11 @@ async def check(client: Redis, settings: Settings, fields: dict[str, str]) -> Fo
 
 
 async def remember(client: Redis, settings: Settings, fields: dict[str, str]) -> Answer:
-    """Put an answer for `fields` in the cache the way the store does."""
+    """Put an answer for `fields` in the cache the way claude-call does: its flight's leader
+    lands it (the cache's rules: `pipeline.flights.cache_ttl_s`)."""
+    request = parse_request(fields, settings)
     fresh = Answer(
-        request=parse_request(fields, settings),
+        request=request,
         model="claude-haiku-5-5",
         output="spam",
         stop_reason="end_turn",
@@ -70,11 +76,12 @@ async def remember(client: Redis, settings: Settings, fields: dict[str, str]) ->
         attempts=2,
         call_ms=900,
     )
-    handler = await store.build(Services(settings, client, Keys(settings.prefix)))
-    msg = message(fields)
-    body = msgspec.msgpack.encode(fresh)
-    msg.envelope = msgspec.structs.replace(msg.envelope, body=msgspec.Raw(body))
-    await handler(msg)
+    routed = Routed(request=request, family="haiku", model=fresh.model, max_tokens=64)
+    flights = Flights(client, Keys(settings.prefix), Availability(settings.redis.url), 3000,
+                      settings)  # fmt: skip
+    async with flights.board(routed, "leader") as flight:
+        assert flight.answer is None
+        await flight.land(fresh)
     return fresh
 
 
@@ -216,22 +223,29 @@ def make_app(settings: Settings) -> App:
 
     A worker subprocess runs it (`--app tests.stages.test_cache_check:make_app`). Every
     handler run is counted in Redis (`runs:<stage>`, by task id). The fake cuts its answer at
-    max_tokens when the prompt starts with "truncate".
+    max_tokens when the prompt starts with "truncate". Like claude-call, it answers within
+    its request's flight, whose leader fills the response cache as its answer lands.
     """
 
     async def fake_claude(services: Services) -> Handler:
+        lease_ms = services.settings.runtime_for("claude-call").lease_ms
+        flights = Flights(services.redis, services.keys, services.available, lease_ms,
+                          services.settings)  # fmt: skip
+
         async def call(msg: Message) -> Outcome:
             routed = msg.body(Routed)
             prompt = routed.request.messages[0]["content"]
-            answer = Answer(
-                request=routed.request,
-                model=routed.model,
-                output=f"answer to {prompt}",
-                stop_reason="max_tokens" if prompt.startswith("truncate") else "end_turn",
-                usage=Usage(input_tokens=10, output_tokens=5),
-                attempts=1,
-                call_ms=3,
-            )
+            async with flights.board(routed, msg.task_id) as flight:
+                answer = flight.answer or Answer(
+                    request=routed.request,
+                    model=routed.model,
+                    output=f"answer to {prompt}",
+                    stop_reason="max_tokens" if prompt.startswith("truncate") else "end_turn",
+                    usage=Usage(input_tokens=10, output_tokens=5),
+                    attempts=1,
+                    call_ms=3,
+                )
+                await flight.land(answer)
             return Forward("store", answer)
 
         return call
@@ -322,6 +336,58 @@ async def test_the_stages_through_the_runtime(
     assert runs["router"]["bad"] == 0 and runs["claude-call"]["gpt"] == 0
 
     tally(rclient, prefix).assert_exactly_once(["a1", "a2", "a3", "t1", "t2", "bad", "gpt"])
+    # Each producer id was admitted by its entry; its record now expires with its result.
+    for task_id in ("a1", "a2", "a3", "t1", "t2"):
+        assert rclient.hget(keys.task(task_id), "entry") is not None, task_id
+        assert 0 < rclient.ttl(keys.task(task_id)) <= settings.results.ttl_s, task_id
     streams = ("tasks", "route", "store", *(f"call:{f}" for f in settings.claude.models))
     assert_drained(rclient, prefix, streams)
     assert worker.proc.poll() is None, worker.log()
+
+
+# ---- producer ids (idempotency keys) -------------------------------------------------------
+
+
+def _at(msg: Message, entry_id: str, origin_id: str = "") -> Message:
+    """The same task read as another ingress entry (a retry re-enqueues it, a producer
+    re-submits it): `origin_id` set means it came back through the runtime's retry path."""
+    env = msgspec.structs.replace(msg.envelope, origin_id=origin_id)
+    return Message(env, entry_id, "cache-check", None, 1)
+
+
+async def test_a_retried_ingress_entry_keeps_its_admitted_id(
+    client: Redis, settings: Settings
+) -> None:
+    """Regression: a retry out of cache-check comes back as a new entry of the ingress; it
+    must still own the id it was admitted with, or the task is dropped and never answered."""
+    handler = await cache_check.build(Services(settings, client, Keys(settings.prefix)))
+    first = message({**FIELDS, "id": "job-1"})
+    assert isinstance(await handler(first), Forward)
+    retried = _at(first, "99-0", origin_id=first.entry_id)
+    assert isinstance(await handler(retried), Forward), "a retry of the owner goes on"
+    again = _at(first, "100-0")  # a producer's second submission: a new origin
+    assert isinstance(await handler(again), Drop)
+
+
+async def test_an_invalid_entry_reusing_a_live_id_is_rejected_not_failed_under_it(
+    client: Redis, settings: Settings
+) -> None:
+    """Regression: admission comes before validation, so an invalid entry with a live task's
+    id is refused without a `failed` result that would replace the live task's answer."""
+    handler = await cache_check.build(Services(settings, client, Keys(settings.prefix)))
+    assert isinstance(await handler(message({**FIELDS, "id": "job-2"})), Forward)
+    bad = message({"id": "job-2", "prompt": "q", "temperature": "hot"})
+    outcome = await handler(bad)
+    assert isinstance(outcome, Reject) and "already in use" in outcome.reason
+    with pytest.raises(InvalidTask):  # a fresh id is validated as ever
+        await handler(message({"id": "job-3", "prompt": "q", "temperature": "hot"}))
+
+
+async def test_the_trace_context_is_not_part_of_a_tasks_identity(
+    client: Redis, settings: Settings
+) -> None:
+    handler = await cache_check.build(Services(settings, client, Keys(settings.prefix)))
+    parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    assert isinstance(await handler(message({**FIELDS, "id": "job-4"})), Forward)
+    resent = message({**FIELDS, "id": "job-4", "traceparent": parent})
+    assert isinstance(await handler(_at(resent, "101-0")), Drop)

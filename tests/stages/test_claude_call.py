@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -29,6 +30,7 @@ from pipeline import (
     Message,
     Outcome,
     PermanentError,
+    Reject,
     Services,
     Settings,
     Stage,
@@ -39,8 +41,10 @@ from pipeline.claude import call, make_client, retry_after_s
 from pipeline.config import ClaudeSettings
 from pipeline.fake_claude import FakeClaudeConfig, FakeClaudeServer, run_fake_claude_in_thread
 from pipeline.fake_claude.prompt import request_key
+from pipeline.ledger import read_days
 from pipeline.redis_conn import connect
 from pipeline.task import Answer, Request, Routed
+from pipeline.task_record import binding
 from pipeline.wire import ENVELOPE_FIELD, decode_entry, encode_body, encode_envelope
 from stages import claude_call
 from tests.conftest import StartFake
@@ -224,6 +228,12 @@ def stage_settings(settings: Settings, fake: FakeClaudeServer) -> Settings:
     return msgspec.structs.replace(settings, claude=claude)
 
 
+async def paid_calls(aredis: Redis, keys: Keys) -> int:
+    """Paid calls counted in today's cost ledger (every model and type)."""
+    today = datetime.datetime.now(datetime.UTC).date()
+    return sum(row.totals.requests for row in (await read_days(aredis, keys, [today])).rows)
+
+
 def message(body: Routed, task_id: str = "task-1", attempt: int = 1) -> Message:
     """claude-call's input as the runtime hands it over."""
     entry_id = f"{int(time.time() * 1000)}-0"
@@ -242,21 +252,37 @@ async def test_the_answer_is_recorded_before_the_hand_off_and_never_paid_twice(
     services = Services(stage_settings(settings, fake), aredis, Keys(settings.prefix))
     handle = await claude_call.build(services)
     try:
-        first = await handle(message(routed(), attempt=2))
+        first_msg = message(routed(), attempt=2)
+        first = await handle(first_msg)
         assert isinstance(first, Forward) and first.to == "store"
         answer = first.body
         assert isinstance(answer, Answer) and answer.attempts == 2 and answer.output
-        memo = await aredis.get(Keys(settings.prefix).memo("task-1"))
-        assert memo is not None, "the answer must be recorded before the handler returns"
-        assert msgspec.msgpack.decode(memo, type=Answer) == answer
-        ttl = await aredis.ttl(Keys(settings.prefix).memo("task-1"))
-        assert 0 < ttl <= settings.results.ttl_s
+        keys = Keys(settings.prefix)
+        record = await aredis.hgetall(keys.task("task-1"))
+        assert b"answer" in record, "the answer must be recorded before the handler returns"
+        # Recorded without the prompt, bound to the call it answered, under this entry's claim.
+        assert PROMPT.encode() not in record[b"answer"]
+        assert msgspec.msgpack.decode(record[b"answer"], type=Answer) == answer.bare()
+        assert record[b"req"] == binding(routed()).encode()
+        assert (record[b"fence"], record[b"holder"]) == (b"1", first_msg.lease_token().encode())
+        ttl = await aredis.ttl(keys.task("task-1"))  # no result yet: a live task's TTL
+        assert settings.results.live_ttl_s - 60 < ttl <= settings.results.live_ttl_s
         assert fake.stats()["requests_total"] == 1
+        assert await paid_calls(aredis, keys) == 1, "the paid call is counted as it is recorded"
 
         # A redelivery (say the worker died before its hand-off) reuses the record.
         again = await handle(message(routed(), attempt=3))
         assert again == Forward("store", answer)
         assert fake.stats()["requests_total"] == 1
+        assert await paid_calls(aredis, keys) == 1
+        assert await aredis.hget(keys.task("task-1"), "fence") == b"1", "no new claim"
+
+        # The same id asked something else (another request hash): refused, and the
+        # recorded answer stays.
+        other = await handle(message(routed("other", request_hash="hash-of-other"), attempt=4))
+        assert isinstance(other, Reject) and "another request" in other.reason
+        assert fake.stats()["requests_total"] == 1
+        assert await aredis.hget(keys.task("task-1"), "answer") == record[b"answer"]
 
         # Another task id is a new call.
         await handle(message(routed(), task_id="task-2"))
@@ -276,7 +302,9 @@ async def test_refused_credentials_raise_auth_error_and_record_nothing(
         with pytest.raises(AuthError) as info:
             await handle(message(routed()))
         assert info.value.pause_s == 4.0
-        assert await aredis.get(Keys(settings.prefix).memo("task-1")) is None
+        keys = Keys(settings.prefix)
+        assert await aredis.hmget(keys.task("task-1"), "answer", "req") == [None, None]
+        assert await paid_calls(aredis, keys) == 0
     finally:
         await services.aclose()
 
@@ -296,7 +324,7 @@ async def test_a_burst_larger_than_the_redis_pool_waits_instead_of_failing(
         msgs = [message(routed(f"task {i}"), task_id=f"burst-{i}") for i in range(60)]
         outcomes = await asyncio.gather(*(handle(m) for m in msgs))
         assert all(isinstance(o, Forward) for o in outcomes)
-        again = await asyncio.gather(*(handle(m) for m in msgs))  # all from the memo
+        again = await asyncio.gather(*(handle(m) for m in msgs))  # all from their records
         assert again == outcomes
         assert fake.stats()["requests_total"] == 60
     finally:
@@ -374,4 +402,8 @@ def test_a_worker_completes_every_task_through_529s_paying_once_each(
     assert sorted(stats["calls_by_request"].values()) == [1] * n
     retried = [t for t in ids if int(rclient.hget(keys.result(t), "attempts") or 0) > 1]
     assert retried, "some tasks should have needed a second attempt"
-    assert {k.decode() for k in rclient.keys(keys.memo("*"))} == {keys.memo(t) for t in ids}
+    # One record per task, with its answer; each expires with the task's result.
+    assert {k.decode() for k in rclient.keys(keys.task("*"))} == {keys.task(t) for t in ids}
+    for t in ids:
+        assert rclient.hget(keys.task(t), "answer") is not None, t
+        assert 0 < rclient.ttl(keys.task(t)) <= rclient.ttl(keys.result(t)) + 1, t

@@ -1,4 +1,5 @@
-"""Coalescing (guarantee 5): identical requests in flight at once make one Claude call.
+"""Coalescing (guarantee 5): identical requests in flight at once make one Claude call; and
+the response cache, which the flight leader fills as its answer lands.
 
 Real Redis, the fake Anthropic API, the claude-call handler as a worker builds it.
 """
@@ -6,6 +7,7 @@ Real Redis, the fake Anthropic API, the claude-call handler as a worker builds i
 from __future__ import annotations
 
 import asyncio
+import datetime
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -13,12 +15,14 @@ import msgspec
 import pytest
 from redis.asyncio import Redis
 
-from pipeline import Forward, Keys, Services, Settings, TransientError
+from pipeline import Forward, Keys, Services, Settings, TransientError, load_settings
 from pipeline.fake_claude import FakeClaudeServer
 from pipeline.flights import Flights, identity
+from pipeline.ledger import read_days
 from pipeline.redis_conn import Availability
 from pipeline.stage import Handler
-from pipeline.task import Answer, Request, Routed
+from pipeline.task import Answer, Request, Routed, Usage
+from pipeline.task_record import binding
 from stages import claude_call
 from tests.conftest import StartFake
 from tests.stages.test_claude_call import KEY, message, stage_settings
@@ -36,6 +40,28 @@ def routed(n: int = 0, *, cache: bool = True, prompt: str = "What is 2+2?", **kw
         request_hash=f"hash-of-{prompt}",
     )
     return Routed(request=request, family="sonnet", model=SONNET, max_tokens=64, **kw)
+
+
+def flights_for(aredis: Redis, settings: Settings) -> Flights:
+    return Flights(aredis, Keys(settings.prefix), Availability(settings.redis.url), 3000, settings)
+
+
+def flight_keys(keys: Keys, routed: Routed) -> tuple[str, str]:
+    ident = identity(routed)
+    assert ident is not None
+    return keys.flight(*ident), keys.flight_answer(*ident)
+
+
+def unpack(raw: object) -> Answer:
+    """An answer as a task record, flight or cache entry keeps it."""
+    assert isinstance(raw, bytes), raw
+    return msgspec.msgpack.decode(raw, type=Answer)
+
+
+async def paid_calls(aredis: Redis, keys: Keys) -> int:
+    """Paid calls counted in today's cost ledger."""
+    today = datetime.datetime.now(datetime.UTC).date()
+    return sum(row.totals.requests for row in (await read_days(aredis, keys, [today])).rows)
 
 
 @pytest.fixture
@@ -75,16 +101,22 @@ async def test_a_hundred_identical_tasks_in_flight_make_one_call(
         if answer is not leaders[0]:
             assert answer.cached and answer.coalesced and answer.attempts == 0
             assert answer.call_ms == 0 and answer.usage == leaders[0].usage
-    # Every task's answer is recorded against its own id, followers' too.
+    # Every task's answer is recorded against its own id and call, followers' too; only the
+    # leader's call was paid (and counted).
     keys = Keys(settings.prefix)
     for n in range(100):
-        memo = await aredis.get(keys.memo(f"task-{n}"))
-        assert memo is not None and msgspec.msgpack.decode(memo, type=Answer) == answers[n]
-    # The flight is over: no lease left behind; the answer lingers only briefly.
-    ident = identity(routed())
-    assert ident is not None
-    assert not await aredis.exists(keys.flight(ident))
-    assert 0 < await aredis.pttl(keys.flight_answer(ident)) <= 15_000
+        recorded = await aredis.hmget(keys.task(f"task-{n}"), "answer", "req")
+        assert recorded[0] is not None and recorded[1] == binding(routed(n)).encode()
+        assert unpack(recorded[0]) == answers[n].bare()
+    assert await paid_calls(aredis, keys) == 1
+    # The flight is over: no lease left behind; the answer lingers only briefly, without
+    # the prompt. Cut at max_tokens, it is not cached.
+    flight, published = flight_keys(keys, routed())
+    assert not await aredis.exists(flight)
+    assert 0 < await aredis.pttl(published) <= 15_000
+    shared = unpack(await aredis.hget(published, "answer"))
+    assert shared == leaders[0].bare() and shared.stop_reason == "max_tokens"
+    assert not await aredis.exists(keys.cache(routed().request.request_hash))
 
 
 async def test_tasks_that_refuse_the_cache_are_each_called(
@@ -107,8 +139,35 @@ async def test_a_task_arriving_after_the_answer_makes_its_own_call(
     early = await handle(message(routed(0), task_id="early"))
     late = await handle(message(routed(1), task_id="late"))
     assert isinstance(early, Forward) and isinstance(late, Forward)
-    assert not late.body.coalesced and late.body.attempts == 1
+    assert early.body.stop_reason == "max_tokens"  # so the cache may not serve it either
+    assert not late.body.coalesced and not late.body.cached and late.body.attempts == 1
     assert fake.stats()["requests_total"] == 2
+
+
+async def test_a_task_arriving_after_a_complete_answer_is_served_from_the_cache(
+    start_fake: StartFake, handler_for: Any, aredis: Redis, settings: Settings
+) -> None:
+    """The leader's complete answer lands in the cache as it is published: a task a moment
+    later (past the cache check) takes it instead of leading a second call."""
+    fake = start_fake(max_output_tokens=40)  # every answer ends by itself within 64 tokens
+    handle = await handler_for(fake)
+    early = await handle(message(routed(0), task_id="early"))
+    late = await handle(message(routed(1), task_id="late"))
+    assert isinstance(early, Forward) and isinstance(late, Forward)
+    assert early.body.stop_reason == "end_turn" and not early.body.cached
+    assert late.body == early.body.served_for(routed(1).request)  # its own request, no call
+    assert not late.body.coalesced and late.body.attempts == 0
+    assert fake.stats()["requests_total"] == 1
+    keys = Keys(settings.prefix)
+    assert await paid_calls(aredis, keys) == 1
+    late_record = await aredis.hget(keys.task("late"), "answer")
+    assert unpack(late_record) == late.body.bare()
+    # The cache entry is the leader's answer without its prompt, for the type's TTL.
+    request_hash = routed().request.request_hash
+    cached = unpack(await aredis.get(keys.cache(request_hash)))
+    assert cached == early.body.bare() and cached.request.messages == []
+    ttl = await aredis.ttl(keys.cache(request_hash))
+    assert settings.cache.ttl_s - 5 <= ttl <= settings.cache.ttl_s
 
 
 async def test_different_models_or_max_tokens_are_different_flights() -> None:
@@ -126,23 +185,26 @@ async def test_a_failed_leader_lets_go_and_its_error_path_is_unchanged(
     handle = await handler_for(fake)
     with pytest.raises(TransientError):
         await handle(message(routed(), task_id="leader"))
-    ident = identity(routed())
-    assert ident is not None
     keys = Keys(settings.prefix)
-    assert not await aredis.exists(keys.flight(ident)), "a failed call must release its flight"
-    assert not await aredis.exists(keys.flight_answer(ident)), "an error is never published"
-    assert await aredis.get(keys.memo("leader")) is None
+    flight, published = flight_keys(keys, routed())
+    assert not await aredis.exists(flight), "a failed call must release its flight"
+    assert not await aredis.exists(published), "an error is never published"
+    assert not await aredis.exists(keys.cache(routed().request.request_hash)), "nor cached"
+    # The claim was taken, but no answer recorded and no paid call counted.
+    assert await aredis.hmget(keys.task("leader"), "answer", "fence") == [None, b"1"]
+    assert await paid_calls(aredis, keys) == 0
 
     fake.update_config(server_error_rate=0.0)
     retried = await handle(message(routed(), task_id="leader", attempt=2))
     assert isinstance(retried, Forward) and retried.body.attempts == 2
     assert not retried.body.coalesced
+    assert await aredis.hget(keys.task("leader"), "fence") == b"2", "the retry's own claim"
 
 
 async def test_a_follower_leads_when_the_leader_lets_go_without_an_answer(
     aredis: Redis, settings: Settings
 ) -> None:
-    flights = Flights(aredis, Keys(settings.prefix), Availability(settings.redis.url), 3000)
+    flights = flights_for(aredis, settings)
     entered = asyncio.Event()
 
     async def leader_fails() -> None:
@@ -166,10 +228,9 @@ async def test_followers_are_not_stranded_when_the_leaders_lease_lapses(
     start_fake: StartFake, handler_for: Any, aredis: Redis, settings: Settings
 ) -> None:
     """A leader that died mid-call holds a lease nobody renews: a follower calls instead."""
-    ident = identity(routed())
-    assert ident is not None
     keys = Keys(settings.prefix)
-    await aredis.set(keys.flight(ident), "dead-leader", px=1000)
+    flight, _ = flight_keys(keys, routed())
+    await aredis.set(flight, "dead-leader", px=1000)
     fake = start_fake()
     handle = await handler_for(fake)
     started = asyncio.get_running_loop().time()
@@ -195,3 +256,94 @@ async def test_a_leader_renews_its_lease_through_a_long_call(
     await first
     assert isinstance(late, Forward) and late.body.coalesced
     assert fake.stats()["requests_total"] == 1
+
+
+# ---- the response cache, filled as a leader lands (the rules the store used to apply) ----
+
+
+def fresh_answer(routed: Routed, **changes: Any) -> Answer:
+    values: dict[str, Any] = {
+        "request": routed.request,
+        "model": routed.model,
+        "output": "4",
+        "stop_reason": "end_turn",
+        "usage": Usage(input_tokens=12, output_tokens=3, cache_read_input_tokens=5),
+        "attempts": 1,
+        "call_ms": 800,
+    }
+    values.update(changes)
+    return Answer(**values)
+
+
+async def lead_and_land(flights: Flights, routed: Routed, answer: Answer) -> None:
+    async with flights.board(routed, "leader") as flight:
+        assert flight.answer is None, "nothing in flight or cached: this task leads"
+        await flight.land(answer)
+
+
+@pytest.mark.parametrize("stop_reason", ["end_turn", "stop_sequence"])
+async def test_a_complete_answer_is_cached_without_its_prompt(
+    aredis: Redis, settings: Settings, stop_reason: str
+) -> None:
+    task = routed(7)
+    fresh = fresh_answer(task, stop_reason=stop_reason)
+    await lead_and_land(flights_for(aredis, settings), task, fresh)
+    key = Keys(settings.prefix).cache(task.request.request_hash)
+    raw = await aredis.get(key)
+    assert raw is not None and b"content" not in raw  # no message of the prompt
+    cached = unpack(raw)
+    assert (cached.output, cached.model, cached.usage) == ("4", fresh.model, fresh.usage)
+    assert (cached.stop_reason, cached.attempts, cached.call_ms) == (stop_reason, 1, 800)
+    assert cached.request.messages == [] and cached.request.metadata == "{}"
+    assert cached.request.request_hash == task.request.request_hash
+    assert cached == fresh.bare()
+    ttl = await aredis.ttl(key)
+    assert settings.cache.ttl_s - 5 <= ttl <= settings.cache.ttl_s
+    # The next identical task, whatever its own metadata, is served from it.
+    async with flights_for(aredis, settings).board(routed(8), "next") as flight:
+        assert flight.answer == fresh.served_for(routed(8).request)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        *({"stop_reason": r} for r in
+          ("max_tokens", "refusal", "pause_turn", "tool_use", "model_context_window")),
+        {"output": ""},
+        {"cached": True, "attempts": 0, "call_ms": 0},  # a hit is never written back
+    ],
+    ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items())[:40],
+)  # fmt: skip
+async def test_incomplete_empty_or_served_answers_are_published_but_not_cached(
+    aredis: Redis, settings: Settings, changes: dict[str, Any]
+) -> None:
+    task = routed()
+    await lead_and_land(flights_for(aredis, settings), task, fresh_answer(task, **changes))
+    keys = Keys(settings.prefix)
+    _, published = flight_keys(keys, task)
+    assert await aredis.hget(published, "answer") is not None, "followers still share it"
+    assert not await aredis.exists(keys.cache(task.request.request_hash))
+
+
+async def test_cache_false_tasks_fly_alone_and_are_not_cached(
+    aredis: Redis, settings: Settings
+) -> None:
+    task = routed(cache=False)
+    async with flights_for(aredis, settings).board(task, "alone") as flight:
+        assert flight.answer is None
+        await flight.land(fresh_answer(task))
+    assert await aredis.keys(f"{settings.prefix}:*") == []
+
+
+async def test_nothing_is_cached_or_read_from_the_cache_when_it_is_off(
+    aredis: Redis, fast_env: dict[str, str]
+) -> None:
+    settings = load_settings(env={**fast_env, "PIPELINE_CACHE__ENABLED": "false"})
+    task = routed()
+    key = Keys(settings.prefix).cache(task.request.request_hash)
+    await lead_and_land(flights_for(aredis, settings), task, fresh_answer(task))
+    assert not await aredis.exists(key)
+    on = load_settings(env=fast_env)  # an entry written while the cache was on
+    await lead_and_land(flights_for(aredis, on), task, fresh_answer(task))
+    assert await aredis.exists(key)
+    await lead_and_land(flights_for(aredis, settings), task, fresh_answer(task))  # leads

@@ -1,4 +1,5 @@
-"""store: the result hash it completes with, and which answers it puts in the response cache."""
+"""store: the result hash it completes with. It never writes the response cache: the flight
+leader does, as its answer lands (tests/stages/test_coalescing.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import msgspec
 import pytest
 from redis.asyncio import Redis
 
-from pipeline import Complete, Keys, Message, Services, Settings, load_settings
+from pipeline import Complete, Keys, Message, Services, Settings
 from pipeline.request import parse_request
 from pipeline.results import RESULT_FIELDS
 from pipeline.task import Answer, Usage
@@ -105,67 +106,45 @@ async def test_the_task_ttl_sets_the_result_ttl(client: Redis, settings: Setting
     assert outcome.ttl_s == 120
 
 
-async def test_a_complete_answer_is_cached_without_its_prompt(
-    client: Redis, settings: Settings
-) -> None:
-    fresh = answer(settings)
-    await run_store(client, settings, message(FIELDS, fresh))
-    raw = await cached_entry(client, settings, fresh.request.request_hash)
-    assert raw is not None
-    cached = msgspec.msgpack.decode(raw, type=Answer)
-    assert (cached.output, cached.model, cached.usage) == ("spam", fresh.model, fresh.usage)
-    assert cached.request.messages == [] and cached.request.metadata == "{}"
-    assert cached.request.request_hash == fresh.request.request_hash
-    ttl = await client.ttl(Keys(settings.prefix).cache(fresh.request.request_hash))
-    assert settings.cache.ttl_s - 5 <= ttl <= settings.cache.ttl_s
+async def test_the_store_never_writes_the_response_cache(client: Redis, settings: Settings) -> None:
+    """Not even for a complete, fresh, cacheable answer: the cache was written as it landed."""
+    for stop_reason in ("end_turn", "stop_sequence"):
+        fresh = answer(settings, stop_reason=stop_reason)
+        await run_store(client, settings, message(FIELDS, fresh))
+        assert await cached_entry(client, settings, fresh.request.request_hash) is None
+    assert await client.keys(f"{settings.prefix}:cache:*") == []
 
 
-async def test_stop_sequence_answers_are_complete_too(client: Redis, settings: Settings) -> None:
-    fresh = answer(settings, stop_reason="stop_sequence")
-    await run_store(client, settings, message(FIELDS, fresh))
-    assert await cached_entry(client, settings, fresh.request.request_hash) is not None
+async def test_the_task_is_marked_counted_in_its_record(client: Redis, settings: Settings) -> None:
+    """The ledger's once-per-task mark lives in the task's record (which the hand-off of the
+    result then expires with the result)."""
+    msg = message({**FIELDS, "id": "t-7"}, answer(settings))
+    await run_store(client, settings, msg)
+    await run_store(client, settings, msg)
+    record = Keys(settings.prefix).task("t-7")
+    assert await client.hgetall(record) == {b"counted": b"1"}
+    live = settings.results.live_ttl_s  # until the hand-off gives it the result's TTL
+    assert live - 60 < await client.ttl(record) <= live
 
 
 @pytest.mark.parametrize(
     "stop_reason", ["max_tokens", "refusal", "pause_turn", "tool_use", "model_context_window"]
 )
-async def test_incomplete_answers_are_stored_but_not_cached(
+async def test_incomplete_answers_are_stored_as_completed(
     client: Redis, settings: Settings, stop_reason: str
 ) -> None:
+    """Completed with their stop reason (whether one is cached is the flight's rule)."""
     cut = answer(settings, stop_reason=stop_reason)
     outcome = await run_store(client, settings, message(FIELDS, cut))
     assert outcome.result is not None
     assert (outcome.result["status"], outcome.result["stop_reason"]) == ("completed", stop_reason)
-    assert await cached_entry(client, settings, cut.request.request_hash) is None
+    assert outcome.result["output"] == "spam"
 
 
-async def test_an_empty_output_is_not_cached(client: Redis, settings: Settings) -> None:
-    empty = answer(settings, output="")
-    await run_store(client, settings, message(FIELDS, empty))
-    assert await cached_entry(client, settings, empty.request.request_hash) is None
-
-
-async def test_a_cache_hit_is_not_written_back(client: Redis, settings: Settings) -> None:
+async def test_a_cache_hit_completes_at_no_cost(client: Redis, settings: Settings) -> None:
     hit = answer(settings, cached=True, attempts=0, call_ms=0)
     outcome = await run_store(client, settings, message(FIELDS, hit))
     assert outcome.result is not None
     assert (outcome.result["cached"], outcome.result["attempts"]) == ("true", "0")
     assert float(outcome.result["cost_usd"]) == 0
     assert outcome.result["input_tokens"] == "12", "a hit reports the usage as recorded"
-    assert await cached_entry(client, settings, hit.request.request_hash) is None
-
-
-async def test_cache_false_tasks_are_not_cached(client: Redis, settings: Settings) -> None:
-    fields = {**FIELDS, "cache": "false"}
-    fresh = answer(settings, fields)
-    await run_store(client, settings, message(fields, fresh))
-    assert await cached_entry(client, settings, fresh.request.request_hash) is None
-
-
-async def test_nothing_is_cached_when_the_cache_is_off(
-    client: Redis, fast_env: dict[str, str]
-) -> None:
-    settings = load_settings(env={**fast_env, "PIPELINE_CACHE__ENABLED": "false"})
-    fresh = answer(settings)
-    await run_store(client, settings, message(FIELDS, fresh))
-    assert await cached_entry(client, settings, fresh.request.request_hash) is None
