@@ -144,24 +144,25 @@ class TaskRecords:
         return Claim(state)
 
     async def record(
-        self, task_id: str, routed: Routed, answer: Answer, paid: bool
+        self, task_id: str, routed: Routed, answer: Answer, fence: int = 0
     ) -> Answer | None:
-        """Record `answer` as the task's (and count it in the ledger if it was `paid`, in the
-        same step). Returns the task's answer: this one, or one recorded first for the same
-        call (a worker that stalled past its lease answered too); None if the id's answer is
-        for another request.
+        """Record `answer` as the task's. `fence`: the claim under which it was paid for (0:
+        not paid, e.g. coalesced); a paid call is counted in the ledger in the same step,
+        once per claim even if this is sent again after a lost reply. Returns the task's
+        answer: this one, or one recorded first for the same call (a worker that stalled
+        past its lease answered too); None if the id's answer is for another request.
 
         Waits out a Redis outage rather than fail: a failure here would pay again.
         """
         day_key, ledger_args = self._keys.ledger("-"), list[EncodableT]()
-        if paid and self._ledger.enabled:
+        if fence and self._ledger.enabled:
             day_key, ledger_args = self._ledger.add_args(
                 self._ledger.charge(answer).part(CALL_METRICS), tasks=0
             )
         keys = [self._keys.task(task_id), day_key]
         args: list[EncodableT] = [
             binding(routed), _encode(answer.bare()), self._live_ttl_s,
-            "1" if ledger_args else "0", *ledger_args,
+            fence if ledger_args else 0, *ledger_args,
         ]  # fmt: skip
         reply = as_list(await self._available.call(lambda: self._record(keys=keys, args=args)))
         status = as_int(reply[0])

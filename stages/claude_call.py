@@ -54,13 +54,12 @@ async def build(services: Services) -> Handler:
         if not isinstance(granted, Reservation):
             return granted
         async with flights.board(granted.routed, msg.task_id) as flight:
-            answer, paid = flight.answer, False
+            answer, fence = flight.answer, 0
             if answer is not None:  # an identical call in flight, or the cache, answered
                 await budget.release(granted)
             else:
-                answer = await call(granted, msg)
-                paid = True
-            own = await records.record(msg.task_id, routed, answer, paid)
+                answer, fence = await call(granted, msg), claim.fence
+            own = await records.record(msg.task_id, routed, answer, fence)
             await flight.land(answer)
         if own is None:
             return Reject(f"id {msg.task_id!r} already holds the answer to another request")

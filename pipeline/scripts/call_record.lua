@@ -7,13 +7,15 @@
 -- ARGV[1]  the call's binding (request hash, model, max_tokens)
 -- ARGV[2]  the answer, packed without its request
 -- ARGV[3]  the record's TTL while the task is live (s)
--- ARGV[4]  '1' if this answer came from a paid call: count it (every paid call is counted,
---          even one whose answer is not the task's: it was billed), '0' if not
--- ARGV[5..] ledger_add's arguments (b = 4), when ARGV[4] is '1'
+-- ARGV[4]  the claim this answer was paid under (its fence), or '0' if it was not paid:
+--          a paid call is counted once per claim (the `paid:<fence>` mark makes a resend
+--          after a lost reply harmless), even one whose answer is not the task's: it was
+--          billed all the same
+-- ARGV[5..] ledger_add's arguments (b = 4), when ARGV[4] is not '0'
 -- Returns {0}: recorded; {1, answer}: an answer was recorded first for this call (it is the
 -- task's answer: hand that one on); {2}: an answer for another request holds the id.
 
-if ARGV[4] == '1' then
+if ARGV[4] ~= '0' and redis.call('HSETNX', KEYS[1], 'paid:' .. ARGV[4], '1') == 1 then
   ledger_add(KEYS[2], 4)
 end
 local r = redis.call('HMGET', KEYS[1], 'answer', 'req')

@@ -84,7 +84,7 @@ def records_for(client: Redis, settings: Settings, ledger: Ledger) -> TaskRecord
 async def pay(records: TaskRecords, task_id: str, paid: Answer) -> None:
     """Record `paid` as claude-call does after its call: the call is counted now (today)."""
     routed = Routed(request=paid.request, family="haiku", model=paid.model, max_tokens=64)
-    assert await records.record(task_id, routed, paid, paid=True) == paid
+    assert await records.record(task_id, routed, paid, fence=1) == paid
 
 
 async def test_a_paid_answer_is_charged_its_tokens_times_price(
@@ -293,3 +293,20 @@ async def test_the_store_handler_run_twice_on_one_entry_counts_it_once(
         cost = outcome.result["cost_usd"]  # type: ignore[union-attr]
         assert cost == f"{micro_usd(expected) / 1e6:.6f}"
     assert set(METRICS) >= {"requests", "hits", "cost_pico", "saved_pico", "baseline_pico"}
+
+
+async def test_each_paid_call_is_counted_once_per_claim_even_when_its_record_is_resent(
+    ledger: Ledger, client: Redis, settings: Settings
+) -> None:
+    """A record resent after a lost reply (same claim) adds nothing; a second claim's call
+    (a worker stalled past its lease called too) is counted, though its answer is not used."""
+    records = records_for(client, settings, ledger)
+    first = answer(settings)
+    routed = Routed(request=first.request, family="haiku", model=first.model, max_tokens=64)
+    assert await records.record("p1", routed, first, fence=1) == first
+    assert await records.record("p1", routed, first, fence=1) == first  # the resend
+    late = msgspec.structs.replace(first, output="a later answer")
+    assert await records.record("p1", routed, late, fence=2) == first  # the first one wins
+    total = await read_one(client, settings, today())
+    assert total.requests == 2
+    assert total.cost_pico == 2 * ledger.charge(first).totals.cost_pico
