@@ -50,7 +50,8 @@ async def renew(runner: StageRunner, held: list[Inflight], idle_ms: int = 0) -> 
             args += (inf.entry_id, inf.deliveries)
         sent_at = time.monotonic()
         lost = await runner.ctx.available.call(
-            partial(runner.ctx.scripts.renew, keys=[runner.stream], args=args)
+            partial(runner.ctx.scripts.renew, keys=[runner.stream], args=args),
+            runner.recreate_group,
         )
         lost_ids = {as_str(x) for x in as_list(lost)}
         for inf in chunk:
@@ -127,7 +128,8 @@ async def reclaim(runner: StageRunner) -> int:
         ]
         cursor_b, entries = as_list(
             await runner.ctx.available.call(
-                partial(runner.ctx.scripts.reclaim, keys=[runner.stream], args=args)
+                partial(runner.ctx.scripts.reclaim, keys=[runner.stream], args=args),
+                runner.recreate_group,
             )
         )
         ids = _start_all(runner, entries, sent_at)
@@ -152,7 +154,8 @@ async def drain_own(runner: StageRunner) -> int:
         args: list[EncodableT] = [runner.group, runner.ctx.consumer, start, runner.free_slots()]
         last_b, entries = as_list(
             await runner.ctx.available.call(
-                partial(runner.ctx.scripts.drain, keys=[runner.stream], args=args)
+                partial(runner.ctx.scripts.drain, keys=[runner.stream], args=args),
+                runner.recreate_group,
             )
         )
         total += len(_start_all(runner, entries, sent_at))

@@ -148,15 +148,37 @@ class StageRunner:
 
     # ---- reading ----------------------------------------------------------------------
 
-    async def ensure_group(self) -> None:
-        async def create() -> None:
+    async def ensure_group(self) -> bool:
+        """Create the stream's consumer group (and the stream) unless it exists; True if
+        it had to be created."""
+
+        async def create() -> bool:
             try:
                 await self.ctx.redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
             except ResponseError as exc:
                 if "BUSYGROUP" not in str(exc):
                     raise
+                return False
+            return True
 
-        await self.ctx.available.call(create)
+        return await self.ctx.available.call(create)
+
+    async def recreate_group(self) -> None:
+        """NOGROUP: the stream or its group is gone (a Redis restarted without persistence,
+        or deleted by hand). Recreate it at `0` and say what was lost; entries this worker
+        held are fenced out by the new group (nobody owns them)."""
+        stream_existed = bool(
+            await self.ctx.available.call(lambda: self.ctx.redis.exists(self.stream))
+        )
+        if await self.ensure_group():
+            log.warning(
+                "%s: %s; recreated it at 0",
+                self.name,
+                "consumer group was lost (entries still in the stream are delivered again)"
+                if stream_existed
+                else "stream was lost with everything it held (Redis restarted without "
+                "persistence?)",
+            )
 
     def wake(self) -> None:
         """Let waits on slots re-check their condition (stop, force)."""
@@ -183,14 +205,9 @@ class StageRunner:
                 break
             count = min(self.free_slots(), self.rt.read_count)
             sent_at = time.monotonic()
-            try:
-                reply = await self.ctx.available.call(partial(self._read_new, count))
-            except ResponseError as exc:
-                if "NOGROUP" in str(exc):  # stream or group deleted (or Redis lost its data)
-                    log.warning("%s: consumer group missing, recreating", self.name)
-                    await self.ensure_group()
-                    continue
-                raise
+            reply = await self.ctx.available.call(
+                partial(self._read_new, count), self.recreate_group
+            )
             self.stats["reads"] += 1
             for entry_id, raw in read_entries(reply):
                 self.start(entry_id, raw, deliveries=1, confirmed_at=sent_at)
@@ -521,7 +538,7 @@ class StageRunner:
             keys, packed = build_call(self.stream, records)
             return list(await self.ctx.scripts.handoff(keys=keys, args=[*head, *packed]))
 
-        statuses = await self.ctx.available.call(run)
+        statuses = await self.ctx.available.call(run, self.recreate_group)
         self.stats["handoffs"] += 1
         for (inf, _rec), status in zip(batch, statuses, strict=True):
             self.inflight.pop(inf.entry_id, None)

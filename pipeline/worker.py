@@ -26,6 +26,7 @@ from pipeline.errors import ConfigError
 from pipeline.hooks import Hook, Hooks
 from pipeline.keys import Keys
 from pipeline.redis_conn import Availability, connect, redacted, server_version
+from pipeline.redis_errors import RedisRefused
 from pipeline.retry import RetryPolicy
 from pipeline.runtime import StageRunner
 from pipeline.scripts import Scripts
@@ -219,6 +220,8 @@ async def run_worker(
                 raise _Done
         except* _Done:
             pass
+        except* RedisRefused as refused:  # one clear line (cli.main), not a traceback group
+            raise refused.exceptions[0] from None
     except asyncio.CancelledError:
         if not forced_exit:
             raise
