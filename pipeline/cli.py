@@ -355,7 +355,8 @@ def status(
     ] = 0,
     config: ConfigOpt = None,
 ) -> None:
-    """Backlog, pending, lag, consumers, oldest pending age and retries per stage; DLQ; pauses."""
+    """Backlog, pending, lag, consumers, oldest pending age and retries per stage; DLQ; pauses;
+    Redis's eviction policy and persistence, with what in them may lose data."""
     import msgspec
 
     from pipeline.keys import Keys
@@ -371,7 +372,8 @@ def status(
 
     async def gather() -> Status:
         async with _redis(settings) as redis:
-            return await gather_status(redis, Keys(settings.prefix), the_app, settings.ratelimit)
+            return await gather_status(redis, Keys(settings.prefix), the_app, settings.ratelimit,
+                                       durability=True)  # fmt: skip
 
     state = _call(gather())
     if as_json:

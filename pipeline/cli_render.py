@@ -23,6 +23,7 @@ from rich.text import Text
 from pipeline.dlq import DeadLetter
 from pipeline.errors import Backpressure, InvalidTask
 from pipeline.ratelimit import LimitState
+from pipeline.redis_durability import RedisDurability
 from pipeline.results import RESULT_FIELDS
 from pipeline.status import Status
 from pipeline.status_watch import WatchView
@@ -76,8 +77,8 @@ def status_view(
     status: Status, where: str, rates: Sequence[float | None] | None = None
 ) -> RenderableType:
     """Per stage and lane: backlog, pending, lag, consumers, oldest pending, delayed (and,
-    given `rates` per row, entries handed on per second); then the DLQ and paused stages,
-    coloured when they need attention."""
+    given `rates` per row, entries handed on per second); then the DLQ, paused stages and
+    Redis's eviction and persistence, coloured when they need attention."""
     paused = {p.stage for p in status.paused}
     table = Table(
         title=Text(f"pipeline status  {where}"),
@@ -128,7 +129,38 @@ def status_view(
         if pause.remaining_s is not None:
             line.append(f"  ({age(pause.remaining_s)} left)", style="dim")
         lines.append(line)
+    if status.redis is not None:
+        lines.append(durability_view(status.redis))
     return Group(*lines)
+
+
+#: Findings that say data will be lost (red), as opposed to "cannot tell" (yellow).
+_LOSES = frozenset({"eviction", "no-persistence", "snapshot-failing", "aof-failing"})
+
+
+def durability_view(found: RedisDurability) -> RenderableType:
+    """`redis:` then the eviction policy and persistence (one short line each, to fit 80
+    columns), then each finding, wrapped under itself."""
+    grid = Table.grid(padding=(0, 1))
+    grid.add_column(no_wrap=True)
+    grid.add_column(overflow="fold")
+    policy = found.maxmemory_policy
+    style = "green" if policy == "noeviction" else "bold red" if policy else "yellow"
+    grid.add_row(Text("redis:", style="bold"), Text(found.eviction, style=style))
+    persistence = found.persistence
+    if found.aof_enabled:
+        style = "green"
+    elif persistence.startswith("none"):
+        style = "bold red"
+    else:
+        style = "yellow" if "unknown" in persistence else ""
+    grid.add_row(Text(""), Text(f"persistence {persistence}", style=style))
+    if found.config_refused:
+        grid.add_row(Text(""), Text("(read from INFO: CONFIG GET refused)", style="dim"))
+    for finding in found.findings:
+        style = "bold red" if finding.code in _LOSES else "bold yellow"
+        grid.add_row(Text("  !", style=style), Text(finding.line))
+    return grid
 
 
 def limits_view(limits: Sequence[LimitState]) -> RenderableType:
@@ -363,6 +395,7 @@ __all__ = [
     "age",
     "dead_letter_view",
     "dlq_table",
+    "durability_view",
     "result_view",
     "shorten",
     "status_view",

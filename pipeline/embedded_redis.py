@@ -12,6 +12,7 @@ import re
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import redis
@@ -45,7 +46,16 @@ def free_port() -> int:
 class RedisServer:
     """A redis-server process we own: start, SIGKILL, restart on the same port and data dir."""
 
-    def __init__(self, workdir: Path, appendonly: bool = False, binary: str | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        appendonly: bool = False,
+        binary: str | None = None,
+        extra_args: Sequence[str] = (),
+    ) -> None:
+        """`extra_args`: more redis-server options, after (so overriding) the defaults: no RDB
+        save points, AOF as `appendonly` says. E.g. `("--save", "3600 1")`,
+        `("--maxmemory-policy", "allkeys-lru")`, `("--rename-command", "CONFIG", "")`."""
         found = binary or newest_redis_server()
         if not found:
             raise FileNotFoundError(
@@ -54,6 +64,7 @@ class RedisServer:
         self.binary = found
         self.workdir = workdir
         self.appendonly = appendonly
+        self.extra_args = tuple(extra_args)
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -69,6 +80,7 @@ class RedisServer:
             "--appendonly", "yes" if self.appendonly else "no",
             "--appendfsync", "always",
             "--logfile", str(self.workdir / "redis.log"),
+            *self.extra_args,
         ]  # fmt: skip
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self._wait_ready()

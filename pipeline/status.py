@@ -1,4 +1,5 @@
-"""The numbers behind `pipeline status`: backlog, pending, lag, age, retries, DLQ, pauses.
+"""The numbers behind `pipeline status`: backlog, pending, lag, age, retries, DLQ, pauses,
+and (asked for by the command, not by the metrics poller) Redis's eviction and persistence.
 
 All of them are read in one pipelined round trip, with the server's own clock for ages, so
 the picture is consistent and the command is cheap enough to run in a `watch` loop.
@@ -14,6 +15,7 @@ from redis.asyncio import Redis
 from pipeline.config import RateLimitSettings
 from pipeline.keys import Keys
 from pipeline.ratelimit import LimitState, limiter_state
+from pipeline.redis_durability import RedisDurability, parse_durability, queue_durability
 from pipeline.stage import App
 from pipeline.wire import entry_ms
 
@@ -47,14 +49,23 @@ class Status(msgspec.Struct, frozen=True, kw_only=True):
     paused: list[PauseStatus]
     server_time_ms: int
     limits: list[LimitState] = []  # per (API key, model family) the limiter has seen
+    redis: RedisDurability | None = None  # eviction and persistence, when asked for
 
 
 async def gather_status(
-    redis: Redis, keys: Keys, app: App, ratelimit: RateLimitSettings | None = None
+    redis: Redis,
+    keys: Keys,
+    app: App,
+    ratelimit: RateLimitSettings | None = None,
+    *,
+    durability: bool = False,
 ) -> Status:
     """Read every stage's numbers in one round trip.
 
     Missing streams and groups read as zeros (a stage nobody has started yet), never as errors.
+    `durability` adds the server's eviction and persistence settings and their findings
+    (`pipeline.redis_durability`) to the same round trip. The metrics poller leaves it off:
+    every few seconds a CONFIG GET that an ACL refuses would fill the server's ACL LOG.
     """
     lanes = [(stage, lane) for stage in app.stages for lane in (stage.lanes or (None,))]
     async with redis.pipeline(transaction=False) as pipe:
@@ -69,7 +80,9 @@ async def gather_status(
             pipe.xinfo_groups(stream)
             pipe.xpending(stream, stage.name)
             pipe.zcard(keys.delayed(stream))
+        checks = queue_durability(pipe) if durability else 0
         replies: list[Any] = await pipe.execute(raise_on_error=False)
+    found = parse_durability(replies[len(replies) - checks :]) if durability else None
     for reply in replies[:2]:
         if isinstance(reply, Exception):
             raise reply
@@ -109,7 +122,12 @@ async def gather_status(
         )
     limits = await limiter_state(redis, keys, ratelimit)
     return Status(
-        streams=streams, dlq=_int(replies[1]), paused=paused, server_time_ms=now_ms, limits=limits
+        streams=streams,
+        dlq=_int(replies[1]),
+        paused=paused,
+        server_time_ms=now_ms,
+        limits=limits,
+        redis=found,
     )
 
 

@@ -11,6 +11,10 @@ between two polls:
 - cache hit rate = Δcache_hits / Δ(cache_hits + cache_misses) of the `counters` hash.
 - 429 rate = Δ429 answers / Δcalls admitted by the rate limiter, over every key and family.
 
+Redis's eviction policy and persistence (`pipeline.redis_durability`) are read with the first
+poll and every `DURABILITY_EVERY_S` after, not every poll: a CONFIG GET that an ACL refuses
+is logged in the server's ACL LOG each time.
+
 Per-stage p99 needs a histogram, which Redis does not keep: Grafana has it
 (`pipeline_stage_duration_seconds`). The watch shows instead the end-to-end p50/p99 of the last
 completions (their results' `latency_ms`) and the oldest pending entry's age per stage.
@@ -39,6 +43,8 @@ log = logging.getLogger(__name__)
 
 #: Completions sampled for the end-to-end latency percentiles.
 RECENT_DONE = 200
+#: Seconds between two reads of Redis's eviction and persistence settings.
+DURABILITY_EVERY_S = 60.0
 
 
 class Poll(msgspec.Struct, frozen=True, kw_only=True):
@@ -74,8 +80,11 @@ class WatchView(msgspec.Struct, frozen=True, kw_only=True):
     interval_s: float | None
 
 
-async def poll(redis: Redis, keys: Keys, app: App, settings: Settings) -> Poll:
-    status = await gather_status(redis, keys, app)
+async def poll(
+    redis: Redis, keys: Keys, app: App, settings: Settings, *, durability: bool = False
+) -> Poll:
+    """One poll; `durability` also reads Redis's eviction and persistence settings."""
+    status = await gather_status(redis, keys, app, durability=durability)
     async with redis.pipeline(transaction=False) as pipe:
         for row in status.streams:
             pipe.xinfo_stream(row.stream)
@@ -210,9 +219,16 @@ async def run_watch(
     stop = stop or asyncio.Event()
     prev: Poll | None = None
     shown = 0
+    checked_at = -math.inf
     while not stop.is_set():
         started = time.monotonic()
-        cur = await poll(redis, keys, app, settings)
+        check = started - checked_at >= DURABILITY_EVERY_S
+        cur = await poll(redis, keys, app, settings, durability=check)
+        if check:
+            checked_at = started
+        elif prev is not None:  # the last reading stands until the next one
+            status = msgspec.structs.replace(cur.status, redis=prev.status.redis)
+            cur = msgspec.structs.replace(cur, status=status)
         show(view(cur, prev))
         prev, shown = cur, shown + 1
         if iterations and shown >= iterations:
@@ -222,4 +238,13 @@ async def run_watch(
             await asyncio.wait_for(stop.wait(), left)
 
 
-__all__ = ["Poll", "StageRate", "WatchView", "percentile", "poll", "run_watch", "view"]
+__all__ = [
+    "DURABILITY_EVERY_S",
+    "Poll",
+    "StageRate",
+    "WatchView",
+    "percentile",
+    "poll",
+    "run_watch",
+    "view",
+]

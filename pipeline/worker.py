@@ -26,6 +26,7 @@ from pipeline.errors import ConfigError
 from pipeline.hooks import Hook, Hooks
 from pipeline.keys import Keys
 from pipeline.redis_conn import Availability, connect, redacted, server_version
+from pipeline.redis_durability import log_durability
 from pipeline.redis_errors import RedisRefused
 from pipeline.retry import RetryPolicy
 from pipeline.runtime import StageRunner
@@ -207,6 +208,7 @@ async def run_worker(
         ", ".join(r.name for r in runners),
         ".".join(map(str, version)),
     )
+    await log_durability(redis, available, settings.redis.url)  # eviction, persistence: loudly
     try:
         try:
             async with asyncio.TaskGroup() as tg:
