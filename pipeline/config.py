@@ -61,9 +61,13 @@ class RetrySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
 
 
 class DlqSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The dead-letter stream, bounded by letters and by bytes (the oldest go first)."""
+
     maxlen: PosInt = 100_000
-    # Field values longer than this are cut in the DLQ copy, so poison cannot bloat it.
-    max_field_bytes: PosInt = 64 * 1024
+    max_bytes: PosInt = 1024 * 1024 * 1024
+    # Field values longer than this are cut in the readable copy a letter shows (its
+    # `entry` keeps the original whole, for replay).
+    max_field_bytes: PosInt = 16 * 1024
 
 
 class ResultSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
-from pipeline.wire import ENVELOPE_FIELD
+from pipeline.wire import ENVELOPE_FIELD, ID_FIELD
 
 if TYPE_CHECKING:
     from pipeline.runtime import StageRunner
@@ -31,7 +31,7 @@ async def promote(runner: StageRunner) -> tuple[int, int]:
     """Move due entries back onto the stage's stream; returns (moved, ms until next due)."""
     moved, wait_ms = await runner.ctx.available.call(
         lambda: runner.ctx.scripts.promote(
-            keys=[runner.delayed, runner.stream], args=[ENVELOPE_FIELD, _BATCH]
+            keys=[runner.delayed, runner.stream], args=[ENVELOPE_FIELD, ID_FIELD, _BATCH]
         )
     )
     return int(moved), int(wait_ms)

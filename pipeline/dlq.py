@@ -1,4 +1,13 @@
-"""The dead-letter stream: what failed, where, why, and everything needed to replay it."""
+"""The dead-letter stream: what failed, where, why, and everything needed to replay it.
+
+A letter keeps the entry that failed whole (`entry`: its field names and values, byte for
+byte, msgpack), and replay sends exactly that back to the stream it came from: a producer's
+task goes back to the ingress as the producer wrote it, a task that failed at a later stage
+goes back to that stage with its parsed request and a fresh attempt count. What a letter
+*shows* (`fields`, `error`) is cut for reading; what it *keeps* is not. The DLQ is bounded by
+letters and by bytes (`dlq.maxlen`, `dlq.max_bytes`): the oldest letters go first, and a
+letter going never touches its task's `failed` result, written when the letter was.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +17,36 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import msgspec
 from redis.asyncio import Redis
 
 from pipeline.keys import Keys
 from pipeline.replies import range_entries
-from pipeline.wire import ENVELOPE_FIELD, WIRE_VERSION, Envelope, encode_envelope
+from pipeline.wire import (
+    ENVELOPE_FIELD,
+    WIRE_VERSION,
+    Envelope,
+    decode_envelope,
+    encode_envelope,
+    internal_entry,
+)
+
+_pack = msgspec.msgpack.Encoder().encode
+_unpack = msgspec.msgpack.Decoder(list[bytes]).decode
+
+
+def raw_entry(raw: Mapping[bytes, bytes]) -> bytes:
+    """A stream entry's fields, packed for a letter exactly as they were."""
+    return _pack([part for pair in raw.items() for part in pair])
+
+
+def entry_of(env: Envelope) -> bytes:
+    """The entry a decoded task came in, packed for a letter: the producer's own fields while
+    no stage has handed the task on (it replays through the ingress as the producer wrote
+    it), else the stage's entry (it replays at that stage)."""
+    if bytes(env.body) == b"\xc0":
+        return raw_entry({k.encode(): v.encode() for k, v in env.fields.items()})
+    return raw_entry(internal_entry(env))
 
 
 def dlq_fields(
@@ -28,15 +62,17 @@ def dlq_fields(
     traceparent: str | None,
     tracestate: str | None,
     max_field_bytes: int,
+    entry: bytes = b"",
     result_kept: bool = False,
-) -> dict[str, str]:
-    """One DLQ entry: the original task fields (JSON) plus where and why it failed.
+) -> dict[str, str | bytes]:
+    """One DLQ entry: where and why it failed, the task's fields to read (cut), and the
+    entry itself (`entry`, whole, for replay).
 
     `result_kept`: the entry was refused because its id belongs to another task, whose
     result (if any) is not this letter's: a replay must leave it alone.
     """
     original = {k: _cut(v, max_field_bytes) for k, v in fields.items()}
-    letter = {
+    letter: dict[str, str | bytes] = {
         "task_id": task_id,
         "stage": stage,
         "stream": stream,
@@ -51,6 +87,9 @@ def dlq_fields(
     }
     if result_kept:
         letter["result_kept"] = "1"
+    letter["entry"] = entry
+    shown = sum(len(k) + len(v) for k, v in letter.items())
+    letter["size"] = str(shown + 16)
     return letter
 
 
@@ -75,10 +114,23 @@ class DeadLetter:
     traceparent: str
     fields: dict[str, str]
     result_kept: bool = False  # refused for an id in use: the result there is not ours
+    entry: bytes = b""  # the entry that failed, whole (see `raw_entry`); b"" in old letters
+    size: int = 0
+
+    def entry_fields(self) -> dict[bytes, bytes] | None:
+        """The entry that failed, field by field as it was (None if the letter is too old
+        to hold it, or it cannot be read)."""
+        try:
+            parts = _unpack(self.entry) if self.entry else None
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return None
+        if parts is None or len(parts) % 2:
+            return None
+        return dict(zip(parts[::2], parts[1::2], strict=True))
 
     @classmethod
     def parse(cls, dlq_id: bytes | str, raw: Mapping[bytes, bytes]) -> DeadLetter:
-        get = {k.decode(): v.decode(errors="replace") for k, v in raw.items()}
+        get = {k.decode(): v.decode(errors="replace") for k, v in raw.items() if k != b"entry"}
         try:
             fields = json.loads(get.get("fields", "{}"))
         except ValueError:
@@ -95,6 +147,8 @@ class DeadLetter:
             traceparent=get.get("traceparent", ""),
             fields=fields if isinstance(fields, dict) else {},
             result_kept=get.get("result_kept") == "1",
+            entry=raw.get(b"entry", b""),
+            size=int(get.get("size", "0") or 0),
         )
 
 
@@ -119,7 +173,7 @@ class DeadLetters:
 
     # `builtins.list` below: inside this class, `list` is the method above.
     async def replay(self, dlq_ids: builtins.list[str]) -> builtins.list[str]:
-        """Send entries back to the start of the pipeline (ingress), fresh attempts.
+        """Send each letter's entry back, whole, to the stream it failed on, fresh attempts.
 
         The old `failed` result and the task's record (`pipeline.task_record`) are removed
         in the same transaction, so the replayed task is a new one and can store its new
@@ -131,34 +185,62 @@ class DeadLetters:
             letter = await self.get(dlq_id)
             if letter is None:
                 continue
-            now = int(time.time() * 1000)
-            fields = dict(letter.fields)
-            fields.setdefault("id", letter.task_id)
-            env = Envelope(
-                v=WIRE_VERSION,
-                task_id=letter.task_id,
-                fields=fields,
-                attempt=1,
-                origin_ms=now,
-                enqueued_ms=now,
-                traceparent=letter.traceparent or None,
-            )
+            stream, entry = self._replayed_entry(letter)
             async with self._redis.pipeline(transaction=True) as tx:
-                tx.xadd(self._keys.ingress, {ENVELOPE_FIELD: encode_envelope(env)})
+                tx.xadd(stream, entry)  # type: ignore[arg-type]
                 if not letter.result_kept:
                     tx.delete(self._keys.result(letter.task_id), self._keys.task(letter.task_id))
                 tx.xdel(self._keys.dlq, dlq_id)
+                tx.decrby(self._keys.dlq_bytes, letter.size)
                 await tx.execute()
             replayed.append(dlq_id)
         return replayed
+
+    def _replayed_entry(self, letter: DeadLetter) -> tuple[str, dict[bytes, bytes]]:
+        """Where a letter goes back and what: its entry as it was (an envelope with its
+        attempts counted afresh); an old letter without one, its fields via the ingress."""
+        now = int(time.time() * 1000)
+        original = letter.entry_fields()
+        if original is not None and letter.stream.startswith(f"{self._keys.prefix}:"):
+            packed = original.get(ENVELOPE_FIELD)
+            if packed is None:
+                return letter.stream, original
+            try:
+                env = decode_envelope(packed)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                return letter.stream, original  # fails again as it did: exactly that
+            fresh = msgspec.structs.replace(env, attempt=1, enqueued_ms=now)
+            return letter.stream, internal_entry(fresh)
+        fields = dict(letter.fields)
+        fields.setdefault("id", letter.task_id)
+        env = Envelope(
+            v=WIRE_VERSION,
+            task_id=letter.task_id,
+            fields=fields,
+            attempt=1,
+            origin_ms=now,
+            enqueued_ms=now,
+            traceparent=letter.traceparent or None,
+        )
+        return self._keys.ingress, {ENVELOPE_FIELD: encode_envelope(env)}
 
     async def purge(self, dlq_ids: builtins.list[str] | None = None) -> int:
         """Delete the given entries, or the whole DLQ when `dlq_ids` is None."""
         if dlq_ids is None:
             n = await self.size()
-            await self._redis.delete(self._keys.dlq)
+            await self._redis.delete(self._keys.dlq, self._keys.dlq_bytes)
             return n
-        return int(await self._redis.xdel(self._keys.dlq, *dlq_ids)) if dlq_ids else 0
+        gone = 0
+        for dlq_id in dlq_ids:
+            letter = await self.get(dlq_id)
+            if letter is None:
+                continue
+            async with self._redis.pipeline(transaction=True) as tx:
+                tx.xdel(self._keys.dlq, dlq_id)
+                tx.decrby(self._keys.dlq_bytes, letter.size)
+                await tx.execute()
+            gone += 1
+        return gone
 
 
 __all__ = ["DeadLetter", "DeadLetters", "dlq_fields"]

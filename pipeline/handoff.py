@@ -16,7 +16,9 @@ import msgspec
 _encode = msgspec.msgpack.Encoder().encode
 
 
-def _flat(fields: Mapping[str, str] | Mapping[bytes, bytes]) -> list[object]:
+def _flat(
+    fields: Mapping[str, str] | Mapping[bytes, bytes] | Mapping[str, str | bytes],
+) -> list[object]:
     out: list[object] = []
     for k, v in fields.items():
         out += (k, v if isinstance(v, bytes) else str(v))
@@ -47,9 +49,18 @@ class Record:
         self.actions.append(["RESULT", key, ttl_s, _flat(fields), done_key, done_maxlen,
                              _flat(event), record_key])  # fmt: skip
 
+    def letter(
+        self, dlq_key: str, bytes_key: str, maxlen: int, max_bytes: int,
+        fields: Mapping[str, str | bytes],
+    ) -> None:  # fmt: skip
+        """Add a dead letter; the oldest letters go while the DLQ holds more than `maxlen`
+        letters or `max_bytes` bytes (each letter's `size` field says what it holds)."""
+        self.actions.append(["LETTER", dlq_key, bytes_key, maxlen, max_bytes,
+                             int(fields["size"]), _flat(fields)])  # fmt: skip
 
-_KEY_SLOTS = {"XADD": (1,), "ZADD": (1,), "RESULT": (1, 4, 7)}
-_FIELD_SLOTS = {"XADD": (3,), "RESULT": (3, 6)}
+
+_KEY_SLOTS = {"XADD": (1,), "ZADD": (1,), "RESULT": (1, 4, 7), "LETTER": (1, 2)}
+_FIELD_SLOTS = {"XADD": (3,), "RESULT": (3, 6), "LETTER": (6,)}
 
 
 _ARGV_FIRST_BLOB = 5  # ARGV[1..3] group, consumer, xackdel flag; ARGV[4] the records

@@ -39,6 +39,11 @@ class Keys:
         return f"{self._base}:dlq"
 
     @property
+    def dlq_bytes(self) -> str:
+        """The bytes the DLQ's letters hold (its size bound counts them)."""
+        return f"{self._base}:dlq:bytes"
+
+    @property
     def done(self) -> str:
         """Completion events (trimmed); one stream per partition on Cluster."""
         return f"{self._base}:done"

@@ -9,11 +9,17 @@ from typing import Any
 
 @dataclass(frozen=True, slots=True)
 class Forward:
-    """Hand the task on to another stage (`lane` picks one of its streams, e.g. a model family)."""
+    """Hand the task on to another stage (`lane` picks one of its streams, e.g. a model family).
+
+    `fields`: the producer's fields the task carries on (default: all of them as they came).
+    A stage that has parsed them into `body` keeps only what later stages still read, so an
+    entry never carries the producer's request twice.
+    """
 
     to: str
     body: Any = None
     lane: str | None = None
+    fields: Mapping[str, str] | None = None
 
 
 @dataclass(frozen=True, slots=True)

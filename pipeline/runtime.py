@@ -20,7 +20,7 @@ from redis.exceptions import ResponseError
 
 from pipeline.context import WorkerContext
 from pipeline.delayed import promote_loop
-from pipeline.dlq import dlq_fields
+from pipeline.dlq import dlq_fields, entry_of, raw_entry
 from pipeline.errors import AuthError, InvalidTask, PermanentError, TransientError
 from pipeline.handoff import Record, build_call
 from pipeline.leases import drain_own, reclaim_loop, renew, renew_loop
@@ -30,7 +30,15 @@ from pipeline.results import make_result, result_ttl, trace_id_of
 from pipeline.retry import GiveUp
 from pipeline.stage import Handler, Lease, Message, Stage
 from pipeline.tracer import EntrySpan, Tracer
-from pipeline.wire import ENVELOPE_FIELD, Envelope, decode_entry, encode_body, encode_envelope
+from pipeline.wire import (
+    Envelope,
+    decode_entry,
+    delayed_member,
+    encode_body,
+    entry_bytes,
+    internal_entry,
+    task_id_of,
+)
 from pipeline.wire import raw_fields_text as _raw_text
 
 log = logging.getLogger(__name__)
@@ -72,6 +80,7 @@ class StageRunner:
         self._slot_free = asyncio.Event()
         self._paused_until = 0.0
         self._committing = False
+        self._entry_limits: dict[str, int] = {}
         self._loop = asyncio.get_running_loop()
         self.stats = {
             "handled": 0, "fenced": 0, "dead": 0, "retried": 0, "reclaimed": 0, "reads": 0,
@@ -244,6 +253,8 @@ class StageRunner:
             return
         lease = Lease(self.stream, self.group, self.ctx.consumer, entry_id, deliveries)
         msg = Message(env, entry_id, self.stage.name, self.lane, deliveries, lease)
+        if self.stage is self.ctx.app.stages[0]:  # only the ingress checks what can travel
+            msg.size = entry_bytes(raw)
         inf.msg = msg
         tracer = self.ctx.tracer
         context = None if tracer is None else self._trace_in(tracer, inf, msg)
@@ -314,9 +325,15 @@ class StageRunner:
             nxt = msgspec.structs.replace(
                 env, attempt=1, enqueued_ms=_now_ms(), body=encode_body(outcome.body),
                 traceparent=traceparent, tracestate=tracestate, origin_id=msg.origin_id,
+                fields=env.fields if outcome.fields is None else dict(outcome.fields),
             )  # fmt: skip
+            entry = internal_entry(nxt)
+            limit = self.entry_limit(target.name)
+            if (size := entry_bytes(entry)) > limit:  # its next stage could not read it
+                reason = f"entry for {target.name} is {size:,} bytes, over its {limit:,}-byte limit"
+                return self._dead_letter(inf, env, reason)
             key = self.ctx.keys.stream(target.stream, outcome.lane if target.lanes else None)
-            rec.xadd(key, {ENVELOPE_FIELD: encode_envelope(nxt)})
+            rec.xadd(key, entry)
             return rec
         if isinstance(outcome, Complete):
             rec = self._record(inf)
@@ -342,6 +359,13 @@ class StageRunner:
         if isinstance(outcome, Reject):
             return self._dead_letter(inf, env, outcome.reason, result=False)
         return self._dead_letter(inf, env, outcome.reason, extra=outcome.result)
+
+    def entry_limit(self, stage: str) -> int:
+        """The most bytes an entry of `stage` may have (its `max_entry_bytes`)."""
+        limit = self._entry_limits.get(stage)
+        if limit is None:
+            limit = self._entry_limits[stage] = self.ctx.settings.runtime_for(stage).max_entry_bytes
+        return limit
 
     def _record(self, inf: Inflight) -> Record:
         """A record fenced by the entry's delivery count; `_fence` may relax it when sent."""
@@ -413,7 +437,7 @@ class StageRunner:
             origin_id=env.origin_id or inf.entry_id,
         )
         rec = self._record(inf)
-        rec.zadd(self.delayed, delay_ms, encode_envelope(later))
+        rec.zadd(self.delayed, delay_ms, delayed_member(later))
         return rec
 
     def _add_result(self, rec: Record, task_id: str, result: dict[str, str], ttl: int) -> None:
@@ -432,6 +456,7 @@ class StageRunner:
             inf,
             env.task_id,
             env.fields,
+            entry_of(env),
             reason,
             env.attempt,
             traceparent,
@@ -442,13 +467,11 @@ class StageRunner:
 
     def _dead_letter_raw(self, inf: Inflight, raw: dict[bytes, bytes], reason: str) -> Record:
         fields = _raw_text(raw, self.ctx.settings.dlq.max_field_bytes)
-        task_id = (
-            fields.get("id", inf.entry_id)[:256] if ENVELOPE_FIELD not in raw else inf.entry_id
-        )
         return self._dead_letter_fields(
             inf,
-            task_id,
+            task_id_of(inf.entry_id, raw),
             fields,
+            raw_entry(raw),
             reason,
             1,
             fields.get("traceparent"),
@@ -461,6 +484,7 @@ class StageRunner:
         inf: Inflight,
         task_id: str,
         fields: dict[str, str],
+        original: bytes,
         reason: str,
         attempts: int,
         traceparent: str | None,
@@ -470,7 +494,7 @@ class StageRunner:
     ) -> Record:
         settings = self.ctx.settings
         rec = self._record(inf)
-        entry = dlq_fields(
+        letter = dlq_fields(
             task_id=task_id,
             stage=self.stage.name,
             stream=self.stream,
@@ -482,9 +506,11 @@ class StageRunner:
             traceparent=traceparent,
             tracestate=tracestate,
             max_field_bytes=settings.dlq.max_field_bytes,
+            entry=original,
             result_kept=not result,
         )
-        rec.xadd(self.ctx.keys.dlq, entry, maxlen=settings.dlq.maxlen)
+        keys, dlq = self.ctx.keys, settings.dlq
+        rec.letter(keys.dlq, keys.dlq_bytes, dlq.maxlen, dlq.max_bytes, letter)
         self.stats["dead"] += 1
         if not result:  # the id belongs to another task: its result stays as it is
             log.info("%s: rejected %s: %s", self.name, task_id, reason)

@@ -47,6 +47,9 @@ class Message:
     lease: Lease | None = None
     #: Monotonic time until which shutdown lets the handler finish (see `finish_before_exit`).
     finish_by: float = 0.0
+    #: The entry's size in bytes as it was read (set at the first stage only, which decides
+    #: whether a task is small enough to travel the whole pipeline).
+    size: int = 0
 
     def finish_before_exit(self, within_s: float) -> None:
         """At shutdown, let this handler run up to `within_s` more instead of cancelling

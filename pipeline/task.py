@@ -66,6 +66,16 @@ class Answer(msgspec.Struct, frozen=True, kw_only=True):
             self, request=Request(messages=[], request_hash=self.request.request_hash)
         )
 
+    def to_store(self) -> Answer:
+        """The answer as it travels to the store, which needs the request's type, metadata,
+        model and hash but not its content: the store's entry stays small whatever the
+        prompt (an entry must fit every stage's `max_entry_bytes`)."""
+        if not self.request.messages and self.request.system is None:
+            return self
+        return msgspec.structs.replace(
+            self, request=msgspec.structs.replace(self.request, messages=[], system=None)
+        )
+
     def served_for(self, request: Request, *, coalesced: bool = False) -> Answer:
         """This answer as `request`'s own, served without a call of its own (cache, flight)."""
         return msgspec.structs.replace(

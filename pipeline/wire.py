@@ -1,10 +1,11 @@
 """The two wire formats: producers' flat UTF-8 fields, and the internal envelope.
 
 Producers in any language `XADD <prefix>:tasks * prompt "…"`. Between stages an entry has
-a single field, `_env`, holding a versioned msgpack `Envelope` with the task's original
-fields, its attempt count, its times and its trace context. The ingress stream may hold
-both kinds (a retried ingress entry comes back as an envelope), so decoding looks at the
-field names.
+two fields: `_env`, holding a versioned msgpack `Envelope` with the task's fields, its
+attempt count, its times and its trace context, and `_id`, the task id in plain text, so that
+an entry whose envelope cannot be read (corrupt, too large, from a newer version during a
+rolling upgrade) still fails under its task's own id. The ingress stream may hold both kinds
+(a retried ingress entry comes back as an envelope), so decoding looks at the field names.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pipeline.tracer import valid_traceparent
 
 WIRE_VERSION = 1
 ENVELOPE_FIELD = b"_env"
+ID_FIELD = b"_id"
 MAX_TASK_ID_CHARS = 256
 _NIL = msgspec.Raw(b"\xc0")
 
@@ -45,6 +47,11 @@ def encode_envelope(env: Envelope) -> bytes:
     return _encoder.encode(env)
 
 
+def decode_envelope(packed: bytes) -> Envelope:
+    """Raises msgspec.DecodeError/ValidationError on anything that is not an envelope."""
+    return _decoder.decode(packed)
+
+
 def encode_body(body: object) -> msgspec.Raw:
     return msgspec.Raw(_encoder.encode(body))
 
@@ -71,13 +78,10 @@ def decode_entry(entry_id: str, raw: dict[bytes, bytes], max_entry_bytes: int) -
         InvalidTask: undecodable, oversized, not UTF-8, or an unusable task id.
     """
     packed = raw.get(ENVELOPE_FIELD)
-    if packed is not None and len(raw) == 1:
-        size = len(packed)
-    else:
-        size = sum(len(k) + len(v) for k, v in raw.items())
+    size = entry_bytes(raw)
     if size > max_entry_bytes:
-        raise InvalidTask(f"entry is {size} bytes, over the {max_entry_bytes}-byte limit")
-    if packed is not None and len(raw) == 1:
+        raise InvalidTask(f"entry is {size:,} bytes, over the {max_entry_bytes:,}-byte limit")
+    if packed is not None:
         try:
             env = _decoder.decode(packed)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
@@ -96,7 +100,9 @@ def decode_entry(entry_id: str, raw: dict[bytes, bytes], max_entry_bytes: int) -
             raise InvalidTask(f"field {name!r} is not valid UTF-8") from None
     task_id = fields.get("id") or entry_id
     if len(task_id) > MAX_TASK_ID_CHARS:
-        raise InvalidTask(f"task id is longer than {MAX_TASK_ID_CHARS} characters")
+        raise InvalidTask(
+            f"id: {len(task_id):,} characters, over the {MAX_TASK_ID_CHARS}-character limit"
+        )
     ms = entry_ms(entry_id)
     traceparent = fields.get("traceparent")
     if not valid_traceparent(traceparent):  # W3C: ignore it (and its tracestate); start anew
@@ -111,6 +117,31 @@ def decode_entry(entry_id: str, raw: dict[bytes, bytes], max_entry_bytes: int) -
         traceparent=traceparent,
         tracestate=fields.get("tracestate") if traceparent else None,
     )
+
+
+def entry_bytes(raw: dict[bytes, bytes]) -> int:
+    """An entry's size as the limits count it: its names and values."""
+    return sum(len(k) + len(v) for k, v in raw.items())
+
+
+def task_id_of(entry_id: str, raw: dict[bytes, bytes]) -> str:
+    """The task id of an entry that could not be decoded, read without decoding it: an
+    internal entry's `_id`, a producer's `id` (whole, however long), else the entry id."""
+    name = ID_FIELD if ENVELOPE_FIELD in raw else b"id"
+    value = raw.get(name, b"")
+    return value.decode(errors="backslashreplace") if value else entry_id
+
+
+def internal_entry(env: Envelope) -> dict[bytes, bytes]:
+    """The fields of an entry between stages."""
+    return {ENVELOPE_FIELD: _encoder.encode(env), ID_FIELD: env.task_id.encode()}
+
+
+def delayed_member(env: Envelope) -> bytes:
+    """An entry waiting in a delayed-retry set: `<n>:<task id><envelope>` (`promote.lua`
+    turns it back into `internal_entry`'s two fields)."""
+    task_id = env.task_id.encode()
+    return b"%d:%s%s" % (len(task_id), task_id, _encoder.encode(env))
 
 
 def raw_fields_text(raw: dict[bytes, bytes], max_field_bytes: int) -> dict[str, str]:

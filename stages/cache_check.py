@@ -5,8 +5,10 @@ Reads the ingress (`<prefix>:tasks`). Bad input raises `InvalidTask`, which the 
 dead-letters with the reason and answers with a `failed` result (guarantees 3 and 8). A task
 whose producer chose its `id` takes that id (an idempotency key, `pipeline.task_record`):
 another entry with the id of a live task is dropped if it asks the same, refused if it asks
-something else. A cached answer goes straight to the store, skipping the router and the paid
-call (cost control); anything else goes on to the router.
+something else. A task too large to travel every stage is refused here, before anything is
+paid for. A cached answer goes straight to the store, skipping the router and the paid call
+(cost control); anything else goes on to the router, carrying the parsed request and only
+the producer fields later stages read (`CARRIED`), never the request twice.
 """
 
 from __future__ import annotations
@@ -15,18 +17,42 @@ import logging
 
 import msgspec
 
-from pipeline import Drop, Forward, Handler, Message, Outcome, Reject, Services, Stage
+from pipeline import (
+    Drop,
+    Forward,
+    Handler,
+    InvalidTask,
+    Message,
+    Outcome,
+    Reject,
+    Services,
+    Settings,
+    Stage,
+)
 from pipeline.request import parse_request
 from pipeline.task import Answer, Request
 from pipeline.task_record import Admission, TaskRecords
 
 log = logging.getLogger(__name__)
 
+#: The producer fields that travel on with the parsed request: what the runtime and the
+#: store still read (the result's TTL, metrics by type, a failed result's metadata).
+CARRIED = ("id", "type", "ttl", "metadata")
+#: An entry between stages holds the request re-encoded (msgpack: a JSON float may take
+#: three times its text) plus an envelope; only entries this close to the limit are measured.
+_MEASURE_ABOVE = 3
+
+
+def _later_limit(settings: Settings) -> int:
+    """The smallest `max_entry_bytes` of the stages a task goes through after this one."""
+    return min(settings.runtime_for(s).max_entry_bytes for s in ("router", "claude-call"))
+
 
 async def build(services: Services) -> Handler:
     """The handler, with this worker's settings and response cache."""
     settings, cache = services.settings, services.cache
     records = TaskRecords.for_stage(services, "cache-check")
+    limit = _later_limit(settings)
 
     async def check(msg: Message) -> Outcome:
         if msg.fields.get("id"):  # an id of the producer's: it may come twice
@@ -39,13 +65,27 @@ async def build(services: Services) -> Handler:
                     "(ids are idempotency keys while the task or its result lives)"
                 )
         request = parse_request(msg.fields, settings)
+        carried = {name: msg.fields[name] for name in CARRIED if name in msg.fields}
+        if msg.size * _MEASURE_ABOVE > limit:
+            _check_size(request, carried, limit)
         if request.cache and settings.cache.ttl_for(request.type):
             hit = await cache.get(request.request_hash)
             if hit is not None and (answer := _cached_answer(hit, request)) is not None:
-                return Forward("store", answer)
-        return Forward("router", request)
+                return Forward("store", answer.to_store(), fields=carried)
+        return Forward("router", request, fields=carried)
 
     return check
+
+
+def _check_size(request: Request, carried: dict[str, str], limit: int) -> None:
+    """Refuse a task whose entries between stages would not fit `limit` (it would fail after
+    being paid for, at a later stage)."""
+    size = len(msgspec.msgpack.encode(request)) + sum(map(len, carried.values())) + 1024
+    if size > limit:
+        raise InvalidTask(
+            f"request: {size:,} bytes once parsed, over the {limit:,}-byte entry limit of "
+            "the stages after cache-check (runtime.max_entry_bytes)"
+        )
 
 
 def _cached_answer(raw: bytes, request: Request) -> Answer | None:

@@ -45,7 +45,7 @@ async def build(services: Services) -> Handler:
         routed = msg.body(Routed)
         claim = await records.claim(msg, routed)
         if claim.state is ClaimState.RECORDED and claim.answer is not None:
-            return Forward("store", claim.answer)
+            return Forward("store", claim.answer.to_store())
         if claim.state is ClaimState.HELD:
             return Drop("another entry of this task holds its call")
         if claim.state is ClaimState.CONFLICT:
@@ -63,7 +63,7 @@ async def build(services: Services) -> Handler:
             await flight.land(answer)
         if own is None:
             return Reject(f"id {msg.task_id!r} already holds the answer to another request")
-        return Forward("store", own)
+        return Forward("store", own.to_store())
 
     async def call(granted: Reservation, msg: Message) -> Answer:
         """The paid call; once sent, shutdown lets it finish (bounded by its timeout)."""

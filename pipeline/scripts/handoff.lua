@@ -17,6 +17,9 @@
 --                           done_index, done_maxlen, [field, value, ...], record_index]
 --                  (first writer wins: if the result exists, neither it nor the event is
 --                  written; else the task's record, if any, expires with the result)
+--                ['LETTER', dlq_index, bytes_index, maxlen, max_bytes, size, [field, value, ...]]
+--                  (a dead letter of `size` bytes; then the oldest letters go while the DLQ
+--                  holds more than maxlen letters or max_bytes bytes, never the newest)
 -- Returns one status per record: 1 handed on, 2 handed on but the result already existed,
 -- 0 fenced (this worker no longer owns the entry: nothing was written, nothing acked).
 
@@ -53,6 +56,25 @@ local function xadd(key, maxlen, fields)
   end
 end
 
+local function size_of(fields)
+  for j = 1, #fields, 2 do
+    if fields[j] == 'size' then return tonumber(fields[j + 1]) or 0 end
+  end
+  return 0
+end
+
+local function letter(dlq, counter, maxlen, max_bytes, size, fields)
+  redis.call('XADD', dlq, '*', unpack(deref(fields)))
+  local total = redis.call('INCRBY', counter, size)
+  local n = redis.call('XLEN', dlq)
+  while n > 1 and (n > maxlen or total > max_bytes) do
+    local oldest = redis.call('XRANGE', dlq, '-', '+', 'COUNT', 1)[1]
+    redis.call('XDEL', dlq, oldest[1])
+    total = redis.call('INCRBY', counter, -size_of(oldest[2]))
+    n = n - 1
+  end
+end
+
 local statuses, acked = {}, {}
 for r = 1, #records do
   local rec = records[r]
@@ -76,6 +98,8 @@ for r = 1, #records do
         else
           status = 2
         end
+      elseif kind == 'LETTER' then
+        letter(KEYS[a[2]], KEYS[a[3]], a[4], a[5], a[6], a[7])
       else
         return redis.error_reply('handoff: unknown action ' .. tostring(kind))
       end

@@ -147,7 +147,7 @@ def test_non_utf8_is_invalid(raw: dict[bytes, bytes]) -> None:
 def test_over_long_task_id_is_invalid() -> None:
     ok = "i" * MAX_TASK_ID_CHARS
     assert decode_entry(EID, {b"id": ok.encode()}, LIMIT).task_id == ok
-    with pytest.raises(InvalidTask, match="task id"):
+    with pytest.raises(InvalidTask, match="id: 257 characters, over the 256-character limit"):
         decode_entry(EID, {b"id": (ok + "i").encode()}, LIMIT)
 
 

@@ -319,6 +319,33 @@ async def test_handoff_dead_letter_maxlen_trims_approximately(
     assert await r.xlen(src) == 0
 
 
+async def test_handoff_letters_keep_the_dlq_within_its_letters_and_its_bytes(
+    r: Redis, scripts: Scripts, keys: Keys
+) -> None:
+    """The DLQ is bounded in bytes as well as letters: the oldest letters go first, the
+    newest never, and the byte counter always equals what the letters left hold."""
+    src = keys.stream("route")
+    ids = await make_stream(r, src, 12)
+    await read(r, src, A)
+
+    def letter(eid: str, size: int) -> Record:
+        rec = Record(eid, 1)
+        fields = {"task_id": eid, "entry": b"\x00" * size, "size": str(size)}
+        rec.letter(keys.dlq, keys.dlq_bytes, 5, 10_000, fields)
+        return rec
+
+    sizes = [1000, 2000, 3000, 4000, 1500, 100, 100, 100, 100, 100, 100, 50_000]
+    for eid, size in zip(ids, sizes, strict=True):  # one batch each: trimming as they come
+        assert await handoff(scripts, src, [letter(eid, size)]) == [1]
+        left = [f for _, f in await r.xrange(keys.dlq)]
+        held = sum(int(f[b"size"]) for f in left)
+        assert int(await r.get(keys.dlq_bytes) or 0) == held
+        assert len(left) <= 5 and (held <= 10_000 or len(left) == 1)
+        assert left[-1][b"task_id"].decode() == eid  # never the newest
+    # the last letter alone is over the byte bound: it is kept, everything older went
+    assert [f[b"task_id"].decode() for _, f in await r.xrange(keys.dlq)] == [ids[-1]]
+
+
 # --- renew.lua -------------------------------------------------------------------------------
 
 
@@ -524,16 +551,16 @@ async def test_promote_moves_only_due_entries(r: Redis, scripts: Scripts, keys: 
     delayed = keys.delayed(stream)
     now = await server_ms(r)
     await r.zadd(delayed, {b"due-1": now - 5000, b"due-2": now - 1, b"later": now + 30_000})
-    moved, wait = await scripts.promote(keys=[delayed, stream], args=["_env", 100])
+    moved, wait = await scripts.promote(keys=[delayed, stream], args=["_env", "_id", 100])
     assert moved == 2
     assert 25_000 <= wait <= 30_000
     assert [f for _, f in await r.xrange(stream)] == [{b"_env": b"due-1"}, {b"_env": b"due-2"}]
     assert await r.zrange(delayed, 0, -1) == [b"later"]
-    moved, wait = await scripts.promote(keys=[delayed, stream], args=["_env", 100])
+    moved, wait = await scripts.promote(keys=[delayed, stream], args=["_env", "_id", 100])
     assert moved == 0
     assert await r.xlen(stream) == 2
     await r.zrem(delayed, b"later")
-    assert await scripts.promote(keys=[delayed, stream], args=["_env", 100]) == [0, -1]
+    assert await scripts.promote(keys=[delayed, stream], args=["_env", "_id", 100]) == [0, -1]
 
 
 async def test_promote_respects_the_batch_limit(r: Redis, scripts: Scripts, keys: Keys) -> None:
@@ -541,7 +568,7 @@ async def test_promote_respects_the_batch_limit(r: Redis, scripts: Scripts, keys
     delayed = keys.delayed(stream)
     now = await server_ms(r)
     await r.zadd(delayed, {f"m{i}".encode(): now - 1000 + i for i in range(10)})
-    moved, wait = await scripts.promote(keys=[delayed, stream], args=["_env", 4])
+    moved, wait = await scripts.promote(keys=[delayed, stream], args=["_env", "_id", 4])
     assert moved == 4
     assert wait == 0  # more are due already
     assert [f[b"_env"] for _, f in await r.xrange(stream)] == [b"m0", b"m1", b"m2", b"m3"]
@@ -560,7 +587,7 @@ async def test_promote_concurrently_moves_each_entry_once(
     async def mover() -> None:
         total = 0
         for _ in range(200):  # bounded: a mover that never empties the set must fail, not hang
-            moved, _ = await scripts.promote(keys=[delayed, stream], args=["_env", 37])
+            moved, _ = await scripts.promote(keys=[delayed, stream], args=["_env", "_id", 37])
             if moved == 0:
                 break
             total += moved
@@ -598,3 +625,23 @@ async def test_hold_is_free_again_after_expiry(r: Redis, scripts: Scripts, keys:
     assert await scripts.hold(keys=[name], args=["token-b", 10_000]) == 1
     assert await r.get(name) == b"token-b"
     assert await scripts.hold(keys=[name], args=["token-a", 10_000]) == 0
+
+
+async def test_promote_gives_an_entry_its_task_id_field(
+    r: Redis, scripts: Scripts, keys: Keys
+) -> None:
+    """A member written as `<n>:<task id><envelope>` goes back as the two fields of an entry
+    between stages, so its task id is readable even if the envelope is not."""
+    stream = keys.stream("route")
+    delayed = keys.delayed(stream)
+    now = await server_ms(r)
+    await r.zadd(delayed, {b"7:job:1:2\x99env:bytes": now - 1, b"2:\xc3\xa9\x00raw": now - 1})
+    moved, _ = await scripts.promote(keys=[delayed, stream], args=["_env", "_id", 10])
+    assert moved == 2
+    got = sorted(tuple(sorted(f.items())) for _, f in await r.xrange(stream))
+    assert got == sorted(
+        [
+            ((b"_env", b"\x99env:bytes"), (b"_id", b"job:1:2")),
+            ((b"_env", b"\x00raw"), (b"_id", "é".encode())),
+        ]
+    )

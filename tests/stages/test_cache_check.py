@@ -93,8 +93,10 @@ async def counters(client: Redis, settings: Settings) -> dict[str, int]:
 async def test_a_miss_goes_to_the_router_with_the_parsed_request(
     client: Redis, settings: Settings
 ) -> None:
-    outcome = await check(client, settings, FIELDS)
-    assert outcome == Forward("router", parse_request(FIELDS, settings))
+    outcome = await check(client, settings, {**FIELDS, "ttl": "60", "x-mine": "kept out"})
+    want = parse_request(FIELDS, settings)
+    # The request travels parsed; of the producer's fields only what later stages read.
+    assert outcome == Forward("router", want, fields={"type": "classify", "ttl": "60"})
     assert isinstance(outcome.body, Request) and len(outcome.body.request_hash) == 32
     assert await counters(client, settings) == {"cache_misses": 1}
 
@@ -106,8 +108,10 @@ async def test_a_hit_goes_to_the_store_as_this_tasks_answer(
     fields = {**FIELDS, "metadata": '{"from": "second"}', "id": "second"}
     outcome = await check(client, settings, fields)
     assert outcome.to == "store" and outcome.lane is None
+    assert outcome.fields == {k: fields[k] for k in ("id", "type", "metadata")}
     assert outcome.body == Answer(
-        request=parse_request(fields, settings),  # this task's own metadata, not the first's
+        # this task's own metadata, not the first's; not its prompt, which the store ignores
+        request=msgspec.structs.replace(parse_request(fields, settings), messages=[]),
         model="claude-haiku-5-5",
         output="spam",
         stop_reason="end_turn",
@@ -198,7 +202,9 @@ async def test_the_lookup_and_its_count_are_one_round_trip(
 async def test_an_unreadable_cache_entry_is_a_miss(client: Redis, settings: Settings) -> None:
     request = parse_request(FIELDS, settings)
     await client.set(Keys(settings.prefix).cache(request.request_hash), b"\xc1garbage")
-    assert await check(client, settings, FIELDS) == Forward("router", request)
+    assert await check(client, settings, FIELDS) == Forward(
+        "router", request, fields={"type": "classify"}
+    )
 
 
 async def test_bad_input_raises_invalid_task_with_the_reason(
@@ -328,7 +334,7 @@ async def test_the_stages_through_the_runtime(
     assert unknown["error"].startswith("unknown model 'gpt-4o': use auto, haiku, sonnet, opus")
     dlq = {}
     for _id, row in rclient.xrange(keys.dlq):
-        entry = {k.decode(): v.decode() for k, v in row.items()}
+        entry = {k.decode(): v.decode() for k, v in row.items() if k != b"entry"}
         dlq[entry["task_id"]] = entry
     assert sorted(dlq) == ["bad", "gpt"]
     assert (dlq["bad"]["stage"], dlq["bad"]["error"]) == ("cache-check", bad["error"])

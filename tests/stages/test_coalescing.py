@@ -155,7 +155,7 @@ async def test_a_task_arriving_after_a_complete_answer_is_served_from_the_cache(
     late = await handle(message(routed(1), task_id="late"))
     assert isinstance(early, Forward) and isinstance(late, Forward)
     assert early.body.stop_reason == "end_turn" and not early.body.cached
-    assert late.body == early.body.served_for(routed(1).request)  # its own request, no call
+    assert late.body == early.body.served_for(routed(1).request).to_store()  # its own, no call
     assert not late.body.coalesced and late.body.attempts == 0
     assert fake.stats()["requests_total"] == 1
     keys = Keys(settings.prefix)
