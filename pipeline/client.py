@@ -4,6 +4,13 @@ Guarantee 8 starts here: a bad request is refused with a message that says what 
 (`InvalidTask`) before anything reaches Redis, and a full ingress refuses new work
 (`Backpressure`) instead of growing without bound.
 
+A submit is all or nothing, and safe to send again. Every task leaves with an `id` (the
+caller's, else a fresh `uuid4().hex`), which the pipeline treats as an idempotency key, and
+each `submit`/`submit_many` call is one MULTI/EXEC: Redis adds all of its tasks or none. When
+a call fails, `SubmitFailed` carries the exact tasks it sent, ids included: sending them again
+adds nothing twice, whether or not the first try landed (a copy that did is dropped by the
+cache-check stage, with no second call and no second result).
+
 Waiting does not poll. One background reader per `Client` follows the `done` stream with
 `XREAD BLOCK` and wakes the waiters of the task ids it sees, so thousands of concurrent
 `result(id, wait=…)` calls share one connection; the hash reads they then make are batched
@@ -28,7 +35,7 @@ from typing import Self, cast
 
 import msgspec
 from redis.asyncio import BlockingConnectionPool, Redis
-from redis.exceptions import RedisError
+from redis.exceptions import AuthenticationError, BusyLoadingError, RedisError, ResponseError
 
 from pipeline.config import IngressSettings, Settings
 from pipeline.errors import Backpressure, ConfigError, InvalidTask, RedisUnavailable
@@ -56,7 +63,8 @@ WIRE_FIELDS = (
     "traceparent",
     "tracestate",
 )
-#: Tasks per pipelined round trip in `submit_many`.
+#: Tasks per `submit_many` call (one MULTI/EXEC each) for callers that split a long input,
+#: such as `pipeline submit --file`.
 BATCH_SIZE = 500
 #: Fields a Python caller may give as Python values, and the types each one takes; strings (the
 #: wire form) are taken for every field. JSON-valued fields are sent as compact JSON text.
@@ -71,6 +79,28 @@ _NUMBER_FIELDS = frozenset({"max_tokens", "temperature", "ttl"})
 _MAX_TRACESTATE_BYTES = 512
 _PREFIX = re.compile(r"[A-Za-z0-9_.\-]+")
 _Entries = list[tuple[bytes, dict[bytes, bytes]]]
+
+
+class SubmitFailed(RedisUnavailable):
+    """A `submit`/`submit_many` that did not (or may not have) put its tasks in.
+
+    Attributes:
+        tasks: the tasks as sent, as wire fields with each one's `id` (given or assigned);
+            `client.submit_many(exc.tasks)` sends exactly the same batch again.
+        ids: their task ids, in order.
+        maybe_added: False when Redis was not reached or refused the batch (none of the
+            tasks was added); True when the connection failed with the batch in flight (all
+            or none of them were added, and the client cannot tell which), or when Redis ran
+            the transaction but failed some of its XADDs (some were added). Sending `tasks`
+            again is safe either way: a task that is already in is dropped by the pipeline
+            (same id, same request: no second call, no second result).
+    """
+
+    def __init__(self, message: str, tasks: list[dict[str, str]], maybe_added: bool) -> None:
+        super().__init__(message)
+        self.tasks = tasks
+        self.ids = [fields["id"] for fields in tasks]
+        self.maybe_added = maybe_added
 
 
 # ---- validation (pure, no Redis) ------------------------------------------------------------
@@ -126,6 +156,16 @@ def _wire(name: str, value: object) -> str:
     except UnicodeEncodeError:
         raise InvalidTask(f"{name}: is not valid UTF-8 text (a lone surrogate?)") from None
     return text
+
+
+def with_id(fields: dict[str, str]) -> dict[str, str]:
+    """`fields` with an `id`: the one given, else a new random one (`uuid4().hex`), in
+    `WIRE_FIELDS` order. The client sends every task with an id so that a task whose fate
+    is unknown (a connection lost after the send) can be sent again as the same task."""
+    if fields.get("id"):
+        return fields
+    given = {**fields, "id": uuid.uuid4().hex}
+    return {name: given[name] for name in WIRE_FIELDS if name in given}
 
 
 def _check_producer_fields(fields: Mapping[str, str]) -> None:
@@ -262,7 +302,11 @@ class Client:
         traceparent: str | None = None,
         tracestate: str | None = None,
     ) -> str:
-        """Add one task to the ingress and return its id (`id`, else the stream entry id).
+        """Add one task to the ingress and return its id: `id`, else a new `uuid4().hex`.
+
+        The task is sent with its id either way, so it can be sent again safely: if this
+        raises `SubmitFailed`, `submit(..., id=exc.ids[0])` with the same arguments (or
+        `submit_many(exc.tasks)`) adds it at most once, whether or not the first try landed.
 
         The backlog check trusts a measured ingress length for `backlog_check_s` (0.1 s),
         counting this client's own additions on top, and measures again before refusing: one
@@ -272,7 +316,8 @@ class Client:
         Raises:
             InvalidTask: the task is malformed (the message names the field).
             Backpressure: the ingress already holds `ingress.max_backlog` tasks.
-            RedisUnavailable: Redis could not be reached.
+            SubmitFailed: (a `RedisUnavailable`) Redis could not be reached, refused the
+                task, or the connection failed with it in flight; see `maybe_added`.
         """
         fields = task_fields(
             {
@@ -292,22 +337,37 @@ class Client:
             },
             self.settings,
         )
-        return (await self._add([fields]))[0]
+        return (await self._add([with_id(fields)]))[0]
 
     async def submit_many(self, tasks: Iterable[Mapping[str, object]]) -> list[str]:
-        """Add many tasks (mappings with `submit`'s keyword names), `BATCH_SIZE` per round trip.
+        """Add many tasks (mappings with `submit`'s keyword names) at once, all or nothing.
 
-        All or nothing for the checks: every task is validated, and room for all of them is
-        checked, before the first is written. Split very large inputs into several calls.
+        Every task is validated, and room for all of them is checked, before anything is
+        sent; then they go in one MULTI/EXEC, which Redis carries out whole or not at all
+        (a command it refuses part way, say for `maxmemory`, aborts the lot). Returns the
+        task ids in order: each task's `id`, else a new `uuid4().hex` assigned before
+        sending.
+
+        Safe to retry: on `SubmitFailed`, `submit_many(exc.tasks)` sends the identical batch
+        again (same ids). If the first try did land (`exc.maybe_added`: the connection died
+        after the EXEC went out), its tasks are each run and answered once all the same; the
+        second copies are dropped with no call and no second result. Ids chosen by the
+        caller make the same hold across restarts of the caller itself.
+
+        One call is one transaction that Redis runs in one go: split very large inputs
+        (`BATCH_SIZE` tasks per call is a good size).
 
         Raises:
             InvalidTask: naming the task's position (from 0) and the field.
-            Backpressure: the ingress has no room for all of them.
+            Backpressure: the ingress has no room for all of them (none was sent).
+            SubmitFailed: (a `RedisUnavailable`) Redis could not be reached, refused the
+                batch (none added), or the connection failed with it in flight (all or none
+                added); carries the batch with its ids.
         """
         batch: list[dict[str, str]] = []
         for n, task in enumerate(tasks):
             try:
-                batch.append(task_fields(task, self.settings))
+                batch.append(with_id(task_fields(task, self.settings)))
             except InvalidTask as exc:
                 raise InvalidTask(f"task {n}: {exc}") from None
         return await self._add(batch) if batch else []
@@ -318,19 +378,60 @@ class Client:
             return int(await self.redis.xlen(self.keys.ingress))
 
     async def _add(self, tasks: list[dict[str, str]]) -> list[str]:
-        await self._reserve_room(len(tasks))
-        ids: list[str] = []
-        async with self._errors():
-            for start in range(0, len(tasks), BATCH_SIZE):
-                chunk = tasks[start : start + BATCH_SIZE]
-                with _producer_spans(self.keys.ingress, chunk) as sent:
-                    async with self.redis.pipeline(transaction=False) as pipe:
-                        for fields in chunk:
-                            pipe.xadd(self.keys.ingress, fields)  # type: ignore[arg-type]
-                        entry_ids = await pipe.execute()
-                    sent(entry_ids)
-                ids += [f.get("id") or e.decode() for f, e in zip(chunk, entry_ids, strict=True)]
-        return ids
+        """Send `tasks` (each with its id) in one transaction; return their ids."""
+        try:
+            await self._reserve_room(len(tasks))
+        except RedisUnavailable as exc:
+            raise SubmitFailed(
+                f"{exc}; none of the {len(tasks):,} task(s) was sent", tasks, maybe_added=False
+            ) from exc
+        try:
+            await self._send(tasks)
+        except SubmitFailed:
+            self._backlog_at = -math.inf  # what we counted as ours may not be there
+            raise
+        return [fields["id"] for fields in tasks]
+
+    async def _send(self, tasks: list[dict[str, str]]) -> None:
+        n = len(tasks)
+        where = redacted(self._url)
+        # The spans write their own trace context into what is sent; `tasks` stay as given,
+        # so a retry of them starts its own send spans under the caller's context.
+        sending = [dict(fields) for fields in tasks]
+        try:
+            with _producer_spans(self.keys.ingress, sending) as sent:
+                async with self.redis.pipeline(transaction=True) as pipe:
+                    for fields in sending:
+                        pipe.xadd(self.keys.ingress, fields)  # type: ignore[arg-type]
+                    replies = await pipe.execute(raise_on_error=False)
+                errors = [r for r in replies if isinstance(r, Exception)]
+                if errors:  # EXEC ran and failed XADDs in it (on one key, it fails them all)
+                    landed = n - len(errors)
+                    raise SubmitFailed(
+                        f"Redis at {where} refused {len(errors):,} of {n:,} task(s) "
+                        f"({errors[0]}); {landed:,} were added",
+                        tasks,
+                        maybe_added=landed > 0,
+                    )
+                sent(replies)
+        except (ResponseError, BusyLoadingError, AuthenticationError) as exc:
+            # An error reply: Redis refused the handshake, or a command before EXEC ran, so
+            # it discarded the whole transaction (`maxmemory` is checked as each command is
+            # queued and again at EXEC). Nothing was added.
+            raise SubmitFailed(
+                f"Redis at {where} refused the batch ({type(exc).__name__}: {exc}); none of "
+                f"its {n:,} task(s) was added",
+                tasks,
+                maybe_added=False,
+            ) from exc
+        except UNAVAILABLE as exc:
+            raise SubmitFailed(
+                f"cannot reach Redis at {where}: {exc}; the connection failed with {n:,} "
+                "task(s) in flight, so all or none of them were added: send exc.tasks again "
+                "(same ids: a copy that is already in is dropped, not run twice)",
+                tasks,
+                maybe_added=True,
+            ) from exc
 
     async def _reserve_room(self, n: int) -> None:
         limit = self.limits.max_backlog

@@ -121,8 +121,7 @@ def test_submit_and_result_round_trip(
                "--metadata", '{"user": "ann"}')  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     task_id = proc.stdout.strip()
-    [(entry_id, fields)] = rclient.xrange(keys.ingress)
-    assert task_id == entry_id.decode()
+    [(_, fields)] = rclient.xrange(keys.ingress)
     assert {k.decode(): v.decode() for k, v in fields.items()} == {
         "prompt": "Classify: great product",
         "model": "haiku",
@@ -131,6 +130,7 @@ def test_submit_and_result_round_trip(
         "cache": "false",
         "ttl": "120",
         "metadata": '{"user": "ann"}',  # JSON text is sent as given, as by XADD
+        "id": task_id,  # assigned by the client, so that the task can be sent again safely
     }
 
     missing = cli(env, "result", task_id)
@@ -206,7 +206,7 @@ def test_submit_file_reports_bad_lines_and_submits_the_rest(
     entries = rclient.xrange(Keys(prefix).ingress)
     assert len(ids) == len(entries) == 3
     assert ids[1] == "mine-2"
-    assert ids[0] == entries[0][0].decode()
+    assert ids[0] == entries[0][1][b"id"].decode()  # an id the client assigned
 
 
 def test_submit_file_prints_ids_without_out(env: dict[str, str], tmp_path: Path) -> None:

@@ -413,13 +413,14 @@ async def test_the_clients_send_span_continues_a_traceparent_the_caller_passed(
     async with Client(redis_url, prefix) as client:
         task_id = await client.submit("hi", traceparent=f"00-{caller_trace}-{caller_span}-01",
                                       tracestate="vendor=abc")  # fmt: skip
-    ((_, fields),) = rclient.xrange(Keys(prefix).ingress)
+    ((entry_id, fields),) = rclient.xrange(Keys(prefix).ingress)
     _, trace_id, span_id, _ = fields[b"traceparent"].decode().split("-")
     (send,) = trace_of(exporter, caller_trace)
     assert trace_id == caller_trace and span_id == f"{send.context.span_id:016x}"  # type: ignore[union-attr]
     assert parent_of(send) == int(caller_span, 16)
     assert fields[b"tracestate"] == b"vendor=abc"
-    assert send.attributes and send.attributes["messaging.message.id"] == task_id
+    assert send.attributes and send.attributes["messaging.message.id"] == entry_id.decode()
+    assert send.attributes["messaging.message.conversation_id"] == task_id == fields[b"id"].decode()
 
 
 class _BrokenTracer:

@@ -212,14 +212,15 @@ def test_pipeline_submit_sends_a_producer_span_whose_context_is_the_entrys_trace
                          text=True)  # fmt: skip
     task_id = out.stdout.strip()
     ((entry_id, fields),) = rclient.xrange(Keys(prefix).ingress)
-    assert entry_id.decode() == task_id
+    assert fields[b"id"].decode() == task_id  # the client gives every task an id
     _, trace_id, span_id, flags = fields[b"traceparent"].decode().split("-")
     assert int(flags, 16) & 1
     (send,) = receiver.trace(trace_id)  # flushed before the command exited
     assert (send.name, send.kind) == (f"send {Keys(prefix).ingress}",
                                       Span.SpanKind.SPAN_KIND_PRODUCER)  # fmt: skip
     assert send.span_id == span_id and send.parent_id == ""
-    assert send.attributes["messaging.message.id"] == task_id
+    assert send.attributes["messaging.message.id"] == entry_id.decode()
+    assert send.attributes["messaging.message.conversation_id"] == task_id
     assert send.attributes["messaging.operation.type"] == "send"
 
 

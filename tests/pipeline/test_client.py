@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import AsyncIterator
 
@@ -11,13 +12,14 @@ import msgspec
 import pytest
 import redis
 
-from pipeline.client import BATCH_SIZE, Client, task_fields
+from pipeline.client import BATCH_SIZE, Client, SubmitFailed, task_fields
 from pipeline.config import IngressSettings, Settings, load_settings
 from pipeline.errors import Backpressure, InvalidTask, RedisUnavailable
 from pipeline.keys import Keys
 from pipeline.request import parse_request
 from pipeline.results import make_result
-from tests.helpers.redis_server import free_port
+from tests.helpers.cut_proxy import Cut, CutProxy
+from tests.helpers.redis_server import RedisServer, free_port
 
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
@@ -91,11 +93,14 @@ async def test_submit_writes_exactly_the_wire_fields(client: Client, rclient: re
 
 
 @pytest.mark.anyio
-async def test_defaults_and_the_entry_id_as_task_id(client: Client, rclient: redis.Redis) -> None:
+async def test_defaults_and_an_assigned_task_id(client: Client, rclient: redis.Redis) -> None:
+    """Without an `id` the client gives the task one before sending (so it can be re-sent)."""
     task_id = await client.submit("hi")
-    [(entry_id, fields)] = entries(rclient, client.keys)
-    assert task_id == entry_id
-    assert fields == {"prompt": "hi", "model": "auto", "type": "default"}
+    [(_, fields)] = entries(rclient, client.keys)
+    assert re.fullmatch(r"[0-9a-f]{32}", task_id)
+    assert fields == {"prompt": "hi", "model": "auto", "type": "default", "id": task_id}
+    assert list(fields) == ["prompt", "model", "type", "id"]  # in WIRE_FIELDS order
+    assert await client.submit("hi") != task_id  # a new task each call
 
 
 @pytest.mark.anyio
@@ -315,12 +320,112 @@ async def test_submit_many_puts_10000_tasks_in_quickly(
     took = time.perf_counter() - started
     assert took < 5.0, f"10,000 tasks took {took:.2f}s: not batched?"
     stored = entries(rclient, client.keys)
-    assert len(stored) == len(ids) == 10_000
-    for n, (task_id, (entry_id, fields)) in enumerate(zip(ids, stored, strict=True)):
-        assert task_id == (f"own-{n}" if n % 2 else entry_id)
+    assert len(stored) == len(ids) == len(set(ids)) == 10_000
+    for n, (task_id, (_, fields)) in enumerate(zip(ids, stored, strict=True)):
+        assert task_id == fields["id"]
+        assert (task_id == f"own-{n}") if n % 2 else re.fullmatch(r"[0-9a-f]{32}", task_id)
         assert fields["prompt"] == f"task {n}"
     assert BATCH_SIZE == 500
     assert await client.submit_many([]) == []
+
+
+# ---- all or nothing, and safe to send again --------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_a_batch_redis_refuses_part_way_adds_nothing(
+    private_redis: RedisServer, prefix: str
+) -> None:
+    """`maxmemory` (noeviction) runs out part way through a batch: no task of it is added,
+    the error says so, and the same batch (same ids) goes in whole once there is room."""
+    direct = redis.Redis.from_url(private_redis.url)
+    keys = Keys(prefix)
+    tasks = [{"prompt": f"task {n} " + "x" * 1000, **({"id": f"own-{n}"} if n % 3 else {})}
+             for n in range(2000)]  # fmt: skip
+    try:
+        async with Client(private_redis.url, prefix) as client:
+            await client.backlog()  # the client's connection exists before the limit is set
+            used = int(direct.info("memory")["used_memory"])
+            direct.config_set("maxmemory-policy", "noeviction")
+            direct.config_set("maxmemory", used + 512 * 1024)  # room for a few hundred of them
+            with pytest.raises(RedisUnavailable) as caught:
+                await client.submit_many(tasks)
+            landed = direct.xlen(keys.ingress)
+            assert landed == 0, f"{landed} of {len(tasks)} tasks of a refused batch were added"
+            failed = caught.value
+            assert isinstance(failed, SubmitFailed)
+            assert "refused the batch (OutOfMemoryError" in str(failed)
+            assert "maxmemory" in str(failed)
+            assert "none of its 2,000 task(s) was added" in str(failed)
+            assert failed.maybe_added is False
+            assert len(failed.ids) == len(set(failed.ids)) == len(tasks)
+            assert failed.ids[1] == "own-1" and re.fullmatch(r"[0-9a-f]{32}", failed.ids[0])
+
+            direct.config_set("maxmemory", 0)
+            assert await client.submit_many(failed.tasks) == failed.ids
+            stored = entries(direct, keys)
+            assert [f["id"] for _, f in stored] == failed.ids
+            assert [f["prompt"] for _, f in stored] == [t["prompt"] for t in tasks]
+    finally:
+        direct.close()
+
+
+@pytest.fixture
+async def proxy(redis_url: str) -> AsyncIterator[CutProxy]:
+    cut = await CutProxy(redis_url).start()
+    yield cut
+    await cut.aclose()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("how", ["after-exec", "before-exec"])
+async def test_a_lost_connection_names_the_batch_to_send_again(
+    proxy: CutProxy, settings: Settings, rclient: redis.Redis, how: Cut
+) -> None:
+    """The connection dies with the batch in flight, after or before Redis ran it; the
+    caller cannot tell which. The error carries the batch with its ids; sending it again
+    puts each task in under the same id with the same request (the pipeline drops the copy
+    of one that was in: tests/e2e/test_submit_retry.py)."""
+    keys = Keys(settings.prefix)
+    tasks = [{"prompt": f"task {n}", **({"id": f"own-{n}"} if n % 2 else {})}
+             for n in range(50)]  # fmt: skip
+    async with Client(proxy.url, settings.prefix) as client:
+        await client.backlog()
+        proxy.cut(how)
+        with pytest.raises(RedisUnavailable) as caught:
+            await client.submit_many(tasks)
+        assert proxy.cuts == 1
+        failed = caught.value
+        assert isinstance(failed, SubmitFailed), repr(failed)
+        assert failed.maybe_added is True
+        assert "all or none of them were added: send exc.tasks again" in str(failed)
+        first = entries(rclient, keys)
+        assert len(first) == (50 if how == "after-exec" else 0)  # whole, or not at all
+        assert [f["id"] for _, f in first] == (failed.ids if first else [])
+        assert [f["id"] for f in failed.tasks] == failed.ids
+        assert failed.ids[1::2] == [f"own-{n}" for n in range(1, 50, 2)]
+
+        assert await client.submit_many(failed.tasks) == failed.ids
+    stored = entries(rclient, keys)
+    assert len(stored) == len(first) + 50
+    assert [fields for _, fields in stored[len(first) :]] == failed.tasks
+    assert all(f == again for (_, f), (_, again) in zip(first, stored[50:], strict=False))
+
+
+@pytest.mark.anyio
+async def test_submit_can_be_sent_again_under_its_id(
+    proxy: CutProxy, settings: Settings, rclient: redis.Redis
+) -> None:
+    async with Client(proxy.url, settings.prefix) as client:
+        await client.backlog()
+        proxy.cut("after-exec")
+        with pytest.raises(SubmitFailed) as caught:
+            await client.submit("Name a colour.", type="classify")
+        [task_id] = caught.value.ids
+        assert await client.submit("Name a colour.", type="classify", id=task_id) == task_id
+    stored = [fields for _, fields in entries(rclient, Keys(settings.prefix))]
+    assert stored == [{"prompt": "Name a colour.", "model": "auto", "type": "classify",
+                       "id": task_id}] * 2  # fmt: skip
 
 
 # ---- results ----------------------------------------------------------------------------------
@@ -397,6 +502,10 @@ async def test_2000_waiters_share_two_connections(settings: Settings, rclient: r
         assert time.perf_counter() - started < 5.0
         assert [r["output"] if r else None for r in results[1:]] == [str(n) for n in range(1, 2000)]
         assert named_connections(rclient, client.name) <= 2
+    for _ in range(200):  # the server sees a closed socket a moment after the client closed it
+        if named_connections(rclient, client.name) == 0:
+            break
+        await asyncio.sleep(0.01)
     assert named_connections(rclient, client.name) == 0
 
 
