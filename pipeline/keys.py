@@ -25,6 +25,10 @@ class Keys:
         """A stage's input stream, e.g. `stream("call", "haiku")` -> `pipeline:call:haiku`."""
         return f"{self._base}:{name}" if lane is None else f"{self._base}:{name}:{lane}"
 
+    def reclaim_clock(self, stream: str) -> str:
+        """When `stream` was last reclaimed from, to tell a stalled Redis (same slot)."""
+        return f"{stream}:clock"
+
     def delayed(self, stream: str) -> str:
         """The sorted set of entries waiting to go back onto `stream` (same slot as it)."""
         return f"{stream}:delayed"

@@ -117,6 +117,11 @@ async def prune_consumers(runner: StageRunner) -> list[str]:
 async def reclaim(runner: StageRunner) -> int:
     """Claim lapsed entries, at most as many as there are free slots (bounded prefetch)."""
     cursor, taken = "0-0", 0
+    keys = [runner.stream, runner.ctx.keys.reclaim_clock(runner.stream)]
+    # A silence longer than this means Redis was stalled (see reclaim.lua); it must exceed
+    # the reclaim interval, or every reclaim would look like the first after a stall.
+    gap_ms = max(runner.rt.lease_ms // 2, 3 * runner.rt.reclaim_every_ms)
+
     while (free := runner.free_slots()) > 0:
         sent_at = time.monotonic()
         args: list[EncodableT] = [
@@ -125,13 +130,12 @@ async def reclaim(runner: StageRunner) -> int:
             runner.rt.lease_ms,
             cursor,
             min(free, 100),
+            gap_ms,
         ]
-        cursor_b, entries = as_list(
-            await runner.ctx.available.call(
-                partial(runner.ctx.scripts.reclaim, keys=[runner.stream], args=args),
-                runner.recreate_group,
-            )
+        reply = await runner.ctx.available.call(
+            partial(runner.ctx.scripts.reclaim, keys=keys, args=args), runner.recreate_group
         )
+        cursor_b, entries = as_list(reply)
         ids = _start_all(runner, entries, sent_at)
         taken += len(ids)
         if ids:

@@ -65,14 +65,33 @@ def redacted(url: str) -> str:
     return f"{scheme}{sep}{user}:***@{host}" if ":" in creds else f"{scheme}{sep}{user}@{host}"
 
 
+#: An outage of the same kind within this long after the last one cleared is not logged
+#: again (a server at maxmemory refuses and accepts writes by turns).
+QUIET_S = 30.0
+#: How long Redis must stay back before the log says so.
+SETTLE_S = 1.0
+#: Connection errors retried at once without a word, within this long of the first: after a
+#: restart each pooled connection fails once as it is reused, and a fresh one then works.
+_SILENT_RETRIES, _SILENT_S = 5, 1.0
+
+
 class Availability:
     """Shared by every loop of a process: waits out what `pipeline.redis_errors` says to wait
-    out, with one log line when Redis goes away, one when the reason changes, one when back."""
+    out, with one log line when Redis goes away, one when the reason changes, one when back.
+
+    Only a call that failed can say Redis is back: during a READONLY or OOM outage reads
+    still succeed, and must not make the state (and the log) flap. "Back" is said once the
+    state has held for `SETTLE_S`: a failover passes through several states in a second.
+    """
 
     def __init__(self, url: str, max_backoff_s: float = 5.0) -> None:
         self._url = redacted(url)
         self._down_since: float | None = None
         self._down_code = ""
+        self._announced = self._changed = False
+        self._cleared = ("", -QUIET_S)  # (code, monotonic time) of the last outage's end
+        self._back: asyncio.TimerHandle | None = None  # the pending "back" line
+        self._back_state = (0.0, "", False)  # what a cut-short "back" resumes
         self._max_backoff_s = max_backoff_s
 
     @property
@@ -80,24 +99,45 @@ class Availability:
         return self._down_since is not None
 
     def _mark_down(self, fault: Fault, exc: BaseException) -> None:
-        if fault.code == self._down_code:
-            return
+        now = time.monotonic()
+        if self._down_since is None and self._back is not None:  # back for a moment only
+            self._back.cancel()
+            self._back = None
+            self._down_since, self._down_code, self._changed = self._back_state
+            self._announced = True
         if self._down_since is None:
-            self._down_since = time.monotonic()
-            log.warning(
-                "redis unavailable at %s: %s (%s); waiting", self._url, fault.meaning, _brief(exc)
-            )
-        else:
-            log.warning("redis still unavailable at %s: now %s", self._url, fault.meaning)
-        self._down_code = fault.code
+            self._down_since, self._down_code, self._changed = now, fault.code, False
+            code, cleared_at = self._cleared
+            self._announced = not (code == fault.code and now - cleared_at < QUIET_S)
+            if self._announced:
+                log.warning(
+                    "redis unavailable at %s: %s (%s); waiting",
+                    self._url,
+                    fault.meaning,
+                    _brief(exc),
+                )
+        elif fault.code != self._down_code:
+            self._down_code = fault.code
+            if not self._announced:
+                log.warning("redis unavailable at %s: %s; waiting", self._url, fault.meaning)
+            elif not self._changed:  # one line for a change of reason; a failover has several
+                log.warning("redis still unavailable at %s: now %s", self._url, fault.meaning)
+            self._announced = self._changed = True
 
     def _mark_up(self) -> None:
-        if self._down_since is not None:
-            log.warning(
-                "redis back at %s after %.1fs", self._url, time.monotonic() - self._down_since
-            )
-            self._down_since = None
-            self._down_code = ""
+        if self._down_since is None:
+            return
+        now = time.monotonic()
+        if self._announced:
+            self._back_state = (self._down_since, self._down_code, self._changed)
+            after = now - self._down_since
+            self._back = asyncio.get_running_loop().call_later(SETTLE_S, self._say_back, after)
+        self._cleared = (self._down_code, now)
+        self._down_since, self._down_code = None, ""
+
+    def _say_back(self, after: float) -> None:
+        self._back = None
+        log.warning("redis back at %s after %.1fs", self._url, after)
 
     async def call(
         self,
@@ -110,10 +150,10 @@ class Availability:
         trying again; without it, NOGROUP is raised. Refused credentials raise
         `RedisRefused`; errors the table does not know are raised as they are.
 
-        The first connection failure is retried at once without a word: after a restart,
-        each pooled connection fails once as it is reused, and a fresh one then works.
+        A few connection failures in a row are retried at once without a word: after a
+        restart, each pooled connection fails once as it is reused.
         """
-        delay, failures, recreated = 0.05, 0, 0
+        delay, failures, recreated, first_failure = 0.05, 0, 0, 0.0
         while True:
             try:
                 result = await op()
@@ -137,13 +177,21 @@ class Availability:
                     await recreate()
                     continue
                 failures += 1
-                if failures == 1 and not self.down and fault.code == "connection":
+                if failures == 1:
+                    first_failure = time.monotonic()
+                if (
+                    fault.code == "connection"
+                    and not self.down
+                    and failures <= _SILENT_RETRIES
+                    and time.monotonic() - first_failure < _SILENT_S
+                ):
                     continue
                 self._mark_down(fault, exc)
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))
                 delay = min(self._max_backoff_s, delay * 2)
                 continue
-            self._mark_up()
+            if failures:
+                self._mark_up()
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 # A cancellation that landed mid-command, which redis-py swallowed and

@@ -55,6 +55,7 @@ TABLE: tuple[Fault, ...] = (
     Fault("READONLY", Action.WAIT, "connected to a replica (a failover in progress?)"),
     Fault("TRYAGAIN", Action.WAIT, "a Cluster slot is migrating"),
     Fault("CLUSTERDOWN", Action.WAIT, "the Cluster is down"),
+    Fault("UNBLOCKED", Action.WAIT, "a blocked read was cut: the server turned replica?"),
     Fault("NOGROUP", Action.RECREATE, "a stream or its consumer group is gone"),
     Fault("NOAUTH", Action.STOP, "Redis wants a password: put it in REDIS_URL"),
     Fault("WRONGPASS", Action.STOP, "Redis refused the user or password in REDIS_URL"),
@@ -65,6 +66,13 @@ _CONNECTION = _BY_CODE["connection"]
 #: An error code at the start of the reply, or where a script's error quotes it (Redis 6.2
 #: wraps it: "ERR Error running script (call to f_…): @user_script:17: -NOGROUP …").
 _CODE = re.compile(r"(?:^|: -)([A-Z]+)\b")
+#: Refusals whose reply carries no code of their own (Redis 7.0 reports a script's NOPERM
+#: as a plain ERR; redis-py strips WRONGPASS and NOAUTH alike into AuthenticationError).
+_TEXTS = (
+    ("can't run this command", "NOPERM"),
+    ("no permissions to", "NOPERM"),
+    ("Authentication required", "NOAUTH"),
+)
 _CLASSES: tuple[tuple[type[BaseException], str], ...] = (
     (BusyLoadingError, "LOADING"),
     (ReadOnlyError, "READONLY"),
@@ -79,14 +87,17 @@ class RedisRefused(PipelineError):
 
 def classify(exc: BaseException) -> Fault | None:
     """The table's row for `exc`, or None for an error no wait can fix (a bug)."""
+    text = str(exc)
+    for needle, code in _TEXTS:
+        if needle in text:
+            return _BY_CODE[code]
     if isinstance(exc, AuthenticationError):
-        return _BY_CODE["WRONGPASS" if "WRONGPASS" in str(exc) else "NOAUTH"]
+        return _BY_CODE["WRONGPASS"]
     for cls, code in _CLASSES:
         if isinstance(exc, cls):
             return _BY_CODE[code]
     if isinstance(exc, RedisConnectionError | RedisTimeoutError | ConnectionError | OSError):
         return _CONNECTION
-    text = str(exc)
     for match in _CODE.finditer(text):
         if (fault := _BY_CODE.get(match.group(1))) is not None:
             return fault

@@ -104,7 +104,10 @@ async def run_worker(
     """
     stages = [app.stage(name) for name in stage_names]
     redis = connect(settings.redis)
-    available = Availability(settings.redis.url)
+    # Back off no longer than a quarter lease while Redis is away, so that owners renew
+    # their leases soon after it is back, before reclaims resume (scripts/reclaim.lua).
+    shortest_lease_s = min(settings.runtime_for(s.name).lease_ms for s in stages) / 1000
+    available = Availability(settings.redis.url, max_backoff_s=min(5.0, shortest_lease_s / 4))
     scripts = Scripts.register(redis)
     keys = Keys(settings.prefix)
     tracing = _start_tracing(app, keys)  # before connecting: a bad OTEL_* fails at once
@@ -223,7 +226,10 @@ async def run_worker(
         except* _Done:
             pass
         except* RedisRefused as refused:  # one clear line (cli.main), not a traceback group
-            raise refused.exceptions[0] from None
+            first: BaseException = refused
+            while isinstance(first, BaseExceptionGroup):  # runners nest task groups
+                first = first.exceptions[0]
+            raise first from None
     except asyncio.CancelledError:
         if not forced_exit:
             raise

@@ -346,6 +346,28 @@ async def test_handoff_letters_keep_the_dlq_within_its_letters_and_its_bytes(
     assert [f[b"task_id"].decode() for _, f in await r.xrange(keys.dlq)] == [ids[-1]]
 
 
+async def test_reclaim_takes_nothing_just_after_redis_was_stalled(
+    r: Redis, scripts: Scripts, keys: Keys
+) -> None:
+    """After a silence longer than the gap (a slow script, CLIENT PAUSE), every lease looks
+    lapsed though the owners are alive: reclaims wait one more gap so they can renew."""
+    src = keys.stream("route")
+    clock = keys.reclaim_clock(src)
+    await make_stream(r, src, 3)
+    await read(r, src, A)
+    args = [GROUP, B, 0, "0-0", 10, 300]  # idle 0: everything counts as lapsed
+    t = await server_ms(r)
+    await r.hset(clock, "seen", t - 1000)  # the last reclaim ran a second ago: a stall
+    assert await scripts.reclaim(keys=[src, clock], args=args) == [b"0-0", []]
+    waited_from = await server_ms(r)
+    claimed: list[object] = []
+    while not claimed:  # reclaims keep running (every 100 ms here), taking nothing at first
+        await anyio.sleep(0.1)
+        _, claimed = await scripts.reclaim(keys=[src, clock], args=args)
+    assert len(claimed) == 3
+    assert 550 <= await server_ms(r) - waited_from < 1500  # two gaps (600 ms), not more
+
+
 # --- renew.lua -------------------------------------------------------------------------------
 
 
@@ -407,7 +429,9 @@ async def test_renew_with_lease_idle_hands_entry_back(
     owner, deliveries, idle = (await pending(r, src))[eid]
     assert (owner, deliveries) == (A, 0)  # a hand-back is not a delivery: the reclaim adds it
     assert idle >= LEASE_MS
-    _, claimed = await scripts.reclaim(keys=[src], args=[GROUP, B, LEASE_MS, "0-0", 10])
+    _, claimed = await scripts.reclaim(
+        keys=[src, f"{src}:clock"], args=[GROUP, B, LEASE_MS, "0-0", 10, 60_000]
+    )
     assert [(c[0].decode(), c[2]) for c in claimed] == [(eid, 1)]
     assert (await pending(r, src))[eid][:2] == (B, 1)
 
@@ -427,7 +451,9 @@ async def test_renew_hand_backs_never_add_up_to_a_delivery(
         assert await scripts.renew(keys=[src], args=args) == []
         assert (await pending(r, src))[eid][:2] == (owner, expected - 1)
         other = consumers[(turn + 1) % 2]
-        _, claimed = await scripts.reclaim(keys=[src], args=[GROUP, other, LEASE_MS, "0-0", 10])
+        _, claimed = await scripts.reclaim(
+            keys=[src, f"{src}:clock"], args=[GROUP, other, LEASE_MS, "0-0", 10, 60_000]
+        )
         assert [(c[0].decode(), c[2]) for c in claimed] == [(eid, 2)]
     # A hand-back with a stale delivery count is refused like any renewal, and changes nothing.
     assert await scripts.renew(keys=[src], args=[GROUP, B, LEASE_MS, eid, 1]) == [eid.encode()]
@@ -444,7 +470,9 @@ async def test_reclaim_takes_only_lapsed_entries(r: Redis, scripts: Scripts, key
     await age(r, src, A, ids[0], ids[2])
     await steal(r, src, A, ids[2])  # delivered twice already
     await age(r, src, A, ids[2])
-    cursor, claimed = await scripts.reclaim(keys=[src], args=[GROUP, B, 50_000, "0-0", 100])
+    cursor, claimed = await scripts.reclaim(
+        keys=[src, f"{src}:clock"], args=[GROUP, B, 50_000, "0-0", 100, 60_000]
+    )
     assert cursor == b"0-0"
     got = {c[0].decode(): (as_dict(c[1]), int(c[2])) for c in claimed}
     assert got == {ids[0]: ({b"n": b"0"}, 2), ids[2]: ({b"n": b"2"}, 3)}
@@ -462,7 +490,9 @@ async def test_reclaim_loops_by_cursor(r: Redis, scripts: Scripts, keys: Keys) -
     await age(r, src, A, *ids)
     cursor, seen, calls = "0-0", [], 0
     while True:
-        nxt, claimed = await scripts.reclaim(keys=[src], args=[GROUP, B, 50_000, cursor, 3])
+        nxt, claimed = await scripts.reclaim(
+            keys=[src, f"{src}:clock"], args=[GROUP, B, 50_000, cursor, 3, 60_000]
+        )
         calls += 1
         assert len(claimed) <= 3
         seen += [c[0].decode() for c in claimed]
@@ -483,11 +513,15 @@ async def test_reclaim_drops_entry_deleted_while_pending(
     await read(r, src, A)
     await age(r, src, A, *ids)
     await r.xdel(src, ids[1])
-    _, claimed = await scripts.reclaim(keys=[src], args=[GROUP, B, 50_000, "0-0", 100])
+    _, claimed = await scripts.reclaim(
+        keys=[src, f"{src}:clock"], args=[GROUP, B, 50_000, "0-0", 100, 60_000]
+    )
     assert [c[0].decode() for c in claimed] == [ids[0], ids[2]]
     assert all(isinstance(c[1], list) and c[1] for c in claimed)
     assert set(await pending(r, src)) == {ids[0], ids[2]}
-    _, again = await scripts.reclaim(keys=[src], args=[GROUP, A, 0, "0-0", 100])
+    _, again = await scripts.reclaim(
+        keys=[src, f"{src}:clock"], args=[GROUP, A, 0, "0-0", 100, 60_000]
+    )
     assert ids[1] not in {c[0].decode() for c in again}
 
 
