@@ -48,6 +48,7 @@ class CallRecord(NamedTuple):
     began: float
     ended: float
     client_gone: bool
+    usage: dict[str, int]
 
 
 class FakeStats:
@@ -122,9 +123,8 @@ class FakeStats:
         if prompt is not None:
             self.prompt_by_request[request_key] = prompt_digest(prompt)
         now = time.time()
-        self.calls.append(
-            CallRecord(request_key, peer, now if began is None else began, now, client_gone)
-        )
+        began = now if began is None else began
+        self.calls.append(CallRecord(request_key, peer, began, now, client_gone, dict(usage)))
         if client_gone:
             self.client_gone += 1
         counters = self.by_key_family[key_family]
