@@ -35,9 +35,9 @@ _pack = msgspec.msgpack.Encoder().encode
 _unpack = msgspec.msgpack.Decoder(list[bytes]).decode
 
 
-def raw_entry(raw: Mapping[bytes, bytes]) -> bytes:
-    """A stream entry's fields, packed for a letter exactly as they were."""
-    return _pack([part for pair in raw.items() for part in pair])
+def raw_entry(raw: Mapping[bytes, bytes] | Mapping[str, str | bytes]) -> bytes:
+    """A stream entry's fields, packed for a letter exactly as they were (as bytes)."""
+    return _pack([p if isinstance(p, bytes) else p.encode() for pair in raw.items() for p in pair])
 
 
 def entry_of(env: Envelope) -> bytes:
@@ -196,7 +196,9 @@ class DeadLetters:
             replayed.append(dlq_id)
         return replayed
 
-    def _replayed_entry(self, letter: DeadLetter) -> tuple[str, dict[bytes, bytes]]:
+    def _replayed_entry(
+        self, letter: DeadLetter
+    ) -> tuple[str, dict[bytes, bytes] | dict[str, str | bytes]]:
         """Where a letter goes back and what: its entry as it was (an envelope with its
         attempts counted afresh); an old letter without one, its fields via the ingress."""
         now = int(time.time() * 1000)

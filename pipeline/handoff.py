@@ -33,8 +33,11 @@ class Record:
     expected_deliveries: int  # 0 = no fence check needed
     actions: list[list[object]] = field(default_factory=list)
 
-    def xadd(self, key: str, fields: Mapping[str, str] | Mapping[bytes, bytes],
-             maxlen: int = 0) -> None:  # fmt: skip
+    def xadd(
+        self, key: str,
+        fields: Mapping[str, str] | Mapping[bytes, bytes] | Mapping[str, str | bytes],
+        maxlen: int = 0,
+    ) -> None:  # fmt: skip
         self.actions.append(["XADD", key, maxlen, _flat(fields)])
 
     def zadd(self, key: str, delay_ms: int, member: bytes) -> None:

@@ -28,15 +28,16 @@ from pipeline.outcome import Complete, Defer, Drop, Fail, Forward, Outcome, Reje
 from pipeline.replies import read_entries
 from pipeline.results import make_result, result_ttl, trace_id_of
 from pipeline.retry import GiveUp
-from pipeline.stage import Handler, Lease, Message, Stage
+from pipeline.stage import Handler, Message, Stage
 from pipeline.tracer import EntrySpan, Tracer
 from pipeline.wire import (
     Envelope,
     decode_entry,
     delayed_member,
     encode_body,
+    encode_envelope,
     entry_bytes,
-    internal_entry,
+    internal_fields,
     task_id_of,
 )
 from pipeline.wire import raw_fields_text as _raw_text
@@ -81,6 +82,8 @@ class StageRunner:
         self._paused_until = 0.0
         self._committing = False
         self._entry_limits: dict[str, int] = {}
+        self._first = stage is ctx.app.stages[0]
+        self._where = (self.stream, self.group, ctx.consumer)
         self._loop = asyncio.get_running_loop()
         self.stats = {
             "handled": 0, "fenced": 0, "dead": 0, "retried": 0, "reclaimed": 0, "reads": 0,
@@ -251,9 +254,8 @@ class StageRunner:
         except InvalidTask as exc:
             self.submit(inf, self._dead_letter_raw(inf, raw, str(exc)))
             return
-        lease = Lease(self.stream, self.group, self.ctx.consumer, entry_id, deliveries)
-        msg = Message(env, entry_id, self.stage.name, self.lane, deliveries, lease)
-        if self.stage is self.ctx.app.stages[0]:  # only the ingress checks what can travel
+        msg = Message(env, entry_id, self.stage.name, self.lane, deliveries, self._where)
+        if self._first:  # only the ingress checks what can travel
             msg.size = entry_bytes(raw)
         inf.msg = msg
         tracer = self.ctx.tracer
@@ -327,13 +329,13 @@ class StageRunner:
                 traceparent=traceparent, tracestate=tracestate, origin_id=msg.origin_id,
                 fields=env.fields if outcome.fields is None else dict(outcome.fields),
             )  # fmt: skip
-            entry = internal_entry(nxt)
-            limit = self.entry_limit(target.name)
-            if (size := entry_bytes(entry)) > limit:  # its next stage could not read it
-                reason = f"entry for {target.name} is {size:,} bytes, over its {limit:,}-byte limit"
-                return self._dead_letter(inf, env, reason)
+            packed = encode_envelope(nxt)
+            limit = self._entry_limits.get(target.name) or self.entry_limit(target.name)
+            if len(packed) > limit:  # its next stage could not read it
+                reason = f"entry for {target.name} is {len(packed):,} bytes, over its limit"
+                return self._dead_letter(inf, env, f"{reason} ({limit:,})")
             key = self.ctx.keys.stream(target.stream, outcome.lane if target.lanes else None)
-            rec.xadd(key, entry)
+            rec.xadd(key, internal_fields(packed, env.task_id))
             return rec
         if isinstance(outcome, Complete):
             rec = self._record(inf)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import msgspec
 
@@ -19,8 +19,7 @@ if TYPE_CHECKING:
 _B = TypeVar("_B")
 
 
-@dataclass(frozen=True, slots=True)
-class Lease:
+class Lease(NamedTuple):
     """What proves a worker still owns an entry: it is pending in `stream`'s `group` to
     `consumer` with this delivery count. Other records (a paid call's claim) may name it,
     so that anyone can tell a live holder from one that died or stalled past its lease."""
@@ -44,7 +43,9 @@ class Message:
     stage: str
     lane: str | None
     deliveries: int
-    lease: Lease | None = None
+    #: (stream, group, consumer) the entry was read from and by: shared by a runner's
+    #: messages (see `lease`); None outside a worker.
+    where: tuple[str, str, str] | None = None
     #: Monotonic time until which shutdown lets the handler finish (see `finish_before_exit`).
     finish_by: float = 0.0
     #: The entry's size in bytes as it was read (set at the first stage only, which decides
@@ -56,6 +57,13 @@ class Message:
         it at the grace period: it has started work that is paid for and cannot be taken
         back (a Claude call already sent), so its result must be recorded and handed on."""
         self.finish_by = time.monotonic() + within_s
+
+    @property
+    def lease(self) -> Lease | None:
+        """What proves this worker still owns the entry (None outside a worker)."""
+        if self.where is None:
+            return None
+        return Lease(*self.where, self.entry_id, self.deliveries)
 
     def lease_token(self) -> str:
         """The lease as one string (`Lease.token`); a bare entry id outside a worker."""

@@ -18,6 +18,7 @@ from pipeline.tracer import valid_traceparent
 WIRE_VERSION = 1
 ENVELOPE_FIELD = b"_env"
 ID_FIELD = b"_id"
+_ENV_NAME, _ID_NAME = ENVELOPE_FIELD.decode(), ID_FIELD.decode()
 MAX_TASK_ID_CHARS = 256
 _NIL = msgspec.Raw(b"\xc0")
 
@@ -78,7 +79,11 @@ def decode_entry(entry_id: str, raw: dict[bytes, bytes], max_entry_bytes: int) -
         InvalidTask: undecodable, oversized, not UTF-8, or an unusable task id.
     """
     packed = raw.get(ENVELOPE_FIELD)
-    size = entry_bytes(raw)
+    # An entry between stages is its envelope (and a short id); a producer's, every field.
+    if packed is not None and len(raw) <= 2:
+        size = len(packed) + len(raw.get(ID_FIELD, b""))
+    else:
+        size = entry_bytes(raw)
     if size > max_entry_bytes:
         raise InvalidTask(f"entry is {size:,} bytes, over the {max_entry_bytes:,}-byte limit")
     if packed is not None:
@@ -121,7 +126,7 @@ def decode_entry(entry_id: str, raw: dict[bytes, bytes], max_entry_bytes: int) -
 
 def entry_bytes(raw: dict[bytes, bytes]) -> int:
     """An entry's size as the limits count it: its names and values."""
-    return sum(len(k) + len(v) for k, v in raw.items())
+    return sum(map(len, raw)) + sum(map(len, raw.values()))
 
 
 def task_id_of(entry_id: str, raw: dict[bytes, bytes]) -> str:
@@ -132,9 +137,15 @@ def task_id_of(entry_id: str, raw: dict[bytes, bytes]) -> str:
     return value.decode(errors="backslashreplace") if value else entry_id
 
 
-def internal_entry(env: Envelope) -> dict[bytes, bytes]:
+def internal_entry(env: Envelope) -> dict[str, str | bytes]:
     """The fields of an entry between stages."""
-    return {ENVELOPE_FIELD: _encoder.encode(env), ID_FIELD: env.task_id.encode()}
+    return internal_fields(_encoder.encode(env), env.task_id)
+
+
+def internal_fields(packed: bytes, task_id: str) -> dict[str, str | bytes]:
+    """An entry between stages from its packed envelope (names and the id as text: only
+    the envelope is binary, which keeps a hand-off's arguments few, `pipeline.handoff`)."""
+    return {_ENV_NAME: packed, _ID_NAME: task_id}
 
 
 def delayed_member(env: Envelope) -> bytes:
