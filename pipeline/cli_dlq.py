@@ -110,7 +110,7 @@ async def _dead_letters(settings: Settings, action: Callable[[DeadLetters], Awai
     from pipeline.keys import Keys
 
     async with _redis(settings) as redis:
-        return await action(DeadLetters(redis, Keys(settings.prefix)))
+        return await action(DeadLetters(redis, Keys(settings.prefix), settings.results.live_ttl_s))
 
 
 # Last, so that either module may be imported first: pipeline.cli registers `dlq_app` at its end,

@@ -19,9 +19,11 @@ from dataclasses import dataclass
 
 import msgspec
 from redis.asyncio import Redis
+from redis.typing import EncodableT
 
 from pipeline.keys import Keys
 from pipeline.replies import range_entries
+from pipeline.scripts import load
 from pipeline.wire import (
     ENVELOPE_FIELD,
     WIRE_VERSION,
@@ -63,13 +65,16 @@ def dlq_fields(
     tracestate: str | None,
     max_field_bytes: int,
     entry: bytes = b"",
+    owner: str = "",
     result_kept: bool = False,
 ) -> dict[str, str | bytes]:
     """One DLQ entry: where and why it failed, the task's fields to read (cut), and the
     entry itself (`entry`, whole, for replay).
 
-    `result_kept`: the entry was refused because its id belongs to another task, whose
-    result (if any) is not this letter's: a replay must leave it alone.
+    `owner`: the ingress entry the task came in by ("" if unknown); a replay frees the
+    task's id only if no other entry owns it. `result_kept`: the entry was refused because
+    its id belongs to another task, whose result (if any) is not this letter's: a replay
+    must leave it alone.
     """
     original = {k: _cut(v, max_field_bytes) for k, v in fields.items()}
     letter: dict[str, str | bytes] = {
@@ -85,6 +90,8 @@ def dlq_fields(
         "tracestate": tracestate or "",
         "fields": json.dumps(original, ensure_ascii=False),
     }
+    if owner:
+        letter["owner"] = owner
     if result_kept:
         letter["result_kept"] = "1"
     letter["entry"] = entry
@@ -114,6 +121,7 @@ class DeadLetter:
     traceparent: str
     fields: dict[str, str]
     result_kept: bool = False  # refused for an id in use: the result there is not ours
+    owner: str = ""  # the ingress entry the task came in by ("" if unknown or old)
     entry: bytes = b""  # the entry that failed, whole (see `raw_entry`); b"" in old letters
     size: int = 0
 
@@ -147,6 +155,7 @@ class DeadLetter:
             traceparent=get.get("traceparent", ""),
             fields=fields if isinstance(fields, dict) else {},
             result_kept=get.get("result_kept") == "1",
+            owner=get.get("owner", ""),
             entry=raw.get(b"entry", b""),
             size=int(get.get("size", "0") or 0),
         )
@@ -155,9 +164,11 @@ class DeadLetter:
 class DeadLetters:
     """List, inspect, replay and purge the DLQ (the CLI's `pipeline dlq …`)."""
 
-    def __init__(self, redis: Redis, keys: Keys) -> None:
+    def __init__(self, redis: Redis, keys: Keys, live_ttl_s: int = 7 * 24 * 3600) -> None:
         self._redis = redis
         self._keys = keys
+        self._live_ttl_s = live_ttl_s  # `results.live_ttl_s`: a replayed task is live again
+        self._take = load(redis, "dlq_take")
 
     async def size(self) -> int:
         return int(await self._redis.xlen(self._keys.dlq))
@@ -175,10 +186,11 @@ class DeadLetters:
     async def replay(self, dlq_ids: builtins.list[str]) -> builtins.list[str]:
         """Send each letter's entry back, whole, to the stream it failed on, fresh attempts.
 
-        The old `failed` result and the task's record (`pipeline.task_record`) are removed
-        in the same transaction, so the replayed task is a new one and can store its new
-        result (results are first-writer-wins). A letter refused because its id belonged to
-        another task keeps that task's result and record: its replay is judged afresh.
+        In the same step (`dlq_take.lua`) the letter leaves the DLQ and the task's id is
+        freed for the replayed entry: its `failed` result goes (results are first-writer-
+        wins), and its record forgets who held the id but keeps any answer already paid
+        for, so a replay never pays for that call again. A letter refused because its id
+        belonged to another task leaves that task alone: its replay is judged afresh.
         """
         replayed: builtins.list[str] = []
         for dlq_id in dlq_ids:
@@ -186,14 +198,15 @@ class DeadLetters:
             if letter is None:
                 continue
             stream, entry = self._replayed_entry(letter)
-            async with self._redis.pipeline(transaction=True) as tx:
-                tx.xadd(stream, entry)  # type: ignore[arg-type]
-                if not letter.result_kept:
-                    tx.delete(self._keys.result(letter.task_id), self._keys.task(letter.task_id))
-                tx.xdel(self._keys.dlq, dlq_id)
-                tx.decrby(self._keys.dlq_bytes, letter.size)
-                await tx.execute()
-            replayed.append(dlq_id)
+            task = letter.task_id
+            keys = [self._keys.dlq, self._keys.dlq_bytes, stream,
+                    self._keys.result(task), self._keys.task(task)]  # fmt: skip
+            args: builtins.list[EncodableT] = [
+                dlq_id, "replay", "0" if letter.result_kept else "1", letter.owner,
+                self._live_ttl_s, *(p for pair in entry.items() for p in pair),
+            ]  # fmt: skip
+            if await self._take(keys=keys, args=args):
+                replayed.append(dlq_id)
         return replayed
 
     def _replayed_entry(
@@ -205,7 +218,8 @@ class DeadLetters:
         original = letter.entry_fields()
         if original is not None and letter.stream.startswith(f"{self._keys.prefix}:"):
             packed = original.get(ENVELOPE_FIELD)
-            if packed is None:
+            if packed is None:  # a producer's entry: its task id goes with it
+                original.setdefault(b"id", letter.task_id.encode())
                 return letter.stream, original
             try:
                 env = decode_envelope(packed)
@@ -232,16 +246,10 @@ class DeadLetters:
             n = await self.size()
             await self._redis.delete(self._keys.dlq, self._keys.dlq_bytes)
             return n
+        keys = [self._keys.dlq, self._keys.dlq_bytes]
         gone = 0
         for dlq_id in dlq_ids:
-            letter = await self.get(dlq_id)
-            if letter is None:
-                continue
-            async with self._redis.pipeline(transaction=True) as tx:
-                tx.xdel(self._keys.dlq, dlq_id)
-                tx.decrby(self._keys.dlq_bytes, letter.size)
-                await tx.execute()
-            gone += 1
+            gone += int(await self._take(keys=keys, args=[dlq_id, "purge"]))
         return gone
 
 

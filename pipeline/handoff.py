@@ -46,11 +46,14 @@ class Record:
     def result(
         self, key: str, ttl_s: int, fields: Mapping[str, str],
         done_key: str, done_maxlen: int, event: Mapping[str, str], record_key: str,
+        owner: str = "",
     ) -> None:  # fmt: skip
         """Store the result (first writer wins) and its done event; the task's record
-        (`pipeline.task_record`) then expires with the result."""
+        (`pipeline.task_record`) then expires with the result. `owner`: the ingress entry
+        the task came in by ("" if unknown); a stray copy of an id another entry owns writes
+        no result under it."""
         self.actions.append(["RESULT", key, ttl_s, _flat(fields), done_key, done_maxlen,
-                             _flat(event), record_key])  # fmt: skip
+                             _flat(event), record_key, owner])  # fmt: skip
 
     def letter(
         self, dlq_key: str, bytes_key: str, maxlen: int, max_bytes: int,

@@ -76,7 +76,7 @@ async def reclaim_loop(runner: StageRunner) -> None:
     next_prune = time.monotonic() + random.uniform(0, prune_every_s)
     while True:
         await asyncio.sleep(every_s)
-        if runner.ctx.stopping.is_set() or runner.paused:
+        if runner.ctx.stopping.is_set():
             continue
         await reclaim(runner)
         if time.monotonic() >= next_prune:
@@ -115,14 +115,20 @@ async def prune_consumers(runner: StageRunner) -> list[str]:
 
 
 async def reclaim(runner: StageRunner) -> int:
-    """Claim lapsed entries, at most as many as there are free slots (bounded prefetch)."""
+    """Claim lapsed entries, at most as many as there are free slots (bounded prefetch).
+
+    A worker with no free slot (or a paused stage) still calls once, claiming nothing: the
+    call keeps the stream's reclaim clock going, so a busy fleet is not taken for a stalled
+    Redis (which would hold reclaims back for a lease once a slot frees).
+    """
     cursor, taken = "0-0", 0
     keys = [runner.stream, runner.ctx.keys.reclaim_clock(runner.stream)]
     # A silence longer than this means Redis was stalled (see reclaim.lua); it must exceed
     # the reclaim interval, or every reclaim would look like the first after a stall.
     gap_ms = max(runner.rt.lease_ms // 2, 3 * runner.rt.reclaim_every_ms)
 
-    while (free := runner.free_slots()) > 0:
+    while True:
+        free = 0 if runner.paused else runner.free_slots()
         sent_at = time.monotonic()
         args: list[EncodableT] = [
             runner.group,
@@ -144,7 +150,7 @@ async def reclaim(runner: StageRunner) -> int:
             if runner.ctx.hooks:
                 runner.ctx.spawn_hook("on_reclaim", runner.stage.name, ids)
         cursor = as_str(cursor_b)
-        if cursor == "0-0":
+        if cursor == "0-0" or free == 0:
             break
     return taken
 

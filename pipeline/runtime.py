@@ -31,6 +31,7 @@ from pipeline.retry import GiveUp
 from pipeline.stage import Handler, Message, Stage
 from pipeline.tracer import EntrySpan, Tracer
 from pipeline.wire import (
+    ENVELOPE_FIELD,
     Envelope,
     decode_entry,
     delayed_member,
@@ -341,7 +342,7 @@ class StageRunner:
             rec = self._record(inf)
             if outcome.result is not None:
                 ttl = outcome.ttl_s or result_ttl(env.fields, self.ctx.settings.results.ttl_s)
-                self._add_result(rec, env.task_id, dict(outcome.result), ttl)
+                self._add_result(rec, env.task_id, dict(outcome.result), ttl, msg.origin_id)
             return rec
         if isinstance(outcome, Retry):
             delay = self.ctx.retry_policy.next_delay(env.attempt, outcome.delay_ms)
@@ -442,12 +443,14 @@ class StageRunner:
         rec.zadd(self.delayed, delay_ms, delayed_member(later))
         return rec
 
-    def _add_result(self, rec: Record, task_id: str, result: dict[str, str], ttl: int) -> None:
+    def _add_result(
+        self, rec: Record, task_id: str, result: dict[str, str], ttl: int, owner: str
+    ) -> None:
         keys, res = self.ctx.keys, self.ctx.settings.results
         event = {"id": task_id, "status": result.get("status", "completed")}
         rec.result(
             keys.result(task_id), ttl, result, keys.done, res.done_maxlen, event,
-            keys.task(task_id),
+            keys.task(task_id), owner,
         )  # fmt: skip
 
     def _dead_letter(
@@ -457,6 +460,7 @@ class StageRunner:
         return self._dead_letter_fields(
             inf,
             env.task_id,
+            env.origin_id or inf.entry_id,
             env.fields,
             entry_of(env),
             reason,
@@ -469,9 +473,11 @@ class StageRunner:
 
     def _dead_letter_raw(self, inf: Inflight, raw: dict[bytes, bytes], reason: str) -> Record:
         fields = _raw_text(raw, self.ctx.settings.dlq.max_field_bytes)
+        internal = ENVELOPE_FIELD in raw  # its origin is inside what could not be read
         return self._dead_letter_fields(
             inf,
             task_id_of(inf.entry_id, raw),
+            "" if internal else inf.entry_id,
             fields,
             raw_entry(raw),
             reason,
@@ -485,6 +491,7 @@ class StageRunner:
         self,
         inf: Inflight,
         task_id: str,
+        owner: str,
         fields: dict[str, str],
         original: bytes,
         reason: str,
@@ -509,6 +516,7 @@ class StageRunner:
             tracestate=tracestate,
             max_field_bytes=settings.dlq.max_field_bytes,
             entry=original,
+            owner=owner,
             result_kept=not result,
         )
         keys, dlq = self.ctx.keys, settings.dlq
@@ -526,7 +534,7 @@ class StageRunner:
             latency_ms=max(0, _now_ms() - (inf.msg.envelope.origin_ms if inf.msg else _now_ms())),
         )
         failed.update(extra or {})
-        self._add_result(rec, task_id, failed, result_ttl(fields, settings.results.ttl_s))
+        self._add_result(rec, task_id, failed, result_ttl(fields, settings.results.ttl_s), owner)
         if self.ctx.hooks:
             self.ctx.spawn_hook("on_dead_letter", self.stage.name, task_id, reason)
         log.debug("%s: dead-lettered %s: %s", self.name, task_id, reason)

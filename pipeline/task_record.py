@@ -15,6 +15,8 @@ Its fields:
 - `req`, `answer`: the answer the call got (without the request's content) and the call it
   answered (`binding`: request hash, model and max_tokens), checked on every read: a
   recorded answer is only ever handed on for the call it answered.
+- `paid:<fence>`: the ledger has counted the call paid for under claim `fence` (a resend
+  after a lost reply counts nothing twice).
 - `counted`: the ledger has counted the task (`pipeline.ledger`).
 
 The only paid duplicates left are answers that died with a killed process (the call was made
@@ -63,6 +65,7 @@ class ClaimState(enum.Enum):
     RECORDED = 1  # the answer is recorded: hand it on
     HELD = 2  # another live entry of this task is calling
     CONFLICT = 3  # the id's answer is for another request
+    GONE = 4  # (record only) the task was answered and its record expired meanwhile
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +106,7 @@ class TaskRecords:
         live_ttl_s: int,
         lease_ms: int,
     ) -> None:
-        self._keys = keys
+        self.keys = keys
         self._available = available
         self._ledger = ledger
         self._live_ttl_s = live_ttl_s
@@ -123,7 +126,7 @@ class TaskRecords:
 
     async def admit(self, task_id: str, fields: Mapping[str, str], entry_id: str) -> Admission:
         """Take the id for this ingress entry, or tell what the id already stands for."""
-        keys = [self._keys.task(task_id)]
+        keys = [self.keys.task(task_id)]
         args: list[EncodableT] = [fingerprint(fields), entry_id, self._live_ttl_s]
         reply = await self._available.call(lambda: self._admit(keys=keys, args=args))
         return Admission(as_int(reply))
@@ -131,7 +134,7 @@ class TaskRecords:
     async def claim(self, msg: Message, routed: Routed) -> Claim:
         """Claim the task's paid call for this entry, before it is made."""
         lease = msg.lease
-        keys = [self._keys.task(msg.task_id), lease.stream if lease else ""]
+        keys = [self.keys.task(msg.task_id), lease.stream if lease else ""]
         args: list[EncodableT] = [
             binding(routed), msg.lease_token(), self._lease_ms, self._live_ttl_s,
         ]  # fmt: skip
@@ -143,23 +146,22 @@ class TaskRecords:
             return Claim(state, fence=as_int(reply[1]))
         return Claim(state)
 
-    async def record(
-        self, task_id: str, routed: Routed, answer: Answer, fence: int = 0
-    ) -> Answer | None:
+    async def record(self, task_id: str, routed: Routed, answer: Answer, fence: int = 0) -> Claim:
         """Record `answer` as the task's. `fence`: the claim under which it was paid for (0:
         not paid, e.g. coalesced); a paid call is counted in the ledger in the same step,
-        once per claim even if this is sent again after a lost reply. Returns the task's
-        answer: this one, or one recorded first for the same call (a worker that stalled
-        past its lease answered too); None if the id's answer is for another request.
+        once per claim even if this is sent again after a lost reply. Returns RECORDED with
+        the task's answer: this one, or one recorded first for the same call (a worker that
+        stalled past its lease answered too); CONFLICT if the id's answer is for another
+        request; GONE if the task's record expired while the call ran.
 
         Waits out a Redis outage rather than fail: a failure here would pay again.
         """
-        day_key, ledger_args = self._keys.ledger("-"), list[EncodableT]()
+        day_key, ledger_args = self.keys.ledger("-"), list[EncodableT]()
         if fence and self._ledger.enabled:
             day_key, ledger_args = self._ledger.add_args(
                 self._ledger.charge(answer).part(CALL_METRICS), tasks=0
             )
-        keys = [self._keys.task(task_id), day_key]
+        keys = [self.keys.task(task_id), day_key]
         args: list[EncodableT] = [
             binding(routed), _encode(answer.bare()), self._live_ttl_s,
             fence if ledger_args else 0, *ledger_args,
@@ -167,10 +169,10 @@ class TaskRecords:
         reply = as_list(await self._available.call(lambda: self._record(keys=keys, args=args)))
         status = as_int(reply[0])
         if status == 0:
-            return answer
+            return Claim(ClaimState.RECORDED, answer=answer)
         if status == 1:
-            return self._as_own(reply[1], routed)
-        return None
+            return Claim(ClaimState.RECORDED, answer=self._as_own(reply[1], routed))
+        return Claim(ClaimState.CONFLICT if status == 2 else ClaimState.GONE)
 
     @staticmethod
     def _as_own(packed: object, routed: Routed) -> Answer:

@@ -80,7 +80,7 @@ def decode_entry(entry_id: str, raw: dict[bytes, bytes], max_entry_bytes: int) -
     """
     packed = raw.get(ENVELOPE_FIELD)
     # An entry between stages is its envelope (and a short id); a producer's, every field.
-    if packed is not None and len(raw) <= 2:
+    if packed is not None and (len(raw) == 1 or (len(raw) == 2 and ID_FIELD in raw)):
         size = len(packed) + len(raw.get(ID_FIELD, b""))
     else:
         size = entry_bytes(raw)

@@ -61,9 +61,11 @@ async def build(services: Services) -> Handler:
                 answer, fence = await call(granted, msg), claim.fence
             own = await records.record(msg.task_id, routed, answer, fence)
             await flight.land(answer)
-        if own is None:
+        if own.state is ClaimState.GONE:
+            return Drop("the task was answered and its result expired while this call ran")
+        if own.answer is None:
             return Reject(f"id {msg.task_id!r} already holds the answer to another request")
-        return Forward("store", own.to_store())
+        return Forward("store", own.answer.to_store())
 
     async def call(granted: Reservation, msg: Message) -> Answer:
         """The paid call; once sent, shutdown lets it finish (bounded by its timeout)."""

@@ -6,6 +6,8 @@ import asyncio
 import datetime
 import json
 from collections.abc import Callable
+from functools import partial
+from unittest import mock
 
 import pytest
 from redis.asyncio import Redis
@@ -16,7 +18,8 @@ from pipeline.cli import app
 from pipeline.ledger import Ledger
 from pipeline.redis_conn import Availability
 from pipeline.request import parse_request
-from pipeline.task import Answer, Usage
+from pipeline.task import Answer, Routed, Usage
+from pipeline.task_record import TaskRecords
 
 NOW = datetime.datetime.now(datetime.UTC)
 D1, D2, D3 = (datetime.datetime(2026, 1, d, 12, tzinfo=datetime.UTC) for d in (10, 11, 12))
@@ -30,17 +33,24 @@ Run = Callable[..., tuple[int, str]]
 
 
 def record(settings: Settings, charges: list[Charge]) -> None:
-    """(task id, when, model, type, cached) -> the ledger, as the store stage writes it."""
+    """(task id, when, model, type, cached) -> the ledger, as the stages write it: claude-call
+    counts a paid call as it records its answer, the store counts the task."""
 
     async def write() -> None:
         redis = Redis.from_url(settings.redis.url)
         try:
-            available = Availability(settings.redis.url)
-            ledger = Ledger(redis, Keys(settings.prefix), settings, available)
+            keys, available = Keys(settings.prefix), Availability(settings.redis.url)
+            ledger = Ledger(redis, keys, settings, available)
+            records = TaskRecords(redis, keys, available, ledger, 3600, 60_000)
             for task_id, at, model, task_type, cached in charges:
                 request = parse_request({"prompt": "hi", "type": task_type}, settings)
                 answer = Answer(request=request, model=model, output="ok", stop_reason="end_turn",
                                 usage=USAGE, cached=cached)  # fmt: skip
+                if not cached:  # under the claim claude-call takes, priced at `at`
+                    await redis.hset(keys.task(task_id), mapping={"holder": "x", "fence": 1})
+                    routed = Routed(request=request, family="haiku", model=model, max_tokens=64)
+                    with mock.patch.object(ledger, "charge", partial(Ledger.charge, ledger, at=at)):
+                        await records.record(task_id, routed, answer, fence=1)
                 await ledger.record(task_id, ledger.charge(answer, at))
         finally:
             await redis.aclose()

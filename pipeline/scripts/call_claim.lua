@@ -27,7 +27,9 @@ local me = ARGV[2]
 if r[3] and r[3] ~= me then
   local stream, group, id, consumer, deliveries =
     string.match(r[3], '^(.-)\n(.-)\n(.-)\n(.-)\n(.-)$')
-  if stream and stream ~= '' then
+  -- Only a holder on the asking entry's own stream (a declared key) can be live: a task's
+  -- entries stay on one stream; a claim named on another one is treated as lapsed.
+  if stream and stream ~= '' and stream == KEYS[2] then
     local ok, p = pcall(redis.call, 'XPENDING', stream, group, id, id, 1)
     local e = ok and p[1]
     if e and e[2] == consumer and tostring(e[4]) == deliveries

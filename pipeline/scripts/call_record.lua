@@ -13,8 +13,17 @@
 --          billed all the same
 -- ARGV[5..] ledger_add's arguments (b = 4), when ARGV[4] is not '0'
 -- Returns {0}: recorded; {1, answer}: an answer was recorded first for this call (it is the
--- task's answer: hand that one on); {2}: an answer for another request holds the id.
+-- task's answer: hand that one on); {2}: an answer for another request holds the id;
+-- {3}: the record is gone (the task was answered and its result has expired while this call
+-- ran, e.g. in a process stalled past its lease): the call is counted, nothing is recorded,
+-- so a late answer never revives an id.
 
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  if ARGV[4] ~= '0' then
+    ledger_add(KEYS[2], 4)
+  end
+  return {3}
+end
 if ARGV[4] ~= '0' and redis.call('HSETNX', KEYS[1], 'paid:' .. ARGV[4], '1') == 1 then
   ledger_add(KEYS[2], 4)
 end

@@ -14,14 +14,19 @@
 --                ['XADD', key_index, maxlen (0 = untrimmed), [field, value, ...]]
 --                ['ZADD', key_index, delay_ms, member_argv_index]   (due = server time + delay)
 --                ['RESULT', key_index, ttl_s, [field, value, ...],
---                           done_index, done_maxlen, [field, value, ...], record_index]
+--                           done_index, done_maxlen, [field, value, ...], record_index, owner]
 --                  (first writer wins: if the result exists, neither it nor the event is
---                  written; else the task's record, if any, expires with the result)
+--                  written; else the task's record, if any, expires with the result.
+--                  `owner`: the ingress entry the task came in by, or '' if it is not known:
+--                  if the task's record names another entry as the id's owner, this entry
+--                  is a stray copy and writes no result under the id)
 --                ['LETTER', dlq_index, bytes_index, maxlen, max_bytes, size, [field, value, ...]]
 --                  (a dead letter of `size` bytes; then the oldest letters go while the DLQ
 --                  holds more than maxlen letters or max_bytes bytes, never the newest)
--- Returns one status per record: 1 handed on, 2 handed on but the result already existed,
--- 0 fenced (this worker no longer owns the entry: nothing was written, nothing acked).
+-- Returns one status per record: 1 handed on, 2 handed on but the result already existed
+-- (or the id is another entry's), 0 fenced (this worker no longer owns the entry: nothing
+-- was written, nothing acked). Ownership of the whole batch is checked before anything is
+-- written, so an error there (NOGROUP after a restart) leaves no record half done.
 
 local stream, group, consumer, xackdel = KEYS[1], ARGV[1], ARGV[2], ARGV[3]
 local records = cmsgpack.unpack(ARGV[4])
@@ -75,13 +80,21 @@ local function letter(dlq, counter, maxlen, max_bytes, size, fields)
   end
 end
 
+local function stray(record, owner)
+  if owner == nil or owner == '' then return false end
+  local e = redis.call('HGET', record, 'entry')
+  return e and e ~= owner
+end
+
 local statuses, acked = {}, {}
+for r = 1, #records do
+  statuses[r] = owned(records[r][1], records[r][2]) and 1 or 0
+end
 for r = 1, #records do
   local rec = records[r]
   local id = rec[1]
-  local status = 0
-  if owned(id, rec[2]) then
-    status = 1
+  local status = statuses[r]
+  if status == 1 then
     for _, a in ipairs(rec[3]) do
       local kind = a[1]
       if kind == 'XADD' then
@@ -90,7 +103,7 @@ for r = 1, #records do
         redis.call('ZADD', KEYS[a[2]], now_ms() + a[3], ARGV[a[4]])
       elseif kind == 'RESULT' then
         local key = KEYS[a[2]]
-        if redis.call('EXISTS', key) == 0 then
+        if redis.call('EXISTS', key) == 0 and not stray(KEYS[a[8]], a[9]) then
           redis.call('HSET', key, unpack(deref(a[4])))
           redis.call('EXPIRE', key, a[3])
           redis.call('EXPIRE', KEYS[a[8]], a[3])

@@ -8,7 +8,8 @@
 -- ARGV[2]  consumer name (the claimer)
 -- ARGV[3]  min idle ms (the lease)
 -- ARGV[4]  start cursor
--- ARGV[5]  max entries to claim
+-- ARGV[5]  max entries to claim (0: only tell the clock this worker is here; a worker with
+--          no free slot calls so, or a busy fleet would look like a stalled Redis)
 -- ARGV[6]  gap ms: reclaims run every second or so; a longer silence means Redis itself
 --          was stalled (a slow script, CLIENT PAUSE, a restart): nobody could renew then,
 --          so every lease looks lapsed. Reclaims then take nothing for another two gaps
@@ -31,7 +32,7 @@ if seen and now - seen > gap then
   resume = now + 2 * gap
   redis.call('HSET', KEYS[2], 'resume', resume)
 end
-if now < resume then
+if now < resume or tonumber(ARGV[5]) == 0 then
   return {'0-0', {}}
 end
 local reply = redis.call('XAUTOCLAIM', stream, group, consumer, ARGV[3], ARGV[4],

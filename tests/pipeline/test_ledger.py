@@ -17,7 +17,7 @@ from pipeline.pricing import PriceTable, micro_usd
 from pipeline.redis_conn import Availability
 from pipeline.request import parse_request
 from pipeline.task import Answer, Routed, Usage
-from pipeline.task_record import TaskRecords
+from pipeline.task_record import ClaimState, TaskRecords
 from stages import store
 from tests.stages.test_store import message
 
@@ -81,10 +81,13 @@ def records_for(client: Redis, settings: Settings, ledger: Ledger) -> TaskRecord
     )  # fmt: skip
 
 
-async def pay(records: TaskRecords, task_id: str, paid: Answer) -> None:
-    """Record `paid` as claude-call does after its call: the call is counted now (today)."""
+async def pay(client: Redis, records: TaskRecords, task_id: str, paid: Answer) -> None:
+    """Record `paid` as claude-call does after its call (under the claim it took before):
+    the call is counted now (today)."""
     routed = Routed(request=paid.request, family="haiku", model=paid.model, max_tokens=64)
-    assert await records.record(task_id, routed, paid, fence=1) == paid
+    await client.hset(records.keys.task(task_id), mapping={"holder": "x", "fence": 1})
+    claim = await records.record(task_id, routed, paid, fence=1)
+    assert claim.answer == paid
 
 
 async def test_a_paid_answer_is_charged_its_tokens_times_price(
@@ -123,7 +126,7 @@ async def test_a_paid_answer_is_charged_its_tokens_times_price(
     assert [(m.at.minute, m.tasks, m.cost_pico) for m in entries.minutes] == [(7, 1, 0)]
 
     # The paid call is counted as claude-call records its answer: every token, at its price.
-    await pay(records_for(client, settings, ledger), "t1", answer(settings))
+    await pay(client, records_for(client, settings, ledger), "t1", answer(settings))
     day = today()
     entries = await read_days(client, Keys(settings.prefix), [day])
     assert [(r.model, r.type) for r in entries.rows] == [("claude-haiku-5-5", "classify")]
@@ -197,7 +200,7 @@ async def test_the_ledger_cost_equals_its_token_totals_times_price_exactly(
             output_tokens=rng.randint(1, 900),
             cache_read_input_tokens=rng.randint(0, 3),  # sub-micro-dollar amounts
         )
-        await pay(records, f"t{i}", answer(settings, usage=usage))
+        await pay(client, records, f"t{i}", answer(settings, usage=usage))
     assert today() == day, "the test ran across midnight UTC: run it again"
     total = await read_one(client, settings, day)
     rates = PriceTable.from_settings(settings).on(day).rates("claude-haiku-5-5")
@@ -223,7 +226,7 @@ async def test_days_and_minutes_are_kept_apart(
     ]
     # A paid call's spend goes to the minute it was recorded in, without a task.
     before = datetime.datetime.now(datetime.UTC).replace(second=0, microsecond=0)
-    await pay(records_for(client, settings, ledger), "b", reason)
+    await pay(client, records_for(client, settings, ledger), "b", reason)
     after = datetime.datetime.now(datetime.UTC).replace(second=0, microsecond=0)
     now = await read_days(client, Keys(settings.prefix), sorted({before.date(), after.date()}))
     assert [(m.tasks, m.cost_pico) for m in now.minutes] == [
@@ -243,7 +246,7 @@ async def test_new_task_types_fold_into_other_past_the_field_limit(
     day = today()
     for i in range(30):  # as the pipeline counts them: the paid call, then the task
         paid = answer(settings, task_type=f"kind{i}")
-        await pay(records, f"t{i}", paid)
+        await pay(client, records, f"t{i}", paid)
         assert await ledger.record(f"t{i}", ledger.charge(paid))
     assert today() == day, "the test ran across midnight UTC: run it again"
     rows = (await read_days(client, Keys(settings.prefix), [day])).rows
@@ -262,7 +265,8 @@ async def test_a_disabled_ledger_records_nothing(client: Redis, fast_env: dict[s
     ledger = Ledger(client, Keys(settings.prefix), settings, Availability(settings.redis.url))
     assert not await ledger.record("t1", ledger.charge(answer(settings), AT))
     assert await read_one(client, settings) == Totals()
-    await pay(records_for(client, settings, ledger), "t1", answer(settings))  # still recorded
+    # still recorded:
+    await pay(client, records_for(client, settings, ledger), "t1", answer(settings))
     assert await client.hget(Keys(settings.prefix).task("t1"), "answer") is not None
     assert await client.keys(Keys(settings.prefix).ledger("*")) == []
 
@@ -275,7 +279,8 @@ async def test_the_store_handler_run_twice_on_one_entry_counts_it_once(
     handler = await store.build(services)
     paid = answer(settings)
     day = today()
-    await pay(records_for(client, settings, services.ledger), "t1", paid)  # claude-call's part
+    # claude-call's part:
+    await pay(client, records_for(client, settings, services.ledger), "t1", paid)
     msg = message({"prompt": "Is this spam?", "type": "classify", "id": "t1"}, paid)
     assert msg.task_id == "t1"
     first = await handler(msg)
@@ -303,10 +308,27 @@ async def test_each_paid_call_is_counted_once_per_claim_even_when_its_record_is_
     records = records_for(client, settings, ledger)
     first = answer(settings)
     routed = Routed(request=first.request, family="haiku", model=first.model, max_tokens=64)
-    assert await records.record("p1", routed, first, fence=1) == first
-    assert await records.record("p1", routed, first, fence=1) == first  # the resend
+    await client.hset(records.keys.task("p1"), mapping={"holder": "x", "fence": 2})  # claims
+    assert (await records.record("p1", routed, first, fence=1)).answer == first
+    assert (await records.record("p1", routed, first, fence=1)).answer == first  # the resend
     late = msgspec.structs.replace(first, output="a later answer")
-    assert await records.record("p1", routed, late, fence=2) == first  # the first one wins
+    # the first one wins
+    assert (await records.record("p1", routed, late, fence=2)).answer == first
     total = await read_one(client, settings, today())
     assert total.requests == 2
     assert total.cost_pico == 2 * ledger.charge(first).totals.cost_pico
+
+
+async def test_a_call_that_ends_after_its_task_expired_is_counted_and_revives_nothing(
+    ledger: Ledger, client: Redis, settings: Settings
+) -> None:
+    """A process stalled past its lease answers after another worker answered the task and
+    its result (and record) expired: the call was paid, so it is counted; the id stays free
+    (no record with a week's TTL holding an answer nobody asked for)."""
+    records = records_for(client, settings, ledger)
+    paid = answer(settings)
+    routed = Routed(request=paid.request, family="haiku", model=paid.model, max_tokens=64)
+    claim = await records.record("gone", routed, paid, fence=3)
+    assert claim.state is ClaimState.GONE and claim.answer is None
+    assert not await client.exists(records.keys.task("gone"))
+    assert (await read_one(client, settings, today())).requests == 1

@@ -135,6 +135,13 @@ def test_oversize_envelope_is_invalid() -> None:
         decode_entry(EID, {ENVELOPE_FIELD: packed}, 500)
 
 
+def test_a_producer_field_next_to_an_envelope_counts_towards_the_size() -> None:
+    """Only `_env` and `_id` are measured the short way; any other field is counted too."""
+    packed = encode_envelope(envelope())
+    with pytest.raises(InvalidTask, match="over the 1,000-byte limit"):
+        decode_entry(EID, {ENVELOPE_FIELD: packed, b"prompt": b"z" * 2000}, 1000)
+
+
 @pytest.mark.parametrize(
     "raw",
     [{b"prompt": b"caf\xe9"}, {b"pr\xffompt": b"x"}, {b"prompt": b"ok", b"type": b"\xc3\x28"}],

@@ -277,6 +277,43 @@ async def test_handoff_result_without_a_task_record_creates_none(
     assert not await r.exists(keys.task("t1"))
 
 
+async def test_handoff_writes_no_result_for_a_stray_copy_of_an_owned_id(
+    r: Redis, scripts: Scripts, keys: Keys
+) -> None:
+    """A second ingress entry under a live task's id that fails on its own (too many
+    deliveries, unreadable) must not answer the live task with its failure."""
+    src = keys.stream("tasks")
+    stray, own = await make_stream(r, src, 2)
+    await read(r, src, A)
+    res, record = keys.result("q-1"), keys.task("q-1")
+    await r.hset(record, mapping={"fp": "f", "entry": own})
+    for entry_id, owner, expected in ((stray, stray, [2]), (own, own, [1])):
+        rec = Record(entry_id, 1)
+        rec.result(res, 120, {"status": "failed", "by": entry_id}, keys.done, 1000,
+                   {"id": "q-1"}, record, owner)  # fmt: skip
+        assert await handoff(scripts, src, [rec]) == expected
+    assert await r.hget(res, "by") == own.encode()  # only the owner's failure is the task's
+    assert await r.xlen(keys.done) == 1
+
+
+async def test_handoff_checks_the_whole_batch_before_writing_anything(
+    r: Redis, scripts: Scripts, keys: Keys
+) -> None:
+    """Redis restarted without its data (NOGROUP) while a batch was in flight: the script
+    fails before its first write, so the retry after the group is recreated is not a
+    second hand-off of the records that came first."""
+    src, dst = keys.stream("tasks"), keys.stream("route")
+    ids = await make_stream(r, src, 2)
+    await read(r, src, A)
+    await r.xgroup_destroy(src, GROUP)
+    unfenced, fenced = Record(ids[0], 0), Record(ids[1], 1)
+    unfenced.xadd(dst, {"x": "1"})
+    fenced.xadd(dst, {"x": "2"})
+    with pytest.raises(Exception, match="NOGROUP"):
+        await handoff(scripts, src, [unfenced, fenced])
+    assert await r.xlen(dst) == 0
+
+
 async def test_handoff_zadd_due_at_server_time_plus_delay(
     r: Redis, scripts: Scripts, keys: Keys
 ) -> None:
@@ -366,6 +403,24 @@ async def test_reclaim_takes_nothing_just_after_redis_was_stalled(
         _, claimed = await scripts.reclaim(keys=[src, clock], args=args)
     assert len(claimed) == 3
     assert 550 <= await server_ms(r) - waited_from < 1500  # two gaps (600 ms), not more
+
+
+async def test_a_worker_with_no_free_slot_keeps_the_reclaim_clock_going(
+    r: Redis, scripts: Scripts, keys: Keys
+) -> None:
+    """A busy fleet calls with a count of 0: nothing is claimed, and the clock does not take
+    the busy time for a stalled Redis, so the first real reclaim after it takes at once."""
+    src = keys.stream("route")
+    clock = keys.reclaim_clock(src)
+    await make_stream(r, src, 2)
+    await read(r, src, A)
+    for _ in range(5):  # 500 ms of ticks from a full worker: longer than the 300 ms gap
+        assert await scripts.reclaim(keys=[src, clock], args=[GROUP, B, 0, "0-0", 0, 300]) == [
+            b"0-0", [],
+        ]  # fmt: skip
+        await anyio.sleep(0.1)
+    _, claimed = await scripts.reclaim(keys=[src, clock], args=[GROUP, B, 0, "0-0", 10, 300])
+    assert len(claimed) == 2
 
 
 # --- renew.lua -------------------------------------------------------------------------------
