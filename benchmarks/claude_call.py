@@ -51,11 +51,11 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from pipeline import App, Handler, Message, Outcome, Services, Stage, TransientError  # noqa: E402
-from pipeline.config import load_settings  # noqa: E402
-from pipeline.embedded_redis import RedisServer, free_port  # noqa: E402
-from pipeline.keys import Keys  # noqa: E402
-from pipeline.task import Request, Routed  # noqa: E402
-from pipeline.wire import (  # noqa: E402
+from pipeline.claude.config import load_settings  # noqa: E402
+from pipeline.claude.task import Request, Routed  # noqa: E402
+from pipeline.runtime.embedded_redis import RedisServer, free_port  # noqa: E402
+from pipeline.runtime.keys import Keys  # noqa: E402
+from pipeline.runtime.wire import (  # noqa: E402
     ENVELOPE_FIELD,
     WIRE_VERSION,
     Envelope,

@@ -54,11 +54,11 @@ from benchmarks.sustained import (  # noqa: E402
     start_workers,
     stop,
 )
-from pipeline.config import Settings  # noqa: E402
-from pipeline.embedded_redis import RedisServer  # noqa: E402
-from pipeline.keys import Keys  # noqa: E402
-from pipeline.pricing import PriceTable, micro_usd, today, usd  # noqa: E402
-from pipeline.task import Usage  # noqa: E402
+from pipeline.claude.pricing import PriceTable, micro_usd, today, usd  # noqa: E402
+from pipeline.claude.settings import Settings  # noqa: E402
+from pipeline.claude.task import Usage  # noqa: E402
+from pipeline.runtime.embedded_redis import RedisServer  # noqa: E402
+from pipeline.runtime.keys import Keys  # noqa: E402
 
 SIMPLE_TYPES = ("classify", "extract")  # the router's default rules send these to Haiku
 OTHER_TYPES = ("reason", "write")  # no rule: the default family (Sonnet)

@@ -36,8 +36,8 @@ if str(ROOT) not in sys.path:
 
 import redis  # noqa: E402
 
-from pipeline.embedded_redis import RedisServer  # noqa: E402
-from pipeline.keys import Keys  # noqa: E402
+from pipeline.runtime.embedded_redis import RedisServer  # noqa: E402
+from pipeline.runtime.keys import Keys  # noqa: E402
 from tests.conftest import FAST  # noqa: E402
 from tests.helpers.paid_once_chaos import ChaosConfig, chaos_fake, run_chaos  # noqa: E402
 

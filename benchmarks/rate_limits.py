@@ -51,8 +51,8 @@ from benchmarks.sustained import (  # noqa: E402
     stop,
     wait_for_port,
 )
-from pipeline.embedded_redis import RedisServer, free_port  # noqa: E402
-from pipeline.keys import Keys  # noqa: E402
+from pipeline.runtime.embedded_redis import RedisServer, free_port  # noqa: E402
+from pipeline.runtime.keys import Keys  # noqa: E402
 
 OURS, SEED = "bench-ours", "bench-seed"
 FAMILY = "haiku"

@@ -23,8 +23,8 @@ import redis
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.embedded_redis import RedisServer  # noqa: E402
-from pipeline.keys import Keys  # noqa: E402
+from pipeline.runtime.embedded_redis import RedisServer  # noqa: E402
+from pipeline.runtime.keys import Keys  # noqa: E402
 
 STAGES = ("s1", "s2", "s3", "s4")
 

@@ -37,7 +37,7 @@ from observability.otlp_sender import sender_from_env  # noqa: E402
 from observability.spans import SpanData  # noqa: E402
 from observability.tracing import Tracing, _ratio  # noqa: E402
 from pipeline import App, Complete, Forward, Keys, Message, Outcome, Stage  # noqa: E402
-from pipeline.wire import Envelope  # noqa: E402
+from pipeline.runtime.wire import Envelope  # noqa: E402
 
 BATCH = 512
 SAMPLED = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"

@@ -65,9 +65,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from pipeline.config import load_settings  # noqa: E402
-from pipeline.embedded_redis import RedisServer, free_port  # noqa: E402
-from pipeline.keys import Keys  # noqa: E402
+from pipeline.claude.config import load_settings  # noqa: E402
+from pipeline.runtime.embedded_redis import RedisServer, free_port  # noqa: E402
+from pipeline.runtime.keys import Keys  # noqa: E402
 
 RESULT_FIELDS = ("status", "latency_ms", "call_ms", "cached", "attempts", "error", "model")
 TOPICS = (

@@ -35,8 +35,8 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.runtime import load  # noqa: E402
 from benchmarks.tracing_overhead import MODES, SpanSink  # noqa: E402
-from pipeline.embedded_redis import RedisServer  # noqa: E402
-from pipeline.keys import Keys  # noqa: E402
+from pipeline.runtime.embedded_redis import RedisServer  # noqa: E402
+from pipeline.runtime.keys import Keys  # noqa: E402
 
 CHAIN = ("s1", "s2", "s3", "s4")
 

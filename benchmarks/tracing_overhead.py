@@ -38,8 +38,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (  # noqa: 
 )
 
 from benchmarks.runtime import STAGES, cpu_s, load  # noqa: E402
-from pipeline.embedded_redis import RedisServer  # noqa: E402
-from pipeline.keys import Keys  # noqa: E402
+from pipeline.runtime.embedded_redis import RedisServer  # noqa: E402
+from pipeline.runtime.keys import Keys  # noqa: E402
 
 #: Sampler settings per mode; "off" sets no OTEL_* variable at all.
 MODES: dict[str, dict[str, str]] = {

@@ -28,10 +28,10 @@ from opentelemetry.sdk.metrics.export import MetricReader
 from opentelemetry.sdk.resources import Resource
 
 from observability.buckets import Buckets, BucketsCollector
-from pipeline.call_report import CallReport
-from pipeline.hooks import Hook
-from pipeline.outcome import Complete, Fail, Forward, Outcome, Retry
-from pipeline.stage import Message
+from pipeline.claude.call_report import CallReport
+from pipeline.runtime.hooks import Hook
+from pipeline.runtime.outcome import Complete, Fail, Forward, Outcome, Retry
+from pipeline.runtime.stage import Message
 
 log = logging.getLogger(__name__)
 

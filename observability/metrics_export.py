@@ -15,10 +15,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from pipeline.config import Settings
-from pipeline.errors import ConfigError
-from pipeline.keys import Keys
-from pipeline.stage import App
+from pipeline.claude.settings import Settings
+from pipeline.runtime.errors import ConfigError
+from pipeline.runtime.keys import Keys
+from pipeline.runtime.stage import App
 
 if TYPE_CHECKING:  # OpenTelemetry is imported only when metrics are on (the [otlp] extra)
     from wsgiref.simple_server import WSGIServer
@@ -101,7 +101,7 @@ def start_metrics(
     try:
         from observability.metrics import PipelineMetrics, meter_provider
         from observability.queues import QueuePoller
-        from pipeline.call_report import observe_calls
+        from pipeline.claude.call_report import observe_calls
     except ImportError as exc:
         raise ConfigError(
             "metrics", f"metrics need the otlp extra: pip install 'claude-pipeline[otlp]' ({exc})"
@@ -138,7 +138,7 @@ def start_metrics(
 
 def _looked_up(settings: Settings, request: object) -> bool:
     """cache-check's own condition for a cache lookup (a miss counts only then)."""
-    from pipeline.task import Request
+    from pipeline.claude.task import Request
 
     return (
         isinstance(request, Request) and request.cache and settings.cache.ttl_for(request.type) > 0

@@ -15,7 +15,7 @@ from google.protobuf.message import DecodeError  # type: ignore[import-untyped,u
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 
 from observability.otlp_sender import PREFIX, Attempt, RetryingSender, Settings, log_partial_success
-from pipeline.errors import ConfigError
+from pipeline.runtime.errors import ConfigError
 
 __all__ = ["HttpSender"]
 

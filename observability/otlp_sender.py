@@ -46,7 +46,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 
-from pipeline.errors import ConfigError
+from pipeline.runtime.errors import ConfigError
 
 __all__ = ["OtlpSender", "sender_from_env"]
 # For the transports (otlp_http, otlp_grpc): Settings, Attempt, RetryingSender,

@@ -16,7 +16,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace import ProxyTracerProvider, SpanContext, SpanKind
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from pipeline.tracer import TraceContext
+from pipeline.runtime.traceparent import TraceContext
 
 __all__ = ["SCOPE", "format_context", "parent_context", "producer_spans"]
 

@@ -1,7 +1,7 @@
 """Queue gauges (backlog, pending, lag, oldest age, delayed retries, DLQ) from a periodic poll.
 
-One pipelined round trip (`pipeline.status.gather_status`) every few seconds per worker, never
-per message: the gauges read the latest snapshot when a scrape or an OTLP export asks.
+One pipelined round trip (`pipeline.runtime.status.gather_status`) every few seconds per
+worker, never per message: the gauges read the latest snapshot when a scrape or an OTLP export asks.
 Every worker reports every stage, so a stage with no workers left still shows its backlog.
 """
 
@@ -14,9 +14,9 @@ from collections.abc import Callable, Iterable
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 from redis.asyncio import Redis
 
-from pipeline.keys import Keys
-from pipeline.stage import App
-from pipeline.status import Status, StreamStatus, gather_status
+from pipeline.runtime.keys import Keys
+from pipeline.runtime.stage import App
+from pipeline.runtime.status import Status, StreamStatus, gather_status
 
 log = logging.getLogger(__name__)
 

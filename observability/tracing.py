@@ -1,6 +1,6 @@
 """One OpenTelemetry trace per task, across every stage (DESIGN: Observability).
 
-The runtime knows nothing of OpenTelemetry; it asks a `pipeline.tracer.Tracer` about each
+The runtime knows nothing of OpenTelemetry; it asks a `pipeline.runtime.tracer.Tracer` about each
 entry it takes. `Tracing` is that tracer, set up by `start_tracing` when the `OTEL_*`
 variables ask for traces:
 
@@ -61,13 +61,13 @@ from observability.otlp_encode import Encoder
 from observability.propagation import SCOPE
 from observability.span_export import OtlpExport, SdkExport, SpanExport, batch_settings
 from observability.spans import CLIENT, CONSUMER, ERROR, SpanData, SpanShape
-from pipeline.call_report import CallReport, observe_calls
-from pipeline.errors import ConfigError
-from pipeline.keys import Keys
-from pipeline.outcome import Complete, Forward, Outcome
-from pipeline.stage import App, Message
-from pipeline.task import Answer, Request
-from pipeline.tracer import TraceContext
+from pipeline.claude.call_report import CallReport, observe_calls
+from pipeline.claude.task import Answer, Request
+from pipeline.runtime.errors import ConfigError
+from pipeline.runtime.keys import Keys
+from pipeline.runtime.outcome import Complete, Forward, Outcome
+from pipeline.runtime.stage import App, Message
+from pipeline.runtime.traceparent import TraceContext
 
 __all__ = ["StageSpan", "Tracing", "producer_tracing", "start_tracing"]
 
@@ -275,7 +275,7 @@ class Tracing:
             trace_hex, parent_id, trace_state = f"{trace_id:032x}", None, None
         elif traceparent[-1] in _NOT_SAMPLED:
             return None
-        else:  # valid: checked at ingress (pipeline.wire), written by a stage after that
+        else:  # valid: checked at ingress (pipeline.runtime.wire), written by a stage after that
             trace_hex, parent_id = traceparent[3:35], traceparent[36:52]
             trace_state = env.tracestate
         shape = self._shapes.get((msg.stage, msg.lane)) or self._new_shape(msg)

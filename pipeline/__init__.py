@@ -1,9 +1,14 @@
-"""Claude pipeline on Redis Streams: the runtime's public API (stages import only this)."""
+"""Claude pipeline on Redis Streams: what an application's stages import.
+
+The runtime's API (`pipeline.runtime`) and the pipeline's `Settings`; the Claude domain's
+types and services are `pipeline.claude`'s.
+"""
 
 from __future__ import annotations
 
-from pipeline.config import Settings, load_settings
-from pipeline.errors import (
+from pipeline.claude.config import load_settings
+from pipeline.claude.settings import Settings
+from pipeline.runtime.errors import (
     AuthError,
     Backpressure,
     ConfigError,
@@ -13,11 +18,11 @@ from pipeline.errors import (
     RedisUnavailable,
     TransientError,
 )
-from pipeline.hooks import Hook
-from pipeline.keys import Keys
-from pipeline.outcome import Complete, Defer, Drop, Fail, Forward, Outcome, Reject, Retry
-from pipeline.services import ResponseCache, Services
-from pipeline.stage import App, Handler, HandlerFactory, Message, Stage
+from pipeline.runtime.hooks import Hook
+from pipeline.runtime.keys import Keys
+from pipeline.runtime.outcome import Complete, Defer, Drop, Fail, Forward, Outcome, Reject, Retry
+from pipeline.runtime.services import Services
+from pipeline.runtime.stage import App, Handler, HandlerFactory, Message, Stage
 
 __all__ = [
     "App",
@@ -40,7 +45,6 @@ __all__ = [
     "PipelineError",
     "RedisUnavailable",
     "Reject",
-    "ResponseCache",
     "Retry",
     "Services",
     "Settings",

@@ -37,13 +37,13 @@ import msgspec
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import AuthenticationError, BusyLoadingError, RedisError, ResponseError
 
-from pipeline.config import IngressSettings, Settings
-from pipeline.errors import Backpressure, ConfigError, InvalidTask, RedisUnavailable
-from pipeline.keys import Keys
-from pipeline.redis_conn import UNAVAILABLE, redacted
-from pipeline.request import parse_request
-from pipeline.tracer import valid_traceparent
-from pipeline.wire import MAX_TASK_ID_CHARS
+from pipeline.claude.request import parse_request
+from pipeline.claude.settings import IngressSettings, Settings
+from pipeline.runtime.errors import Backpressure, ConfigError, InvalidTask, RedisUnavailable
+from pipeline.runtime.keys import Keys
+from pipeline.runtime.redis_conn import UNAVAILABLE, redacted
+from pipeline.runtime.traceparent import valid as valid_traceparent
+from pipeline.runtime.wire import MAX_TASK_ID_CHARS
 
 log = logging.getLogger(__name__)
 

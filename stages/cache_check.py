@@ -3,7 +3,7 @@ from the cache.
 
 Reads the ingress (`<prefix>:tasks`). Bad input raises `InvalidTask`, which the runtime
 dead-letters with the reason and answers with a `failed` result (guarantees 3 and 8). A task
-whose producer chose its `id` takes that id (an idempotency key, `pipeline.task_record`):
+whose producer chose its `id` takes that id (an idempotency key, `pipeline.claude.task_record`):
 another entry with the id of a live task is dropped if it asks the same, refused if it asks
 something else. A task too large to travel every stage is refused here, before anything is
 paid for. A cached answer goes straight to the store, skipping the router and the paid call
@@ -29,9 +29,7 @@ from pipeline import (
     Settings,
     Stage,
 )
-from pipeline.request import parse_request
-from pipeline.task import Answer, Request
-from pipeline.task_record import Admission, TaskRecords
+from pipeline.claude import Admission, Answer, Request, ResponseCache, TaskRecords, parse_request
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +46,9 @@ def _later_limit(settings: Settings) -> int:
     return min(settings.runtime_for(s).max_entry_bytes for s in ("router", "claude-call"))
 
 
-async def build(services: Services) -> Handler:
+async def build(services: Services[Settings]) -> Handler:
     """The handler, with this worker's settings and response cache."""
-    settings, cache = services.settings, services.cache
+    settings, cache = services.settings, services.shared(ResponseCache.for_services)
     records = TaskRecords.for_stage(services, "cache-check")
     limit = _later_limit(settings)
 

@@ -2,11 +2,11 @@
 with its answer before it is handed on (guarantee 5).
 
 One input stream per model family (a lane each), since rate limits are per family. The task's
-record (`pipeline.task_record`) decides first: an answer already recorded for this call is
+record (`pipeline.claude.task_record`) decides first: an answer already recorded for this call is
 handed on without paying (a redelivery after a crash), another live entry of the same task
 means this one is a duplicate, and otherwise this entry claims the call. Then the budget
-decides what may be sent (`pipeline.budget`, maybe a downgrade), and only then may an
-identical call in flight or a cached answer stand in for it (`pipeline.flights`), so nothing
+decides what may be sent (`pipeline.claude.budget`, maybe a downgrade), and only then may an
+identical call in flight or a cached answer stand in for it (`pipeline.claude.flights`), so nothing
 is shared across a budget decision. claim -> budget -> coalesce -> call -> record -> land.
 """
 
@@ -17,11 +17,16 @@ import asyncio
 import msgspec
 
 from pipeline import Drop, Forward, Handler, Message, Outcome, Reject, Services, Settings, Stage
-from pipeline.budget import Budget, Reservation
-from pipeline.caller import Caller
-from pipeline.flights import Flights
-from pipeline.task import Answer, Routed
-from pipeline.task_record import ClaimState, TaskRecords
+from pipeline.claude import (
+    Answer,
+    Budget,
+    Caller,
+    ClaimState,
+    Flights,
+    Reservation,
+    Routed,
+    TaskRecords,
+)
 
 NAME = "claude-call"
 #: Calls are I/O-bound (2-30 s each), so one process holds many at once: at 10M tasks/day
@@ -30,7 +35,7 @@ NAME = "claude-call"
 CONCURRENCY = 1024
 
 
-async def build(services: Services) -> Handler:
+async def build(services: Services[Settings]) -> Handler:
     """One client per worker, its pool sized for every lane's calls at once."""
     settings = services.settings
     caller = Caller(services, pool_size(settings))

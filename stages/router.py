@@ -2,20 +2,18 @@
 
 Cost control: `auto` tasks follow `router.rules` (task type, prompt length, requested
 max_tokens; first match wins, else `router.default_family`), explicit models are honoured,
-per-type `max_tokens_caps` bind everyone. The decision itself is `pipeline.routing.route`,
+per-type `max_tokens_caps` bind everyone. The decision itself is `pipeline.claude.routing.route`,
 which cache-check also uses for the cache key. One lane per family, since rate limits are
 per family.
 """
 
 from __future__ import annotations
 
-from pipeline import Fail, Forward, Handler, Message, Outcome, Services, Stage
-from pipeline.request import prompt_chars
-from pipeline.routing import route
-from pipeline.task import Request, Routed
+from pipeline import Fail, Forward, Handler, Message, Outcome, Services, Settings, Stage
+from pipeline.claude import Request, Routed, prompt_chars, route
 
 
-async def build(services: Services) -> Handler:
+async def build(services: Services[Settings]) -> Handler:
     """The handler, with this worker's routing settings."""
     settings = services.settings
 

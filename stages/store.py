@@ -4,22 +4,22 @@ The runtime stores the result first-writer-wins with its TTL and adds the done e
 same atomic step as the ack (guarantees 1 and 5); the task's record expires with it. Every
 task is counted in the cost ledger first, once per task id even if this entry is redelivered
 (its paid call was counted when claude-call recorded it). The response cache was written as
-the answer landed (`pipeline.flights`).
+the answer landed (`pipeline.claude.flights`).
 """
 
 from __future__ import annotations
 
 import time
 
-from pipeline import Complete, Handler, Message, Outcome, Services, Stage
-from pipeline.pricing import micro_usd, usd
-from pipeline.results import make_result, result_ttl, trace_id_of
-from pipeline.task import Answer
+from pipeline import Complete, Handler, Message, Outcome, Services, Settings, Stage
+from pipeline.claude import Answer, Ledger, micro_usd, usd
+from pipeline.runtime import make_result, result_ttl
+from pipeline.runtime.traceparent import trace_id_of
 
 
-async def build(services: Services) -> Handler:
+async def build(services: Services[Settings]) -> Handler:
     """The handler, with this worker's settings and response cache."""
-    settings, ledger = services.settings, services.ledger
+    settings, ledger = services.settings, services.shared(Ledger.for_services)
 
     async def store(msg: Message) -> Outcome:
         answer = msg.body(Answer)

@@ -18,9 +18,10 @@ import pytest
 import redis
 from redis.asyncio import Redis
 
-from pipeline.config import Settings, load_settings
+from pipeline.claude.config import load_settings
+from pipeline.claude.settings import Settings
 from pipeline.fake_claude import FakeClaudeConfig, FakeClaudeServer, run_fake_claude_in_thread
-from pipeline.keys import Keys
+from pipeline.runtime.keys import Keys
 from tests.helpers.redis_server import RedisServer, newest_redis_server
 from tests.helpers.workers import Workers
 

@@ -13,11 +13,11 @@ import pytest
 import redis
 from typer.testing import CliRunner
 
-from pipeline.cli import app
-from pipeline.dlq import dlq_fields
-from pipeline.keys import Keys
-from pipeline.results import make_result
-from pipeline.wire import ENVELOPE_FIELD
+from pipeline.cli.main import app
+from pipeline.runtime.dlq import dlq_fields
+from pipeline.runtime.keys import Keys
+from pipeline.runtime.results import make_result
+from pipeline.runtime.wire import ENVELOPE_FIELD
 from tests.helpers.redis_server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]

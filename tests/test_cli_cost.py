@@ -14,12 +14,12 @@ from redis.asyncio import Redis
 from typer.testing import CliRunner
 
 from pipeline import Keys, Settings
-from pipeline.cli import app
-from pipeline.ledger import Ledger
-from pipeline.redis_conn import Availability
-from pipeline.request import parse_request
-from pipeline.task import Answer, Routed, Usage
-from pipeline.task_record import TaskRecords
+from pipeline.claude.ledger import Ledger
+from pipeline.claude.request import parse_request
+from pipeline.claude.task import Answer, Routed, Usage
+from pipeline.claude.task_record import TaskRecords
+from pipeline.cli.main import app
+from pipeline.runtime.redis_conn import Availability
 
 NOW = datetime.datetime.now(datetime.UTC)
 D1, D2, D3 = (datetime.datetime(2026, 1, d, 12, tzinfo=datetime.UTC) for d in (10, 11, 12))

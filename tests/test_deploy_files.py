@@ -38,10 +38,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import stages
 from observability import metric_names
-from pipeline.cli import app as cli_app
-from pipeline.config import Settings, load_settings
-from pipeline.keys import Keys
-from pipeline.stage import Stage
+from pipeline.claude.config import load_settings
+from pipeline.claude.settings import Settings
+from pipeline.cli.main import app as cli_app
+from pipeline.runtime.keys import Keys
+from pipeline.runtime.stage import Stage
 from stages import claude_call
 from tests.helpers.workers import wait_until
 

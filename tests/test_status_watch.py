@@ -11,10 +11,10 @@ from pathlib import Path
 
 import redis
 
-from pipeline.keys import Keys
-from pipeline.results import make_result
-from pipeline.status import Status, StreamStatus
-from pipeline.status_watch import Poll, percentile, view
+from pipeline.cli.watch import Poll, percentile, view
+from pipeline.runtime.keys import Keys
+from pipeline.runtime.results import make_result
+from pipeline.runtime.status import Status, StreamStatus
 from tests.helpers.workers import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,7 +6,7 @@ import time
 
 import redis
 
-from pipeline.keys import Keys
+from pipeline.runtime.keys import Keys
 from tests.helpers.workers import Workers, wait_until
 from tests.test_cli import cli, one_error_line
 from tests.test_cli import env as cli_env_fixture

@@ -14,8 +14,8 @@ import pytest
 import redis
 
 from pipeline.fake_claude import FakeClaudeConfig, FakeClaudeServer, run_fake_claude_in_thread
-from pipeline.keys import Keys
-from pipeline.wire import decode_entry
+from pipeline.runtime.keys import Keys
+from pipeline.runtime.wire import decode_entry
 from tests.helpers.outcomes import assert_drained, tally
 from tests.helpers.workers import WorkerProc, Workers, wait_until
 

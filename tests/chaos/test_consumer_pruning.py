@@ -7,7 +7,7 @@ import time
 import pytest
 import redis
 
-from pipeline.keys import Keys
+from pipeline.runtime.keys import Keys
 from tests.helpers.workers import Workers, wait_until
 
 pytestmark = pytest.mark.chaos

@@ -8,7 +8,7 @@ import time
 import pytest
 import redis
 
-from pipeline.keys import Keys
+from pipeline.runtime.keys import Keys
 from tests.helpers.outcomes import assert_drained, tally
 from tests.helpers.workers import Workers, wait_until
 

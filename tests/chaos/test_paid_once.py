@@ -30,9 +30,9 @@ import pytest
 import redis
 from redis.typing import EncodableT, FieldT
 
-from pipeline.config import Settings
+from pipeline.claude.settings import Settings
 from pipeline.fake_claude import FakeClaudeServer
-from pipeline.keys import Keys
+from pipeline.runtime.keys import Keys
 from tests.conftest import StartFake
 from tests.helpers.outcomes import assert_drained, tally
 from tests.helpers.workers import Workers, wait_until

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import redis
 
-from pipeline.keys import Keys
-from pipeline.wire import ENVELOPE_FIELD
+from pipeline.runtime.keys import Keys
+from pipeline.runtime.wire import ENVELOPE_FIELD
 from tests.chaos.test_crash_recovery import STAGES, STREAMS, submit
 from tests.helpers.outcomes import assert_drained, tally
 from tests.helpers.workers import Workers, wait_until

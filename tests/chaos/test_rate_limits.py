@@ -16,9 +16,9 @@ import anthropic
 import pytest
 import redis
 
+from pipeline.claude.ratelimit import key_id
 from pipeline.fake_claude import FakeClaudeServer
-from pipeline.keys import Keys
-from pipeline.ratelimit import key_id
+from pipeline.runtime.keys import Keys
 from tests.conftest import StartFake
 from tests.helpers.outcomes import tally
 from tests.helpers.workers import Workers, wait_until

@@ -34,7 +34,7 @@ import pytest
 import redis
 
 from pipeline.fake_claude import FakeClaudeConfig, FakeClaudeServer, run_fake_claude_in_thread
-from pipeline.keys import Keys
+from pipeline.runtime.keys import Keys
 from tests.conftest import FAST
 from tests.helpers.outcomes import Tally, assert_drained, tally
 from tests.helpers.redis_server import (
@@ -56,7 +56,7 @@ LEASE_MS = int(FAST["PIPELINE_RUNTIME__LEASE_MS"])
 PREFIX = "faults"
 STAGES = ("cache-check", "router", "claude-call", "store")
 STREAMS = ("tasks", "route", "call:haiku", "call:sonnet", "call:opus", "store")
-#: The lines `pipeline.redis_conn.Availability` writes about an outage.
+#: The lines `pipeline.runtime.redis_conn.Availability` writes about an outage.
 OUTAGE = ("redis unavailable at", "redis still unavailable at", "redis back at")
 MAX_OUTAGE_LINES = 3
 SETTLE_S = 20  # after the fault, for every task to finish (they take a few seconds)

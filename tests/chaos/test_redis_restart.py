@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from pipeline.keys import Keys
+from pipeline.runtime.keys import Keys
 from tests.chaos.test_crash_recovery import STAGES, STREAMS
 from tests.conftest import FAST
 from tests.helpers.outcomes import assert_drained, tally

@@ -17,8 +17,8 @@ import pytest
 import redis
 
 from pipeline.fake_claude import FakeClaudeServer
-from pipeline.keys import Keys
-from pipeline.wire import WIRE_VERSION, Envelope, internal_entry
+from pipeline.runtime.keys import Keys
+from pipeline.runtime.wire import WIRE_VERSION, Envelope, internal_entry
 from tests.conftest import StartFake
 from tests.helpers.workers import Workers, wait_until
 

@@ -15,7 +15,7 @@ import pytest
 import redis
 
 from pipeline.fake_claude import FakeClaudeServer
-from pipeline.keys import Keys
+from pipeline.runtime.keys import Keys
 from tests.helpers.outcomes import tally
 from tests.helpers.workers import Workers, wait_until
 

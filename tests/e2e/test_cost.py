@@ -18,11 +18,11 @@ import redis
 from redis.asyncio import Redis as AsyncRedis
 
 from pipeline import load_settings
+from pipeline.claude.ledger import Row, Totals, read_days
+from pipeline.claude.pricing import PriceTable
+from pipeline.claude.task import Usage
 from pipeline.fake_claude import FakeClaudeConfig, FakeClaudeServer, run_fake_claude_in_thread
-from pipeline.keys import Keys
-from pipeline.ledger import Row, Totals, read_days
-from pipeline.pricing import PriceTable
-from pipeline.task import Usage
+from pipeline.runtime.keys import Keys
 from tests.helpers.outcomes import tally
 from tests.helpers.workers import Workers, wait_until
 

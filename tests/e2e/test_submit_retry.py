@@ -18,7 +18,7 @@ import pytest
 import redis
 
 from pipeline.client import Client, SubmitFailed
-from pipeline.keys import Keys
+from pipeline.runtime.keys import Keys
 from tests.conftest import StartFake
 from tests.helpers.cut_proxy import Cut, CutProxy
 from tests.helpers.outcomes import assert_drained

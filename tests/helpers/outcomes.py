@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import redis
 
-from pipeline.keys import Keys
+from pipeline.runtime.keys import Keys
 
 
 @dataclass

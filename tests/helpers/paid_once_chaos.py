@@ -57,11 +57,12 @@ import psutil  # type: ignore[import-untyped]
 import redis
 from redis.asyncio import Redis as AsyncRedis
 
-from pipeline.config import Settings, load_settings
+from pipeline.claude.config import load_settings
+from pipeline.claude.ledger import read_days
+from pipeline.claude.settings import Settings
 from pipeline.fake_claude import FakeClaudeConfig, FakeClaudeServer, run_fake_claude_in_thread
 from pipeline.fake_claude.stats import prompt_digest
-from pipeline.keys import Keys
-from pipeline.ledger import read_days
+from pipeline.runtime.keys import Keys
 from tests.helpers.outcomes import assert_drained
 from tests.helpers.workers import WorkerProc, Workers, wait_until
 

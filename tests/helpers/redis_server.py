@@ -13,7 +13,7 @@ from pathlib import Path
 
 import redis
 
-from pipeline.embedded_redis import RedisServer, free_port, newest_redis_server
+from pipeline.runtime.embedded_redis import RedisServer, free_port, newest_redis_server
 
 __all__ = ["RedisServer", "TunedRedisServer", "free_port", "newest_redis_server"]
 

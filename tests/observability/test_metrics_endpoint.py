@@ -16,7 +16,7 @@ import redis
 
 from pipeline import App, Message, Outcome, Settings, Stage
 from pipeline.fake_claude import FakeClaudeServer
-from pipeline.keys import Keys
+from pipeline.runtime.keys import Keys
 from stages import app as real_stages
 from tests.conftest import StartFake
 from tests.helpers.workers import Workers, wait_until

@@ -18,12 +18,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from observability.metric_names import METRICS, series
 from observability.metrics import MetricsHook, PipelineMetrics, meter_provider
-from pipeline.call_report import CallReport
-from pipeline.outcome import Complete, Fail, Forward, Outcome, Retry
-from pipeline.results import make_result
-from pipeline.stage import Message
-from pipeline.task import Answer, Request, Usage
-from pipeline.wire import Envelope
+from pipeline.claude.call_report import CallReport
+from pipeline.claude.task import Answer, Request, Usage
+from pipeline.runtime.outcome import Complete, Fail, Forward, Outcome, Retry
+from pipeline.runtime.results import make_result
+from pipeline.runtime.stage import Message
+from pipeline.runtime.wire import Envelope
 
 pytestmark = pytest.mark.anyio
 

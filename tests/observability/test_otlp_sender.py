@@ -27,7 +27,7 @@ from google.rpc.error_details_pb2 import RetryInfo  # type: ignore[import-untype
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from observability.otlp_sender import sender_from_env
-from pipeline.errors import ConfigError
+from pipeline.runtime.errors import ConfigError
 
 ExportRequest = trace_service_pb2.ExportTraceServiceRequest
 ExportResponse = trace_service_pb2.ExportTraceServiceResponse

@@ -22,8 +22,8 @@ from observability.span_export import SdkExport
 from observability.spans import CLIENT, CONSUMER, ERROR, SpanData, SpanShape
 from observability.tracing import StageSpan, Tracing, _env_sampler
 from pipeline import App, Complete, Keys, Message, Outcome, Stage
-from pipeline.outcome import Retry
-from pipeline.wire import Envelope
+from pipeline.runtime.outcome import Retry
+from pipeline.runtime.wire import Envelope
 
 SHAPE = SpanShape(
     "process p:tasks", CONSUMER,

@@ -29,10 +29,10 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from observability.tracing import Tracing
 from pipeline import App, Complete, Forward, Keys, Message, Outcome, Settings, Stage, load_settings
+from pipeline.cli.worker import run_worker
 from pipeline.client import Client
-from pipeline.tracer import TraceContext
-from pipeline.wire import Envelope
-from pipeline.worker import run_worker
+from pipeline.runtime.traceparent import TraceContext
+from pipeline.runtime.wire import Envelope
 from stages import app as stages_app
 from tests.conftest import StartFake
 from tests.helpers.workers import wait_until

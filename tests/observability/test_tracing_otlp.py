@@ -188,7 +188,7 @@ def test_without_otel_variables_nothing_of_opentelemetry_is_loaded() -> None:
     (redis-py 8 imports the OpenTelemetry SDK itself when it is installed, so the check is
     on this project's tracing modules.)"""
     code = (
-        "import sys, pipeline.worker, pipeline.runtime, pipeline.client, stages\n"
+        "import sys, pipeline.cli.worker, pipeline.runtime.runner, pipeline.client, stages\n"
         "from observability import tracing_enabled\n"
         "print(tracing_enabled({}), tracing_enabled({'OTEL_SDK_DISABLED': 'true',"
         " 'OTEL_EXPORTER_OTLP_ENDPOINT': 'http://x:4318'}),"

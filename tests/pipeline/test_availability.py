@@ -13,7 +13,7 @@ import random
 import pytest
 from redis.asyncio import Redis
 
-from pipeline.redis_conn import Availability
+from pipeline.runtime.redis_conn import Availability
 
 pytestmark = pytest.mark.anyio
 

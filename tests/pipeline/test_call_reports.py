@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.claude import CallReport, call, observe_calls
-from pipeline.errors import TransientError
+from pipeline.claude.api import CallReport, call, observe_calls
+from pipeline.runtime.errors import TransientError
 from tests.conftest import StartFake
 from tests.stages.test_claude_call import client_for, routed
 

@@ -12,12 +12,13 @@ import msgspec
 import pytest
 import redis
 
+from pipeline.claude.config import load_settings
+from pipeline.claude.request import parse_request
+from pipeline.claude.settings import IngressSettings, Settings
 from pipeline.client import BATCH_SIZE, Client, SubmitFailed, task_fields
-from pipeline.config import IngressSettings, Settings, load_settings
-from pipeline.errors import Backpressure, InvalidTask, RedisUnavailable
-from pipeline.keys import Keys
-from pipeline.request import parse_request
-from pipeline.results import make_result
+from pipeline.runtime.errors import Backpressure, InvalidTask, RedisUnavailable
+from pipeline.runtime.keys import Keys
+from pipeline.runtime.results import make_result
 from tests.helpers.cut_proxy import Cut, CutProxy
 from tests.helpers.redis_server import RedisServer, free_port
 

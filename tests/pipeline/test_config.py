@@ -8,16 +8,16 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from pipeline.config import (
+from pipeline.claude.config import load_settings
+from pipeline.claude.settings import (
     DlqSettings,
     RedisSettings,
     ResultSettings,
     RetrySettings,
     RuntimeSettings,
     Settings,
-    load_settings,
 )
-from pipeline.errors import ConfigError
+from pipeline.runtime.errors import ConfigError
 
 SECTIONS: dict[str, type[msgspec.Struct]] = {
     "redis": RedisSettings,

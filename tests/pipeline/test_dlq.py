@@ -7,8 +7,8 @@ import anyio
 import pytest
 from redis.asyncio import Redis
 
-from pipeline.dlq import DeadLetters, dlq_fields, raw_entry
-from pipeline.keys import Keys
+from pipeline.runtime.dlq import DeadLetters, dlq_fields, raw_entry
+from pipeline.runtime.keys import Keys
 
 pytestmark = pytest.mark.anyio
 LIVE_TTL_S = 7 * 86_400

@@ -7,7 +7,7 @@ import fnmatch
 import pytest
 from redis.crc import key_slot
 
-from pipeline.keys import Keys
+from pipeline.runtime.keys import Keys
 
 
 def slot(key: str) -> int:

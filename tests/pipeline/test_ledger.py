@@ -12,12 +12,12 @@ import pytest
 from redis.asyncio import Redis
 
 from pipeline import Keys, Services, Settings, load_settings
-from pipeline.ledger import CALL_METRICS, METRICS, TASK_METRICS, Ledger, Totals, read_days
-from pipeline.pricing import PriceTable, micro_usd
-from pipeline.redis_conn import Availability
-from pipeline.request import parse_request
-from pipeline.task import Answer, Routed, Usage
-from pipeline.task_record import ClaimState, TaskRecords
+from pipeline.claude.ledger import CALL_METRICS, METRICS, TASK_METRICS, Ledger, Totals, read_days
+from pipeline.claude.pricing import PriceTable, micro_usd
+from pipeline.claude.request import parse_request
+from pipeline.claude.task import Answer, Routed, Usage
+from pipeline.claude.task_record import ClaimState, TaskRecords
+from pipeline.runtime.redis_conn import Availability
 from stages import store
 from tests.stages.test_store import message
 
@@ -280,7 +280,9 @@ async def test_the_store_handler_run_twice_on_one_entry_counts_it_once(
     paid = answer(settings)
     day = today()
     # claude-call's part:
-    await pay(client, records_for(client, settings, services.ledger), "t1", paid)
+    await pay(
+        client, records_for(client, settings, services.shared(Ledger.for_services)), "t1", paid
+    )
     msg = message({"prompt": "Is this spam?", "type": "classify", "id": "t1"}, paid)
     assert msg.task_id == "t1"
     first = await handler(msg)

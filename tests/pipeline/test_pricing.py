@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import load_settings
-from pipeline.errors import ConfigError
-from pipeline.pricing import PriceTable, cost_micro_usd, micro_usd, usd
-from pipeline.task import Usage
+from pipeline.claude.config import load_settings
+from pipeline.claude.pricing import PriceTable, cost_micro_usd, micro_usd, usd
+from pipeline.claude.task import Usage
+from pipeline.runtime.errors import ConfigError
 
 DAY = datetime.date(2026, 3, 1)
 

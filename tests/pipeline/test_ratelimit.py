@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from pipeline.config import ApiKeySettings, FamilyLimits, RateLimitSettings
-from pipeline.keys import Keys
-from pipeline.ratelimit import ApiKey, RateLimiter, Ticket, key_id, limiter_state
-from pipeline.redis_conn import Availability
-from pipeline.task import Usage
+from pipeline.claude.ratelimit import ApiKey, RateLimiter, Ticket, key_id, limiter_state
+from pipeline.claude.settings import ApiKeySettings, FamilyLimits, RateLimitSettings
+from pipeline.claude.task import Usage
+from pipeline.runtime.keys import Keys
+from pipeline.runtime.redis_conn import Availability
 from tests.test_cli import cli
 from tests.test_cli import env as cli_env_fixture
 

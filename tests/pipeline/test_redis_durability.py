@@ -19,8 +19,8 @@ import pytest
 import redis
 from redis.asyncio import Redis
 
-from pipeline.keys import Keys
-from pipeline.redis_durability import RedisDurability, inspect_durability
+from pipeline.runtime.keys import Keys
+from pipeline.runtime.redis_durability import RedisDurability, inspect_durability
 from tests.conftest import FAST
 from tests.helpers.redis_server import RedisServer, newest_redis_server
 from tests.helpers.workers import Workers, wait_until
@@ -220,7 +220,7 @@ def test_worker_logs_each_finding_once_and_keeps_running(
     finally:
         workers.stop_all()
     assert PASSWORD not in log
-    warnings = [ln for ln in log.splitlines() if "WARNING pipeline.redis_durability" in ln]
+    warnings = [ln for ln in log.splitlines() if "WARNING pipeline.runtime.redis_durability" in ln]
     where = f"redis at redis://pipe:***@127.0.0.1:{server.port}/0: "
     assert [ln.partition(where)[2] for ln in warnings] == [
         "maxmemory-policy is allkeys-lru: Redis may evict stream entries and results under "
@@ -230,7 +230,7 @@ def test_worker_logs_each_finding_once_and_keeps_running(
         "task, pending retry and result; turn AOF on (CONFIG SET appendonly yes, and "
         "appendonly yes in redis.conf)",
     ]
-    [summary] = [ln for ln in log.splitlines() if "INFO pipeline.redis_durability" in ln]
+    [summary] = [ln for ln in log.splitlines() if "INFO pipeline.runtime.redis_durability" in ln]
     assert "maxmemory-policy allkeys-lru" in summary
     assert "persistence none (AOF off, no RDB save points)" in summary
 
@@ -243,7 +243,7 @@ def test_worker_on_a_safe_server_warns_nothing(start_server: StartServer, tmp_pa
         wait_until(lambda: "persistence AOF" in worker.log(), 30, what="the worker's summary")
     finally:
         workers.stop_all()
-    assert "WARNING pipeline.redis_durability" not in worker.log()
+    assert "WARNING pipeline.runtime.redis_durability" not in worker.log()
 
 
 # ---- pipeline status shows it -----------------------------------------------------------------
@@ -304,7 +304,7 @@ def test_status_watch_shows_the_redis_line_in_every_frame(start_server: StartSer
 def test_gather_status_reads_durability_only_when_asked(start_server: StartServer) -> None:
     """The metrics poller calls gather_status every few seconds: no CONFIG GET from it (an
     ACL that refuses it would log each one in the server's ACL LOG)."""
-    from pipeline.status import Status, gather_status
+    from pipeline.runtime.status import Status, gather_status
     from tests.apps import app
 
     server = start_server()

@@ -1,8 +1,9 @@
-"""The table of Redis errors (`pipeline.redis_errors`) and `Availability.call`, on real errors.
+"""The table of Redis errors (`pipeline.runtime.redis_errors`) and `Availability.call`, on real
+errors.
 
 Each error is produced by a private redis-server put into the state that makes it (never a
 hand-built exception where the server can make the real one), and read with the client the
-workers use (`pipeline.redis_conn.connect`): redis-py turns some replies into classes of its
+workers use (`pipeline.runtime.redis_conn.connect`): redis-py turns some replies into classes of its
 own and strips their codes, so only real replies show what `classify` really gets.
 
 - `classify`: NOGROUP (from a command and from inside a script) -> recreate; OOM, READONLY,
@@ -27,9 +28,9 @@ import redis
 from redis.asyncio import Redis
 from redis.exceptions import BusyLoadingError
 
-from pipeline.config import RedisSettings
-from pipeline.redis_conn import SETTLE_S, Availability, connect
-from pipeline.redis_errors import Action, RedisRefused, classify
+from pipeline.claude.settings import RedisSettings
+from pipeline.runtime.redis_conn import SETTLE_S, Availability, connect
+from pipeline.runtime.redis_errors import Action, RedisRefused, classify
 from tests.helpers.redis_server import (
     RedisServer,
     TunedRedisServer,
@@ -88,7 +89,7 @@ def outage_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [
         r.getMessage()
         for r in caplog.records
-        if r.name == "pipeline.redis_conn" and r.getMessage().startswith(OUTAGE)
+        if r.name == "pipeline.runtime.redis_conn" and r.getMessage().startswith(OUTAGE)
     ]
 
 
@@ -328,7 +329,7 @@ async def test_availability_waits_out_oom_and_returns_the_answer(
 ) -> None:
     """A write refused for OOM is tried again until memory is freed, then its answer is
     returned: two log lines (down, back) however many tries it took."""
-    caplog.set_level(logging.WARNING, logger="pipeline.redis_conn")
+    caplog.set_level(logging.WARNING, logger="pipeline.runtime.redis_conn")
     available = Availability(private_redis.url, max_backoff_s=0.2)
     tries = 0
 
@@ -362,7 +363,7 @@ async def test_availability_logs_once_per_change_of_reason(
 ) -> None:
     """OOM, then READONLY, then healthy: three lines (down, now another reason, back), not
     one per try."""
-    caplog.set_level(logging.WARNING, logger="pipeline.redis_conn")
+    caplog.set_level(logging.WARNING, logger="pipeline.runtime.redis_conn")
     available = Availability(private_redis.url, max_backoff_s=0.1)
     tries = 0
 
@@ -400,7 +401,7 @@ async def test_availability_waits_out_a_restart(
     private_redis: RedisServer, client: Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Redis killed and started again: the call waits, then answers; down and back, two lines."""
-    caplog.set_level(logging.WARNING, logger="pipeline.redis_conn")
+    caplog.set_level(logging.WARNING, logger="pipeline.runtime.redis_conn")
     available = Availability(private_redis.url, max_backoff_s=0.2)
     await client.set("k", "v")
     private_redis.kill()
@@ -463,7 +464,7 @@ async def test_availability_raises_refused_credentials_at_once(
 ) -> None:
     """Refused credentials raise `RedisRefused` on the first try, naming what is wrong
     (the table's meaning for that refusal) and never the password."""
-    caplog.set_level(logging.WARNING, logger="pipeline.redis_conn")
+    caplog.set_level(logging.WARNING, logger="pipeline.runtime.redis_conn")
     setup, userinfo, command = REFUSALS[code]
     refuse(admin, setup)
     url = with_password(private_redis.url, userinfo) if userinfo else private_redis.url

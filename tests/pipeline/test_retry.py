@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from pipeline.config import RetrySettings
-from pipeline.retry import GIVE_UP, GiveUp, RetryPolicy, compute_backoff
+from pipeline.claude.settings import RetrySettings
+from pipeline.runtime.retry import GIVE_UP, GiveUp, RetryPolicy, compute_backoff
 
 BASE, CAP = 1000, 300_000
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from pipeline.task import Request, Routed
-from pipeline.task_record import binding, fingerprint
+from pipeline.claude.task import Request, Routed
+from pipeline.claude.task_record import binding, fingerprint
 
 
 def _routed(prompt: str, request_hash: str = "", model: str = "m", max_tokens: int = 9) -> Routed:

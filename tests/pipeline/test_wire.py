@@ -5,8 +5,8 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from pipeline.errors import InvalidTask
-from pipeline.wire import (
+from pipeline.runtime.errors import InvalidTask
+from pipeline.runtime.wire import (
     ENVELOPE_FIELD,
     MAX_TASK_ID_CHARS,
     WIRE_VERSION,

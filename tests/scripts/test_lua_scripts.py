@@ -6,10 +6,10 @@ import anyio
 import pytest
 from redis.asyncio import Redis
 
-from pipeline.handoff import Record, build_call
-from pipeline.keys import Keys
-from pipeline.scripts import Scripts
-from pipeline.wire import (
+from pipeline.runtime.handoff import Record, build_call
+from pipeline.runtime.keys import Keys
+from pipeline.runtime.scripts import Scripts
+from pipeline.runtime.wire import (
     ENVELOPE_FIELD,
     WIRE_VERSION,
     Envelope,

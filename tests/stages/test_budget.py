@@ -16,13 +16,13 @@ import pytest
 from redis.asyncio import Redis
 
 from pipeline import ConfigError, Fail, Forward, Keys, Services, Settings, load_settings
-from pipeline.budget import Budget, Reservation
-from pipeline.config import BudgetSettings
+from pipeline.claude.budget import Budget, Reservation
+from pipeline.claude.settings import BudgetSettings
+from pipeline.claude.task import Answer, Request, Routed, Usage
 from pipeline.fake_claude import FakeClaudeServer
-from pipeline.outcome import Defer
-from pipeline.redis_conn import Availability
-from pipeline.stage import Handler
-from pipeline.task import Answer, Request, Routed, Usage
+from pipeline.runtime.outcome import Defer
+from pipeline.runtime.redis_conn import Availability
+from pipeline.runtime.stage import Handler
 from stages import claude_call
 from tests.conftest import StartFake
 from tests.stages.test_claude_call import KEY, message, stage_settings

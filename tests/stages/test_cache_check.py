@@ -29,11 +29,12 @@ from pipeline import (
     Stage,
     load_settings,
 )
-from pipeline.flights import Flights
-from pipeline.redis_conn import Availability
-from pipeline.request import parse_request
-from pipeline.task import Answer, Request, Routed, Usage
-from pipeline.wire import decode_entry
+from pipeline.claude.cache import ResponseCache
+from pipeline.claude.flights import Flights
+from pipeline.claude.request import parse_request
+from pipeline.claude.task import Answer, Request, Routed, Usage
+from pipeline.runtime.redis_conn import Availability
+from pipeline.runtime.wire import decode_entry
 from stages import cache_check, router, store
 from tests.helpers.outcomes import assert_drained, tally
 from tests.helpers.workers import Workers
@@ -65,7 +66,7 @@ async def check(client: Redis, settings: Settings, fields: dict[str, str]) -> Fo
 
 async def remember(client: Redis, settings: Settings, fields: dict[str, str]) -> Answer:
     """Put an answer for `fields` in the cache the way claude-call does: its flight's leader
-    lands it (the cache's rules: `pipeline.flights.cache_ttl_s`)."""
+    lands it (the cache's rules: `pipeline.claude.flights.cache_ttl_s`)."""
     request = parse_request(fields, settings)
     fresh = Answer(
         request=request,
@@ -187,7 +188,9 @@ async def test_the_lookup_and_its_count_are_one_round_trip(
     counting = CountingRedis.from_url(redis_url)
     counting.sent = []
     try:
-        cache = Services(settings, counting, Keys(settings.prefix)).cache
+        cache = Services(settings, counting, Keys(settings.prefix)).shared(
+            ResponseCache.for_services
+        )
         await cache.get("0" * 32)  # the first call may load the script
         await client.set(Keys(settings.prefix).cache("1" * 32), b"x")
         counting.sent = []

@@ -37,15 +37,15 @@ from pipeline import (
     TransientError,
     load_settings,
 )
-from pipeline.claude import call, make_client, retry_after_s
-from pipeline.config import ClaudeSettings
+from pipeline.claude.api import call, make_client, retry_after_s
+from pipeline.claude.ledger import read_days
+from pipeline.claude.settings import ClaudeSettings
+from pipeline.claude.task import Answer, Request, Routed
+from pipeline.claude.task_record import binding
 from pipeline.fake_claude import FakeClaudeConfig, FakeClaudeServer, run_fake_claude_in_thread
 from pipeline.fake_claude.prompt import request_key
-from pipeline.ledger import read_days
-from pipeline.redis_conn import connect
-from pipeline.task import Answer, Request, Routed
-from pipeline.task_record import binding
-from pipeline.wire import ENVELOPE_FIELD, decode_entry, encode_body, encode_envelope
+from pipeline.runtime.redis_conn import connect
+from pipeline.runtime.wire import ENVELOPE_FIELD, decode_entry, encode_body, encode_envelope
 from stages import claude_call
 from tests.conftest import StartFake
 from tests.helpers.outcomes import tally

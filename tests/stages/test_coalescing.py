@@ -16,13 +16,13 @@ import pytest
 from redis.asyncio import Redis
 
 from pipeline import Forward, Keys, Services, Settings, TransientError, load_settings
+from pipeline.claude.flights import Flights, identity
+from pipeline.claude.ledger import read_days
+from pipeline.claude.task import Answer, Request, Routed, Usage
+from pipeline.claude.task_record import binding
 from pipeline.fake_claude import FakeClaudeServer
-from pipeline.flights import Flights, identity
-from pipeline.ledger import read_days
-from pipeline.redis_conn import Availability
-from pipeline.stage import Handler
-from pipeline.task import Answer, Request, Routed, Usage
-from pipeline.task_record import binding
+from pipeline.runtime.redis_conn import Availability
+from pipeline.runtime.stage import Handler
 from stages import claude_call
 from tests.conftest import StartFake
 from tests.stages.test_claude_call import KEY, message, stage_settings

@@ -7,11 +7,12 @@ import json
 import msgspec
 import pytest
 
-from pipeline.config import Settings, load_settings
-from pipeline.errors import InvalidTask
-from pipeline.request import parse_request, prompt_chars, request_hash
-from pipeline.routing import Route
-from pipeline.task import Request
+from pipeline.claude.config import load_settings
+from pipeline.claude.request import parse_request, prompt_chars, request_hash
+from pipeline.claude.routing import Route
+from pipeline.claude.settings import Settings
+from pipeline.claude.task import Request
+from pipeline.runtime.errors import InvalidTask
 
 
 @pytest.fixture(scope="module")

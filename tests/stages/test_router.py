@@ -13,10 +13,10 @@ import pytest
 from redis.asyncio import Redis
 
 from pipeline import Fail, Forward, Keys, Message, Services, Settings, load_settings
-from pipeline.errors import ConfigError
-from pipeline.request import parse_request
-from pipeline.task import Routed
-from pipeline.wire import ENVELOPE_FIELD, decode_entry, encode_body, encode_envelope
+from pipeline.claude.request import parse_request
+from pipeline.claude.task import Routed
+from pipeline.runtime.errors import ConfigError
+from pipeline.runtime.wire import ENVELOPE_FIELD, decode_entry, encode_body, encode_envelope
 from stages import router
 
 pytestmark = pytest.mark.anyio

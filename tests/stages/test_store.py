@@ -11,10 +11,10 @@ import pytest
 from redis.asyncio import Redis
 
 from pipeline import Complete, Keys, Message, Services, Settings
-from pipeline.request import parse_request
-from pipeline.results import RESULT_FIELDS
-from pipeline.task import Answer, Usage
-from pipeline.wire import ENVELOPE_FIELD, decode_entry, encode_body, encode_envelope
+from pipeline.claude.request import parse_request
+from pipeline.claude.task import Answer, Usage
+from pipeline.runtime.results import RESULT_FIELDS
+from pipeline.runtime.wire import ENVELOPE_FIELD, decode_entry, encode_body, encode_envelope
 from stages import store
 
 pytestmark = pytest.mark.anyio

@@ -1,0 +1,59 @@
+"""The Claude domain the stages use: the request and answer types, routing, the paid call
+(rate limits, budget, coalescing, task records), the response cache, prices and the ledger.
+
+Built on the Claude-agnostic runtime (`pipeline.runtime`), never the other way round.
+`Caller` (the paid call) is loaded on first use: it imports the Anthropic SDK, which costs
+a second or more of CPU that a worker of the other stages should not pay.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from pipeline.claude.budget import Budget, Reservation
+from pipeline.claude.cache import ResponseCache
+from pipeline.claude.config import load_settings
+from pipeline.claude.flights import Flights
+from pipeline.claude.ledger import Ledger
+from pipeline.claude.pricing import micro_usd, usd
+from pipeline.claude.request import parse_request, prompt_chars
+from pipeline.claude.routing import Route, route
+from pipeline.claude.settings import Settings
+from pipeline.claude.task import Answer, Request, Routed, Usage
+from pipeline.claude.task_record import Admission, Claim, ClaimState, TaskRecords
+
+if TYPE_CHECKING:
+    from pipeline.claude.caller import Caller
+
+__all__ = [
+    "Admission",
+    "Answer",
+    "Budget",
+    "Caller",
+    "Claim",
+    "ClaimState",
+    "Flights",
+    "Ledger",
+    "Request",
+    "Reservation",
+    "ResponseCache",
+    "Route",
+    "Routed",
+    "Settings",
+    "TaskRecords",
+    "Usage",
+    "load_settings",
+    "micro_usd",
+    "parse_request",
+    "prompt_chars",
+    "route",
+    "usd",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Caller":
+        from pipeline.claude.caller import Caller
+
+        return Caller
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,343 @@
+"""A producer's flat fields -> a validated `Request`, and the request's canonical hash.
+
+Carries guarantee 8 (bad input gets a clear error): every rule of DESIGN's wire format is
+checked here, once, and a violation raises `InvalidTask` naming the field and the problem,
+so cache-check dead-letters it with that reason and the producer can read what to fix.
+
+Conventions: an optional field given as an empty string counts as not given (producers
+with fixed templates send them); fields the wire format does not name are ignored, so
+producers may carry their own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import msgspec
+
+from pipeline.claude.routing import Route, route
+from pipeline.claude.settings import Settings
+from pipeline.claude.task import Request
+from pipeline.runtime.errors import InvalidTask
+from pipeline.runtime.results import MAX_TTL_S
+
+MAX_MAX_TOKENS = 1_000_000  # far above any model's output limit; stops absurd reservations
+HASH_HEX_CHARS = 32  # 128 bits of SHA-256: collisions are not a practical concern
+_ROLES = ("user", "assistant")
+_MESSAGE_KEYS = frozenset({"role", "content"})
+_SYSTEM_BLOCK_KEYS = frozenset({"type", "text", "cache_control", "citations"})
+_TYPE_LABEL = re.compile(r"[a-z0-9][a-z0-9_.\-]{0,63}")
+_MODEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@/\-]{0,127}")
+_BOOLS = {"true": True, "1": True, "false": False, "0": False}
+_json = msgspec.json.Decoder()
+
+
+def parse_request(fields: Mapping[str, str], settings: Settings) -> Request:
+    """Validate and normalise a task's wire fields.
+
+    Raises:
+        InvalidTask: a field breaks the wire format; the message names the field.
+    """
+    ingress = settings.ingress
+    messages = _conversation(fields, ingress.max_prompt_bytes)
+    _check_ttl(fields)
+    request = Request(
+        messages=messages,
+        system=_system(_optional(fields, "system")),
+        model=_model(_optional(fields, "model"), settings),
+        max_tokens=_max_tokens(_optional(fields, "max_tokens")),
+        temperature=_temperature(_optional(fields, "temperature")),
+        type=_type_label(_optional(fields, "type")),
+        cache=_cache_flag(_optional(fields, "cache")),
+        metadata=_metadata(_optional(fields, "metadata"), ingress.max_metadata_bytes),
+    )
+    decision = route(request, settings, prompt_chars(request))
+    return msgspec.structs.replace(request, request_hash=request_hash(request, decision))
+
+
+def request_hash(request: Request, decision: Route | None) -> str:
+    """A short canonical hash of everything that determines the answer (the cache key).
+
+    Covers what the API is sent: the routing decision (model id and max_tokens after caps,
+    `pipeline.claude.routing.route`), system, messages and temperature, as canonical JSON (sorted
+    keys, no whitespace). Keying by the decision rather than by the model choice, task type
+    and routing settings means `model=sonnet` and its full id share answers, and a rule
+    change re-keys exactly the requests it sends elsewhere. With no decision (a model the
+    router will refuse) the model choice stands in. `cache_control` markers are left out:
+    they change what prompt caching bills, never the answer. A `prompt` and the equal
+    one-message `messages` hash the same, and so do a string and a single plain text block.
+    """
+    canonical = {
+        "v": 2,
+        "model": request.model if decision is None else decision.model,
+        "max_tokens": request.max_tokens if decision is None else decision.max_tokens,
+        "system": _canonical_content(request.system),
+        "messages": [
+            {"role": m["role"], "content": _canonical_content(m["content"])}
+            for m in request.messages
+        ],
+        "temperature": request.temperature,
+    }
+    text = msgspec.json.encode(canonical, order="sorted")
+    return hashlib.sha256(text).hexdigest()[:HASH_HEX_CHARS]
+
+
+def prompt_chars(request: Request) -> int:
+    """Characters of text the model reads (system and every message), for routing rules."""
+    return _text_chars(request.system) + sum(_text_chars(m["content"]) for m in request.messages)
+
+
+# ---- prompt / messages ---------------------------------------------------------------------
+
+
+def _conversation(fields: Mapping[str, str], max_bytes: int) -> list[dict[str, Any]]:
+    prompt, raw = fields.get("prompt"), fields.get("messages")
+    if prompt is not None and raw is not None:
+        raise InvalidTask("prompt and messages: both given; give exactly one of them")
+    if prompt is None and raw is None:
+        raise InvalidTask(
+            "prompt or messages: missing; give the text as 'prompt' "
+            "or a JSON array of messages as 'messages'"
+        )
+    name, text = ("prompt", prompt) if prompt is not None else ("messages", raw or "")
+    size = len(text.encode()) + len(fields.get("system", "").encode())
+    if size > max_bytes:
+        which = f"{name} + system" if fields.get("system") else name
+        raise InvalidTask(
+            f"{which}: {size} bytes, over the {max_bytes}-byte limit (ingress.max_prompt_bytes)"
+        )
+    if prompt is not None:
+        if not prompt.strip():
+            raise InvalidTask("prompt: is empty")
+        return [{"role": "user", "content": prompt}]
+    return _messages(text)
+
+
+def _messages(raw: str) -> list[dict[str, Any]]:
+    messages = _decode_json("messages", raw)
+    if not isinstance(messages, list):
+        raise InvalidTask(f"messages: must be a JSON array of messages, got {_kind(messages)}")
+    if not messages:
+        raise InvalidTask("messages: is empty; give at least one message")
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise InvalidTask(f"{where}: must be an object with 'role' and 'content'")
+        extra = sorted(set(message) - _MESSAGE_KEYS)
+        if extra:
+            raise InvalidTask(
+                f"{where}: unknown key {extra[0]!r} (a message has only 'role' and 'content')"
+            )
+        if "role" not in message:
+            raise InvalidTask(f"{where}.role: missing")
+        role = message["role"]
+        if role not in _ROLES:
+            hint = " (put a system prompt in the 'system' field)" if role == "system" else ""
+            raise InvalidTask(
+                f"{where}.role: must be 'user' or 'assistant', got {_show(role)}{hint}"
+            )
+        if "content" not in message:
+            raise InvalidTask(f"{where}.content: missing")
+        _check_content(f"{where}.content", message["content"])
+    if messages[0]["role"] != "user":
+        raise InvalidTask(
+            "messages[0].role: the first message must be from 'user', got 'assistant'"
+        )
+    return messages
+
+
+def _check_content(where: str, content: object) -> None:
+    if isinstance(content, str):
+        if not content.strip():
+            raise InvalidTask(f"{where}: is empty")
+        return
+    if not isinstance(content, list):
+        raise InvalidTask(
+            f"{where}: must be a string or a list of content blocks, got {_kind(content)}"
+        )
+    if not content:
+        raise InvalidTask(f"{where}: is an empty list of content blocks")
+    for j, block in enumerate(content):
+        if not isinstance(block, dict) or not isinstance(block.get("type"), str):
+            raise InvalidTask(f"{where}[{j}]: must be a content block object with a 'type'")
+        if block["type"] == "text":
+            _check_text_block(f"{where}[{j}]", block)
+
+
+def _check_text_block(where: str, block: dict[str, Any]) -> None:
+    text = block.get("text")
+    if not isinstance(text, str) or not text.strip():
+        raise InvalidTask(f"{where}.text: must be a non-empty string")
+
+
+# ---- system ---------------------------------------------------------------------------------
+
+
+def _system(raw: str | None) -> str | list[dict[str, Any]] | None:
+    """A string, or a JSON array of text blocks (kept as given, cache_control included).
+
+    Only an array of objects is taken for blocks, so a system prompt that merely starts with
+    `[` stays text; an array of objects that are not valid text blocks is an error.
+    """
+    if raw is None or not raw.strip():
+        return None
+    if not raw.lstrip().startswith("["):
+        return raw
+    try:
+        blocks = _json.decode(raw)
+    except msgspec.DecodeError:
+        return raw
+    if not blocks or not all(isinstance(b, dict) for b in blocks):
+        return raw
+    for i, block in enumerate(blocks):
+        where = f"system[{i}]"
+        if block.get("type") != "text":
+            raise InvalidTask(f"{where}.type: must be 'text', got {_show(block.get('type'))}")
+        extra = sorted(set(block) - _SYSTEM_BLOCK_KEYS)
+        if extra:
+            raise InvalidTask(f"{where}: unknown key {extra[0]!r} in a system text block")
+        _check_text_block(where, block)
+    return list(blocks)
+
+
+# ---- scalar fields --------------------------------------------------------------------------
+
+
+def _optional(fields: Mapping[str, str], name: str) -> str | None:
+    value = fields.get(name)
+    return value if value else None
+
+
+def _model(raw: str | None, settings: Settings) -> str:
+    if raw is None:
+        return "auto"
+    model = raw.strip()
+    if not _MODEL.fullmatch(model):
+        raise InvalidTask(
+            "model: must be auto, a family alias or a model id "
+            f"(no spaces, at most 128 characters), got {_show(raw)}"
+        )
+    lowered = model.lower()
+    return lowered if lowered == "auto" or lowered in settings.claude.models else model
+
+
+def _max_tokens(raw: str | None) -> int | None:
+    if raw is None:
+        return None
+    value = raw.strip()
+    if not value.isascii() or not value.isdigit() or not 0 < int(value) <= MAX_MAX_TOKENS:
+        raise InvalidTask(
+            f"max_tokens: must be a whole number from 1 to {MAX_MAX_TOKENS}, got {_show(raw)}"
+        )
+    return int(value)
+
+
+def _temperature(raw: str | None) -> float | None:
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value <= 1.0:  # NaN fails this too
+        raise InvalidTask(f"temperature: must be a number from 0 to 1, got {_show(raw)}")
+    return value if value else 0.0  # -0.0 would hash apart from 0.0
+
+
+def _type_label(raw: str | None) -> str:
+    if raw is None:
+        return "default"
+    label = raw.strip().lower()
+    if not _TYPE_LABEL.fullmatch(label):
+        raise InvalidTask(
+            "type: must be a short label (letters, digits, '_', '-', '.'; at most 64 "
+            f"characters), got {_show(raw)}"
+        )
+    return label
+
+
+def _cache_flag(raw: str | None) -> bool:
+    if raw is None:
+        return True
+    flag = _BOOLS.get(raw.strip().lower())
+    if flag is None:
+        raise InvalidTask(f"cache: must be true, false, 1 or 0, got {_show(raw)}")
+    return flag
+
+
+def _check_ttl(fields: Mapping[str, str]) -> None:
+    """The store reads `ttl` itself (`result_ttl`); here it is only checked."""
+    raw = _optional(fields, "ttl")
+    if raw is None:
+        return
+    value = raw.strip()
+    if not value.isascii() or not value.isdigit() or not 0 < int(value) <= MAX_TTL_S:
+        raise InvalidTask(f"ttl: must be whole seconds from 1 to {MAX_TTL_S}, got {_show(raw)}")
+
+
+def _metadata(raw: str | None, max_bytes: int) -> str:
+    if raw is None:
+        return "{}"
+    size = len(raw.encode())
+    if size > max_bytes:
+        raise InvalidTask(
+            f"metadata: {size} bytes, over the {max_bytes}-byte limit (ingress.max_metadata_bytes)"
+        )
+    value = _decode_json("metadata", raw)
+    if not isinstance(value, dict):
+        raise InvalidTask(f"metadata: must be a JSON object, got {_kind(value)}")
+    return raw
+
+
+# ---- helpers --------------------------------------------------------------------------------
+
+
+def _decode_json(name: str, raw: str) -> Any:
+    try:
+        return _json.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise InvalidTask(f"{name}: not valid JSON ({exc})") from None
+
+
+def _canonical_content(content: Any) -> Any:
+    """Blocks without their `cache_control`; a single plain text block means its text."""
+    if not isinstance(content, list):
+        return content
+    blocks = [
+        {k: v for k, v in b.items() if k != "cache_control"} if isinstance(b, dict) else b
+        for b in content
+    ]
+    first = blocks[0] if len(blocks) == 1 else None
+    if isinstance(first, dict) and first.keys() == {"type", "text"} and first["type"] == "text":
+        return first["text"]
+    return blocks
+
+
+def _text_chars(content: Any) -> int:
+    if isinstance(content, str):
+        return len(content)
+    if isinstance(content, list):
+        return sum(
+            len(b["text"])
+            for b in content
+            if isinstance(b, dict) and isinstance(b.get("text"), str)
+        )
+    return 0
+
+
+def _kind(value: object) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean"}
+    if value is None:
+        return "null"
+    return names.get(type(value), "a number")
+
+
+def _show(value: object, limit: int = 40) -> str:
+    """A value quoted for an error message, cut so poison cannot bloat the DLQ reason."""
+    if not isinstance(value, str):
+        text = repr(value)
+        return text[:limit] + "…" if len(text) > limit else text
+    return repr(value[:limit] + "…") if len(value) > limit else repr(value)

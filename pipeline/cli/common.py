@@ -1,0 +1,78 @@
+"""What every `pipeline` sub-command shares: options, consoles, settings, one Redis
+connection per command and running a coroutine (on uvloop when installed)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sys
+from collections.abc import AsyncIterator, Coroutine
+from pathlib import Path
+from typing import Annotated, Any, Optional, TypeVar
+
+import typer
+from redis.asyncio import Redis
+from rich.console import Console
+
+from pipeline.claude.config import load_settings
+from pipeline.claude.settings import Settings
+from pipeline.runtime.errors import RedisUnavailable
+
+_T = TypeVar("_T")
+
+out = Console(soft_wrap=False)
+err = Console(stderr=True, soft_wrap=True)
+
+ConfigOpt = Annotated[
+    Optional[Path],  # noqa: UP045 - typer needs Optional on 3.11
+    typer.Option(
+        "--config",
+        "-c",
+        help="TOML config file (else $PIPELINE_CONFIG).",
+        envvar="PIPELINE_CONFIG",
+        show_envvar=False,
+    ),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+def settings_from(config: Path | None) -> Settings:
+    return load_settings(config)
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def run_async(coro: Coroutine[Any, Any, _T]) -> _T:
+    """Run one coroutine to its answer (on uvloop when installed)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+def exit_with(message: str, code: int) -> typer.Exit:
+    err.print(message, markup=False, highlight=False)
+    return typer.Exit(code)
+
+
+@contextlib.asynccontextmanager
+async def connection(settings: Settings) -> AsyncIterator[Redis]:
+    """A connection for one command; Redis being away becomes one line naming the URL."""
+    from pipeline.runtime.redis_conn import UNAVAILABLE, connect, redacted
+
+    redis = connect(settings.redis)
+    try:
+        yield redis
+    except UNAVAILABLE as exc:
+        where = redacted(settings.redis.url)
+        raise RedisUnavailable(f"cannot reach Redis at {where}: {exc}") from None
+    finally:
+        await redis.aclose()

@@ -1,0 +1,274 @@
+"""`pipeline demo`: the whole pipeline on one machine, for a first look.
+
+Redis at REDIS_URL if reachable, else a private redis-server; the fake Claude API unless
+ANTHROPIC_API_KEY is set; worker processes running all four stages; a sample workload with
+duplicates and mixed task types; a summary; and everything stopped again. Its keys live under
+a fresh prefix that is deleted at the end (unless --keep), so it never touches other data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgspec
+from redis.asyncio import Redis
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from pipeline.claude.settings import Settings
+from pipeline.client import Client
+from pipeline.runtime.embedded_redis import RedisServer, free_port
+from pipeline.runtime.keys import Keys
+from pipeline.runtime.redis_conn import redacted
+
+TOPICS = [
+    "the water cycle", "a failed database migration", "quarterly sales in Europe",
+    "a customer who was double charged", "the history of the printing press",
+    "a bug report about login timeouts", "solar panel efficiency", "a delayed shipment",
+    "the rules of chess", "an outage post-mortem", "a new hire's first week",
+    "the benefits of code review", "a refund request", "rain forecasts for Lisbon",
+]  # fmt: skip
+KINDS = [  # (task type, model, template, share of the workload)
+    ("classify", "auto", "Classify the sentiment of a message about {t}.", 0.30),
+    ("extract", "auto", "Extract every date, name and amount in a note about {t}.", 0.20),
+    ("summarise", "auto", "Summarise in two sentences: a long report on {t}.", 0.20),
+    ("analyse", "auto", "Think step by step and analyse {t} carefully, with risks.", 0.25),
+    ("review", "opus", "Review this design for {t}; list its three weakest points.", 0.05),
+]
+
+
+@dataclass
+class DemoReport:
+    submitted: int = 0
+    completed: int = 0
+    failed: int = 0
+    cached: int = 0
+    latencies_ms: list[int] = field(default_factory=list)
+    by_model: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
+    errors: Counter[str] = field(default_factory=Counter)
+
+
+def workload(n: int, duplicate_share: float, seed: int) -> list[dict[str, str]]:
+    """n tasks of mixed types; about `duplicate_share` of them repeat an earlier request."""
+    rng = random.Random(seed)
+    tasks: list[dict[str, str]] = []
+    weights = [k[3] for k in KINDS]
+    for _ in range(n):
+        if tasks and rng.random() < duplicate_share:
+            tasks.append(dict(rng.choice(tasks)))
+            continue
+        kind, model, template, _share = rng.choices(KINDS, weights)[0]
+        topic = f"{rng.choice(TOPICS)} (case {rng.randint(1, 10_000)})"
+        tasks.append({"prompt": template.format(t=topic), "type": kind, "model": model,
+                      "max_tokens": "400"})  # fmt: skip
+    return tasks
+
+
+async def _reachable(url: str) -> bool:
+    client = Redis.from_url(url, socket_connect_timeout=1, socket_timeout=2)
+    try:
+        return bool(await client.ping())
+    except Exception:
+        return False
+    finally:
+        await client.aclose()
+
+
+@contextlib.contextmanager
+def _fake_claude(console: Console) -> Iterator[dict[str, str]]:
+    """Env for the workers: the real API if ANTHROPIC_API_KEY is set, else a local fake."""
+    if os.environ.get("ANTHROPIC_API_KEY"):
+        console.print("Claude: [bold]the real Anthropic API[/] (ANTHROPIC_API_KEY is set)")
+        yield {}
+        return
+    # Its own process, so that the demo's waiters and progress bars do not slow it down.
+    port = free_port()
+    cmd = [sys.executable, "-m", "pipeline.fake_claude", "--port", str(port),
+           "--latency-ms", "600", "--latency-sigma", "0.5", "--latency-cap-ms", "5000",
+           "--overloaded-rate", "0.03", "--rpm", "20000", "--seed", "7"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_for_port(port, proc)
+        console.print(f"Claude: the built-in fake API at {base_url} "
+                      "(latency ~0.6 s, 3% overloaded errors, 20,000 requests/min)")  # fmt: skip
+        yield {"ANTHROPIC_BASE_URL": base_url, "ANTHROPIC_API_KEY": "demo-key"}
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout_s: float = 15) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("the fake Claude API did not start")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError("the fake Claude API did not start in time")
+
+
+def _start_workers(n: int, env: dict[str, str], logdir: Path) -> list[subprocess.Popen[bytes]]:
+    procs = []
+    for i in range(n):
+        log = open(logdir / f"worker-{i}.log", "wb")  # noqa: SIM115 - owned by the process
+        cmd = [sys.executable, "-m", "pipeline.cli", "worker", "--all"]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
+    return procs
+
+
+def _stop_workers(procs: list[subprocess.Popen[bytes]]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+async def run_demo(settings: Settings, *, tasks: int = 300, workers: int = 2,
+                   keep: bool = False, console: Console | None = None) -> DemoReport:  # fmt: skip
+    console = console or Console()
+    server: RedisServer | None = None
+    url = settings.redis.url
+    if await _reachable(url):
+        console.print(f"Redis: {redacted(url)}")
+    else:
+        server = RedisServer(Path(tempfile.mkdtemp(prefix="pipeline-demo-redis-"))).start()
+        url = server.url
+        console.print(f"Redis: none reachable, started a private redis-server at {url}")
+    prefix = f"demo-{uuid.uuid4().hex[:8]}"
+    logdir = Path(tempfile.mkdtemp(prefix="pipeline-demo-logs-"))
+    report = DemoReport()
+    try:
+        with _fake_claude(console) as claude_env:
+            env = {**os.environ, **claude_env, "REDIS_URL": url, "PIPELINE_PREFIX": prefix,
+                   "PIPELINE_RUNTIME__GRACE_S": "5"}  # fmt: skip
+            procs = _start_workers(workers, env, logdir)
+            try:
+                await _drive(settings, url, prefix, tasks, report, console)
+            finally:
+                _stop_workers(procs)
+            if report.completed + report.failed < report.submitted:
+                console.print(f"[red]some tasks did not finish; worker logs in {logdir}[/]")
+    finally:
+        if not keep:
+            await _delete_prefix(url, prefix)
+        if server is not None:
+            server.stop()
+    _summary(report, console, prefix if keep else None)
+    return report
+
+
+async def _drive(settings: Settings, url: str, prefix: str, n: int, report: DemoReport,
+                 console: Console) -> None:  # fmt: skip
+    demo_settings = msgspec.structs.replace(
+        settings, prefix=prefix, redis=msgspec.structs.replace(settings.redis, url=url)
+    )
+    fresh = workload(n - n // 4, duplicate_share=0.0, seed=11)
+    # A quarter of the workload repeats earlier requests after they were answered: the
+    # response cache serves those (complete answers only) without calling Claude.
+    repeats = random.Random(12).sample(fresh, k=n // 4) if n // 4 <= len(fresh) else []
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn())  # fmt: skip
+    async with Client.from_settings(demo_settings) as client:
+        with Progress(*columns, console=console) as progress:
+            for label, batch in (("new tasks", fresh), ("repeated tasks", repeats)):
+                if batch:
+                    await _run_wave(client, progress, label, batch, report)
+
+
+async def _run_wave(client: Client, progress: Progress, label: str,
+                    batch: list[dict[str, str]], report: DemoReport) -> None:  # fmt: skip
+    sub = progress.add_task(f"submitting {label}", total=len(batch))
+    ids: list[str] = []
+    for i in range(0, len(batch), 50):
+        ids += await client.submit_many(batch[i : i + 50])
+        progress.advance(sub, len(batch[i : i + 50]))
+    report.submitted += len(ids)
+    done = progress.add_task(f"completing {label}", total=len(ids))
+
+    async def one(task_id: str) -> None:
+        _count(report, await client.result(task_id, wait=120))
+        progress.advance(done)
+
+    await asyncio.gather(*(one(t) for t in ids))
+
+
+def _count(report: DemoReport, result: dict[str, str] | None) -> None:
+    if result is None:
+        return
+    if result.get("status") != "completed":
+        report.failed += 1
+        report.errors[result.get("error", "")[:80]] += 1
+        return
+    report.completed += 1
+    cached = result.get("cached") == "true"
+    report.cached += cached
+    row = report.by_model[result.get("model", "?")]
+    row["tasks"] += 1
+    row["cached"] += cached
+    for name in ("input_tokens", "output_tokens"):
+        row[name] += int(result.get(name) or 0)
+    row["cost_micro_usd"] += round(float(result.get("cost_usd") or 0) * 1_000_000)
+    report.latencies_ms.append(int(result.get("latency_ms") or 0))
+
+
+def _percentile(values: list[int], q: float) -> int:
+    if not values:
+        return 0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _summary(report: DemoReport, console: Console, kept_prefix: str | None) -> None:
+    table = Table(title="pipeline demo: results by model")
+    table.add_column("model", no_wrap=True)
+    for col in ("tasks", "from cache", "input tokens", "output tokens", "cost (USD)"):
+        table.add_column(col, justify="right")
+    for model, row in sorted(report.by_model.items()):
+        table.add_row(model, f"{row['tasks']:,}", f"{row['cached']:,}",
+                      f"{row['input_tokens']:,}", f"{row['output_tokens']:,}",
+                      f"{row['cost_micro_usd'] / 1e6:.4f}")  # fmt: skip
+    console.print(table)
+    p50, p99 = _percentile(report.latencies_ms, 0.5), _percentile(report.latencies_ms, 0.99)
+    console.print(
+        f"submitted {report.submitted:,}  completed {report.completed:,}  "
+        f"failed {report.failed:,}  from cache {report.cached:,}  "
+        f"latency p50 {p50:,} ms  p99 {p99:,} ms"
+    )
+    for error, count in report.errors.most_common(5):
+        console.print(f"  [red]{count} failed:[/] {error}")
+    if kept_prefix:
+        console.print(f"keys kept under prefix {kept_prefix!r} (PIPELINE_PREFIX={kept_prefix})")
+
+
+async def _delete_prefix(url: str, prefix: str) -> None:
+    client = Redis.from_url(url)
+    try:
+        batch = [key async for key in client.scan_iter(match=Keys(prefix).pattern(), count=1000)]
+        for i in range(0, len(batch), 500):
+            await client.unlink(*batch[i : i + 500])
+    except Exception:  # best effort: the demo's keys also expire by TTL where they have one
+        pass
+    finally:
+        await client.aclose()

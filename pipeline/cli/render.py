@@ -1,0 +1,402 @@
+"""How the `pipeline` command shows things: tables for status, results and dead letters.
+
+Every value that came from Redis goes in as `Text`, never as markup, so a prompt or an error
+message containing `[red]` is shown as written.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, TextIO
+
+from rich import box
+from rich.console import Console, Group, RenderableType
+from rich.json import JSON
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+from rich.text import Text
+
+from pipeline.claude.ratelimit import LimitState
+from pipeline.cli.status import PipelineStatus
+from pipeline.cli.watch import WatchView
+from pipeline.runtime.dlq import DeadLetter
+from pipeline.runtime.errors import Backpressure, InvalidTask
+from pipeline.runtime.redis_durability import RedisDurability
+from pipeline.runtime.results import RESULT_FIELDS
+
+if TYPE_CHECKING:
+    from pipeline.client import Client
+
+#: Pending entries older than these (seconds) are shown in yellow, then red.
+OLD_PENDING_S = (60.0, 300.0)
+
+
+def age(seconds: float | None) -> str:
+    """`4.2s`, `5m 03s`, `2h 05m`, `3d 04h`: short and sortable by eye."""
+    if seconds is None:
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m {secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 24:
+        return f"{hours}h {minutes:02d}m"
+    days, hours = divmod(hours, 24)
+    return f"{days}d {hours:02d}h"
+
+
+def shorten(text: str, width: int) -> str:
+    """One line, at most `width` characters."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
+def _count(n: int, warn: bool = False) -> Text:
+    return Text(f"{n:,}", style="bold yellow" if warn and n else "")
+
+
+def _pretty(value: str) -> RenderableType:
+    """JSON objects and arrays (messages, metadata) indented; anything else as plain text."""
+    if value[:1] in "[{":
+        try:
+            json.loads(value)
+        except ValueError:
+            pass
+        else:
+            return JSON(value)
+    return Text(value)
+
+
+def status_view(
+    status: PipelineStatus, where: str, rates: Sequence[float | None] | None = None
+) -> RenderableType:
+    """Per stage and lane: backlog, pending, lag, consumers, oldest pending, delayed (and,
+    given `rates` per row, entries handed on per second); then the DLQ, paused stages and
+    Redis's eviction and persistence, coloured when they need attention."""
+    paused = {p.stage for p in status.paused}
+    table = Table(
+        title=Text(f"pipeline status  {where}"),
+        title_justify="left",
+        caption="oldest: age of the oldest pending entry; delayed: waiting to be retried",
+        caption_justify="left",
+        box=box.SIMPLE_HEAVY,  # no vertical rules: fits 80 columns with every lane
+        pad_edge=False,
+        show_edge=False,
+    )
+    for name in ("stage", "lane"):
+        table.add_column(name, no_wrap=True)
+    for name in ("backlog", "pending", "lag", "consumers", "oldest", "delayed"):
+        table.add_column(name, justify="right", no_wrap=True)
+    if rates is not None:
+        table.add_column("out/s", justify="right", no_wrap=True)
+    for i, row in enumerate(status.streams):
+        oldest = Text(age(row.oldest_pending_s))
+        if row.oldest_pending_s is not None and row.oldest_pending_s >= OLD_PENDING_S[0]:
+            old = row.oldest_pending_s >= OLD_PENDING_S[1]
+            oldest.stylize("bold red" if old else "yellow")
+        consumers = Text(f"{row.consumers:,}") if row.group_exists else Text("none", "dim")
+        stage = Text(row.stage, style="bold red" if row.stage in paused else "")
+        table.add_row(
+            stage,
+            Text(row.lane or "-"),
+            _count(row.backlog),
+            _count(row.pending),
+            Text("-" if row.lag is None else f"{row.lag:,}"),
+            consumers,
+            oldest,
+            _count(row.delayed, warn=True),
+            *([] if rates is None else [Text(_rate(rates[i]))]),
+        )
+    dlq = Text("DLQ: ", style="bold")
+    dlq.append(f"{status.dlq:,} entries", style="bold red" if status.dlq else "green")
+
+    if status.dlq:
+        dlq.append("  (pipeline dlq list)", style="dim")
+    lines: list[RenderableType] = [table, dlq]
+    if status.limits:
+        lines.insert(1, limits_view(status.limits))
+    if not status.paused:
+        lines.append(Text.assemble(("paused: ", "bold"), ("none", "green")))
+    for pause in status.paused:
+        line = Text.assemble(("paused: ", "bold"), (pause.stage, "bold red"), " - ")
+        line.append(pause.reason)
+        if pause.remaining_s is not None:
+            line.append(f"  ({age(pause.remaining_s)} left)", style="dim")
+        lines.append(line)
+    if status.redis is not None:
+        lines.append(durability_view(status.redis))
+    return Group(*lines)
+
+
+#: Findings that say data will be lost (red), as opposed to "cannot tell" (yellow).
+_LOSES = frozenset({"eviction", "no-persistence", "snapshot-failing", "aof-failing"})
+
+
+def durability_view(found: RedisDurability) -> RenderableType:
+    """`redis:` then the eviction policy and persistence (one short line each, to fit 80
+    columns), then each finding, wrapped under itself."""
+    grid = Table.grid(padding=(0, 1))
+    grid.add_column(no_wrap=True)
+    grid.add_column(overflow="fold")
+    policy = found.maxmemory_policy
+    style = "green" if policy == "noeviction" else "bold red" if policy else "yellow"
+    grid.add_row(Text("redis:", style="bold"), Text(found.eviction, style=style))
+    persistence = found.persistence
+    if found.aof_enabled:
+        style = "green"
+    elif persistence.startswith("none"):
+        style = "bold red"
+    else:
+        style = "yellow" if "unknown" in persistence else ""
+    grid.add_row(Text(""), Text(f"persistence {persistence}", style=style))
+    if found.config_refused:
+        grid.add_row(Text(""), Text("(read from INFO: CONFIG GET refused)", style="dim"))
+    for finding in found.findings:
+        style = "bold red" if finding.code in _LOSES else "bold yellow"
+        grid.add_row(Text("  !", style=style), Text(finding.line))
+    return grid
+
+
+def limits_view(limits: Sequence[LimitState]) -> RenderableType:
+    """Per API key x model family: what is left of each per-minute limit, the calls in
+    flight with the key, cool-downs and 429s. A limit shows `?` until learned."""
+    table = Table(
+        title=Text("rate limits (shared by every worker)"),
+        title_justify="left",
+        caption="left/limit per minute; in flight: the key's live concurrency slots",
+        caption_justify="left",
+        box=box.SIMPLE_HEAVY,
+        pad_edge=False,
+        show_edge=False,
+    )
+    table.add_column("key", no_wrap=True)
+    table.add_column("family", no_wrap=True)
+    for name in ("requests", "input tok", "output tok", "in flight", "admitted", "429s"):
+        table.add_column(name, justify="right", no_wrap=True)
+    table.add_column("cool-down", justify="right", no_wrap=True)
+    for row in limits:
+        cool = Text("-")
+        if row.cool_down_s > 0:
+            cool = Text(age(row.cool_down_s), style="bold yellow")
+        table.add_row(
+            Text(row.key_id),
+            Text(row.family),
+            Text(_left(row.requests_left, row.rpm, row.learned)),
+            Text(_left(row.input_left, row.itpm, row.learned)),
+            Text(_left(row.output_left, row.otpm, row.learned)),
+            Text(f"{row.in_flight:,}"),
+            Text(f"{row.admitted:,}"),
+            _count(row.throttled_429, warn=True),
+            cool,
+        )
+    return table
+
+
+def _left(level: float | None, limit: int | None, learned: bool) -> str:
+    if limit is None:
+        return "unlimited" if learned else "?"
+    return f"{max(0, int(level or 0)):,}/{limit:,}"
+
+
+def watch_view(watch: WatchView, where: str) -> RenderableType:
+    """`status --watch`: the status table with throughput, then the rates of the interval."""
+    status = watch.poll.status
+    lines: list[RenderableType] = [status_view(status, where, [r.per_s for r in watch.rates])]
+    cache = Text.assemble(("cache hits: ", "bold"), _percent(watch.cache_hit_rate))
+    cache.append(f" of lookups now, {_percent(watch.cache_hit_rate_total)} overall", style="dim")
+    line_429 = Text.assemble(("429s: ", "bold"), _percent(watch.rate_429))
+    line_429.append(" of calls admitted by the rate limiter", style="dim")
+    if watch.rate_429:
+        line_429.stylize("bold yellow", 6)
+    latency = Text.assemble(("end to end: ", "bold"))
+    if watch.p50_ms is None or watch.p99_ms is None:
+        latency.append("-  (no recent completions)", style="dim")
+    else:
+        latency.append(f"p50 {age(watch.p50_ms / 1000)}  p99 {age(watch.p99_ms / 1000)}")
+        latency.append(f"  (last {len(watch.poll.latencies_ms)} completions)", style="dim")
+    spend = watch.poll.spend_today_usd
+    lines += [
+        cache,
+        line_429,
+        latency,
+        Text.assemble(("spend today (UTC): ", "bold"), "-" if spend is None else f"${spend:,.2f}"),
+        Text("per-stage p99: Grafana (pipeline_stage_duration_seconds); Ctrl-C exits", "dim"),
+    ]
+    return Group(*lines)
+
+
+def _rate(per_s: float | None) -> str:
+    return "-" if per_s is None else f"{per_s:,.1f}"
+
+
+def _percent(share: float | None) -> str:
+    return "-" if share is None else f"{share:.1%}"
+
+
+def result_view(task_id: str, result: Mapping[str, str]) -> RenderableType:
+    """The result hash, known fields first, JSON values indented."""
+    status = result.get("status", "")
+    table = Table(show_header=False, title=Text(f"result {task_id}"), title_justify="left")
+    table.add_column("field", style="bold")
+    table.add_column("value", overflow="fold")
+    order = [f for f in RESULT_FIELDS if f in result] + sorted(set(result) - set(RESULT_FIELDS))
+    for name in order:
+        value = result[name]
+        if name == "status":
+            table.add_row(name, Text(value, style="green" if status == "completed" else "red"))
+        elif name != "error" or value:
+            table.add_row(name, _pretty(value))
+    return table
+
+
+def dlq_table(letters: Sequence[DeadLetter], now_ms: int | None = None) -> RenderableType:
+    """One line per dead letter, newest first; the error cut to fit."""
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    if not letters:
+        return Text("The DLQ is empty.", style="green")
+    table = Table(
+        title=Text(f"DLQ: {len(letters)} shown, newest first"),
+        title_justify="left",
+        box=box.SIMPLE_HEAVY,
+        pad_edge=False,
+        show_edge=False,
+    )
+    table.add_column("dlq id", no_wrap=True)
+    table.add_column("task id", overflow="fold", max_width=36)
+    table.add_column("stage", no_wrap=True)
+    table.add_column("error", overflow="fold")
+    for name in ("deliv.", "att.", "age"):
+        table.add_column(name, justify="right", no_wrap=True)
+    for letter in letters:
+        table.add_row(
+            Text(letter.dlq_id),
+            Text(letter.task_id),
+            Text(letter.stage),
+            Text(shorten(letter.error, 40), style="red"),
+            Text(str(letter.deliveries)),
+            Text(str(letter.attempts)),
+            Text(age(max(0, now_ms - letter.failed_at_ms) / 1000) if letter.failed_at_ms else "-"),
+        )
+    return table
+
+
+def dead_letter_view(letter: DeadLetter) -> RenderableType:
+    """Every field of one dead letter, and the task's original fields pretty-printed."""
+    when = datetime.fromtimestamp(letter.failed_at_ms / 1000, UTC) if letter.failed_at_ms else None
+    meta = Table(
+        show_header=False, title=Text(f"dead letter {letter.dlq_id}"), title_justify="left"
+    )
+    meta.add_column("field", style="bold")
+    meta.add_column("value", overflow="fold")
+    since = f" ({age(time.time() - letter.failed_at_ms / 1000)} ago)" if when else ""
+    rows = {
+        "task id": letter.task_id,
+        "stage": letter.stage,
+        "stream": letter.stream,
+        "error": letter.error,
+        "deliveries": str(letter.deliveries),
+        "attempts": str(letter.attempts),
+        "failed at": f"{when:%Y-%m-%d %H:%M:%S} UTC{since}" if when else "-",
+        "traceparent": letter.traceparent or "-",
+    }
+    for name, value in rows.items():
+        meta.add_row(name, Text(value, style="red" if name == "error" else ""))
+    fields = Table(show_header=False, title=Text("original fields"), title_justify="left")
+    fields.add_column("field", style="bold")
+    fields.add_column("value", overflow="fold")
+    for name, value in letter.fields.items():
+        fields.add_row(name, _pretty(value))
+    return Group(meta, fields)
+
+
+@dataclass
+class FileReport:
+    """What `submit --file` did: ids in file order, lines rejected, why it stopped early."""
+
+    ids: list[str] = field(default_factory=list)
+    bad_lines: int = 0
+    stopped: str | None = None
+
+
+async def submit_lines(
+    client: Client, lines: Iterable[str], total: int, ids_out: TextIO | None, console: Console
+) -> FileReport:
+    """Submit JSONL tasks in `submit_many` batches under a progress bar.
+
+    A bad line is reported with its number and skipped; a full ingress stops the run (the ids
+    submitted so far are kept and written).
+    """
+    from pipeline.client import BATCH_SIZE, task_fields
+
+    report = FileReport()
+    batch: list[dict[str, object]] = []
+    first_line = 1  # of the batch being collected
+    columns = (
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(
+        *columns,
+        console=console,
+        redirect_stdout=False,
+        redirect_stderr=False,
+        disable=not console.is_terminal,  # a bar in a log file or pipe is noise
+    ) as bar:
+        progress = bar.add_task("submitting", total=total)
+
+        async def flush() -> None:
+            new = await client.submit_many(batch)
+            report.ids.extend(new)
+            if ids_out is not None:
+                ids_out.write("".join(f"{i}\n" for i in new))
+                ids_out.flush()
+            bar.advance(progress, len(batch))
+            batch.clear()
+
+        try:
+            for number, line in enumerate(lines, 1):
+                if not batch:
+                    first_line = number
+                if not line.strip():
+                    bar.advance(progress)
+                    continue
+                try:
+                    task = json.loads(line)
+                    if not isinstance(task, dict):
+                        raise InvalidTask("a line must be a JSON object")
+                    task_fields(task, client.settings)
+                except (ValueError, InvalidTask) as exc:  # JSONDecodeError is a ValueError
+                    report.bad_lines += 1
+                    bar.console.print(Text(f"line {number}: {exc}", style="red"), highlight=False)
+                    bar.advance(progress)
+                    continue
+                batch.append(task)
+                if len(batch) >= BATCH_SIZE:
+                    await flush()
+            if batch:
+                await flush()
+        except Backpressure as exc:
+            report.stopped = f"stopped at line {first_line}: {exc}"
+        except UnicodeDecodeError as exc:
+            report.stopped = f"the file is not UTF-8 text ({exc.reason}, near line {first_line})"
+    return report
+
+
+__all__ = [
+    "FileReport",
+    "age",
+    "dead_letter_view",
+    "dlq_table",
+    "durability_view",
+    "result_view",
+    "shorten",
+    "status_view",
+]

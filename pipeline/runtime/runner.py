@@ -1,0 +1,600 @@
+"""The consumer loop of one stage (one input stream): read, run handlers, hand off atomically.
+
+Carries guarantees 1 (ack only with the hand-off), 2 (leases, reclaim, fencing), 3 (poison to
+the DLQ), 4 (durable delayed retries) and 7 (clean shutdown, outages waited out). Leases,
+reclaim and delayed retries live in their own modules; this file owns the entry's life cycle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import logging
+import time
+from functools import partial
+
+import msgspec
+from redis.exceptions import ResponseError
+
+from pipeline.runtime.context import WorkerContext
+from pipeline.runtime.delayed import promote_loop
+from pipeline.runtime.dlq import dlq_fields, entry_of, raw_entry
+from pipeline.runtime.errors import AuthError, InvalidTask, PermanentError, TransientError
+from pipeline.runtime.handoff import Record, build_call
+from pipeline.runtime.inflight import Inflight
+from pipeline.runtime.leases import drain_own, reclaim_loop, renew, renew_loop
+from pipeline.runtime.outcome import Complete, Defer, Drop, Fail, Forward, Outcome, Reject, Retry
+from pipeline.runtime.replies import read_entries
+from pipeline.runtime.results import make_result, result_ttl
+from pipeline.runtime.retry import GiveUp
+from pipeline.runtime.stage import Handler, Message, Stage
+from pipeline.runtime.traceparent import trace_id_of
+from pipeline.runtime.tracer import Tracer
+from pipeline.runtime.wire import (
+    ENVELOPE_FIELD,
+    Envelope,
+    decode_entry,
+    delayed_member,
+    encode_body,
+    encode_envelope,
+    entry_bytes,
+    internal_fields,
+    task_id_of,
+)
+from pipeline.runtime.wire import raw_fields_text as _raw_text
+
+log = logging.getLogger(__name__)
+
+
+class StageRunner:
+    """Runs one stage on one input stream (one lane) inside a worker process."""
+
+    def __init__(
+        self, stage: Stage, lane: str | None, ctx: WorkerContext, concurrency: int,
+        handler: Handler,
+    ) -> None:  # fmt: skip
+        self.stage = stage
+        self.handler = handler
+        self.lane = lane
+        self.ctx = ctx
+        self.rt = ctx.settings.runtime_for(stage.name)
+        self.concurrency = concurrency
+        self.stream = ctx.keys.stream(stage.stream, lane)
+        self.delayed = ctx.keys.delayed(self.stream)
+        self.group = stage.name
+        self.inflight: dict[str, Inflight] = {}
+        self.outbox: list[tuple[Inflight, Record]] = []
+        self._outbox_ready = asyncio.Event()
+        self._slot_free = asyncio.Event()
+        self._paused_until = 0.0
+        self._committing = False
+        self._entry_limits: dict[str, int] = {}
+        self._first = stage is ctx.app.stages[0]
+        self._where = (self.stream, self.group, ctx.consumer)
+        self._loop = asyncio.get_running_loop()
+        self.stats = {
+            "handled": 0, "fenced": 0, "dead": 0, "retried": 0, "reclaimed": 0, "reads": 0,
+            "handoffs": 0, "duplicates": 0,
+        }  # fmt: skip
+
+    @property
+    def name(self) -> str:
+        return f"{self.stage.name}[{self.lane}]" if self.lane else self.stage.name
+
+    @property
+    def paused(self) -> bool:
+        return time.monotonic() < self._paused_until
+
+    async def run(self) -> None:
+        """Serve the stream until `ctx.stopping`, then shut down within the grace period."""
+        await self.ensure_group()
+        hooks = self.ctx.hooks
+        if hooks:
+            await hooks.emit("on_worker_start", self.stage.name)
+        async with asyncio.TaskGroup() as tg:
+            background = [
+                tg.create_task(loop(self), name=f"{self.name}:{loop.__name__}")
+                for loop in (_flush_loop, renew_loop, reclaim_loop, promote_loop)
+            ]
+            await drain_own(self)
+            await self.read_loop()
+            await self._shutdown()
+            for task in background:
+                task.cancel()
+        if hooks:
+            await hooks.emit("on_worker_stop", self.stage.name, after=True)
+        log.info("%s stopped: %s", self.name, ", ".join(f"{k} {v}" for k, v in self.stats.items()))
+
+    async def _shutdown(self) -> None:
+        """Let handlers finish within the grace period, and handlers doing paid work (see
+        `Message.finish_before_exit`) within their own bound; hand back the rest."""
+        running = await self.drain_inflight(self.rt.grace_s)
+        finishing = [i for i in running if i.msg is not None and i.msg.finish_by > 0]
+        if finishing and not self.ctx.forced:
+            until = max(i.msg.finish_by for i in finishing if i.msg is not None)
+            log.info(
+                "%s: waiting up to %.0fs for %d paid calls already sent",
+                self.name,
+                max(0.0, until - time.monotonic()),
+                len(finishing),
+            )
+            paid = {i.entry_id for i in finishing}
+            await self._cancel_and_hand_back([i for i in running if i.entry_id not in paid])
+            running = await self.drain_inflight(until - time.monotonic())
+        await self._cancel_and_hand_back(running)
+        while self.outbox or self._committing:
+            self._slot_free.clear()
+            await self._slot_free.wait()
+
+    async def _cancel_and_hand_back(self, running: list[Inflight]) -> None:
+        """Cancel unfinished handlers and hand their entries back at once, without counting
+        a delivery: a deploy must not bring a healthy task closer to the DLQ."""
+        if not running:
+            return
+        for inf in running:
+            if inf.task is not None:
+                inf.task.cancel()
+        await asyncio.gather(*(i.task for i in running if i.task), return_exceptions=True)
+        running = [inf for inf in running if not inf.decided]
+        await renew(self, running, idle_ms=self.rt.lease_ms)
+        for inf in running:
+            self.inflight.pop(inf.entry_id, None)
+        log.warning(
+            "%s: handed back %d unfinished entries for other workers to take",
+            self.name,
+            len(running),
+        )
+
+    # ---- reading ----------------------------------------------------------------------
+
+    async def ensure_group(self) -> bool:
+        """Create the stream's consumer group (and the stream) unless it exists; True if
+        it had to be created."""
+
+        async def create() -> bool:
+            try:
+                await self.ctx.redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+                return False
+            return True
+
+        return await self.ctx.available.call(create)
+
+    async def recreate_group(self) -> None:
+        """NOGROUP: the stream or its group is gone (a Redis restarted without persistence,
+        or deleted by hand). Recreate it at `0` and say what was lost; entries this worker
+        held are fenced out by the new group (nobody owns them)."""
+        stream_existed = bool(
+            await self.ctx.available.call(lambda: self.ctx.redis.exists(self.stream))
+        )
+        if await self.ensure_group():
+            log.warning(
+                "%s: %s; recreated it at 0",
+                self.name,
+                "consumer group was lost (entries still in the stream are delivered again)"
+                if stream_existed
+                else "stream was lost with everything it held (Redis restarted without "
+                "persistence?)",
+            )
+
+    def wake(self) -> None:
+        """Let waits on slots re-check their condition (stop, force)."""
+        self._slot_free.set()
+
+    def free_slots(self) -> int:
+        return self.concurrency - len(self.inflight)
+
+    async def wait_for_slots(self, wanted: int) -> None:
+        while self.free_slots() < wanted and not self.ctx.stopping.is_set():
+            self._slot_free.clear()
+            await self._slot_free.wait()
+
+    async def read_loop(self) -> None:
+        """Read new entries while there is room for them (bounded prefetch)."""
+        min_batch = max(1, min(self.rt.read_count, self.concurrency) // 4)
+        while not self.ctx.stopping.is_set():
+            pause = self._paused_until - time.monotonic()
+            if pause > 0:
+                await self._sleep_unless_stopping(pause)
+                continue
+            await self.wait_for_slots(min(min_batch, self.concurrency))
+            if self.ctx.stopping.is_set():
+                break
+            count = min(self.free_slots(), self.rt.read_count)
+            sent_at = time.monotonic()
+            reply = await self.ctx.available.call(
+                partial(self._read_new, count), self.recreate_group
+            )
+            self.stats["reads"] += 1
+            for entry_id, raw in read_entries(reply):
+                self.start(entry_id, raw, deliveries=1, confirmed_at=sent_at)
+
+    async def _read_new(self, count: int) -> object:
+        """One XREADGROUP for up to `count` new entries (its reply is parsed by the caller)."""
+        return await self.ctx.redis.xreadgroup(
+            self.group,
+            self.ctx.consumer,
+            {self.stream: ">"},
+            count=count,
+            block=self.rt.block_ms,
+        )
+
+    async def _sleep_unless_stopping(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.ctx.stopping.wait(), timeout=seconds)
+
+    # ---- handling ---------------------------------------------------------------------
+
+    def start(
+        self, entry_id: str, raw: dict[bytes, bytes] | None, deliveries: int, confirmed_at: float
+    ) -> None:
+        """Take ownership of an entry and start its handler (or dead-letter it at once)."""
+        if entry_id in self.inflight:  # already ours (reclaim raced a drain): keep the first
+            return
+        inf = Inflight(entry_id, deliveries, confirmed_at)
+        self.inflight[entry_id] = inf
+        raw = raw or {}
+        try:
+            env = decode_entry(entry_id, raw, self.rt.max_entry_bytes)
+        except InvalidTask as exc:
+            self.submit(inf, self._dead_letter_raw(inf, raw, str(exc)))
+            return
+        msg = Message(env, entry_id, self.stage.name, self.lane, deliveries, self._where)
+        if self._first:  # only the ingress checks what can travel
+            msg.size = entry_bytes(raw)
+        inf.msg = msg
+        tracer = self.ctx.tracer
+        context = None if tracer is None else self._trace_in(tracer, inf, msg)
+        if deliveries > self.rt.max_deliveries:
+            reason = f"delivered {deliveries} times (max_deliveries={self.rt.max_deliveries})"
+            self.submit(inf, self._dead_letter(inf, env, reason))
+            self._finish_span(inf, None)
+            return
+        inf.task = self._loop.create_task(self._handle(inf, msg), context=context)
+
+    async def _handle(self, inf: Inflight, msg: Message) -> None:
+        hooks = self.ctx.hooks
+        if hooks:
+            await hooks.emit("before_handle", msg)
+        try:
+            outcome: Outcome = await self.handler(msg)
+        except asyncio.CancelledError as exc:
+            self._finish_span(inf, exc)
+            if hooks:
+                await hooks.emit("after_handle", msg, exc, after=True)
+            raise
+        except InvalidTask as exc:
+            outcome = Fail(f"invalid task: {exc}")
+        except PermanentError as exc:
+            outcome = Fail(str(exc))
+        except TransientError as exc:
+            delay = None if exc.retry_after_s is None else int(exc.retry_after_s * 1000)
+            outcome = Retry(str(exc), delay_ms=delay)
+        except AuthError as exc:
+            self._pause(exc)
+            later = self._requeue(inf, msg.envelope, int(exc.pause_s * 1000), "pause", str(exc))
+            self._finish_span(inf, exc)
+            if hooks:
+                await hooks.emit("after_handle", msg, exc, after=True)
+            self.submit(inf, later)
+            return
+        except Exception as exc:
+            self.ctx.log_once(f"{self.name}:{type(exc).__name__}", "handler raised", exc)
+            outcome = Retry(f"{type(exc).__name__}: {exc}")
+        record = self.plan(inf, msg, outcome)  # first: the span records the hand-off
+        self._finish_span(inf, outcome)
+        if hooks:
+            await hooks.emit("after_handle", msg, outcome, after=True)
+        self.submit(inf, record)
+
+    def _pause(self, exc: AuthError) -> None:
+        if time.monotonic() >= self._paused_until:
+            log.error(
+                "%s PAUSED for %.0fs: credentials refused (%s). Entries stay queued; "
+                "fix the key and the stage resumes by itself.",
+                self.name,
+                exc.pause_s,
+                exc,
+            )
+        self._paused_until = time.monotonic() + exc.pause_s
+        self.ctx.mark_paused(self.stage.name, exc.pause_s, str(exc))
+
+    # ---- planning the hand-off --------------------------------------------------------
+
+    def plan(self, inf: Inflight, msg: Message, outcome: Outcome) -> Record:
+        env = msg.envelope
+        if isinstance(outcome, Forward):
+            target = self.ctx.app.stage(outcome.to)
+            if target.lanes and outcome.lane not in target.lanes:
+                return self._dead_letter(inf, env, f"no lane {outcome.lane!r} in {target.name}")
+            rec = self._record(inf)
+            traceparent, tracestate = self._trace_out(inf, env, "forward", target.name)
+            nxt = msgspec.structs.replace(
+                env, attempt=1, enqueued_ms=_now_ms(), body=encode_body(outcome.body),
+                traceparent=traceparent, tracestate=tracestate, origin_id=msg.origin_id,
+                fields=env.fields if outcome.fields is None else dict(outcome.fields),
+            )  # fmt: skip
+            packed = encode_envelope(nxt)
+            limit = self._entry_limits.get(target.name) or self.entry_limit(target.name)
+            if len(packed) > limit:  # its next stage could not read it
+                reason = f"entry for {target.name} is {len(packed):,} bytes, over its limit"
+                return self._dead_letter(inf, env, f"{reason} ({limit:,})")
+            key = self.ctx.keys.stream(target.stream, outcome.lane if target.lanes else None)
+            rec.xadd(key, internal_fields(packed, env.task_id))
+            return rec
+        if isinstance(outcome, Complete):
+            rec = self._record(inf)
+            if outcome.result is not None:
+                ttl = outcome.ttl_s or result_ttl(env.fields, self.ctx.settings.results.ttl_s)
+                self._add_result(rec, env.task_id, dict(outcome.result), ttl, msg.origin_id)
+            return rec
+        if isinstance(outcome, Retry):
+            delay = self.ctx.retry_policy.next_delay(env.attempt, outcome.delay_ms)
+            if isinstance(delay, GiveUp):
+                reason = f"gave up after {env.attempt} attempts: {outcome.reason}"
+                return self._dead_letter(inf, env, reason)
+            self.stats["retried"] += 1
+            if self.ctx.hooks:
+                self.ctx.spawn_hook("on_retry", msg, delay, outcome.reason)
+            return self._requeue(inf, env, delay, "retry", outcome.reason, next_attempt=True)
+        if isinstance(outcome, Defer):
+            return self._requeue(inf, env, outcome.delay_ms, "defer", outcome.reason)
+        if isinstance(outcome, Drop):
+            self.stats["duplicates"] += 1
+            log.debug("%s: dropped %s: %s", self.name, env.task_id, outcome.reason)
+            return self._record(inf)
+        if isinstance(outcome, Reject):
+            return self._dead_letter(inf, env, outcome.reason, result=False)
+        return self._dead_letter(inf, env, outcome.reason, extra=outcome.result)
+
+    def entry_limit(self, stage: str) -> int:
+        """The most bytes an entry of `stage` may have (its `max_entry_bytes`)."""
+        limit = self._entry_limits.get(stage)
+        if limit is None:
+            limit = self._entry_limits[stage] = self.ctx.settings.runtime_for(stage).max_entry_bytes
+        return limit
+
+    def _record(self, inf: Inflight) -> Record:
+        """A record fenced by the entry's delivery count; `_fence` may relax it when sent."""
+        return Record(inf.entry_id, inf.deliveries)
+
+    def _fence(self, batch: list[tuple[Inflight, Record]], first_try: bool) -> None:
+        """Decide, as the batch is sent, which records must prove ownership in the script.
+
+        The check may be skipped only for an entry whose lease was confirmed less than half
+        a lease ago *now*: nobody may reclaim an entry before it has been idle for a whole
+        lease. Deciding earlier (when the handler returned) would let a process that was
+        stalled between the two commit on stale confidence. A retried send fences all: the
+        reply of the earlier try may be lost.
+        """
+        now = time.monotonic()
+        fresh_after = now - self.rt.lease_ms / 2000
+        for inf, rec in batch:
+            fresh = first_try and inf.confirmed_at > fresh_after and not inf.lost
+            rec.expected_deliveries = 0 if fresh else inf.deliveries
+
+    def _trace_out(
+        self, inf: Inflight, env: Envelope, action: str, detail: str, delay_ms: int | None = None
+    ) -> tuple[str | None, str | None]:
+        """The trace context the outgoing entry carries: its span's, else the incoming."""
+        if inf.span is not None:
+            try:
+                return inf.span.handoff(action, detail, delay_ms)
+            except Exception as exc:
+                self._tracer_failed(inf, exc)
+        return env.traceparent, env.tracestate
+
+    # A tracer that raises is logged and dropped for the entry: tracing never fails a task.
+
+    def _trace_in(self, tracer: Tracer, inf: Inflight, msg: Message) -> contextvars.Context | None:
+        """Open the entry's span (if its trace is sampled): the context its handler runs in."""
+        try:
+            inf.span = span = tracer.start(msg)
+            return None if span is None else span.task_context()
+        except Exception as exc:
+            self._tracer_failed(inf, exc)
+            return None
+
+    def _finish_span(self, inf: Inflight, outcome: Outcome | BaseException | None) -> None:
+        if inf.span is not None:
+            try:
+                inf.span.finish(outcome)
+            except Exception as exc:
+                self._tracer_failed(inf, exc)
+
+    def _tracer_failed(self, inf: Inflight, exc: Exception) -> None:
+        inf.span = None
+        self.ctx.log_once(f"{self.name}:tracer", "tracing failed (the entry goes on)", exc)
+
+    def _requeue(
+        self, inf: Inflight, env: Envelope, delay_ms: int, action: str, reason: str,
+        next_attempt: bool = False,
+    ) -> Record:  # fmt: skip
+        traceparent, tracestate = self._trace_out(inf, env, action, reason, delay_ms)
+        later = Envelope(
+            v=env.v,
+            task_id=env.task_id,
+            fields=env.fields,
+            attempt=env.attempt + 1 if next_attempt else env.attempt,
+            origin_ms=env.origin_ms,
+            enqueued_ms=_now_ms() + delay_ms,
+            traceparent=traceparent,
+            tracestate=tracestate,
+            body=env.body,
+            origin_id=env.origin_id or inf.entry_id,
+        )
+        rec = self._record(inf)
+        rec.zadd(self.delayed, delay_ms, delayed_member(later))
+        return rec
+
+    def _add_result(
+        self, rec: Record, task_id: str, result: dict[str, str], ttl: int, owner: str
+    ) -> None:
+        keys, res = self.ctx.keys, self.ctx.settings.results
+        event = {"id": task_id, "status": result.get("status", "completed")}
+        rec.result(
+            keys.result(task_id), ttl, result, keys.done, res.done_maxlen, event,
+            keys.task(task_id), owner,
+        )  # fmt: skip
+
+    def _dead_letter(
+        self, inf: Inflight, env: Envelope, reason: str, extra: object = None, result: bool = True
+    ) -> Record:
+        traceparent, tracestate = self._trace_out(inf, env, "dead_letter", reason)
+        return self._dead_letter_fields(
+            inf,
+            env.task_id,
+            env.origin_id or inf.entry_id,
+            env.fields,
+            entry_of(env),
+            reason,
+            env.attempt,
+            traceparent,
+            tracestate,
+            extra if isinstance(extra, dict) else None,
+            result,
+        )
+
+    def _dead_letter_raw(self, inf: Inflight, raw: dict[bytes, bytes], reason: str) -> Record:
+        fields = _raw_text(raw, self.ctx.settings.dlq.max_field_bytes)
+        internal = ENVELOPE_FIELD in raw  # its origin is inside what could not be read
+        return self._dead_letter_fields(
+            inf,
+            task_id_of(inf.entry_id, raw),
+            "" if internal else inf.entry_id,
+            fields,
+            raw_entry(raw),
+            reason,
+            1,
+            fields.get("traceparent"),
+            fields.get("tracestate"),
+            None,
+        )
+
+    def _dead_letter_fields(
+        self,
+        inf: Inflight,
+        task_id: str,
+        owner: str,
+        fields: dict[str, str],
+        original: bytes,
+        reason: str,
+        attempts: int,
+        traceparent: str | None,
+        tracestate: str | None,
+        extra: dict[str, str] | None,
+        result: bool = True,
+    ) -> Record:
+        settings = self.ctx.settings
+        rec = self._record(inf)
+        letter = dlq_fields(
+            task_id=task_id,
+            stage=self.stage.name,
+            stream=self.stream,
+            entry_id=inf.entry_id,
+            error=reason,
+            deliveries=inf.deliveries,
+            attempts=attempts,
+            fields=fields,
+            traceparent=traceparent,
+            tracestate=tracestate,
+            max_field_bytes=settings.dlq.max_field_bytes,
+            entry=original,
+            owner=owner,
+            result_kept=not result,
+        )
+        keys, dlq = self.ctx.keys, settings.dlq
+        rec.letter(keys.dlq, keys.dlq_bytes, dlq.maxlen, dlq.max_bytes, letter)
+        self.stats["dead"] += 1
+        if not result:  # the id belongs to another task: its result stays as it is
+            log.info("%s: rejected %s: %s", self.name, task_id, reason)
+            return rec
+        failed = make_result(
+            "failed",
+            error=reason,
+            attempts=attempts,
+            trace_id=trace_id_of(traceparent),
+            metadata=fields.get("metadata") or "{}",
+            latency_ms=max(0, _now_ms() - (inf.msg.envelope.origin_ms if inf.msg else _now_ms())),
+        )
+        failed.update(extra or {})
+        self._add_result(rec, task_id, failed, result_ttl(fields, settings.results.ttl_s), owner)
+        if self.ctx.hooks:
+            self.ctx.spawn_hook("on_dead_letter", self.stage.name, task_id, reason)
+        log.debug("%s: dead-lettered %s: %s", self.name, task_id, reason)
+        return rec
+
+    # ---- committing -------------------------------------------------------------------
+
+    def submit(self, inf: Inflight, rec: Record) -> None:
+        inf.decided = True
+        self.outbox.append((inf, rec))
+        self._outbox_ready.set()
+
+    async def flush_loop(self) -> None:
+        """Send queued hand-offs, one script call per batch, until cancelled with none left."""
+        while True:
+            await self._outbox_ready.wait()
+            self._outbox_ready.clear()
+            while self.outbox:
+                batch = self.outbox[: self.rt.handoff_batch]
+                del self.outbox[: len(batch)]
+                self._committing = True
+                try:
+                    await asyncio.shield(self._commit(batch))
+                finally:
+                    self._committing = False
+                    self._slot_free.set()
+
+    async def _commit(self, batch: list[tuple[Inflight, Record]]) -> None:
+        records = [rec for _, rec in batch]
+        head = [self.group, self.ctx.consumer, "1" if self.ctx.has_xackdel else "0"]
+        first = True
+
+        async def run() -> list[int]:
+            nonlocal first
+            self._fence(batch, first)
+            first = False
+            keys, packed = build_call(self.stream, records)
+            return list(await self.ctx.scripts.handoff(keys=keys, args=[*head, *packed]))
+
+        statuses = await self.ctx.available.call(run, self.recreate_group)
+        self.stats["handoffs"] += 1
+        for (inf, _rec), status in zip(batch, statuses, strict=True):
+            self.inflight.pop(inf.entry_id, None)
+            if status == 0:
+                self.stats["fenced"] += 1
+                log.debug(
+                    "%s: %s was reclaimed elsewhere; late result dropped", self.name, inf.entry_id
+                )
+            else:
+                self.stats["handled"] += 1
+        self._slot_free.set()
+
+    # ---- shutdown ---------------------------------------------------------------------
+
+    def finish_deadline(self) -> float:
+        """The latest monotonic time until which a handler may finish paid work (0: none)."""
+        return max((i.msg.finish_by for i in self.inflight.values() if i.msg), default=0.0)
+
+    async def drain_inflight(self, grace_s: float) -> list[Inflight]:
+        """Wait up to `grace_s` for in-flight entries; return those still running."""
+        deadline = time.monotonic() + grace_s
+        while self.inflight and time.monotonic() < deadline and not self.ctx.forced:
+            self._slot_free.clear()
+            try:
+                await asyncio.wait_for(self._slot_free.wait(), timeout=deadline - time.monotonic())
+            except TimeoutError:
+                break
+        return [inf for inf in self.inflight.values() if not inf.decided]
+
+
+async def _flush_loop(runner: StageRunner) -> None:
+    await runner.flush_loop()
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
