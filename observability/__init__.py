@@ -2,24 +2,30 @@
 
 This package imports nothing of OpenTelemetry at import time: `pipeline` asks
 `tracing_enabled()` and imports `observability.tracing` (which needs the `[otlp]` extra)
-only when the standard `OTEL_*` variables turn tracing on.
+only when the standard `OTEL_*` variables turn tracing on or the application has set a
+`TracerProvider` of its own (then OpenTelemetry is loaded already).
 """
 
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Mapping
 
 __all__ = ["producer_tracing", "tracing_enabled"]
 
 
 def tracing_enabled(environ: Mapping[str, str]) -> bool:
-    """Whether the `OTEL_*` variables ask for traces: off unless an exporter or endpoint is set.
+    """Whether to trace: the application set a TracerProvider, or the `OTEL_*` variables ask
+    for traces (an exporter or an endpoint is set).
 
-    `OTEL_SDK_DISABLED=true` and `OTEL_TRACES_EXPORTER=none` turn it off whatever else is set.
+    `OTEL_SDK_DISABLED=true` turns it off whatever else is set, and `OTEL_TRACES_EXPORTER=none`
+    unless the application set a provider.
     """
     if environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
         return False
+    if _app_tracer_provider_set():
+        return True
     exporters = environ.get("OTEL_TRACES_EXPORTER", "").strip().lower()
     if exporters:
         return exporters != "none"
@@ -27,6 +33,17 @@ def tracing_enabled(environ: Mapping[str, str]) -> bool:
         environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
         or environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
     )
+
+
+def _app_tracer_provider_set() -> bool:
+    """Whether the application set a global TracerProvider; never imports OpenTelemetry (if
+    it is not loaded, nobody can have set one)."""
+    if "opentelemetry.trace" not in sys.modules:
+        return False
+    from opentelemetry import trace
+
+    provider = trace.get_tracer_provider()
+    return not isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider)
 
 
 def producer_tracing(environ: Mapping[str, str]) -> contextlib.AbstractContextManager[None]:

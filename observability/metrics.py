@@ -1,8 +1,9 @@
 """Worker metrics: OpenTelemetry instruments, a Prometheus scrape endpoint and/or OTLP export.
 
-Three sources feed them: the runtime's hooks (outcomes, handling time, end-to-end latency,
-cache hits, cost and tokens), the Claude adapter's call reports (GenAI call duration and token
-usage, responses by status) and a periodic queue poll (`observability.queues`). The names as
+Two sources feed them: the runtime's one observation seam, `MetricsHook` (outcomes, handling
+time, end-to-end latency, cache hits, cost and tokens, and each model call's report: GenAI
+call duration and token usage, responses by status), and a periodic queue poll
+(`observability.queues`). The names as
 Prometheus shows them are fixed in `observability.metric_names`.
 
 Hot path: the OTel SDK spends ~6-15 µs on every synchronous `add`/`record` (measured), against
@@ -25,10 +26,10 @@ from typing import TypeVar
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader
-from opentelemetry.sdk.resources import Resource
 
 from observability.buckets import Buckets, BucketsCollector
-from pipeline.claude.call_report import CallReport
+from observability.otel import resource
+from pipeline.runtime.calls import CallReport
 from pipeline.runtime.hooks import Hook
 from pipeline.runtime.outcome import Complete, Fail, Forward, Outcome, Retry
 from pipeline.runtime.stage import Message
@@ -75,26 +76,32 @@ class Tallies:
 
 
 class PipelineMetrics:
-    """The instruments on one Meter, and what the hook and the call observer record."""
+    """The instruments on one or more Meters (the application's provider and/or ours), and
+    what the hook records."""
 
     def __init__(
-        self, meter: Meter, *, looked_up: Callable[[object], bool] = lambda request: True
+        self,
+        meters: Meter | Sequence[Meter],
+        *,
+        looked_up: Callable[[object], bool] = lambda request: True,
     ) -> None:
-        """`looked_up(request)`: whether cache-check looked this request up in the cache."""
+        """`looked_up(request)`: whether cache-check looked this request up in the cache (the
+        application's rule; the composition root passes it in)."""
+        meters = [meters] if isinstance(meters, Meter) else list(meters)
         self.tallies = tallies = Tallies()
         self._looked_up = looked_up
         # The two per-entry histograms skip the SDK (see observability.buckets): they are
         # served to Prometheus by `collectors()`, and not sent by OTLP.
         self.stage_duration = Buckets(STAGE_BUCKETS_S)
         self.task_latency = Buckets(LATENCY_BUCKETS_S)
-        self.call_duration = meter.create_histogram(
+        self.call_duration = [m.create_histogram(
             "gen_ai.client.operation.duration", "s", "GenAI operation duration",
             explicit_bucket_boundaries_advisory=CALL_BUCKETS_S,
-        )  # fmt: skip
-        self.token_usage = meter.create_histogram(
+        ) for m in meters]  # fmt: skip
+        self.token_usage = [m.create_histogram(
             "gen_ai.client.token.usage", "{token}", "Number of input and output tokens used",
             explicit_bucket_boundaries_advisory=TOKEN_BUCKETS,
-        )  # fmt: skip
+        ) for m in meters]  # fmt: skip
         counters: Sequence[tuple[str, str, str, Callable[[], Iterable[Observation]]]] = (
             ("pipeline.stage.handled", "{entry}", "Entries handled, by outcome (dead_letter: "
              "entries sent to the DLQ for any reason)",
@@ -111,8 +118,9 @@ class PipelineMetrics:
              "(0: timeout or connection error)",
              lambda: _observe(tallies.responses, ("family", "status"))),
         )  # fmt: skip
-        for name, unit, description, read in counters:
-            meter.create_observable_counter(name, [_callback(read)], unit, description)
+        for meter in meters:
+            for name, unit, description, read in counters:
+                meter.create_observable_counter(name, [_callback(read)], unit, description)
 
     def hook(self) -> MetricsHook:
         return MetricsHook(self)
@@ -166,7 +174,7 @@ class PipelineMetrics:
         ):
             t.tokens[model, task_type, token_type] += int(_number(result.get(name)))
 
-    # ---- what the Claude adapter reports ---------------------------------------------------
+    # ---- what model calls report ----------------------------------------------------------
 
     def observe_call(self, report: CallReport) -> None:
         """GenAI semantic conventions: operation duration and token usage per call."""
@@ -177,7 +185,9 @@ class PipelineMetrics:
         }
         if report.error_type:
             attrs["error.type"] = report.error_type
-        self.call_duration.record(max(0, report.ended_ns - report.started_ns) / 1e9, attrs)
+        took_s = max(0, report.ended_ns - report.started_ns) / 1e9
+        for histogram in self.call_duration:
+            histogram.record(took_s, attrs)
         self.tallies.responses[report.family, str(report.status)] += 1
         usage = report.usage
         if usage is None:
@@ -186,12 +196,14 @@ class PipelineMetrics:
         prompt = (
             usage.input_tokens + usage.cache_read_input_tokens + usage.cache_creation_input_tokens
         )  # every input token the model read, as the GenAI conventions count them
-        self.token_usage.record(prompt, {**model, "gen_ai.token.type": "input"})
-        self.token_usage.record(usage.output_tokens, {**model, "gen_ai.token.type": "output"})
+        for histogram in self.token_usage:
+            histogram.record(prompt, {**model, "gen_ai.token.type": "input"})
+            histogram.record(usage.output_tokens, {**model, "gen_ai.token.type": "output"})
 
 
 class MetricsHook(Hook):
-    """Times each handling and counts its outcome; dead letters come from their own hook."""
+    """Times each handling and counts its outcome; dead letters come from their own hook,
+    model calls from `on_call`."""
 
     def __init__(self, metrics: PipelineMetrics) -> None:
         self._metrics = metrics
@@ -209,6 +221,9 @@ class MetricsHook(Hook):
 
     async def on_dead_letter(self, stage: str, task_id: str, reason: str) -> None:
         self._metrics.tallies.handled[stage, "dead_letter"] += 1
+
+    def on_call(self, report: CallReport) -> None:
+        self._metrics.observe_call(report)
 
 
 def _observe(counts: Mapping[_Key, float], names: tuple[str, ...]) -> list[Observation]:
@@ -228,14 +243,15 @@ def _number(text: str | None) -> float:
         return 0.0
 
 
-def meter_provider(readers: Sequence[MetricReader]) -> MeterProvider:
+def meter_provider(readers: Sequence[MetricReader], service_name: str) -> MeterProvider:
     """A provider of our own (not the global one); no exemplars, which cost on every record.
 
-    The resource comes from `OTEL_SERVICE_NAME` / `OTEL_RESOURCE_ATTRIBUTES`.
+    The resource comes from `OTEL_SERVICE_NAME` / `OTEL_RESOURCE_ATTRIBUTES`, else names
+    `service_name`.
     """
     return MeterProvider(
         metric_readers=readers,
-        resource=Resource.create(),
+        resource=resource(service_name),
         exemplar_filter=AlwaysOffExemplarFilter(),
         shutdown_on_exit=False,
     )

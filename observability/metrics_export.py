@@ -5,26 +5,29 @@ Off unless asked for: `pipeline worker --metrics-port N` (or `[metrics] port`) s
 `OTEL_EXPORTER_OTLP_METRICS_ENDPOINT` is set. A bare `OTEL_EXPORTER_OTLP_ENDPOINT` is not
 enough: it often points at a trace-only backend (Jaeger), which would refuse every export.
 The exporter itself reads the rest of the standard variables (endpoint, headers, interval).
+A `MeterProvider` the application set globally receives the same instruments, whatever the
+variables say (its readers are the application's business).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from pipeline.claude.settings import Settings
 from pipeline.runtime.errors import ConfigError
 from pipeline.runtime.keys import Keys
+from pipeline.runtime.settings import BaseSettings
 from pipeline.runtime.stage import App
 
 if TYPE_CHECKING:  # OpenTelemetry is imported only when metrics are on (the [otlp] extra)
     from wsgiref.simple_server import WSGIServer
 
     from opentelemetry.sdk.metrics import MeterProvider
-    from opentelemetry.sdk.metrics.export import MetricExporter, MetricReader
+    from opentelemetry.sdk.metrics.export import MetricReader
     from prometheus_client import CollectorRegistry
     from redis.asyncio import Redis
 
@@ -32,8 +35,6 @@ if TYPE_CHECKING:  # OpenTelemetry is imported only when metrics are on (the [ot
     from observability.queues import QueuePoller
 
 log = logging.getLogger(__name__)
-
-SCOPE = "claude-pipeline"
 
 
 def otlp_metrics_wanted(environ: Mapping[str, str]) -> bool:
@@ -52,10 +53,9 @@ class WorkerMetrics:
 
     metrics: PipelineMetrics
     poller: QueuePoller
-    provider: MeterProvider
+    provider: MeterProvider | None  # ours (None: only the application's receives them)
     port: int | None = None  # the bound scrape port (useful with port 0)
     _server: WSGIServer | None = None
-    _undo: list[Callable[[], None]] = field(default_factory=list)
     _closed: bool = False
 
     async def run(self) -> None:
@@ -66,42 +66,45 @@ class WorkerMetrics:
         if self._closed:
             return
         self._closed = True
-        for undo in self._undo:
-            undo()
-        try:
-            self.provider.shutdown()
-        except Exception as exc:
-            log.warning("metrics: shutdown failed: %r", exc)
+        if self.provider is not None:
+            from observability.otel import close_meter_provider
+
+            close_meter_provider(self.provider)
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
 
 
 def start_metrics(
-    settings: Settings,
+    settings: BaseSettings,
     redis: Redis,
     keys: Keys,
     app: App,
     *,
     port: int | None,
+    service_name: str,
+    looked_up: Callable[[object], bool] = lambda request: True,
     environ: Mapping[str, str] | None = None,
 ) -> WorkerMetrics | None:
     """Build the instruments and start what was asked for; None when nothing was.
 
     Args:
         port: serve Prometheus scrapes here (0: any free port); None: no endpoint.
+        service_name: the resource's `service.name` unless `OTEL_*` name one.
+        looked_up: whether cache-check looked a request up (a miss counts only then).
         environ: the `OTEL_*` variables (default: the process environment).
 
     Raises:
         ConfigError: the `[otlp]` extra is missing, or the port cannot be bound.
     """
-    otlp = otlp_metrics_wanted(os.environ if environ is None else environ)
-    if port is None and not otlp:
+    environ = os.environ if environ is None else environ
+    otlp = otlp_metrics_wanted(environ)
+    if port is None and not otlp and not _app_provider_set():
         return None
     try:
         from observability.metrics import PipelineMetrics, meter_provider
+        from observability.otel import SCOPE, app_meter_provider, otlp_metric_exporter, version
         from observability.queues import QueuePoller
-        from pipeline.claude.call_report import observe_calls
     except ImportError as exc:
         raise ConfigError(
             "metrics", f"metrics need the otlp extra: pip install 'claude-pipeline[otlp]' ({exc})"
@@ -117,12 +120,15 @@ def start_metrics(
     if otlp:
         from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 
-        readers.append(PeriodicExportingMetricReader(_otlp_exporter(environ or os.environ)))
-    provider = meter_provider(readers)
-    meter = provider.get_meter(SCOPE)
-    metrics = PipelineMetrics(meter, looked_up=lambda request: _looked_up(settings, request))
+        readers.append(PeriodicExportingMetricReader(otlp_metric_exporter(environ)))
+    app_provider = app_meter_provider()
+    provider = meter_provider(readers, service_name) if readers else None
+    providers = [p for p in (app_provider, provider) if p is not None]
+    meters = [p.get_meter(SCOPE, version()) for p in providers]
+    metrics = PipelineMetrics(meters, looked_up=looked_up)
     poller = QueuePoller(redis, keys, app, settings.metrics.poll_s)
-    poller.register(meter)
+    for meter in meters:
+        poller.register(meter)
     server: WSGIServer | None = None
     if port is not None:
         for collector in metrics.collectors():
@@ -130,19 +136,21 @@ def start_metrics(
         server = _serve(registry, settings.metrics.host, port)
         port = server.server_port
     started = WorkerMetrics(metrics, poller, provider, port, server)
-    started._undo.append(observe_calls(metrics.observe_call))
     where = f"scrape http://{settings.metrics.host}:{port}/metrics" if port is not None else ""
-    log.info("metrics on: %s", ", ".join(filter(None, [where, "OTLP export" if otlp else ""])))
+    app_set = "the application's MeterProvider" if app_provider is not None else ""
+    found = filter(None, [where, "OTLP export" if otlp else "", app_set])
+    log.info("metrics on: %s", ", ".join(found))
     return started
 
 
-def _looked_up(settings: Settings, request: object) -> bool:
-    """cache-check's own condition for a cache lookup (a miss counts only then)."""
-    from pipeline.claude.task import Request
+def _app_provider_set() -> bool:
+    """Whether the application set a global MeterProvider (without importing OpenTelemetry
+    when nothing has: then nobody can have)."""
+    if "opentelemetry.sdk.metrics" not in sys.modules:
+        return False
+    from observability.otel import app_meter_provider
 
-    return (
-        isinstance(request, Request) and request.cache and settings.cache.ttl_for(request.type) > 0
-    )
+    return app_meter_provider() is not None
 
 
 def _serve(registry: CollectorRegistry, host: str, port: int) -> WSGIServer:
@@ -154,22 +162,6 @@ def _serve(registry: CollectorRegistry, host: str, port: int) -> WSGIServer:
     except OSError as exc:
         raise ConfigError("metrics.port", f"cannot serve metrics on {host}:{port}: {exc}") from None
     return server
-
-
-def _otlp_exporter(environ: Mapping[str, str]) -> MetricExporter:
-    """gRPC unless the protocol variables say `http/protobuf` (the Python SDK's default)."""
-    protocol = environ.get("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL") or environ.get(
-        "OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"
-    )
-    if protocol.strip().lower().startswith("http"):
-        from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
-            OTLPMetricExporter as HttpExporter,
-        )
-
-        return HttpExporter()
-    from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
-
-    return OTLPMetricExporter()
 
 
 __all__ = ["WorkerMetrics", "otlp_metrics_wanted", "start_metrics"]

@@ -1,9 +1,10 @@
 """W3C trace context between stream fields and OpenTelemetry, and the producer's send spans.
 
 A task's trace context travels as the `traceparent`/`tracestate` fields a producer in any
-language may XADD, and then inside the envelope. Parsing goes through the SDK's W3C
-propagator (it validates); writing formats the span context directly (no carrier, no
-context object), since it happens for every entry a stage hands on.
+language may XADD, and then inside the envelope. Reading goes through the runtime's one
+parser (`pipeline.runtime.traceparent`); writing formats the span context directly (no
+carrier, no context object), since it happens for every entry a stage hands on. Only the
+OpenTelemetry API is used here (the producer's process may have no SDK of ours).
 """
 
 from __future__ import annotations
@@ -13,27 +14,38 @@ from collections.abc import Callable, Iterator, Sequence
 
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.trace import ProxyTracerProvider, SpanContext, SpanKind
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from opentelemetry.trace import (
+    NonRecordingSpan,
+    ProxyTracerProvider,
+    SpanContext,
+    SpanKind,
+    TraceFlags,
+    TraceState,
+)
 
-from pipeline.runtime.traceparent import TraceContext
+from pipeline.runtime.traceparent import TraceContext, TraceParent, parse
 
-__all__ = ["SCOPE", "format_context", "parent_context", "producer_spans"]
+__all__ = ["EMPTY", "SCOPE", "format_context", "parent_context", "producer_spans", "remote_context"]
 
 #: The instrumentation scope of every span the pipeline makes.
 SCOPE = "claude-pipeline"
-_W3C = TraceContextTextMapPropagator()
-_EMPTY = Context()
+#: A context with nothing in it: a span started under it begins a new trace.
+EMPTY = Context()
 
 
 def parent_context(traceparent: str | None, tracestate: str | None) -> Context:
     """The remote parent a traceparent names; an empty context (a new trace) if none or bad."""
-    if not traceparent:
-        return _EMPTY
-    carrier = {"traceparent": traceparent}
-    if tracestate:
-        carrier["tracestate"] = tracestate
-    return _W3C.extract(carrier, context=_EMPTY)
+    parsed = parse(traceparent)
+    return EMPTY if parsed is None else remote_context(parsed, tracestate)
+
+
+def remote_context(parent: TraceParent, tracestate: str | None) -> Context:
+    """A context whose current span is the remote parent `parent` names."""
+    state = TraceState.from_header([tracestate]) if tracestate else None
+    span_context = SpanContext(
+        int(parent.trace_id, 16), int(parent.span_id, 16), True, TraceFlags(parent.flags), state
+    )
+    return trace.set_span_in_context(NonRecordingSpan(span_context), EMPTY)
 
 
 def format_context(ctx: SpanContext) -> TraceContext | None:

@@ -12,32 +12,25 @@ from __future__ import annotations
 import email.utils
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import anthropic
 import httpx2
 import msgspec
 
-from pipeline.claude.call_report import (
-    CallObserver,
-    CallReport,
-    observe_calls,
-    observing,
-    report_call,
-)
 from pipeline.claude.settings import ClaudeSettings
 from pipeline.claude.task import Answer, Routed, Usage
+from pipeline.runtime.calls import CallReport
 from pipeline.runtime.errors import AuthError, PermanentError, TransientError
 
-__all__ = [
-    "CallReport",
-    "call",
-    "make_client",
-    "map_error",
-    "observe_calls",
-    "retry_after_s",
-]
+__all__ = ["CallObserver", "call", "make_client", "map_error", "retry_after_s"]
+
+#: Receives each call's report (the caller's: it settles the rate limiter and hands the
+#: report to the worker's hooks).
+CallObserver = Callable[[CallReport], None]
+
+log = logging.getLogger(__name__)
 
 #: Statuses worth trying again besides 429 and 5xx (the SDK's own retry policy agrees).
 _RETRYABLE_4XX = frozenset({408, 409, 429, 499})
@@ -89,7 +82,8 @@ async def call(
 ) -> Answer:
     """One Messages call for `routed`; the Answer's `attempts` is left for the caller.
 
-    `on_report` receives this call's CallReport (before the process-wide observers).
+    `on_report` receives this call's CallReport, in this task (so a tracer sees the stage's
+    span current); nothing is built without it.
 
     Raises:
         TransientError: 429, 5xx/529, timeouts, connection errors (retry_after_s from headers).
@@ -117,19 +111,19 @@ async def call(
         body = await raw.read()
     except anthropic.AnthropicError as exc:
         error = map_error(exc, auth_pause_s)
-        if on_report or observing():
+        if on_report is not None:
             status = exc.status_code if isinstance(exc, anthropic.APIStatusError) else 0
             headers = exc.response.headers if isinstance(exc, anthropic.APIStatusError) else None
-            report_call(_failed(routed, started_ns, status, error, headers), on_report)
+            _report(on_report, _failed(routed, started_ns, status, error, headers))
         raise error from None
     ended_ns = time.time_ns()
     try:
         message = _decode_message(body)
     except msgspec.DecodeError as exc:
         error = TransientError(f"claude: malformed response ({exc})")
-        if on_report or observing():
+        if on_report is not None:
             status = raw.http_response.status_code
-            report_call(_failed(routed, started_ns, status, error, raw.headers), on_report)
+            _report(on_report, _failed(routed, started_ns, status, error, raw.headers))
         raise error from None
     usage = message.usage
     answer = Answer(
@@ -148,8 +142,9 @@ async def call(
         ),
         call_ms=(ended_ns - started_ns) // 1_000_000,
     )
-    if on_report or observing():
-        report_call(
+    if on_report is not None:
+        _report(
+            on_report,
             CallReport(
                 family=routed.family,
                 request_model=routed.model,
@@ -162,9 +157,16 @@ async def call(
                 error_type=None,
                 headers=raw.headers,
             ),
-            on_report,
         )
     return answer
+
+
+def _report(on_report: CallObserver, report: CallReport) -> None:
+    """An observer that raises never fails the call (it was paid for)."""
+    try:
+        on_report(report)
+    except Exception:
+        log.exception("call observer %r failed (ignored)", on_report)
 
 
 def _failed(

@@ -6,11 +6,13 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from pipeline.claude.settings import Settings
+from pipeline.claude.task import Request
 from pipeline.runtime.keys import Keys
 from pipeline.runtime.redis_conn import Availability
 from pipeline.runtime.services import Services
 
-__all__ = ["ResponseCache"]
+__all__ = ["ResponseCache", "looks_up"]
 
 
 #: The lookup and its hit/miss count in one round trip.
@@ -53,3 +55,10 @@ def _as_bytes(value: bytes | str | None) -> bytes | None:
     if value is None or isinstance(value, bytes):
         return value
     raise TypeError(f"expected bytes from Redis, got {type(value).__name__}")
+
+
+def looks_up(settings: Settings, request: object) -> bool:
+    """Whether cache-check looks `request` up in the cache (a miss counts only then)."""
+    return (
+        isinstance(request, Request) and request.cache and settings.cache.ttl_for(request.type) > 0
+    )

@@ -13,11 +13,11 @@ import os
 from collections.abc import Callable
 
 from pipeline.claude.api import call, make_client
-from pipeline.claude.call_report import CallReport
 from pipeline.claude.ratelimit import ApiKey, RateLimiter, Ticket
 from pipeline.claude.settings import Settings
 from pipeline.claude.task import Answer, Routed, Usage
 from pipeline.claude.tokens import estimate_input_tokens
+from pipeline.runtime.calls import CallReport
 from pipeline.runtime.errors import TransientError
 from pipeline.runtime.services import Services
 
@@ -46,6 +46,7 @@ class Caller:
             )
         self._api_keys = api_keys
         self._turn = 0
+        self._hooks = services.hooks
 
     @property
     def limiter(self) -> RateLimiter | None:
@@ -61,19 +62,23 @@ class Caller:
             self._turn = (self._turn + 1) % len(self._api_keys)
             client = self._clients[self._api_keys[self._turn].name]
             before_send()
-            return await call(client, routed, auth_pause_s=self._pause_s)
+            observe = self._hooks.call if self._hooks.observing_calls else None
+            return await call(client, routed, auth_pause_s=self._pause_s, on_report=observe)
         ticket = await self._limiter.acquire(
             routed.family, estimate_input_tokens(routed.request), routed.max_tokens
         )
         before_send()
         reports: list[CallReport] = []
+
+        def on_report(report: CallReport) -> None:  # the limiter's, then the hooks'
+            reports.append(report)
+            self._hooks.call(report)
+
         try:
             answer = await call(
-                self._clients[ticket.key.name],
-                routed,
-                auth_pause_s=self._pause_s,
-                on_report=reports.append,
-            )
+                self._clients[ticket.key.name], routed, auth_pause_s=self._pause_s,
+                on_report=on_report,
+            )  # fmt: skip
         except asyncio.CancelledError:
             # Cancelled after it was sent (a forced shutdown): the API may well have billed
             # it, so the reservation stays charged rather than be handed back as unused.

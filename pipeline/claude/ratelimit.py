@@ -31,7 +31,7 @@ from redis.asyncio import Redis
 
 from pipeline.claude.scripts import load
 from pipeline.claude.settings import ApiKeySettings, FamilyLimits, RateLimitSettings
-from pipeline.claude.task import Usage
+from pipeline.runtime.calls import TokenUsage
 from pipeline.runtime.keys import Keys
 from pipeline.runtime.redis_conn import Availability
 
@@ -141,7 +141,7 @@ class RateLimiter:
         self,
         ticket: Ticket,
         *,
-        usage: Usage | None,
+        usage: TokenUsage | None,
         status: int,
         headers: Mapping[str, str] | None = None,
         retry_after_s: float | None = None,

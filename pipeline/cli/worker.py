@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from functools import partial
 from typing import TYPE_CHECKING
 
+from pipeline.claude.cache import looks_up
 from pipeline.claude.settings import Settings
 from pipeline.runtime.context import WorkerContext
 from pipeline.runtime.errors import ConfigError
@@ -33,7 +34,6 @@ from pipeline.runtime.runner import StageRunner
 from pipeline.runtime.scripts import Scripts
 from pipeline.runtime.services import Services
 from pipeline.runtime.stage import App, Stage
-from pipeline.runtime.tracer import Tracer
 
 if TYPE_CHECKING:
     from observability.tracing import Tracing
@@ -92,15 +92,15 @@ async def run_worker(
     consumer: str | None = None,
     lanes: Sequence[str] = (),
     hooks: Sequence[Hook] = (),
-    tracer: Tracer | None = None,
     ready: asyncio.Event | None = None,
     metrics_port: int | None = None,
 ) -> None:
     """Run the named stages of `app` until SIGTERM/SIGINT (or `ctx.stopping`).
 
     `metrics_port` (else `[metrics] port`) serves Prometheus scrapes (docs/OBSERVABILITY.md).
-    `lanes` limits laned stages to those lanes (all when empty). Tracing comes from the
-    `OTEL_*` variables, else from `tracer`.
+    `lanes` limits laned stages to those lanes (all when empty). `hooks` observe the worker
+    (the one seam); tracing is one of them: the `OTEL_*` variables or a `TracerProvider` the
+    application set turn it on, unless `hooks` already hold a tracer.
     """
     stages = [app.stage(name) for name in stage_names]
     redis = connect(settings.redis)
@@ -110,9 +110,9 @@ async def run_worker(
     available = Availability(settings.redis.url, max_backoff_s=min(5.0, shortest_lease_s / 4))
     scripts = Scripts.register(redis)
     keys = Keys(settings.prefix)
-    tracing = _start_tracing(app, keys)  # before connecting: a bad OTEL_* fails at once
-    if tracing is not None:
-        tracer = tracing
+    service = f"pipeline-{stages[0].name}" if len(stages) == 1 else "pipeline-worker"
+    tracing = None if Hooks(hooks).tracer else _start_tracing(app, keys, service)
+    # (before connecting: a bad OTEL_* fails at once)
     log.info("connecting to %s", redacted(settings.redis.url))
     version = await available.call(lambda: server_version(redis))
     token = uuid.uuid4().hex
@@ -130,9 +130,15 @@ async def run_worker(
     from observability.metrics_export import start_metrics
 
     port = settings.metrics.port if metrics_port is None else metrics_port
-    metrics = start_metrics(settings, redis, keys, app, port=port)
-    if metrics is not None:
-        hooks = [*hooks, metrics.metrics.hook()]
+    metrics = start_metrics(
+        settings, redis, keys, app, port=port, service_name=service,
+        looked_up=partial(looks_up, settings),
+    )  # fmt: skip
+    hooks = [
+        *hooks,
+        *([tracing] if tracing else []),
+        *([metrics.metrics.hook()] if metrics else []),
+    ]
     ctx = WorkerContext(
         app=app,
         settings=settings,
@@ -143,10 +149,9 @@ async def run_worker(
         available=available,
         retry_policy=RetryPolicy.from_settings(settings.retry),
         hooks=Hooks(hooks),
-        tracer=tracer,
         has_xackdel=version >= (8, 2),
     )
-    services = Services(settings, redis, keys, available)
+    services = Services(settings, redis, keys, available, ctx.hooks)
     handlers = {
         stage.name: stage.handler or await stage.build(services)  # type: ignore[misc]
         for stage in stages
@@ -250,8 +255,9 @@ async def run_worker(
         log.info("worker %s stopped cleanly", name)
 
 
-def _start_tracing(app: App, keys: Keys) -> Tracing | None:
-    """Tracing when the `OTEL_*` variables ask for it; only then is OpenTelemetry imported."""
+def _start_tracing(app: App, keys: Keys, service: str) -> Tracing | None:
+    """Tracing when the `OTEL_*` variables ask for it or the application set a provider;
+    only then is OpenTelemetry imported by us."""
     from observability import tracing_enabled
 
     if not tracing_enabled(os.environ):
@@ -262,7 +268,7 @@ def _start_tracing(app: App, keys: Keys) -> Tracing | None:
         raise ConfigError(
             "OTEL_*", f"tracing needs pip install 'claude-pipeline[otlp]' ({exc})"
         ) from None
-    return start_tracing(app, keys)
+    return start_tracing(app, keys, service)
 
 
 def _concurrency(settings: Settings, stage: Stage, cli: int | None) -> int:

@@ -16,7 +16,6 @@ from pipeline.runtime.retry import RetryPolicy
 from pipeline.runtime.scripts import Scripts
 from pipeline.runtime.settings import BaseSettings
 from pipeline.runtime.stage import App
-from pipeline.runtime.tracer import Tracer
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +31,6 @@ class WorkerContext:
     available: Availability
     retry_policy: RetryPolicy
     hooks: Hooks = field(default_factory=Hooks)
-    tracer: Tracer | None = None
     has_xackdel: bool = False
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     forced: bool = False  # a second signal: skip the rest of the grace period

@@ -1,10 +1,15 @@
-"""Cross-cutting concerns (tracing, metrics) observe the runtime through hooks.
+"""The one seam everything that observes a worker plugs into: tracing, metrics, the rate
+limiter's learning from calls, and an application's own hooks.
 
-Every method is a no-op; subclasses override what they need. "Before" hooks run in order and
-"after" hooks in reverse; a hook that raises is logged and ignored, so a broken plugin never
-fails a task. Hooks observe; they never move an entry. Tracing is not a hook: it has its own
-synchronous seam (`pipeline.runtime.tracer`), so that an entry it does not sample costs
-nothing here.
+A `Hook` overrides what it needs; the rest are no-ops, and `Hooks` calls only the hooks
+that override a method. "Before" hooks run in order and "after" hooks in reverse; a hook
+that raises is logged and ignored, so a broken plugin never fails a task. Hooks observe;
+they never move an entry.
+
+Two methods are synchronous, for what runs per entry or per call and must cost nothing when
+unused: `start_span` (the tracer, asked once when an entry is taken; one hook at most) and
+`on_call` (an outbound model call a handler made, reported in the handler's own task, so the
+entry's span is current).
 """
 
 from __future__ import annotations
@@ -13,9 +18,14 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from pipeline.runtime.calls import CallReport
+
 if TYPE_CHECKING:
     from pipeline.runtime.outcome import Outcome
     from pipeline.runtime.stage import Message
+    from pipeline.runtime.tracer import EntrySpan
+
+__all__ = ["Hook", "Hooks"]
 
 log = logging.getLogger(__name__)
 
@@ -31,19 +41,58 @@ class Hook:
     async def on_reclaim(self, stage: str, entry_ids: Sequence[str]) -> None: ...
     async def on_dead_letter(self, stage: str, task_id: str, reason: str) -> None: ...
 
+    def start_span(self, msg: Message) -> EntrySpan | None:
+        """The entry's span, or None to leave it alone (its trace context goes on as it
+        came). Asked synchronously once per entry; must not raise (`runtime.tracer`)."""
+        return None
+
+    def on_call(self, report: CallReport) -> None:
+        """A handler's outbound model call ended (in the handler's task)."""
+
+
+_ASYNC = ("on_worker_start", "on_worker_stop", "before_handle", "after_handle", "on_retry",
+          "on_reclaim", "on_dead_letter")  # fmt: skip
+
 
 class Hooks:
     """Runs a list of hooks with the ordering and isolation rules above."""
 
     def __init__(self, hooks: Sequence[Hook] = ()) -> None:
-        self._hooks = tuple(hooks)
+        self._hooks: tuple[Hook, ...] = ()
+        self.add(*hooks)
+
+    def add(self, *hooks: Hook) -> None:
+        """Plug more hooks in (e.g. a stage's collaborator that learns from calls)."""
+        self._hooks = (*self._hooks, *hooks)
         self._reversed = tuple(reversed(self._hooks))
         # Per entry every hook call counts, so only the hooks that override a method are
         # called for it.
         self._by_name: dict[tuple[str, bool], tuple[Hook, ...]] = {}
+        tracers = _overriding(self._hooks, "start_span")
+        if len(tracers) > 1:
+            names = ", ".join(type(h).__name__ for h in tracers)
+            raise ValueError(f"one tracer per worker, got {names}")
+        #: The hook that traces entries, if any: the runtime asks it about each entry.
+        self.tracer: Hook | None = tracers[0] if tracers else None
+        self._on_call = _overriding(self._hooks, "on_call")
+        self._handling = any(_overriding(self._hooks, name) for name in _ASYNC)
 
     def __bool__(self) -> bool:
-        return bool(self._hooks)
+        """Whether any hook observes handling (the async methods; tracing and calls have
+        their own checks)."""
+        return self._handling
+
+    @property
+    def observing_calls(self) -> bool:
+        return bool(self._on_call)
+
+    def call(self, report: CallReport) -> None:
+        """Hand a call's report to every hook that watches calls."""
+        for hook in self._on_call:
+            try:
+                hook.on_call(report)
+            except Exception:
+                log.exception("hook %s.on_call failed (ignored)", type(hook).__name__)
 
     async def emit(self, name: str, *args: object, after: bool = False) -> None:
         hooks = self._by_name.get((name, after))

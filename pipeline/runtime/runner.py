@@ -22,6 +22,7 @@ from pipeline.runtime.delayed import promote_loop
 from pipeline.runtime.dlq import dlq_fields, entry_of, raw_entry
 from pipeline.runtime.errors import AuthError, InvalidTask, PermanentError, TransientError
 from pipeline.runtime.handoff import Record, build_call
+from pipeline.runtime.hooks import Hook
 from pipeline.runtime.inflight import Inflight
 from pipeline.runtime.leases import drain_own, reclaim_loop, renew, renew_loop
 from pipeline.runtime.outcome import Complete, Defer, Drop, Fail, Forward, Outcome, Reject, Retry
@@ -30,7 +31,6 @@ from pipeline.runtime.results import make_result, result_ttl
 from pipeline.runtime.retry import GiveUp
 from pipeline.runtime.stage import Handler, Message, Stage
 from pipeline.runtime.traceparent import trace_id_of
-from pipeline.runtime.tracer import Tracer
 from pipeline.runtime.wire import (
     ENVELOPE_FIELD,
     Envelope,
@@ -246,7 +246,7 @@ class StageRunner:
         if self._first:  # only the ingress checks what can travel
             msg.size = entry_bytes(raw)
         inf.msg = msg
-        tracer = self.ctx.tracer
+        tracer = self.ctx.hooks.tracer
         context = None if tracer is None else self._trace_in(tracer, inf, msg)
         if deliveries > self.rt.max_deliveries:
             reason = f"delivered {deliveries} times (max_deliveries={self.rt.max_deliveries})"
@@ -389,10 +389,10 @@ class StageRunner:
 
     # A tracer that raises is logged and dropped for the entry: tracing never fails a task.
 
-    def _trace_in(self, tracer: Tracer, inf: Inflight, msg: Message) -> contextvars.Context | None:
+    def _trace_in(self, tracer: Hook, inf: Inflight, msg: Message) -> contextvars.Context | None:
         """Open the entry's span (if its trace is sampled): the context its handler runs in."""
         try:
-            inf.span = span = tracer.start(msg)
+            inf.span = span = tracer.start_span(msg)
             return None if span is None else span.task_context()
         except Exception as exc:
             self._tracer_failed(inf, exc)

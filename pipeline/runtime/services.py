@@ -12,6 +12,7 @@ from typing import Any, Generic, TypeVar, cast
 
 from redis.asyncio import Redis
 
+from pipeline.runtime.calls import CallReport, CallSink
 from pipeline.runtime.keys import Keys
 from pipeline.runtime.redis_conn import Availability
 from pipeline.runtime.settings import BaseSettings
@@ -30,12 +31,19 @@ class Services(Generic[S]):
     `settings` is the application's own settings type (a `BaseSettings`)."""
 
     def __init__(
-        self, settings: S, redis: Redis, keys: Keys, available: Availability | None = None
+        self,
+        settings: S,
+        redis: Redis,
+        keys: Keys,
+        available: Availability | None = None,
+        hooks: CallSink | None = None,
     ) -> None:
         self.settings = settings
         self.keys = keys
         self.redis = redis
         self.available = available or Availability(settings.redis.url)
+        #: The worker's observation seam (its `Hooks`): a stage reports its model calls here.
+        self.hooks: CallSink = hooks if hooks is not None else _NOBODY
         self._closers: list[Callable[[], Awaitable[None]]] = []
         self._shared: dict[object, Any] = {}
 
@@ -56,3 +64,15 @@ class Services(Generic[S]):
                 await closer()
             except Exception:
                 log.exception("closing a stage resource failed (ignored)")
+
+
+class _Nobody:
+    """No hooks: calls are not reported."""
+
+    observing_calls = False
+
+    def call(self, report: CallReport) -> None:
+        return None
+
+
+_NOBODY = _Nobody()

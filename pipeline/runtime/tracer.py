@@ -1,10 +1,10 @@
-"""The seam tracing plugs into: one span per handled entry, opened when the worker takes it.
+"""A traced entry as the runtime sees it: one span per handled entry, opened when the worker
+takes it (by the tracing hook's `Hook.start_span`).
 
-Hooks (`pipeline.runtime.hooks`) are awaited for every entry; a tracer must cost next to nothing for
-an entry its trace does not sample (99 in 100 at 1%). So the runtime asks the tracer once,
-synchronously, when it takes an entry, and an entry the tracer leaves alone costs that one
-call. The runtime knows nothing of OpenTelemetry: only W3C trace context travels, as the
-`traceparent`/`tracestate` fields a producer in any language may XADD.
+A tracer must cost next to nothing for an entry its trace does not sample (99 in 100 at
+1%), so the runtime asks once, synchronously, and an entry the tracer leaves alone costs
+that one call. The runtime knows nothing of OpenTelemetry: only W3C trace context travels,
+as the `traceparent`/`tracestate` fields a producer in any language may XADD.
 """
 
 from __future__ import annotations
@@ -16,9 +16,8 @@ from pipeline.runtime.traceparent import TraceContext
 
 if TYPE_CHECKING:
     from pipeline.runtime.outcome import Outcome
-    from pipeline.runtime.stage import Message
 
-__all__ = ["EntrySpan", "TraceContext", "Tracer"]
+__all__ = ["EntrySpan", "TraceContext"]
 
 
 class EntrySpan(Protocol):
@@ -39,9 +38,3 @@ class EntrySpan(Protocol):
 
     def finish(self, outcome: Outcome | BaseException | None) -> None:
         """What the handler decided (None: it never ran); called once, after any `handoff`."""
-
-
-class Tracer(Protocol):
-    def start(self, msg: Message) -> EntrySpan | None:
-        """The entry's span, or None to leave the entry alone (its trace context goes on
-        as it came). Must not raise."""

@@ -8,8 +8,13 @@ names the dashboards query are checked too.
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
@@ -18,12 +23,15 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from observability.metric_names import METRICS, series
 from observability.metrics import MetricsHook, PipelineMetrics, meter_provider
-from pipeline.claude.call_report import CallReport
 from pipeline.claude.task import Answer, Request, Usage
+from pipeline.runtime.calls import CallReport
 from pipeline.runtime.outcome import Complete, Fail, Forward, Outcome, Retry
 from pipeline.runtime.results import make_result
 from pipeline.runtime.stage import Message
 from pipeline.runtime.wire import Envelope
+from tests.conftest import StartFake
+
+ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.anyio
 
@@ -32,7 +40,7 @@ class Scrape:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         reader = PrometheusMetricReader(registry=self.registry, scope_info_enabled=False)
-        self.provider = meter_provider([reader])
+        self.provider = meter_provider([reader], "test")
         self.metrics = PipelineMetrics(
             self.provider.get_meter("test"), looked_up=lambda req: getattr(req, "cache", False)
         )
@@ -186,3 +194,56 @@ async def test_every_exposed_name_and_label_is_a_fixed_one(scrape: Scrape) -> No
     assert {m.name for m in METRICS} - polled <= {
         n.removesuffix("_bucket").removesuffix("_sum").removesuffix("_count") for n in seen
     }
+
+
+_APP_METER_PROVIDER = """
+import asyncio, json, os, signal
+from opentelemetry import metrics
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+reader = InMemoryMetricReader()
+metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
+
+from pipeline import load_settings
+from pipeline.cli.worker import run_worker
+from pipeline.client import Client
+from stages import app as make_app
+
+
+async def main() -> None:
+    settings = load_settings()
+    ready = asyncio.Event()
+    stages = ["cache-check", "router", "claude-call", "store"]
+    worker = asyncio.create_task(run_worker(make_app(settings), stages, settings, ready=ready))
+    await asyncio.wait_for(ready.wait(), 30)
+    async with Client.from_settings(settings) as client:
+        task_id = await client.submit("Say hello", type="classify")
+        result = await client.result(task_id, wait=30)
+    os.kill(os.getpid(), signal.SIGTERM)
+    await asyncio.wait_for(worker, 30)
+    data = reader.get_metrics_data()
+    names = {m.name for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics}
+    print(json.dumps({"status": result and result["status"], "names": sorted(names)}))
+
+
+asyncio.run(main())
+"""
+
+
+def test_a_meter_provider_the_application_set_receives_the_metrics(
+    start_fake: StartFake, fast_env: dict[str, str]
+) -> None:
+    """No port, no `OTEL_*`: the application's own MeterProvider gets every instrument."""
+    fake = start_fake()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    env |= fast_env | {"PIPELINE_CLAUDE__BASE_URL": fake.base_url, "ANTHROPIC_API_KEY": "k"}
+    out = subprocess.run([sys.executable, "-c", _APP_METER_PROVIDER], env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    found = json.loads(out.stdout.strip().splitlines()[-1])
+    assert found["status"] == "completed"
+    for name in ("pipeline.stage.handled", "pipeline.tokens", "pipeline.claude.responses",
+                 "gen_ai.client.operation.duration", "gen_ai.client.token.usage",
+                 "pipeline.stream.backlog"):  # fmt: skip
+        assert name in found["names"], (name, found["names"])

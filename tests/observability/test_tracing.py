@@ -28,7 +28,18 @@ from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.trace import SpanKind, StatusCode
 
 from observability.tracing import Tracing
-from pipeline import App, Complete, Forward, Keys, Message, Outcome, Settings, Stage, load_settings
+from pipeline import (
+    App,
+    Complete,
+    Forward,
+    Hook,
+    Keys,
+    Message,
+    Outcome,
+    Settings,
+    Stage,
+    load_settings,
+)
 from pipeline.cli.worker import run_worker
 from pipeline.client import Client
 from pipeline.runtime.traceparent import TraceContext
@@ -79,17 +90,23 @@ def settings_for(fast_env: dict[str, str], base_url: str, **env: str) -> Setting
 
 @contextlib.asynccontextmanager
 async def pipeline_running(
-    settings: Settings, provider: TracerProvider, monkeypatch: pytest.MonkeyPatch
+    settings: Settings,
+    provider: TracerProvider,
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    given: bool = True,
 ) -> AsyncIterator[None]:
-    """All four stages in this process, traced, until the block ends."""
+    """All four stages in this process, traced, until the block ends. `given`: the tracing
+    hook is handed to the worker; else the worker finds the global provider itself."""
     monkeypatch.setenv("ANTHROPIC_API_KEY", "good-key")
     monkeypatch.delenv("ANTHROPIC_OPEN_TELEMETRY", raising=False)  # Tracing sets it
     app = stages_app(settings)
     tracing = Tracing(provider, app, Keys(settings.prefix))
     ready = asyncio.Event()
     worker = asyncio.create_task(
-        run_worker(app, STAGES, settings, tracer=tracing, ready=ready, concurrency=16)
-    )
+        run_worker(app, STAGES, settings, hooks=[tracing] if given else [], ready=ready,
+                   concurrency=16)
+    )  # fmt: skip
     try:
         await asyncio.wait({worker, asyncio.create_task(ready.wait())}, timeout=30,
                            return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
@@ -353,6 +370,35 @@ async def wait_result(rclient: redis.Redis, keys: Keys, task_id: str) -> dict[st
     return {k.decode(): v.decode() for k, v in rclient.hgetall(key).items()}
 
 
+async def test_a_tracer_provider_the_application_set_gets_every_span_without_otel_variables(
+    start_fake: StartFake,
+    fast_env: dict[str, str],
+    prefix: str,
+    redis_url: str,
+    provider: TracerProvider,
+    exporter: InMemorySpanExporter,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No `OTEL_*` at all, no hook handed in: the worker sees the global provider the
+    application set and traces on it (the producer's span plus four stages and the call)."""
+    for name in list(os.environ):
+        if name.startswith("OTEL_"):
+            monkeypatch.delenv(name)
+    assert trace.get_tracer_provider() is provider
+    fake = start_fake()
+    settings = settings_for(fast_env, fake.base_url)
+    async with pipeline_running(settings, provider, monkeypatch, given=False), Client(
+        redis_url, prefix, settings=settings
+    ) as client:  # fmt: skip
+        task_id = await client.submit("Say hello", type="classify")
+        result = await client.result(task_id, wait=30)
+        assert result is not None and result["status"] == "completed", result
+        spans = await wait_for_spans(exporter, result["trace_id"], 6)
+    kinds = sorted(s.kind.name for s in spans)
+    assert kinds == ["CLIENT", "CONSUMER", "CONSUMER", "CONSUMER", "CONSUMER", "PRODUCER"]
+    assert len({s.context.trace_id for s in spans if s.context}) == 1
+
+
 def test_envelope_trace_fields_are_plain_w3c() -> None:
     """What a stage writes is what another language's consumer would parse."""
     from observability.propagation import format_context, parent_context
@@ -380,7 +426,7 @@ async def test_a_trace_is_sampled_once_at_its_root_and_followed_by_every_stage()
         env = Envelope(v=1, task_id=f"t{n}", fields={}, attempt=1, origin_ms=0, enqueued_ms=0,
                        traceparent=traceparent)  # fmt: skip
         msg = Message(env, f"{n}-0", stage, None, 1)
-        span = tracing.start(msg)
+        span = tracing.start_span(msg)
         if span is None:
             return None
         carried = span.handoff("forward", "second", None)
@@ -423,14 +469,14 @@ async def test_the_clients_send_span_continues_a_traceparent_the_caller_passed(
     assert send.attributes["messaging.message.conversation_id"] == task_id == fields[b"id"].decode()
 
 
-class _BrokenTracer:
+class _BrokenTracer(Hook):
     """A tracer with a bug in one of its three calls."""
 
     def __init__(self, where: str) -> None:
         self.where = where
         self.calls = 0
 
-    def start(self, msg: Message) -> _BrokenTracer:
+    def start_span(self, msg: Message) -> _BrokenTracer:
         self.calls += 1
         if self.where == "start":
             raise RuntimeError("tracer bug in start")
@@ -466,7 +512,7 @@ async def test_a_tracer_that_raises_never_fails_a_task(
     ids = [rclient.xadd(keys.ingress, {"n": str(n)}).decode() for n in range(5)]
     ready = asyncio.Event()
     worker = asyncio.create_task(
-        run_worker(app, ["first", "second"], settings, tracer=tracer, ready=ready)
+        run_worker(app, ["first", "second"], settings, hooks=[tracer], ready=ready)
     )
     try:
         results = [await wait_result(rclient, keys, task_id) for task_id in ids]

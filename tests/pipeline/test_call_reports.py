@@ -1,10 +1,11 @@
-"""The call-report seam metrics and tracing plug into: one report per Messages call."""
+"""Each Messages call reports what it did to its caller (who hands it to the worker's hooks)."""
 
 from __future__ import annotations
 
 import pytest
 
-from pipeline.claude.api import CallReport, call, observe_calls
+from pipeline.claude.api import call
+from pipeline.runtime.calls import CallReport
 from pipeline.runtime.errors import TransientError
 from tests.conftest import StartFake
 from tests.stages.test_claude_call import client_for, routed
@@ -17,15 +18,11 @@ async def test_every_call_is_reported_with_status_usage_and_headers(
 ) -> None:
     fake = start_fake(rpm=1)
     reports: list[CallReport] = []
-    undo = observe_calls(reports.append)
-    try:
-        system = [{"type": "text", "text": "x " * 800, "cache_control": {"type": "ephemeral"}}]
-        async with client_for(fake) as client:
-            answer = await call(client, routed(system=system))
-            with pytest.raises(TransientError):
-                await call(client, routed())
-    finally:
-        undo()
+    system = [{"type": "text", "text": "x " * 800, "cache_control": {"type": "ephemeral"}}]
+    async with client_for(fake) as client:
+        answer = await call(client, routed(system=system), on_report=reports.append)
+        with pytest.raises(TransientError):
+            await call(client, routed(), on_report=reports.append)
     ok, limited = reports
     assert ok.status == 200 and ok.error_type is None and ok.usage == answer.usage
     assert ok.response_model == answer.model and ok.family == "haiku"
@@ -45,10 +42,6 @@ async def test_a_broken_observer_never_fails_the_call(start_fake: StartFake) -> 
     def broken(report: CallReport) -> None:
         raise RuntimeError("observer bug")
 
-    undo = observe_calls(broken)
-    try:
-        async with client_for(fake) as client:
-            answer = await call(client, routed())
-    finally:
-        undo()
+    async with client_for(fake) as client:
+        answer = await call(client, routed(), on_report=broken)
     assert answer.output
