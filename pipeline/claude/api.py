@@ -1,10 +1,10 @@
 """The Claude adapter: the only module that imports `anthropic`.
 
-It builds the client (aiohttp transport, pool sized to the stage's concurrency, no SDK
-retries: the runtime retries durably, guarantee 4), makes one Messages call, and maps every
-SDK error onto the pipeline's tree (STYLE rule 7) so the runtime can decide by class.
-Messages it raises carry the status, the API's error text and the request id; never the API
-key, never the prompt.
+It builds the client (aiohttp transport, pool sized to the stage's concurrency, no SDK retries:
+the runtime retries durably, the "Retries are durable" guarantee), makes one Messages call, and
+maps every SDK error onto the pipeline's tree (STYLE rule 7) so the runtime can decide by class.
+Messages it raises carry the status, the API's error text and the request id; never the API key,
+never the prompt.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 claude-call's handler decides *whether* to call (task record, budget, coalescing); this module
 owns *how*: the clients (one per configured API key), the distributed rate limiter and the
-shared concurrency slots (guarantee 6).
+shared concurrency slots (the "Rate limits hold" guarantee).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Coalescing: identical requests in flight at the same time make one Claude call (guarantee 5).
+"""Coalescing: identical requests in flight at the same time make one Claude call (the "Paid
+work is done once" guarantee).
 
 The first task to take a flight's lease leads: it calls, renews the lease while it waits,
 publishes its answer for a few seconds and lets go. Identical tasks arriving meanwhile

@@ -1,4 +1,4 @@
-"""Rate limits that hold across every worker (guarantee 6), kept in Redis.
+"""Rate limits that hold across every worker (the "Rate limits hold" guarantee), kept in Redis.
 
 Per (API key, model family): requests, input tokens and output tokens per minute, as the
 continuously refilled buckets Anthropic uses. A call reserves 1 request, its estimated input

@@ -1,8 +1,9 @@
 """A producer's flat fields -> a validated `Request`, and the request's canonical hash.
 
-Carries guarantee 8 (bad input gets a clear error): every rule of DESIGN's wire format is
-checked here, once, and a violation raises `InvalidTask` naming the field and the problem,
-so cache-check dead-letters it with that reason and the producer can read what to fix.
+Carries the "Poison is contained" guarantee (bad input gets a clear error): every rule of
+DESIGN's wire format is checked here, once, and a violation raises `InvalidTask` naming the
+field and the problem, so cache-check dead-letters it with that reason and the producer can read
+what to fix.
 
 Conventions: an optional field given as an empty string counts as not given (producers
 with fixed templates send them); fields the wire format does not name are ignored, so

@@ -167,7 +167,7 @@ class ApiKeySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
 
 
 class RateLimitSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Rate limits shared by every worker through Redis (guarantee 6)."""
+    """Rate limits shared by every worker through Redis (the "Rate limits hold" guarantee)."""
 
     enabled: bool = True
     # Several keys spread the load; each has its own limits. Empty: ANTHROPIC_API_KEY.

@@ -1,9 +1,9 @@
 """A task's record: what the pipeline remembers of one task id, and the model of a paid call.
 
 One hash per task id, `<prefix>:task:<id>`, created when the task first needs it and expiring
-with the task's result (the hand-off that stores the result sets both TTLs in one step), so
-an id is an idempotency key exactly as long as its result can be read (DESIGN guarantee 5).
-Its fields:
+with the task's result (the hand-off that stores the result sets both TTLs in one step), so an
+id is an idempotency key exactly as long as its result can be read (the "Paid work is done once"
+guarantee). Its fields:
 
 - `fp`, `entry`: for a task whose producer chose its id, a fingerprint of what the producer
   sent and the ingress entry that owns the id. Another entry with that id is a harmless

@@ -1,7 +1,8 @@
 """A worker process: one or more stages (and their lanes), signals, consumer name, shutdown.
 
-Guarantee 7: SIGTERM/SIGINT stop reading, in-flight entries finish or are handed back within
-the grace period, and the process exits 0. A second signal cuts the grace period short.
+The "Shutdown is clean" guarantee: SIGTERM/SIGINT stop reading, in-flight entries finish or are
+handed back within the grace period, and the process exits 0. A second signal cuts the grace
+period short.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Durable delayed retries: entries wait in a sorted set in Redis, not in a worker's sleep.
 
-Guarantee 4. Every worker of a stage runs the mover; `promote.lua` moves each due entry
-exactly once, so a worker killed during a backoff loses nothing.
+The "Retries are durable" guarantee. Every worker of a stage runs the mover; `promote.lua` moves
+each due entry exactly once, so a worker killed during a backoff loses nothing.
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """Leases on in-flight entries: renew our own, reclaim lapsed ones, drain ours after a restart.
 
-Guarantee 2. A lease is the entry's idle time in the consumer group's pending list: the owner
-resets it (XCLAIM … JUSTID, only while it still owns the entry with the delivery count it
-read), and any worker takes over entries idle for longer than `lease_ms` (XAUTOCLAIM). A long
-Claude call is never stolen while its worker lives; a dead worker's entries move within
-`lease_ms + reclaim_every_ms`.
+The "Crashes are recovered fast" guarantee. A lease is the entry's idle time in the consumer
+group's pending list: the owner resets it (XCLAIM … JUSTID, only while it still owns the entry
+with the delivery count it read), and any worker takes over entries idle for longer than
+`lease_ms` (XAUTOCLAIM). A long Claude call is never stolen while its worker lives; a dead
+worker's entries move within `lease_ms + reclaim_every_ms`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""What a handler returns; the runtime turns each into one atomic hand-off (guarantee 1)."""
+"""What a handler returns; the runtime turns each into one atomic hand-off (the "Nothing is
+lost" guarantee)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Connecting to Redis, and waiting out an outage instead of dying (guarantee 7)."""
+"""Connecting to Redis, and waiting out an outage instead of dying (the "Shutdown is clean"
+guarantee)."""
 
 from __future__ import annotations
 

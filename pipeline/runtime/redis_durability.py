@@ -1,4 +1,5 @@
-"""Does this Redis keep what it acknowledges? Eviction and persistence, checked (guarantee 7).
+"""Does this Redis keep what it acknowledges? Eviction and persistence, checked (the "Shutdown
+is clean" guarantee).
 
 Two server settings lose data without an error: a `maxmemory-policy` other than `noeviction`
 lets Redis delete keys under memory pressure (stream entries, results, the task records that

@@ -1,11 +1,11 @@
 """What each Redis error means to a worker: one table, read by `Availability.call`.
 
-A worker must never exit because of a state the server will leave by itself (guarantee 7):
-a restart, a slow script, a full memory, a failover, a Cluster resharding. Those are waited
-out with backoff. A stream or consumer group that vanished (a Redis restarted without
-persistence, or an operator's `DEL`) is recreated by whoever owns it. Refused credentials or
-permissions will not fix themselves: the worker stops with one clear line. Anything else is
-a bug or a bad command, and is raised as it is.
+A worker must never exit because of a state the server will leave by itself (the "Shutdown is
+clean" guarantee): a restart, a slow script, a full memory, a failover, a Cluster resharding.
+Those are waited out with backoff. A stream or consumer group that vanished (a Redis restarted
+without persistence, or an operator's `DEL`) is recreated by whoever owns it. Refused
+credentials or permissions will not fix themselves: the worker stops with one clear line.
+Anything else is a bug or a bad command, and is raised as it is.
 
 Every wait is safe to retry: a server that answers one of these errors refused the whole
 command (a script is refused before its first write, never halfway), and a connection lost

@@ -1,4 +1,5 @@
-"""Guarantee 2: a dead worker's entries move within the lease; a live one's are never stolen."""
+"""The "Crashes are recovered fast" guarantee: a dead worker's entries move within the lease; a
+live one's are never stolen."""
 
 from __future__ import annotations
 

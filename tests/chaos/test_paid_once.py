@@ -1,4 +1,5 @@
-"""Guarantees 5 and 7: paid work is done once, each task gets its own answer, shutdown is clean.
+"""The "Paid work is done once" and "Shutdown is clean" guarantees: paid work is done once, each
+task gets its own answer, shutdown is clean.
 
 Each test drives real worker subprocesses on a real Redis, the real stages against the fake
 Anthropic API (or a toy App for the runtime alone), and counts what was paid at the fake:

@@ -1,4 +1,5 @@
-"""Paid once and answered for itself, with everything going wrong at once (guarantee 5).
+"""Paid once and answered for itself, with everything going wrong at once (the "Paid work is
+done once" guarantee).
 
 1,000 tasks through the four real stages (worker subprocesses) and the fake Claude API, with
 repeated prompts, re-submitted ids and budget-downgraded tasks, while a worker is SIGKILLed

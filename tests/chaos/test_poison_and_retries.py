@@ -1,4 +1,5 @@
-"""Guarantees 3 and 4: poison goes to the DLQ at once; retries are durable and bounded."""
+"""The "Poison is contained" and "Retries are durable" guarantees: poison goes to the DLQ at
+once; retries are durable and bounded."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""Guarantee 6 end to end: worker subprocesses share rate limits through Redis, against a
-fake Claude API that enforces its own limits (429 with retry-after and rate-limit headers).
+"""The "Rate limits hold" guarantee end to end: worker subprocesses share rate limits through
+Redis, against a fake Claude API that enforces its own limits (429 with retry-after and
+rate-limit headers).
 
 Every test ends by counting: each task one completed result, Claude paid once per task.
 """

@@ -1,4 +1,5 @@
-"""Guarantee 7: Redis faults are waited out — the fault matrix (docs/FAULTS.md).
+"""The "Shutdown is clean" guarantee: Redis faults are waited out — the fault matrix
+(docs/FAULTS.md).
 
 Each fault is put into a private redis-server while tasks flow through the four real stages
 (`stages:app`: one worker process per stage plus one `--all` worker) against the fake Claude
@@ -6,7 +7,8 @@ API, and at the end we count:
   - every worker process is still alive;
   - every task Redis still held finished exactly once: one result (`completed`), one
     completion event in `<prefix>:done`, nothing in the DLQ;
-  - no request was paid twice (guarantee 5: no worker process is killed or stalled here);
+  - no request was paid twice (the "Paid work is done once" guarantee: no worker process
+    is killed or stalled here);
   - each worker wrote at most 3 lines about the outage (down, change of reason, back), and
     no traceback;
   - the fault reached the workers (their logs say what they waited out), and struck while
@@ -389,9 +391,9 @@ def test_workers_wait_out_a_redis_fault(
             + log[log.index("Traceback") - 300 : log.index("Traceback") + 2500]
         )
 
-    # Last, so that a failure here means everything above held. Guarantee 5 allows paid
-    # duplicates only for answers that died with a killed process and calls of a process
-    # stalled past its lease; no worker process is killed or stalled here.
+    # Last, so that a failure here means everything above held. The "Paid work is done once"
+    # guarantee allows paid duplicates only for answers that died with a killed process and
+    # calls of a process stalled past its lease; no worker process is killed or stalled here.
     paid_twice = {request_key: n for request_key, n in report.paid.items() if n > 1}
     assert not paid_twice, (
         f"{len(paid_twice)} requests were paid more than once; the workers' reclaims:\n"

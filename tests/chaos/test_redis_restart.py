@@ -1,4 +1,5 @@
-"""Guarantee 7: losing Redis for a while is waited out; nothing is lost or done twice."""
+"""The "Shutdown is clean" guarantee: losing Redis for a while is waited out; nothing is lost or
+done twice."""
 
 from __future__ import annotations
 

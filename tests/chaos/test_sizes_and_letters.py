@@ -1,6 +1,6 @@
-"""Guarantees 3 and 8 at the edges of size: every failure is written under the task's own id,
-a task that could not travel the pipeline is refused before anything is paid, and a dead
-letter keeps its entry whole so that a replay sends exactly what failed.
+"""The "Poison is contained" guarantee at the edges of size: every failure is written under the
+task's own id, a task that could not travel the pipeline is refused before anything is paid, and
+a dead letter keeps its entry whole so that a replay sends exactly what failed.
 
 Real stages as worker subprocesses, a real Redis, the fake Anthropic API.
 """

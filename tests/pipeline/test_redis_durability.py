@@ -1,4 +1,5 @@
-"""Eviction and persistence checks (guarantee 7), against private redis-server processes.
+"""Eviction and persistence checks (the "Shutdown is clean" guarantee), against private
+redis-server processes.
 
 Each test starts its own server configured the way it needs (AOF on or off, save points,
 an evicting policy, CONFIG renamed away, ACL users without +config), then reads it the way

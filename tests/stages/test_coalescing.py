@@ -1,5 +1,5 @@
-"""Coalescing (guarantee 5): identical requests in flight at once make one Claude call; and
-the response cache, which the flight leader fills as its answer lands.
+"""Coalescing (the "Paid work is done once" guarantee): identical requests in flight at once
+make one Claude call; and the response cache, which the flight leader fills as its answer lands.
 
 Real Redis, the fake Anthropic API, the claude-call handler as a worker builds it.
 """
