@@ -37,7 +37,7 @@ import msgspec
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import AuthenticationError, BusyLoadingError, RedisError, ResponseError
 
-from pipeline.claude.request import parse_request
+from pipeline.claude.request import validate_request
 from pipeline.claude.settings import IngressSettings, Settings
 from pipeline.runtime.errors import Backpressure, ConfigError, InvalidTask, RedisUnavailable
 from pipeline.runtime.keys import Keys
@@ -114,8 +114,9 @@ def task_fields(task: Mapping[str, object], settings: Settings | None = None) ->
     wire, an optional field given as None or "" counts as not given. Unknown fields are
     refused (a typo such as `max_token` would otherwise be dropped without a word).
 
-    The rules are the cache-check stage's own: the fields are checked by `parse_request`
+    The rules are the cache-check stage's own: the fields are checked by `validate_request`
     with `settings` (default `Settings()`), so what this accepts is not dead-lettered later.
+    Checking decides no route: that is cache-check's, once per task.
 
     Raises:
         InvalidTask: naming the field and what is wrong with it.
@@ -130,7 +131,7 @@ def task_fields(task: Mapping[str, object], settings: Settings | None = None) ->
     given.setdefault("type", "default")
     fields = {name: _wire(name, given[name]) for name in WIRE_FIELDS if name in given}
     _check_producer_fields(fields)
-    parse_request(fields, settings or Settings())
+    validate_request(fields, settings or Settings())
     return fields
 
 

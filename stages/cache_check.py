@@ -6,9 +6,11 @@ dead-letters with the reason and answers with a `failed` result (guarantees 3 an
 whose producer chose its `id` takes that id (an idempotency key, `pipeline.claude.task_record`):
 another entry with the id of a live task is dropped if it asks the same, refused if it asks
 something else. A task too large to travel every stage is refused here, before anything is
-paid for. A cached answer goes straight to the store, skipping the router and the paid call
-(cost control); anything else goes on to the router, carrying the parsed request and only
-the producer fields later stages read (`CARRIED`), never the request twice.
+paid for. The task's route is decided here, once, as it is parsed (`parse_request`): the
+decision keys the response cache. A cached answer goes straight to the store, skipping the
+router and the paid call (cost control); anything else goes on to the router, carrying the
+parsed request with its decision (which the router applies) and only the producer fields
+later stages read (`CARRIED`), never the request twice.
 """
 
 from __future__ import annotations

@@ -2,15 +2,16 @@
 
 Cost control: `auto` tasks follow `router.rules` (task type, prompt length, requested
 max_tokens; first match wins, else `router.default_family`), explicit models are honoured,
-per-type `max_tokens_caps` bind everyone. The decision itself is `pipeline.claude.routing.route`,
-which cache-check also uses for the cache key. One lane per family, since rate limits are
-per family.
+per-type `max_tokens_caps` bind everyone. The decision is made once, by cache-check
+(`pipeline.claude.routing.route`, whose result keys the response cache), and arrives with the
+request: this stage applies it, so the lane always matches the cache key. One lane per
+family, since rate limits are per family.
 """
 
 from __future__ import annotations
 
 from pipeline import Fail, Forward, Handler, Message, Outcome, Services, Settings, Stage
-from pipeline.claude import Request, Routed, prompt_chars, route
+from pipeline.claude import Request, Route, Routed, prompt_chars, route
 
 
 async def build(services: Services[Settings]) -> Handler:
@@ -19,17 +20,13 @@ async def build(services: Services[Settings]) -> Handler:
 
     async def handle(msg: Message) -> Outcome:
         request = msg.body(Request)
-        decision = route(request, settings, prompt_chars(request))
+        decision = request.decision
+        if not isinstance(decision, Route | None):  # from a release that carried none
+            decision = route(request, settings, prompt_chars(request))
         if decision is None:
             choices = ", ".join(["auto", *settings.claude.models])
             return Fail(f"unknown model {request.model!r}: use {choices} or a claude-* model id")
-        routed = Routed(
-            request=request,
-            family=decision.family,
-            model=decision.model,
-            max_tokens=decision.max_tokens,
-        )
-        return Forward("claude-call", routed, lane=decision.family)
+        return Forward("claude-call", Routed.applying(request, decision), lane=decision.family)
 
     return handle
 

@@ -16,10 +16,10 @@ from pipeline.claude.config import load_settings
 from pipeline.claude.flights import Flights
 from pipeline.claude.ledger import Ledger
 from pipeline.claude.pricing import micro_usd, usd
-from pipeline.claude.request import parse_request, prompt_chars
-from pipeline.claude.routing import Route, route
+from pipeline.claude.request import parse_request, prompt_chars, validate_request
+from pipeline.claude.routing import route, route_to
 from pipeline.claude.settings import Settings
-from pipeline.claude.task import Answer, Request, Routed, Usage
+from pipeline.claude.task import Answer, Request, Route, Routed, Usage
 from pipeline.claude.task_record import Admission, Claim, ClaimState, TaskRecords
 
 if TYPE_CHECKING:
@@ -47,7 +47,9 @@ __all__ = [
     "parse_request",
     "prompt_chars",
     "route",
+    "route_to",
     "usd",
+    "validate_request",
 ]
 
 

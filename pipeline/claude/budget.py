@@ -8,9 +8,9 @@ the call, and a failed call gives it back. Committed = settled costs + reservati
 A window is a UTC day (`budget.period_s` may shorten it for tests); its hash expires after two
 windows. A worker that dies mid-call leaves its reservation committed until the window ends:
 the budget errs on the side of spending less. Where a call does not fit, `budget.action`
-decides: `downgrade` re-routes it to the cheaper family (and defers if that does not fit
-either), `defer` puts the task back until the next window without spending a retry attempt,
-`fail` fails it with the numbers.
+decides: `downgrade` re-routes it to the cheaper family (`pipeline.claude.routing.route_to`,
+the router's own rules; defers if that does not fit either), `defer` puts the task back
+until the next window without spending a retry attempt, `fail` fails it with the numbers.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from redis.asyncio import Redis
 from redis.typing import EncodableT
 
 from pipeline.claude.pricing import PriceTable
+from pipeline.claude.routing import route_to
 from pipeline.claude.scripts import load
 from pipeline.claude.settings import Settings
 from pipeline.claude.task import Answer, Routed, Usage
@@ -68,8 +69,8 @@ class Budget:
         available: Availability,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        self._settings = settings
         self._budget = settings.budget
-        self._models = settings.claude.models
         self._prices = PriceTable.from_settings(settings)
         self._keys = keys
         self._available = available
@@ -156,13 +157,18 @@ class Budget:
         return self._prices.cost_micro_usd(routed.model, usage, day)
 
     def _downgraded(self, routed: Routed) -> Routed | None:
-        family = self._budget.downgrade_to
-        model = self._models[family]
-        if routed.family == family or routed.model == model:
+        """`routed` re-routed to `budget.downgrade_to`, None if it is already going there.
+
+        Only the family and model change: `max_tokens` stays as first decided (the caps go
+        by task type, not family), so the downgrade never asks for a longer answer."""
+        cheaper = route_to(routed.request, self._budget.downgrade_to, self._settings)
+        if routed.family == cheaper.family or routed.model == cheaper.model:
             return None
         # The answer is not what the request's cache key stands for: never cache it.
         request = msgspec.structs.replace(routed.request, cache=False)
-        return msgspec.structs.replace(routed, request=request, family=family, model=model)
+        return msgspec.structs.replace(
+            routed, request=request, family=cheaper.family, model=cheaper.model
+        )
 
     def _window_start(self, now: float) -> int:
         return int(now) - int(now) % self._budget.period_s

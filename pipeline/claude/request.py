@@ -19,9 +19,9 @@ from typing import Any
 
 import msgspec
 
-from pipeline.claude.routing import Route, route
+from pipeline.claude.routing import route
 from pipeline.claude.settings import Settings
-from pipeline.claude.task import Request
+from pipeline.claude.task import Request, Route
 from pipeline.runtime.errors import InvalidTask
 from pipeline.runtime.results import MAX_TTL_S
 
@@ -37,7 +37,27 @@ _json = msgspec.json.Decoder()
 
 
 def parse_request(fields: Mapping[str, str], settings: Settings) -> Request:
-    """Validate and normalise a task's wire fields.
+    """Validate, normalise and route a task's wire fields (cache-check's first step).
+
+    The one place a task's route is decided: the request comes back with the decision
+    (`Request.decision`) and the cache key computed from it (`request_hash`), and carries
+    both to the router, which applies the decision rather than making it again.
+
+    Raises:
+        InvalidTask: a field breaks the wire format; the message names the field.
+    """
+    request = validate_request(fields, settings)
+    decision = route(request, settings, prompt_chars(request))
+    return msgspec.structs.replace(
+        request, decision=decision, request_hash=request_hash(request, decision)
+    )
+
+
+def validate_request(fields: Mapping[str, str], settings: Settings) -> Request:
+    """Validate and normalise a task's wire fields, deciding nothing: no route, no hash.
+
+    What a producer checks a task with before sending it (`pipeline.client`): the rules are
+    cache-check's own, but judging a model name is not routing the task.
 
     Raises:
         InvalidTask: a field breaks the wire format; the message names the field.
@@ -45,7 +65,7 @@ def parse_request(fields: Mapping[str, str], settings: Settings) -> Request:
     ingress = settings.ingress
     messages = _conversation(fields, ingress.max_prompt_bytes)
     _check_ttl(fields)
-    request = Request(
+    return Request(
         messages=messages,
         system=_system(_optional(fields, "system")),
         model=_model(_optional(fields, "model"), settings),
@@ -55,8 +75,6 @@ def parse_request(fields: Mapping[str, str], settings: Settings) -> Request:
         cache=_cache_flag(_optional(fields, "cache")),
         metadata=_metadata(_optional(fields, "metadata"), ingress.max_metadata_bytes),
     )
-    decision = route(request, settings, prompt_chars(request))
-    return msgspec.structs.replace(request, request_hash=request_hash(request, decision))
 
 
 def request_hash(request: Request, decision: Route | None) -> str:

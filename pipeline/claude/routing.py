@@ -1,31 +1,29 @@
 """The routing decision: which family, model id and max_tokens a request is sent with.
 
-One pure function of the request and the settings, shared by cache-check (the response
-cache is keyed by the decision, so a rule change re-keys exactly the requests it re-routes)
-and the router (which acts on it). `auto` tasks follow `router.rules` in order, first match
-wins, else `router.default_family`; an explicit alias or model id is honoured; per-type
-`max_tokens_caps` bind every task. See docs/ROUTING.md.
+One pure function of the request and the settings, called once per task by cache-check
+(`pipeline.claude.request.parse_request`: the response cache is keyed by the decision, so a
+rule change re-keys exactly the requests it re-routes); the decision travels to the router
+inside the request (`Request.decision`), which applies it. `auto` tasks follow `router.rules`
+in order, first match wins, else `router.default_family`; an explicit alias or model id is
+honoured; per-type `max_tokens_caps` bind every task. The budget's downgrade is a second,
+explicit decision by the same function (`route_to`). See docs/ROUTING.md.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+
+import msgspec
 
 from pipeline.claude.settings import RouterSettings, RouteRule, Settings
-from pipeline.claude.task import Request
+from pipeline.claude.task import Request, Route
 from pipeline.runtime.errors import ConfigError
+
+__all__ = ["Route", "check_router", "family_of", "matches", "route", "route_to"]
 
 _ID_TOKENS = re.compile(r"[-.:@/_]")
 _RANGES = (("min_prompt_chars", "max_prompt_chars"), ("min_max_tokens", "max_max_tokens"))
-
-
-@dataclass(frozen=True, slots=True)
-class Route:
-    family: str  # the call lane (rate limits are per family)
-    model: str  # the model id sent to the API
-    max_tokens: int  # after the task type's cap
 
 
 def route(request: Request, settings: Settings, prompt_chars: int) -> Route | None:
@@ -48,6 +46,20 @@ def route(request: Request, settings: Settings, prompt_chars: int) -> Route | No
         model=models[family] if choice in models else choice,
         max_tokens=wanted if cap is None else min(wanted, cap),
     )
+
+
+def route_to(request: Request, family: str, settings: Settings) -> Route:
+    """The decision for `request` had it named `family` itself: a re-route (the budget's
+    downgrade) by `route`, not by a copy of its rules. Prompt length plays no part in an
+    explicit choice, so none is measured.
+
+    Raises:
+        ValueError: `family` is not configured (settings checks `budget.downgrade_to` at start).
+    """
+    decision = route(msgspec.structs.replace(request, model=family), settings, prompt_chars=0)
+    if decision is None:
+        raise ValueError(f"{family!r} is not a configured model family")
+    return decision
 
 
 def family_of(model: str, models: Mapping[str, str]) -> str | None:

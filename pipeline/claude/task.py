@@ -1,6 +1,6 @@
 """The bodies the four stages hand each other (msgspec, inside the versioned envelope).
 
-cache-check -> router: `Request`; router -> claude-call: `Routed`;
+cache-check -> router: `Request` (with its routing decision); router -> claude-call: `Routed`;
 claude-call -> store and cache-check (hit) -> store: `Answer`.
 """
 
@@ -9,6 +9,18 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
+from msgspec import UNSET, UnsetType
+
+
+class Route(msgspec.Struct, frozen=True, kw_only=True):
+    """A routing decision (`pipeline.claude.routing.route`): where and how a request is sent.
+
+    A msgspec struct, not a dataclass, because cache-check hands it to the router inside the
+    request (`Request.decision`)."""
+
+    family: str  # the call lane (rate limits are per family)
+    model: str  # the model id sent to the API
+    max_tokens: int  # after the task type's cap
 
 
 class Request(msgspec.Struct, frozen=True, kw_only=True):
@@ -23,6 +35,15 @@ class Request(msgspec.Struct, frozen=True, kw_only=True):
     cache: bool = True
     metadata: str = "{}"  # JSON object text, returned with the result
     request_hash: str = ""  # canonical hash of what determines the answer (cache key)
+    #: The routing decision `request_hash` was computed from, made once by cache-check
+    #: (`parse_request`) and applied by the router, so the cache key and the lane never
+    #: disagree. None: the model names no configured family (the router fails the task).
+    #: UNSET: not decided (a producer's request being validated) or no longer carried (past
+    #: the router, where `Routed` holds it). UNSET is left out of the encoding, so entries
+    #: after the router, task records and cache entries are byte for byte as before; an
+    #: entry from a release that carried no decision still decodes (the router then decides
+    #: for it), and an older router ignores the field.
+    decision: Route | UnsetType | None = UNSET
 
 
 class Routed(msgspec.Struct, frozen=True, kw_only=True):
@@ -32,6 +53,17 @@ class Routed(msgspec.Struct, frozen=True, kw_only=True):
     family: str  # the call stream (lane): haiku / sonnet / opus
     model: str  # the full model id sent to the API
     max_tokens: int
+
+    @classmethod
+    def applying(cls, request: Request, decision: Route) -> Routed:
+        """`request` sent as `decision` says; from here the decision lives in these fields
+        alone (the request's copy is dropped, so a later re-route cannot leave a stale one)."""
+        return cls(
+            request=msgspec.structs.replace(request, decision=UNSET),
+            family=decision.family,
+            model=decision.model,
+            max_tokens=decision.max_tokens,
+        )
 
 
 class Usage(msgspec.Struct, frozen=True, kw_only=True):

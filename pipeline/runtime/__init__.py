@@ -21,7 +21,7 @@ from pipeline.runtime.errors import (
 from pipeline.runtime.hooks import Hook
 from pipeline.runtime.keys import Keys
 from pipeline.runtime.outcome import Complete, Defer, Drop, Fail, Forward, Outcome, Reject, Retry
-from pipeline.runtime.results import make_result, result_ttl
+from pipeline.runtime.results import completed_result, failed_result, make_result, result_ttl
 from pipeline.runtime.services import Services
 from pipeline.runtime.settings import BaseSettings, load
 from pipeline.runtime.stage import App, Handler, HandlerFactory, Message, Stage
@@ -53,6 +53,8 @@ __all__ = [
     "Services",
     "Stage",
     "TransientError",
+    "completed_result",
+    "failed_result",
     "load",
     "make_result",
     "result_ttl",

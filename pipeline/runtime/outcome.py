@@ -25,7 +25,8 @@ class Forward:
 
 @dataclass(frozen=True, slots=True)
 class Complete:
-    """The task is finished; `result` (if any) is stored first-writer-wins with a TTL."""
+    """The task is finished; `result` (if any) is stored first-writer-wins with a TTL:
+    `ttl_s`, else the task's own (`pipeline.runtime.results.result_ttl`)."""
 
     result: Mapping[str, str] | None = None
     ttl_s: int | None = None

@@ -27,10 +27,9 @@ from pipeline.runtime.inflight import Inflight
 from pipeline.runtime.leases import drain_own, reclaim_loop, renew, renew_loop
 from pipeline.runtime.outcome import Complete, Defer, Drop, Fail, Forward, Outcome, Reject, Retry
 from pipeline.runtime.replies import read_entries
-from pipeline.runtime.results import make_result, result_ttl
+from pipeline.runtime.results import failed_result, result_ttl
 from pipeline.runtime.retry import GiveUp
 from pipeline.runtime.stage import Handler, Message, Stage
-from pipeline.runtime.traceparent import trace_id_of
 from pipeline.runtime.wire import (
     ENVELOPE_FIELD,
     Envelope,
@@ -328,8 +327,8 @@ class StageRunner:
         if isinstance(outcome, Complete):
             rec = self._record(inf)
             if outcome.result is not None:
-                ttl = outcome.ttl_s or result_ttl(env.fields, self.ctx.settings.results.ttl_s)
-                self._add_result(rec, env.task_id, dict(outcome.result), ttl, msg.origin_id)
+                result = dict(outcome.result)
+                self._add_result(rec, env.task_id, result, env.fields, msg.origin_id, outcome.ttl_s)
             return rec
         if isinstance(outcome, Retry):
             delay = self.ctx.retry_policy.next_delay(env.attempt, outcome.delay_ms)
@@ -431,9 +430,12 @@ class StageRunner:
         return rec
 
     def _add_result(
-        self, rec: Record, task_id: str, result: dict[str, str], ttl: int, owner: str
-    ) -> None:
+        self, rec: Record, task_id: str, result: dict[str, str], fields: dict[str, str],
+        owner: str, ttl_s: int | None = None,
+    ) -> None:  # fmt: skip
+        """Every result, either kind, is written here, with its TTL resolved once."""
         keys, res = self.ctx.keys, self.ctx.settings.results
+        ttl = result_ttl(fields, res.ttl_s, ttl_s)
         event = {"id": task_id, "status": result.get("status", "completed")}
         rec.result(
             keys.result(task_id), ttl, result, keys.done, res.done_maxlen, event,
@@ -512,16 +514,15 @@ class StageRunner:
         if not result:  # the id belongs to another task: its result stays as it is
             log.info("%s: rejected %s: %s", self.name, task_id, reason)
             return rec
-        failed = make_result(
-            "failed",
-            error=reason,
+        failed = failed_result(
+            reason,
             attempts=attempts,
-            trace_id=trace_id_of(traceparent),
-            metadata=fields.get("metadata") or "{}",
-            latency_ms=max(0, _now_ms() - (inf.msg.envelope.origin_ms if inf.msg else _now_ms())),
+            fields=fields,
+            traceparent=traceparent,
+            origin_ms=inf.msg.envelope.origin_ms if inf.msg else None,
+            extra=extra,
         )
-        failed.update(extra or {})
-        self._add_result(rec, task_id, failed, result_ttl(fields, settings.results.ttl_s), owner)
+        self._add_result(rec, task_id, failed, fields, owner)
         if self.ctx.hooks:
             self.ctx.spawn_hook("on_dead_letter", self.stage.name, task_id, reason)
         log.debug("%s: dead-lettered %s: %s", self.name, task_id, reason)

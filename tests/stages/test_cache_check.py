@@ -309,10 +309,10 @@ async def test_the_stages_through_the_runtime(
     first = await submit_and_wait(client, keys, id="a1", metadata='{"n": 1}', **FIELDS)
     again = await submit_and_wait(client, keys, id="a2", metadata='{"n": 2}', **FIELDS)
     bypass = await submit_and_wait(client, keys, id="a3", cache="false", **FIELDS)
-    cut = await submit_and_wait(client, keys, id="t1", prompt="truncate me")
+    cut = await submit_and_wait(client, keys, id="t1", prompt="truncate me", ttl="120")
     cut_again = await submit_and_wait(client, keys, id="t2", prompt="truncate me")
     bad = await submit_and_wait(client, keys, id="bad", prompt="q", temperature="hot")
-    unknown = await submit_and_wait(client, keys, id="gpt", prompt="q", model="gpt-4o")
+    unknown = await submit_and_wait(client, keys, id="gpt", prompt="q", model="gpt-4o", ttl="90")
     runs = tally(rclient, prefix, STAGES).runs
 
     # A fresh answer, then the identical task served from the cache: no router, no call.
@@ -345,6 +345,10 @@ async def test_the_stages_through_the_runtime(
     assert runs["router"]["bad"] == 0 and runs["claude-call"]["gpt"] == 0
 
     tally(rclient, prefix).assert_exactly_once(["a1", "a2", "a3", "t1", "t2", "bad", "gpt"])
+    # Every result, completed or failed, lives for its task's `ttl`, else results.ttl_s.
+    for task_id, ttl in {"t1": 120, "gpt": 90, "a1": settings.results.ttl_s,
+                         "bad": settings.results.ttl_s}.items():  # fmt: skip
+        assert ttl - 60 < rclient.ttl(keys.result(task_id)) <= ttl, task_id
     # Each producer id was admitted by its entry; its record now expires with its result.
     for task_id in ("a1", "a2", "a3", "t1", "t2"):
         assert rclient.hget(keys.task(task_id), "entry") is not None, task_id

@@ -323,7 +323,10 @@ async def test_the_request_travels_on_unchanged(client: Redis, fast_env: dict[st
     settings = routing(fast_env)
     fields = {"prompt": "q", "metadata": '{"a": 1}', "cache": "false", "temperature": "0.2"}
     out = routed(await route(client, settings, **fields))
-    assert out.request == parse_request(fields, settings)
+    # As cache-check parsed it, but for the decision it carried: that is Routed's now.
+    parsed = parse_request(fields, settings)
+    assert (out.family, out.model, out.max_tokens) == ("sonnet", MODELS["sonnet"], 1024)
+    assert out.request == msgspec.structs.replace(parsed, decision=msgspec.UNSET)
 
 
 def test_the_docs_examples_load_and_show_the_real_defaults(tmp_path: Path) -> None:

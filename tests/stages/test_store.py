@@ -97,13 +97,9 @@ async def test_a_fresh_answer_completes_with_every_result_field(
         "trace_id": "4bf92f3577b34da6a3ce929d0e0e4736",
         "metadata": '{"order": 42}',
     }
-    assert outcome.ttl_s == settings.results.ttl_s
-
-
-async def test_the_task_ttl_sets_the_result_ttl(client: Redis, settings: Settings) -> None:
-    fields = {**FIELDS, "ttl": "120"}
-    outcome = await run_store(client, settings, message(fields, answer(settings, fields)))
-    assert outcome.ttl_s == 120
+    # The task's own TTL, resolved by the runtime as it writes every result (the `ttl`
+    # field's effect end to end: tests/stages/test_cache_check.py, through the runtime).
+    assert outcome.ttl_s is None
 
 
 async def test_the_store_never_writes_the_response_cache(client: Redis, settings: Settings) -> None:
