@@ -1,8 +1,9 @@
 """What a stage's consumer holds, and what its lease and retry loops may see of it.
 
 `Inflight` is one entry from read until its hand-off is confirmed. `Consumer` is the face
-`StageRunner` shows `pipeline.runtime.leases` and `pipeline.runtime.delayed`: those loops
-renew, reclaim and promote through it and never reach into the runner itself.
+`StageRunner` shows `pipeline.runtime.leases`, `pipeline.runtime.delayed` and
+`pipeline.runtime.planner`: they renew, reclaim, promote and plan hand-offs through it and
+never reach into the runner itself.
 """
 
 from __future__ import annotations

@@ -9,39 +9,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import logging
 import time
 from functools import partial
 
-import msgspec
 from redis.exceptions import ResponseError
 
 from pipeline.runtime.context import WorkerContext
 from pipeline.runtime.delayed import promote_loop
-from pipeline.runtime.dlq import dlq_fields, entry_of, raw_entry
 from pipeline.runtime.errors import AuthError, InvalidTask, PermanentError, TransientError
 from pipeline.runtime.handoff import Record, build_call
-from pipeline.runtime.hooks import Hook
 from pipeline.runtime.inflight import Inflight
 from pipeline.runtime.leases import drain_own, reclaim_loop, renew, renew_loop
-from pipeline.runtime.outcome import Complete, Defer, Drop, Fail, Forward, Outcome, Reject, Retry
+from pipeline.runtime.outcome import Fail, Outcome, Retry
+from pipeline.runtime.planner import Planner
 from pipeline.runtime.replies import read_entries
-from pipeline.runtime.results import failed_result, result_ttl
-from pipeline.runtime.retry import GiveUp
 from pipeline.runtime.stage import Handler, Message, Stage
 from pipeline.runtime.wire import (
-    ENVELOPE_FIELD,
-    Envelope,
     decode_entry,
-    delayed_member,
-    encode_body,
-    encode_envelope,
     entry_bytes,
-    internal_fields,
-    task_id_of,
 )
-from pipeline.runtime.wire import raw_fields_text as _raw_text
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +55,10 @@ class StageRunner:
         self._slot_free = asyncio.Event()
         self._paused_until = 0.0
         self._committing = False
-        self._entry_limits: dict[str, int] = {}
         self._first = stage is ctx.app.stages[0]
         self._where = (self.stream, self.group, ctx.consumer)
         self._loop = asyncio.get_running_loop()
+        self.planner = Planner(self)
         self.stats = {
             "handled": 0, "fenced": 0, "dead": 0, "retried": 0, "reclaimed": 0, "reads": 0,
             "handoffs": 0, "duplicates": 0,
@@ -239,18 +226,18 @@ class StageRunner:
         try:
             env = decode_entry(entry_id, raw, self.rt.max_entry_bytes)
         except InvalidTask as exc:
-            self.submit(inf, self._dead_letter_raw(inf, raw, str(exc)))
+            self.submit(inf, self.planner.dead_letter_raw(inf, raw, str(exc)))
             return
         msg = Message(env, entry_id, self.stage.name, self.lane, deliveries, self._where)
         if self._first:  # only the ingress checks what can travel
             msg.size = entry_bytes(raw)
         inf.msg = msg
         tracer = self.ctx.hooks.tracer
-        context = None if tracer is None else self._trace_in(tracer, inf, msg)
+        context = None if tracer is None else self.planner.trace_in(tracer, inf, msg)
         if deliveries > self.rt.max_deliveries:
             reason = f"delivered {deliveries} times (max_deliveries={self.rt.max_deliveries})"
-            self.submit(inf, self._dead_letter(inf, env, reason))
-            self._finish_span(inf, None)
+            self.submit(inf, self.planner.dead_letter(inf, env, reason))
+            self.planner.finish_span(inf, None)
             return
         inf.task = self._loop.create_task(self._handle(inf, msg), context=context)
 
@@ -261,7 +248,7 @@ class StageRunner:
         try:
             outcome: Outcome = await self.handler(msg)
         except asyncio.CancelledError as exc:
-            self._finish_span(inf, exc)
+            self.planner.finish_span(inf, exc)
             if hooks:
                 await hooks.emit("after_handle", msg, exc, after=True)
             raise
@@ -274,8 +261,10 @@ class StageRunner:
             outcome = Retry(str(exc), delay_ms=delay)
         except AuthError as exc:
             self._pause(exc)
-            later = self._requeue(inf, msg.envelope, int(exc.pause_s * 1000), "pause", str(exc))
-            self._finish_span(inf, exc)
+            later = self.planner.requeue(
+                inf, msg.envelope, int(exc.pause_s * 1000), "pause", str(exc)
+            )
+            self.planner.finish_span(inf, exc)
             if hooks:
                 await hooks.emit("after_handle", msg, exc, after=True)
             self.submit(inf, later)
@@ -283,8 +272,8 @@ class StageRunner:
         except Exception as exc:
             self.ctx.log_once(f"{self.name}:{type(exc).__name__}", "handler raised", exc)
             outcome = Retry(f"{type(exc).__name__}: {exc}")
-        record = self.plan(inf, msg, outcome)  # first: the span records the hand-off
-        self._finish_span(inf, outcome)
+        record = self.planner.plan(inf, msg, outcome)  # first: the span records the hand-off
+        self.planner.finish_span(inf, outcome)
         if hooks:
             await hooks.emit("after_handle", msg, outcome, after=True)
         self.submit(inf, record)
@@ -301,64 +290,7 @@ class StageRunner:
         self._paused_until = time.monotonic() + exc.pause_s
         self.ctx.mark_paused(self.stage.name, exc.pause_s, str(exc))
 
-    # ---- planning the hand-off --------------------------------------------------------
-
-    def plan(self, inf: Inflight, msg: Message, outcome: Outcome) -> Record:
-        env = msg.envelope
-        if isinstance(outcome, Forward):
-            target = self.ctx.app.stage(outcome.to)
-            if target.lanes and outcome.lane not in target.lanes:
-                return self._dead_letter(inf, env, f"no lane {outcome.lane!r} in {target.name}")
-            rec = self._record(inf)
-            traceparent, tracestate = self._trace_out(inf, env, "forward", target.name)
-            nxt = msgspec.structs.replace(
-                env, attempt=1, enqueued_ms=_now_ms(), body=encode_body(outcome.body),
-                traceparent=traceparent, tracestate=tracestate, origin_id=msg.origin_id,
-                fields=env.fields if outcome.fields is None else dict(outcome.fields),
-            )  # fmt: skip
-            packed = encode_envelope(nxt)
-            limit = self._entry_limits.get(target.name) or self.entry_limit(target.name)
-            if len(packed) > limit:  # its next stage could not read it
-                reason = f"entry for {target.name} is {len(packed):,} bytes, over its limit"
-                return self._dead_letter(inf, env, f"{reason} ({limit:,})")
-            key = self.ctx.keys.stream(target.stream, outcome.lane if target.lanes else None)
-            rec.xadd(key, internal_fields(packed, env.task_id))
-            return rec
-        if isinstance(outcome, Complete):
-            rec = self._record(inf)
-            if outcome.result is not None:
-                result = dict(outcome.result)
-                self._add_result(rec, env.task_id, result, env.fields, msg.origin_id, outcome.ttl_s)
-            return rec
-        if isinstance(outcome, Retry):
-            delay = self.ctx.retry_policy.next_delay(env.attempt, outcome.delay_ms)
-            if isinstance(delay, GiveUp):
-                reason = f"gave up after {env.attempt} attempts: {outcome.reason}"
-                return self._dead_letter(inf, env, reason)
-            self.stats["retried"] += 1
-            if self.ctx.hooks:
-                self.ctx.spawn_hook("on_retry", msg, delay, outcome.reason)
-            return self._requeue(inf, env, delay, "retry", outcome.reason, next_attempt=True)
-        if isinstance(outcome, Defer):
-            return self._requeue(inf, env, outcome.delay_ms, "defer", outcome.reason)
-        if isinstance(outcome, Drop):
-            self.stats["duplicates"] += 1
-            log.debug("%s: dropped %s: %s", self.name, env.task_id, outcome.reason)
-            return self._record(inf)
-        if isinstance(outcome, Reject):
-            return self._dead_letter(inf, env, outcome.reason, result=False)
-        return self._dead_letter(inf, env, outcome.reason, extra=outcome.result)
-
-    def entry_limit(self, stage: str) -> int:
-        """The most bytes an entry of `stage` may have (its `max_entry_bytes`)."""
-        limit = self._entry_limits.get(stage)
-        if limit is None:
-            limit = self._entry_limits[stage] = self.ctx.settings.runtime_for(stage).max_entry_bytes
-        return limit
-
-    def _record(self, inf: Inflight) -> Record:
-        """A record fenced by the entry's delivery count; `_fence` may relax it when sent."""
-        return Record(inf.entry_id, inf.deliveries)
+    # ---- committing -------------------------------------------------------------------
 
     def _fence(self, batch: list[tuple[Inflight, Record]], first_try: bool) -> None:
         """Decide, as the batch is sent, which records must prove ownership in the script.
@@ -374,161 +306,6 @@ class StageRunner:
         for inf, rec in batch:
             fresh = first_try and inf.confirmed_at > fresh_after and not inf.lost
             rec.expected_deliveries = 0 if fresh else inf.deliveries
-
-    def _trace_out(
-        self, inf: Inflight, env: Envelope, action: str, detail: str, delay_ms: int | None = None
-    ) -> tuple[str | None, str | None]:
-        """The trace context the outgoing entry carries: its span's, else the incoming."""
-        if inf.span is not None:
-            try:
-                return inf.span.handoff(action, detail, delay_ms)
-            except Exception as exc:
-                self._tracer_failed(inf, exc)
-        return env.traceparent, env.tracestate
-
-    # A tracer that raises is logged and dropped for the entry: tracing never fails a task.
-
-    def _trace_in(self, tracer: Hook, inf: Inflight, msg: Message) -> contextvars.Context | None:
-        """Open the entry's span (if its trace is sampled): the context its handler runs in."""
-        try:
-            inf.span = span = tracer.start_span(msg)
-            return None if span is None else span.task_context()
-        except Exception as exc:
-            self._tracer_failed(inf, exc)
-            return None
-
-    def _finish_span(self, inf: Inflight, outcome: Outcome | BaseException | None) -> None:
-        if inf.span is not None:
-            try:
-                inf.span.finish(outcome)
-            except Exception as exc:
-                self._tracer_failed(inf, exc)
-
-    def _tracer_failed(self, inf: Inflight, exc: Exception) -> None:
-        inf.span = None
-        self.ctx.log_once(f"{self.name}:tracer", "tracing failed (the entry goes on)", exc)
-
-    def _requeue(
-        self, inf: Inflight, env: Envelope, delay_ms: int, action: str, reason: str,
-        next_attempt: bool = False,
-    ) -> Record:  # fmt: skip
-        traceparent, tracestate = self._trace_out(inf, env, action, reason, delay_ms)
-        later = Envelope(
-            v=env.v,
-            task_id=env.task_id,
-            fields=env.fields,
-            attempt=env.attempt + 1 if next_attempt else env.attempt,
-            origin_ms=env.origin_ms,
-            enqueued_ms=_now_ms() + delay_ms,
-            traceparent=traceparent,
-            tracestate=tracestate,
-            body=env.body,
-            origin_id=env.origin_id or inf.entry_id,
-        )
-        rec = self._record(inf)
-        rec.zadd(self.delayed, delay_ms, delayed_member(later))
-        return rec
-
-    def _add_result(
-        self, rec: Record, task_id: str, result: dict[str, str], fields: dict[str, str],
-        owner: str, ttl_s: int | None = None,
-    ) -> None:  # fmt: skip
-        """Every result, either kind, is written here, with its TTL resolved once."""
-        keys, res = self.ctx.keys, self.ctx.settings.results
-        ttl = result_ttl(fields, res.ttl_s, ttl_s)
-        event = {"id": task_id, "status": result.get("status", "completed")}
-        rec.result(
-            keys.result(task_id), ttl, result, keys.done, res.done_maxlen, event,
-            keys.task(task_id), owner,
-        )  # fmt: skip
-
-    def _dead_letter(
-        self, inf: Inflight, env: Envelope, reason: str, extra: object = None, result: bool = True
-    ) -> Record:
-        traceparent, tracestate = self._trace_out(inf, env, "dead_letter", reason)
-        return self._dead_letter_fields(
-            inf,
-            env.task_id,
-            env.origin_id or inf.entry_id,
-            env.fields,
-            entry_of(env),
-            reason,
-            env.attempt,
-            traceparent,
-            tracestate,
-            extra if isinstance(extra, dict) else None,
-            result,
-        )
-
-    def _dead_letter_raw(self, inf: Inflight, raw: dict[bytes, bytes], reason: str) -> Record:
-        fields = _raw_text(raw, self.ctx.settings.dlq.max_field_bytes)
-        internal = ENVELOPE_FIELD in raw  # its origin is inside what could not be read
-        return self._dead_letter_fields(
-            inf,
-            task_id_of(inf.entry_id, raw),
-            "" if internal else inf.entry_id,
-            fields,
-            raw_entry(raw),
-            reason,
-            1,
-            fields.get("traceparent"),
-            fields.get("tracestate"),
-            None,
-        )
-
-    def _dead_letter_fields(
-        self,
-        inf: Inflight,
-        task_id: str,
-        owner: str,
-        fields: dict[str, str],
-        original: bytes,
-        reason: str,
-        attempts: int,
-        traceparent: str | None,
-        tracestate: str | None,
-        extra: dict[str, str] | None,
-        result: bool = True,
-    ) -> Record:
-        settings = self.ctx.settings
-        rec = self._record(inf)
-        letter = dlq_fields(
-            task_id=task_id,
-            stage=self.stage.name,
-            stream=self.stream,
-            entry_id=inf.entry_id,
-            error=reason,
-            deliveries=inf.deliveries,
-            attempts=attempts,
-            fields=fields,
-            traceparent=traceparent,
-            tracestate=tracestate,
-            max_field_bytes=settings.dlq.max_field_bytes,
-            entry=original,
-            owner=owner,
-            result_kept=not result,
-        )
-        keys, dlq = self.ctx.keys, settings.dlq
-        rec.letter(keys.dlq, keys.dlq_bytes, dlq.maxlen, dlq.max_bytes, letter)
-        self.stats["dead"] += 1
-        if not result:  # the id belongs to another task: its result stays as it is
-            log.info("%s: rejected %s: %s", self.name, task_id, reason)
-            return rec
-        failed = failed_result(
-            reason,
-            attempts=attempts,
-            fields=fields,
-            traceparent=traceparent,
-            origin_ms=inf.msg.envelope.origin_ms if inf.msg else None,
-            extra=extra,
-        )
-        self._add_result(rec, task_id, failed, fields, owner)
-        if self.ctx.hooks:
-            self.ctx.spawn_hook("on_dead_letter", self.stage.name, task_id, reason)
-        log.debug("%s: dead-lettered %s: %s", self.name, task_id, reason)
-        return rec
-
-    # ---- committing -------------------------------------------------------------------
 
     def submit(self, inf: Inflight, rec: Record) -> None:
         inf.decided = True
