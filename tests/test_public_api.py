@@ -29,12 +29,18 @@ _CLAUDE_API = [
     "route_to", "usd", "validate_request",
 ]  # fmt: skip
 
+_CLIENT_API = [
+    "BATCH_SIZE", "Backpressure", "Client", "ConfigError", "InvalidTask", "RedisUnavailable",
+    "SubmitFailed", "WIRE_FIELDS", "task_fields", "with_id",
+]  # fmt: skip
+
 PUBLIC: dict[str, list[str]] = {
     # What an application's stages import: the runtime's API and the pipeline's settings.
     "pipeline": [*_RUNTIME_API, "Settings", "load_settings"],
     "pipeline.runtime": [*_RUNTIME_API, *_RUNTIME_MORE],
     "pipeline.claude": _CLAUDE_API,
     "observability": ["producer_tracing", "tracing_enabled"],
+    "pipeline.client": _CLIENT_API,
 }
 
 

@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, TextIO
 
 from rich import box
-from rich.console import Console, Group, RenderableType
+from rich.console import Group, RenderableType
 from rich.json import JSON
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
 
@@ -24,12 +21,8 @@ from pipeline.claude.ratelimit import LimitState
 from pipeline.cli.status import PipelineStatus
 from pipeline.cli.watch import WatchView
 from pipeline.runtime.dlq import DeadLetter
-from pipeline.runtime.errors import Backpressure, InvalidTask
 from pipeline.runtime.redis_durability import RedisDurability
 from pipeline.runtime.results import RESULT_FIELDS
-
-if TYPE_CHECKING:
-    from pipeline.client import Client
 
 #: Pending entries older than these (seconds) are shown in yellow, then red.
 OLD_PENDING_S = (60.0, 300.0)
@@ -315,83 +308,7 @@ def dead_letter_view(letter: DeadLetter) -> RenderableType:
     return Group(meta, fields)
 
 
-@dataclass
-class FileReport:
-    """What `submit --file` did: ids in file order, lines rejected, why it stopped early."""
-
-    ids: list[str] = field(default_factory=list)
-    bad_lines: int = 0
-    stopped: str | None = None
-
-
-async def submit_lines(
-    client: Client, lines: Iterable[str], total: int, ids_out: TextIO | None, console: Console
-) -> FileReport:
-    """Submit JSONL tasks in `submit_many` batches under a progress bar.
-
-    A bad line is reported with its number and skipped; a full ingress stops the run (the ids
-    submitted so far are kept and written).
-    """
-    from pipeline.client import BATCH_SIZE, task_fields
-
-    report = FileReport()
-    batch: list[dict[str, object]] = []
-    first_line = 1  # of the batch being collected
-    columns = (
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-    )
-    with Progress(
-        *columns,
-        console=console,
-        redirect_stdout=False,
-        redirect_stderr=False,
-        disable=not console.is_terminal,  # a bar in a log file or pipe is noise
-    ) as bar:
-        progress = bar.add_task("submitting", total=total)
-
-        async def flush() -> None:
-            new = await client.submit_many(batch)
-            report.ids.extend(new)
-            if ids_out is not None:
-                ids_out.write("".join(f"{i}\n" for i in new))
-                ids_out.flush()
-            bar.advance(progress, len(batch))
-            batch.clear()
-
-        try:
-            for number, line in enumerate(lines, 1):
-                if not batch:
-                    first_line = number
-                if not line.strip():
-                    bar.advance(progress)
-                    continue
-                try:
-                    task = json.loads(line)
-                    if not isinstance(task, dict):
-                        raise InvalidTask("a line must be a JSON object")
-                    task_fields(task, client.settings)
-                except (ValueError, InvalidTask) as exc:  # JSONDecodeError is a ValueError
-                    report.bad_lines += 1
-                    bar.console.print(Text(f"line {number}: {exc}", style="red"), highlight=False)
-                    bar.advance(progress)
-                    continue
-                batch.append(task)
-                if len(batch) >= BATCH_SIZE:
-                    await flush()
-            if batch:
-                await flush()
-        except Backpressure as exc:
-            report.stopped = f"stopped at line {first_line}: {exc}"
-        except UnicodeDecodeError as exc:
-            report.stopped = f"the file is not UTF-8 text ({exc.reason}, near line {first_line})"
-    return report
-
-
 __all__ = [
-    "FileReport",
     "age",
     "dead_letter_view",
     "dlq_table",
