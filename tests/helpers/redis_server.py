@@ -49,7 +49,7 @@ class TunedRedisServer(RedisServer):
         return self
 
 
-# ---- faults a test can put a live server into (tests/pipeline/test_redis_errors.py and
+# ---- faults a test can put a live server into (tests/runtime/test_redis_errors.py and
 # ---- tests/chaos/test_redis_faults.py) ----------------------------------------------------
 
 #: Runs for ARGV[1] seconds of server time; past `busy-reply-threshold` every other client

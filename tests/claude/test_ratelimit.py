@@ -21,8 +21,8 @@ from pipeline.claude.settings import ApiKeySettings, FamilyLimits, RateLimitSett
 from pipeline.claude.task import Usage
 from pipeline.runtime.keys import Keys
 from pipeline.runtime.redis_conn import Availability
-from tests.test_cli import cli
-from tests.test_cli import env as cli_env_fixture
+from tests.cli.test_cli import cli
+from tests.cli.test_cli import env as cli_env_fixture
 
 pytestmark = pytest.mark.anyio
 

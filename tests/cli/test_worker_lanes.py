@@ -7,9 +7,9 @@ import time
 import redis
 
 from pipeline.runtime.keys import Keys
+from tests.cli.test_cli import cli, one_error_line
+from tests.cli.test_cli import env as cli_env_fixture
 from tests.helpers.workers import Workers, wait_until
-from tests.test_cli import cli, one_error_line
-from tests.test_cli import env as cli_env_fixture
 
 cli_env = cli_env_fixture.__wrapped__  # type: ignore[attr-defined]
 

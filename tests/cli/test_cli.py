@@ -20,7 +20,7 @@ from pipeline.runtime.results import make_result
 from pipeline.runtime.wire import ENVELOPE_FIELD
 from tests.helpers.redis_server import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 COMMANDS = [
     [],

@@ -92,4 +92,4 @@ def test_only_the_results_module_builds_a_result_hash_or_resolves_its_ttl() -> N
         builds += [rel] * len(re.findall(r"\bmake_result\(", text))
         ttls += [rel] * len(re.findall(r"\bresult_ttl\(", text))
     assert builds == []
-    assert ttls == ["pipeline/runtime/runner.py"], "resolved once, where every result is written"
+    assert ttls == ["pipeline/runtime/planner.py"], "resolved once, where every result is planned"

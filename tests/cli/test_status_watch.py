@@ -17,7 +17,7 @@ from pipeline.runtime.results import make_result
 from pipeline.runtime.status import Status, StreamStatus
 from tests.helpers.workers import wait_until
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def cli_env(redis_url: str, prefix: str) -> dict[str, str]:
