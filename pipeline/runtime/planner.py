@@ -12,8 +12,6 @@ import contextvars
 import logging
 import time
 
-import msgspec
-
 from pipeline.runtime.dlq import dlq_fields, entry_of, raw_entry
 from pipeline.runtime.handoff import Record
 from pipeline.runtime.hooks import Hook
@@ -29,6 +27,7 @@ from pipeline.runtime.wire import (
     encode_body,
     encode_envelope,
     internal_fields,
+    onward,
     task_id_of,
 )
 from pipeline.runtime.wire import raw_fields_text as _raw_text
@@ -52,11 +51,10 @@ class Planner:
             if target.lanes and outcome.lane not in target.lanes:
                 return self.dead_letter(inf, env, f"no lane {outcome.lane!r} in {target.name}")
             rec = self.record(inf)
-            traceparent, tracestate = self.trace_out(inf, env, "forward", target.name)
-            nxt = msgspec.structs.replace(
+            nxt = onward(
                 env, attempt=1, enqueued_ms=_now_ms(), body=encode_body(outcome.body),
-                traceparent=traceparent, tracestate=tracestate, origin_id=msg.origin_id,
-                fields=env.fields if outcome.fields is None else dict(outcome.fields),
+                trace=self.trace_out(inf, env, "forward", target.name), origin_id=msg.origin_id,
+                fields=None if outcome.fields is None else dict(outcome.fields),
             )  # fmt: skip
             packed = encode_envelope(nxt)
             limit = self._entry_limits.get(target.name) or self.entry_limit(target.name)
@@ -141,19 +139,11 @@ class Planner:
         self, inf: Inflight, env: Envelope, delay_ms: int, action: str, reason: str,
         next_attempt: bool = False,
     ) -> Record:  # fmt: skip
-        traceparent, tracestate = self.trace_out(inf, env, action, reason, delay_ms)
-        later = Envelope(
-            v=env.v,
-            task_id=env.task_id,
-            fields=env.fields,
-            attempt=env.attempt + 1 if next_attempt else env.attempt,
-            origin_ms=env.origin_ms,
-            enqueued_ms=_now_ms() + delay_ms,
-            traceparent=traceparent,
-            tracestate=tracestate,
-            body=env.body,
-            origin_id=env.origin_id or inf.entry_id,
-        )
+        trace = self.trace_out(inf, env, action, reason, delay_ms)
+        later = onward(
+            env, attempt=env.attempt + 1 if next_attempt else env.attempt,
+            enqueued_ms=_now_ms() + delay_ms, trace=trace, origin_id=env.origin_id or inf.entry_id,
+        )  # fmt: skip
         rec = self.record(inf)
         rec.zadd(self._c.delayed, delay_ms, delayed_member(later))
         return rec

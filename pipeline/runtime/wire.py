@@ -40,6 +40,31 @@ class Envelope(msgspec.Struct, array_like=True, frozen=True):
     origin_id: str = ""
 
 
+def onward(
+    env: Envelope,
+    *,
+    attempt: int,
+    enqueued_ms: int,
+    trace: tuple[str | None, str | None],
+    origin_id: str,
+    body: msgspec.Raw | None = None,
+    fields: dict[str, str] | None = None,
+) -> Envelope:
+    """The envelope that carries a task on from `env` (to the next stage, or back onto its
+    own stream later): the one place an envelope is rebuilt."""
+    traceparent, tracestate = trace
+    return msgspec.structs.replace(
+        env,
+        attempt=attempt,
+        enqueued_ms=enqueued_ms,
+        traceparent=traceparent,
+        tracestate=tracestate,
+        origin_id=origin_id,
+        body=env.body if body is None else body,
+        fields=env.fields if fields is None else fields,
+    )
+
+
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Envelope)
 
