@@ -13,6 +13,7 @@ is shared across a budget decision. claim -> budget -> coalesce -> call -> recor
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 import msgspec
 
@@ -23,6 +24,7 @@ from pipeline.claude import (
     Caller,
     ClaimState,
     Flights,
+    LeadLost,
     Reservation,
     Routed,
     TaskRecords,
@@ -60,10 +62,14 @@ async def build(services: Services[Settings]) -> Handler:
             return granted
         async with flights.board(granted.routed, msg.task_id) as flight:
             answer, fence = flight.answer, 0
-            if answer is not None:  # an identical call in flight, or the cache, answered
+            while answer is None:  # this task leads
+                try:
+                    answer = await call(granted, msg, flight.confirm)
+                    fence = claim.fence
+                except LeadLost:  # its lease lapsed before the call went out: not paid
+                    answer = await flight.follow()  # the new leader's answer, or it leads again
+            if not fence:  # an identical call in flight, or the cache, answered
                 await budget.release(granted)
-            else:
-                answer, fence = await call(granted, msg), claim.fence
             own = await records.record(msg.task_id, routed, answer, fence)
             await flight.land(answer)
         if own.state is ClaimState.GONE:
@@ -72,12 +78,20 @@ async def build(services: Services[Settings]) -> Handler:
             return Reject(f"id {msg.task_id!r} already holds the answer to another request")
         return Forward("store", own.answer.to_store())
 
-    async def call(granted: Reservation, msg: Message) -> Answer:
-        """The paid call; once sent, shutdown lets it finish (bounded by its timeout)."""
+    async def call(
+        granted: Reservation, msg: Message, still_leads: Callable[[], Awaitable[None]]
+    ) -> Answer:
+        """The paid call, sent only while this task still leads its flight; once sent,
+        shutdown lets it finish (bounded by its timeout)."""
+
+        async def before_send() -> None:
+            await still_leads()  # LeadLost: another task leads, or answered, now
+            msg.finish_before_exit(call_s + 5)
+
         try:
-            answer = await caller.call(
-                granted.routed, before_send=lambda: msg.finish_before_exit(call_s + 5)
-            )
+            answer = await caller.call(granted.routed, before_send=before_send)
+        except LeadLost:
+            raise  # not sent: the reservation stays, for the call this task may yet lead
         except BaseException:
             await asyncio.shield(budget.release(granted))
             raise

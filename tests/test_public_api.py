@@ -23,10 +23,10 @@ _RUNTIME_MORE = [
     "trace_id_of",
 ]  # fmt: skip
 _CLAUDE_API = [
-    "Admission", "Answer", "Budget", "Caller", "Claim", "ClaimState", "Flights", "Ledger",
-    "Request", "Reservation", "ResponseCache", "Route", "Routed", "Settings", "TaskRecords",
-    "Usage", "load_settings", "micro_usd", "parse_request", "prompt_chars", "route",
-    "route_to", "usd", "validate_request",
+    "Admission", "Answer", "Budget", "Caller", "Claim", "ClaimState", "Flights", "LeadLost",
+    "Ledger", "Request", "Reservation", "ResponseCache", "Route", "Routed", "Settings",
+    "TaskRecords", "Usage", "load_settings", "micro_usd", "parse_request", "prompt_chars",
+    "route", "route_to", "usd", "validate_request",
 ]  # fmt: skip
 
 _CLIENT_API = [

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from pipeline.claude.budget import Budget, Reservation
 from pipeline.claude.cache import ResponseCache
 from pipeline.claude.config import load_settings
-from pipeline.claude.flights import Flights
+from pipeline.claude.flights import Flights, LeadLost
 from pipeline.claude.ledger import Ledger
 from pipeline.claude.pricing import micro_usd, usd
 from pipeline.claude.request import parse_request, prompt_chars, validate_request
@@ -33,6 +33,7 @@ __all__ = [
     "Claim",
     "ClaimState",
     "Flights",
+    "LeadLost",
     "Ledger",
     "Request",
     "Reservation",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from pipeline.claude.api import call, make_client
 from pipeline.claude.ratelimit import ApiKey, RateLimiter, Ticket
@@ -24,7 +24,7 @@ from pipeline.runtime.services import Services
 log = logging.getLogger(__name__)
 
 
-def _nothing() -> None:
+async def _nothing() -> None:
     pass
 
 
@@ -52,22 +52,29 @@ class Caller:
     def limiter(self) -> RateLimiter | None:
         return self._limiter
 
-    async def call(self, routed: Routed, before_send: Callable[[], None] = _nothing) -> Answer:
+    async def call(
+        self, routed: Routed, before_send: Callable[[], Awaitable[None]] = _nothing
+    ) -> Answer:
         """One Claude call for `routed` (raises the pipeline's error tree, see claude.call).
 
         `before_send` runs once the call is admitted, just before it goes out: from then on
-        it is paid for and must not be thrown away.
+        it is paid for and must not be thrown away. What it raises is raised here, and the
+        call is not sent (its admission is handed back, charging nothing).
         """
         if self._limiter is None:
             self._turn = (self._turn + 1) % len(self._api_keys)
             client = self._clients[self._api_keys[self._turn].name]
-            before_send()
+            await before_send()
             observe = self._hooks.call if self._hooks.observing_calls else None
             return await call(client, routed, auth_pause_s=self._pause_s, on_report=observe)
         ticket = await self._limiter.acquire(
             routed.family, estimate_input_tokens(routed.request), routed.max_tokens
         )
-        before_send()
+        try:
+            await before_send()
+        except BaseException:
+            await self._settle(ticket, None, None)  # not sent: charge nothing, free the slot
+            raise
         reports: list[CallReport] = []
 
         def on_report(report: CallReport) -> None:  # the limiter's, then the hooks'

@@ -6,11 +6,15 @@ publishes its answer for a few seconds and lets go. Identical tasks arriving mea
 follow: they poll, backing off, for an answer published since they began to follow; a task
 arriving after the answer leads a new flight (only the cache may reuse answers). A leader
 that dies stops renewing and one whose call fails lets go without an answer; either way the
-next follower to poll takes the lead, so nobody is stranded. Identity is the request's
-canonical hash plus the model and max_tokens it is sent with, after routing *and* the budget's
-decision, so a follower only ever shares the answer of exactly the request it would have
-sent; a task with `cache=false` asked for a fresh answer, and a downgraded one is not what
-its hash stands for: both fly alone.
+next follower to poll takes the lead, so nobody is stranded. A leader renews its lease by
+asking as a follower since it began to lead would, and asks again just before its call goes
+out unless it renewed lately: one whose lease lapsed unrenewed (a starved worker) while
+another task took the lead, or answered, does not call but follows (`LeadLost`); only a
+call already sent when the lease lapsed is paid twice, as a stalled worker's. Identity is
+the request's canonical hash plus the model and max_tokens it is sent with, after routing
+*and* the budget's decision, so a follower only ever shares the answer of exactly the
+request it would have sent; a task with `cache=false` asked for a fresh answer, and a
+downgraded one is not what its hash stands for: both fly alone.
 
 The response cache lives next to the flights (same hash tag): the leader's answer lands in
 the cache in the same step as it is published to its followers, and a task joining a flight
@@ -23,9 +27,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from functools import partial
 
 import msgspec
 from redis.asyncio import Redis
@@ -34,7 +38,6 @@ from redis.typing import EncodableT
 from pipeline.claude.scripts import load
 from pipeline.claude.settings import Settings
 from pipeline.claude.task import Answer, Routed
-from pipeline.runtime import scripts as runtime_scripts
 from pipeline.runtime.keys import Keys
 from pipeline.runtime.redis_conn import Availability
 from pipeline.runtime.replies import as_int, as_list
@@ -80,21 +83,50 @@ def cache_ttl_s(answer: Answer, settings: Settings) -> int:
     return settings.cache.ttl_for(request.type)
 
 
+class LeadLost(Exception):
+    """A leader's call was about to go out, but its lease had lapsed (a starved worker) and
+    another task leads the flight now, or has answered it: not sent, so not paid. The task
+    follows instead (`Flight.follow`)."""
+
+
 @dataclass(slots=True)
 class Flight:
     """A task's seat: a follower's holds the leader's `answer`; a leader calls and `land`s."""
 
     answer: Answer | None = None
     landed: bool = False
-    _publish: Callable[[bytes, int], Awaitable[None]] | None = None
-    _settings: Settings | None = None
+    _lead: _Lead | None = None
+
+    async def confirm(self) -> None:
+        """Just before a leader's call goes out: raise `LeadLost` unless this task still leads
+        (a follower, or a task flying alone: no-op)."""
+        if self._lead is not None and self.answer is None and not await self._lead.confirm():
+            raise LeadLost(f"task {self._lead.task_id} no longer leads its flight")
+
+    async def follow(self) -> Answer | None:
+        """After `LeadLost`: wait for the answer of the task that leads now, as any follower
+        does (the seat then holds it), or None once this task leads again."""
+        assert self._lead is not None, "only a leader loses its lead"
+        self.answer = await self._lead.follow()
+        return self.answer
 
     async def land(self, answer: Answer) -> None:
         """Publish the leader's answer to its followers and the response cache, then let go
         (a follower: no-op)."""
-        if self._publish is not None and self._settings is not None:
-            await self._publish(_encode(answer.bare()), cache_ttl_s(answer, self._settings))
+        if self._lead is not None and self.answer is None:
+            await self._lead.land(answer)
             self.landed = True
+
+
+@dataclass(slots=True)
+class _Turn:
+    """What `flight_join.lua` said: `kind` and the `answer` (answered, cached), or this task
+    leads, following since `since` (server µs), as asked at `asked_at` (monotonic)."""
+
+    kind: int
+    answer: bytes | None
+    since: int
+    asked_at: float
 
 
 class Flights:
@@ -109,7 +141,6 @@ class Flights:
         self._lease_ms = lease_ms
         self._join = load(redis, "flight_join")
         self._land = load(redis, "flight_land")
-        self._hold = runtime_scripts.load(redis, "hold")
 
     @contextlib.asynccontextmanager
     async def board(self, routed: Routed, task_id: str) -> AsyncIterator[Flight]:
@@ -128,51 +159,51 @@ class Flights:
             self._keys.flight_answer(request_hash, call),
             self._keys.cache(request_hash),
         ]
-        cacheable = self._settings.cache.enabled and self._settings.cache.ttl_for(
-            routed.request.type
+        cacheable = bool(
+            self._settings.cache.enabled and self._settings.cache.ttl_for(routed.request.type)
         )
-        joined = await self._wait_for_turn(keys, task_id, bool(cacheable))
-        if joined is not None:
-            kind, packed = joined
-            answer = _decode(packed).served_for(routed.request, coalesced=kind == _ANSWERED)
-            yield Flight(answer=answer)
+        turn = await self._wait_for_turn(keys, task_id, cacheable)
+        if turn.kind != _LEAD:
+            yield Flight(answer=_served(turn, routed))
             return
-        flight = Flight(_publish=partial(self._publish, keys, task_id), _settings=self._settings)
-        renewing = asyncio.create_task(self._keep_lead(keys, task_id))
+        lead = _Lead(self, keys, task_id, cacheable, routed, turn)
+        flight = Flight(_lead=lead)
         try:
             yield flight
         finally:
-            renewing.cancel()
-            if not flight.landed:
+            lead.stop()
+            if flight.answer is None and not flight.landed:
                 await asyncio.shield(self._publish(keys, task_id, b"", 0))
 
     async def _wait_for_turn(
-        self, keys: list[str], task_id: str, cacheable: bool
-    ) -> tuple[int, bytes] | None:
-        """(how it was answered, the packed answer), or None once this task leads."""
+        self, keys: list[str], task_id: str, cacheable: bool, since: int | None = None
+    ) -> _Turn:
+        """Poll until answered, or this task leads. `since`: following since then (server µs),
+        for a leader that lost its lead; None: from now on."""
         pause = POLL_FIRST_S
-        args: list[EncodableT] = [task_id, self._lease_ms, "", "1" if cacheable else "0"]
         while True:
-            reply = as_list(await self._available.call(lambda: self._join(keys=keys, args=args)))
-            kind = as_int(reply[0])
-            if kind in (_ANSWERED, _CACHED) and isinstance(answer := reply[1], bytes):
-                return kind, answer
-            if kind == _LEAD:
-                return None
-            if args[2] == "":  # following since now: only answers published later are ours
-                args[2] = as_int(reply[1])
+            turn = await self._ask(keys, task_id, cacheable, since)
+            if turn.kind != 0:
+                return turn
+            if since is None:  # following since now: only answers published later are ours
+                since = turn.since
             await asyncio.sleep(pause)
             pause = min(POLL_MAX_S, pause * 1.5)
 
-    async def _keep_lead(self, keys: list[str], task_id: str) -> None:
-        """Every third of a lease, keep (or, had it lapsed unclaimed, retake) the lead."""
-        args: list[EncodableT] = [task_id, self._lease_ms]
-        while True:
-            await asyncio.sleep(self._lease_ms / 3000)
-            held = await self._available.call(lambda: self._hold(keys=keys[:1], args=args))
-            if not held:
-                log.warning("flight of task %s: lease lapsed, another task leads now", task_id)
-                return
+    async def _ask(
+        self, keys: list[str], task_id: str, cacheable: bool, since: int | None
+    ) -> _Turn:
+        """One `flight_join.lua`: answered, cached, lead (or still lead), or follow (kind 0)."""
+        args: list[EncodableT] = [
+            task_id, self._lease_ms, "" if since is None else since, "1" if cacheable else "0"
+        ]  # fmt: skip
+        asked_at = time.monotonic()
+        reply = as_list(await self._available.call(lambda: self._join(keys=keys, args=args)))
+        kind = as_int(reply[0])
+        if kind in (_ANSWERED, _CACHED) and isinstance(answer := reply[1], bytes):
+            return _Turn(kind, answer, since or 0, asked_at)
+        began = as_int(reply[1]) if since is None else since
+        return _Turn(kind if kind == _LEAD else 0, None, began, asked_at)
 
     async def _publish(
         self, keys: list[str], task_id: str, packed: bytes, cache_ttl_s: int
@@ -180,3 +211,85 @@ class Flights:
         """Let go of the flight, publishing the answer first (b"": none, the call failed)."""
         args: list[EncodableT] = [task_id, packed, ANSWER_TTL_MS, cache_ttl_s]
         await self._available.call(lambda: self._land(keys=keys, args=args))
+
+
+class _Lead:
+    """A leader's hold on its flight. Every third of a lease it asks `flight_join.lua` as a
+    follower since it began to lead would: this renews its lease, or retakes it had it lapsed
+    with nobody else leading and no answer published or cached since; otherwise the lead is
+    lost. Before its call goes out it asks once more, unless it renewed less than two thirds
+    of a lease ago (a lease cannot have lapsed since): a leader that sends its call after
+    another task took over would pay twice for one request."""
+
+    def __init__(
+        self, flights: Flights, keys: list[str], task_id: str, cacheable: bool, routed: Routed,
+        turn: _Turn,
+    ) -> None:  # fmt: skip
+        self.task_id = task_id
+        self._flights = flights
+        self._keys = keys
+        self._cacheable = cacheable
+        self._routed = routed
+        self._since = turn.since
+        self._held_at = turn.asked_at
+        self._fresh_s = flights._lease_ms * 2 / 3000
+        self._lost: _Turn | None = None  # the reply that ended the lead
+        self._renewing = asyncio.create_task(self._keep())
+
+    def stop(self) -> None:
+        self._renewing.cancel()
+
+    async def confirm(self) -> bool:
+        """True if this task still leads (renewed, if it was not lately)."""
+        if self._lost is not None:
+            return False
+        if time.monotonic() - self._held_at < self._fresh_s:
+            return True
+        return await self._renew()
+
+    async def follow(self) -> Answer | None:
+        """Once the lead is lost: the answer that ended it, or the new leader's; None once this
+        task leads again (it renews again)."""
+        self.stop()
+        turn = self._lost
+        if turn is None or turn.kind == 0:
+            turn = await self._flights._wait_for_turn(
+                self._keys, self.task_id, self._cacheable, self._since
+            )
+        if turn.kind == _LEAD:
+            self._lost, self._held_at = None, turn.asked_at
+            self._renewing = asyncio.create_task(self._keep())
+            return None
+        return _served(turn, self._routed)
+
+    async def land(self, answer: Answer) -> None:
+        self.stop()
+        settings = self._flights._settings
+        await self._flights._publish(
+            self._keys, self.task_id, _encode(answer.bare()), cache_ttl_s(answer, settings)
+        )
+
+    async def _renew(self) -> bool:
+        turn = await self._flights._ask(self._keys, self.task_id, self._cacheable, self._since)
+        if turn.kind == _LEAD:
+            self._held_at = max(self._held_at, turn.asked_at)
+            return True
+        if self._lost is None:
+            self._lost = turn
+            log.warning(
+                "flight of task %s: lease lapsed, another task %s now",
+                self.task_id, "leads" if turn.kind == 0 else "answered",
+            )  # fmt: skip
+        return False
+
+    async def _keep(self) -> None:
+        while True:
+            await asyncio.sleep(self._flights._lease_ms / 3000)
+            if not await self._renew():
+                return
+
+
+def _served(turn: _Turn, routed: Routed) -> Answer:
+    """A published or cached answer, as this task's."""
+    assert turn.answer is not None
+    return _decode(turn.answer).served_for(routed.request, coalesced=turn.kind == _ANSWERED)

@@ -6,6 +6,7 @@ import anyio
 import pytest
 from redis.asyncio import Redis
 
+from pipeline.claude.scripts import load as load_claude_script
 from pipeline.runtime.handoff import Record, build_call
 from pipeline.runtime.keys import Keys
 from pipeline.runtime.scripts import Scripts
@@ -734,3 +735,31 @@ async def test_promote_gives_an_entry_its_task_id_field(
             ((b"_env", b"\x00raw"), (b"_id", "é".encode())),
         ]
     )
+
+
+async def test_flight_join_renews_a_leader_only_while_nobody_took_over_or_answered(
+    r: Redis, keys: Keys
+) -> None:
+    """A leader renews (and, before its call goes out, confirms) its lead by asking as a
+    follower since it began to lead: it keeps a live lease, retakes a lapsed one nobody
+    took, and has lost the lead once another task leads or an answer was published since."""
+    join = load_claude_script(r, "flight_join")
+    flight, published = keys.flight("h", "m:64"), keys.flight_answer("h", "m:64")
+    flight_keys = [flight, published, keys.cache("h")]
+
+    async def ask(task: str, since: object = "") -> list[object]:
+        return list(await join(keys=flight_keys, args=[task, 100, since, "1"]))
+
+    led = await ask("a")
+    assert led[0] == 2 and isinstance(led[1], int), "the lead, and since when (server µs)"
+    since = led[1]
+    assert (await ask("a", since))[0] == 2 and 50 < await r.pttl(flight) <= 100, "renewed"
+    await anyio.sleep(0.15)  # lapsed, nobody took it: retaken
+    assert (await ask("a", since))[0] == 2 and await r.get(flight) == b"a"
+    await anyio.sleep(0.15)
+    assert (await ask("b"))[0] == 2, "lapsed again: b leads"
+    assert (await ask("a", since))[0] == 0, "a lost the lead"
+    await r.delete(flight)  # b answered and let go
+    await r.hset(published, mapping={"at": since + 1, "answer": b"b's"})
+    assert await ask("a", since) == [1, b"b's"], "a takes b's answer rather than call"
+    assert not await r.exists(flight)

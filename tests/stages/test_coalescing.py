@@ -18,6 +18,7 @@ from redis.asyncio import Redis
 from pipeline import Forward, Keys, Services, Settings, TransientError, load_settings
 from pipeline.claude.flights import Flights, identity
 from pipeline.claude.ledger import read_days
+from pipeline.claude.ratelimit import RateLimiter
 from pipeline.claude.task import Answer, Request, Routed, Usage
 from pipeline.claude.task_record import binding
 from pipeline.fake_claude import FakeClaudeServer
@@ -241,6 +242,65 @@ async def test_followers_are_not_stranded_when_the_leaders_lease_lapses(
     assert 0.5 < waited < 5, f"followers waited {waited:.1f}s for a 1s lease"
     assert fake.stats()["requests_total"] == 1
     assert sum(1 for o in outcomes if isinstance(o, Forward) and not o.body.coalesced) == 1
+
+
+@pytest.mark.parametrize("leader_answers_first", [False, True], ids=["in-flight", "landed"])
+async def test_a_leader_that_lost_its_lead_before_sending_follows_instead_of_paying(
+    start_fake: StartFake,
+    handler_for: Any,
+    aredis: Redis,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    leader_answers_first: bool,
+) -> None:
+    """A CPU-starved worker (benchmarks/paid_once_chaos.py on a loaded 2-core machine): task
+    `a` leads, waits for admission, and its flight lease lapses unrenewed; task `b`, following,
+    takes the lead; `a` learns it (its renewer finds `b` holding the flight), and only then is
+    its call admitted. Sending it would pay twice for one request: `a` follows `b` instead,
+    whether `b`'s call is still in flight or has landed by then."""
+    gate = asyncio.Event()
+    waiting = asyncio.Event()
+    acquire = RateLimiter.acquire
+
+    async def admission_held_for_the_first(self: RateLimiter, *args: Any) -> Any:
+        if not waiting.is_set():  # `a`'s call, the first to ask: held until the gate opens
+            waiting.set()
+            await gate.wait()
+        return await acquire(self, *args)
+
+    monkeypatch.setattr(RateLimiter, "acquire", admission_held_for_the_first)
+    keys = Keys(settings.prefix)
+    flight, published = flight_keys(keys, routed())
+    fake = start_fake(latency_ms=2000)  # `b`'s call: longer than `a`'s renewals' period
+    handle = await handler_for(fake)
+    a = asyncio.create_task(handle(message(routed(0), task_id="a")))
+    await asyncio.wait_for(waiting.wait(), 5)
+    assert await aredis.get(flight) == b"a"
+    b = asyncio.create_task(handle(message(routed(1), task_id="b")))
+    await asyncio.sleep(0.2)  # `b` follows, polling
+    assert not b.done() and await aredis.get(flight) == b"a"
+    # `a`'s lease lapsed and `b`'s next poll took the lead (what a starved event loop does).
+    await aredis.set(flight, "b", px=3000)
+    deadline = asyncio.get_running_loop().time() + 5
+    while "flight of task a: lease lapsed" not in caplog.text:
+        assert asyncio.get_running_loop().time() < deadline, "a's renewer never noticed"
+        await asyncio.sleep(0.05)
+    if leader_answers_first:
+        while not await aredis.exists(published):
+            assert asyncio.get_running_loop().time() < deadline + 5, "b never landed"
+            await asyncio.sleep(0.05)
+    gate.set()  # `a`'s call is admitted only now
+    outcomes = await asyncio.gather(a, b)
+
+    assert fake.stats()["requests_total"] == 1, "one request, one paid call"
+    answers = [o.body for o in outcomes if isinstance(o, Forward) and o.to == "store"]
+    assert len(answers) == 2 and all(isinstance(x, Answer) for x in answers)
+    assert answers[0].output == answers[1].output
+    assert [x.coalesced for x in answers] == [True, False], "b called, a followed"
+    assert answers[0].request.metadata == '{"n": 0}', "a keeps its own request"
+    assert await paid_calls(aredis, keys) == 1
+    assert not await aredis.exists(flight), "nobody is left leading"
 
 
 async def test_a_leader_renews_its_lease_through_a_long_call(

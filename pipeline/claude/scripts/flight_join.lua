@@ -11,11 +11,14 @@
 -- ARGV[4]  '1' if this task may take a cached answer
 -- Returns {1, answer} to a follower once an answer published since it began to follow is
 -- there; {3, answer} when the cache holds the answer (it landed with its flight, so a task
--- that arrives a moment after the answer pays nothing); {2} when this task leads (the
--- flight was free, its leader's lease lapsed or it let go, or this task already led it);
--- {0, now µs} while another live task leads. A task that was not in flight while the
--- answer was being made never takes a published answer (it may be an answer cut at
--- max_tokens, which only the cache's rules may reuse).
+-- that arrives a moment after the answer pays nothing); {2, now µs} when this task leads
+-- (the flight was free, its leader's lease lapsed or it let go, or this task already led
+-- it: its lease is renewed); {0, now µs} while another live task leads. A task that was
+-- not in flight while the answer was being made never takes a published answer (it may be
+-- an answer cut at max_tokens, which only the cache's rules may reuse). A leader renews its
+-- lease with this script too, as a follower since it began to lead, and asks once more
+-- before its call goes out if it has not renewed lately: one whose lease lapsed (a starved
+-- worker) must not call once another task leads, or has answered, meanwhile.
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -32,10 +35,10 @@ if ARGV[4] == '1' then
   end
 end
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  return {2}
+  return {2, now}
 end
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return {2}
+  return {2, now}
 end
 return {0, now}
