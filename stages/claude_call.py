@@ -52,6 +52,8 @@ async def build(services: Services[Settings]) -> Handler:
         routed = msg.body(Routed)
         claim = await records.claim(msg, routed)
         if claim.state is ClaimState.RECORDED and claim.answer is not None:
+            # A redelivery after its process died: the answer may never have landed.
+            await flights.republish(routed, msg.task_id, claim.answer)
             return Forward("store", claim.answer.to_store())
         if claim.state is ClaimState.HELD:
             return Drop("another entry of this task holds its call")

@@ -153,12 +153,7 @@ class Flights:
         if ident is None:
             yield Flight()
             return
-        request_hash, call = ident
-        keys = [
-            self._keys.flight(request_hash, call),
-            self._keys.flight_answer(request_hash, call),
-            self._keys.cache(request_hash),
-        ]
+        keys = self._keys_of(*ident)
         cacheable = bool(
             self._settings.cache.enabled and self._settings.cache.ttl_for(routed.request.type)
         )
@@ -174,6 +169,25 @@ class Flights:
             lead.stop()
             if flight.answer is None and not flight.landed:
                 await asyncio.shield(self._publish(keys, task_id, b"", 0))
+
+    async def republish(self, routed: Routed, task_id: str, answer: Answer) -> None:
+        """Publish an answer found recorded on a redelivery: its process died between
+        recording it and landing its flight, so identical requests would miss it and pay
+        again. Idempotent: the flight (if still this task's) is let go, the cache refreshed."""
+        ident = identity(routed)
+        if ident is None:
+            return
+        keys = self._keys_of(*ident)
+        ttl_s = cache_ttl_s(answer, self._settings)
+        await self._publish(keys, task_id, _encode(answer.bare()), ttl_s)
+
+    def _keys_of(self, request_hash: str, call: str) -> list[str]:
+        """The flight, its published answer, and the request's cache entry (one hash tag)."""
+        return [
+            self._keys.flight(request_hash, call),
+            self._keys.flight_answer(request_hash, call),
+            self._keys.cache(request_hash),
+        ]
 
     async def _wait_for_turn(
         self, keys: list[str], task_id: str, cacheable: bool, since: int | None = None

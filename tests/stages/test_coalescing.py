@@ -407,3 +407,26 @@ async def test_nothing_is_cached_or_read_from_the_cache_when_it_is_off(
     await lead_and_land(flights_for(aredis, on), task, fresh_answer(task))
     assert await aredis.exists(key)
     await lead_and_land(flights_for(aredis, settings), task, fresh_answer(task))  # leads
+
+
+async def test_an_answer_recorded_by_a_process_that_died_before_landing_it_still_serves(
+    start_fake: StartFake, handler_for: Any, aredis: Redis, settings: Settings
+) -> None:
+    """The process paid, recorded the answer with the task, and was killed before landing
+    its flight (publishing to the cache). Its entry's redelivery publishes the recorded
+    answer, so a later identical request takes it instead of paying again."""
+    fake = start_fake(max_output_tokens=40)  # complete answers: cacheable
+    handle = await handler_for(fake)
+    first = await handle(message(routed(0), task_id="died"))
+    assert isinstance(first, Forward) and fake.stats()["requests_total"] == 1
+    keys = Keys(settings.prefix)
+    request_hash = routed().request.request_hash
+    await aredis.delete(keys.cache(request_hash))  # as if it never landed
+
+    again = await handle(message(routed(0), task_id="died", attempt=2))
+    assert isinstance(again, Forward) and again.body == first.body
+    assert await aredis.exists(keys.cache(request_hash)), "the redelivery published it"
+    later = await handle(message(routed(1), task_id="later"))
+    assert isinstance(later, Forward) and later.body.attempts == 0
+    assert fake.stats()["requests_total"] == 1
+    assert await paid_calls(aredis, keys) == 1
