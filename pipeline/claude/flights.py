@@ -38,6 +38,7 @@ from redis.typing import EncodableT
 from pipeline.claude.scripts import load
 from pipeline.claude.settings import Settings
 from pipeline.claude.task import Answer, Routed
+from pipeline.claude.task_record import binding
 from pipeline.runtime.keys import Keys
 from pipeline.runtime.redis_conn import Availability
 from pipeline.runtime.replies import as_int, as_list
@@ -127,6 +128,7 @@ class _Turn:
     answer: bytes | None
     since: int
     asked_at: float
+    leader: str = ""  # while following: the task that leads
 
 
 class Flights:
@@ -136,6 +138,7 @@ class Flights:
         self, redis: Redis, keys: Keys, available: Availability, lease_ms: int, settings: Settings
     ) -> None:
         self._settings = settings
+        self._redis = redis
         self._keys = keys
         self._available = available
         self._lease_ms = lease_ms
@@ -157,7 +160,7 @@ class Flights:
         cacheable = bool(
             self._settings.cache.enabled and self._settings.cache.ttl_for(routed.request.type)
         )
-        turn = await self._wait_for_turn(keys, task_id, cacheable)
+        turn = await self._wait_for_turn(keys, task_id, cacheable, binding(routed))
         if turn.kind != _LEAD:
             yield Flight(answer=_served(turn, routed))
             return
@@ -190,19 +193,40 @@ class Flights:
         ]
 
     async def _wait_for_turn(
-        self, keys: list[str], task_id: str, cacheable: bool, since: int | None = None
-    ) -> _Turn:
+        self, keys: list[str], task_id: str, cacheable: bool, bound: str,
+        since: int | None = None,
+    ) -> _Turn:  # fmt: skip
         """Poll until answered, or this task leads. `since`: following since then (server µs),
-        for a leader that lost its lead; None: from now on."""
+        for a leader that lost its lead; None: from now on. `bound`: the call's binding.
+
+        Taking over from a leader whose lease lapsed, it first looks at that leader's task
+        record: a process killed after recording its answer, before landing its flight,
+        left the answer there, and calling again would pay twice for it."""
         pause = POLL_FIRST_S
+        leader = ""
         while True:
             turn = await self._ask(keys, task_id, cacheable, since)
+            if turn.kind == _LEAD and leader not in ("", task_id):
+                packed = await self._recorded(leader, bound)
+                if packed is not None:
+                    answer = _decode(packed)
+                    await self._publish(keys, task_id, packed, cache_ttl_s(answer, self._settings))
+                    return _Turn(_ANSWERED, packed, turn.since, turn.asked_at)
             if turn.kind != 0:
                 return turn
+            leader = turn.leader or leader
             if since is None:  # following since now: only answers published later are ours
                 since = turn.since
             await asyncio.sleep(pause)
             pause = min(POLL_MAX_S, pause * 1.5)
+
+    async def _recorded(self, task_id: str, bound: str) -> bytes | None:
+        """The answer `task_id`'s record holds for the call `bound` names, if any."""
+        key = self._keys.task(task_id)
+        answer, req = await self._available.call(lambda: self._redis.hmget(key, "answer", "req"))
+        if isinstance(answer, bytes) and req == bound.encode():
+            return answer
+        return None
 
     async def _ask(
         self, keys: list[str], task_id: str, cacheable: bool, since: int | None
@@ -217,7 +241,8 @@ class Flights:
         if kind in (_ANSWERED, _CACHED) and isinstance(answer := reply[1], bytes):
             return _Turn(kind, answer, since or 0, asked_at)
         began = as_int(reply[1]) if since is None else since
-        return _Turn(kind if kind == _LEAD else 0, None, began, asked_at)
+        leader = reply[2].decode() if kind == 0 and isinstance(reply[2], bytes) else ""
+        return _Turn(kind if kind == _LEAD else 0, None, began, asked_at, leader)
 
     async def _publish(
         self, keys: list[str], task_id: str, packed: bytes, cache_ttl_s: int
@@ -268,7 +293,7 @@ class _Lead:
         turn = self._lost
         if turn is None or turn.kind == 0:
             turn = await self._flights._wait_for_turn(
-                self._keys, self.task_id, self._cacheable, self._since
+                self._keys, self.task_id, self._cacheable, binding(self._routed), self._since
             )
         if turn.kind == _LEAD:
             self._lost, self._held_at = None, turn.asked_at

@@ -430,3 +430,28 @@ async def test_an_answer_recorded_by_a_process_that_died_before_landing_it_still
     assert isinstance(later, Forward) and later.body.attempts == 0
     assert fake.stats()["requests_total"] == 1
     assert await paid_calls(aredis, keys) == 1
+
+
+async def test_followers_take_the_answer_a_dead_leader_recorded_instead_of_paying_again(
+    start_fake: StartFake, handler_for: Any, aredis: Redis, settings: Settings
+) -> None:
+    """The leader paid and recorded its answer with its task, then was killed before landing
+    its flight. Its followers see its lease lapse; the one that takes over reads the dead
+    leader's record first, finds the answer to this very call, and publishes it: no call."""
+    fake = start_fake()
+    handle = await handler_for(fake)
+    first = await handle(message(routed(0), task_id="dead"))
+    assert isinstance(first, Forward) and fake.stats()["requests_total"] == 1
+    keys = Keys(settings.prefix)
+    flight, published = flight_keys(keys, routed())
+    await aredis.delete(published)  # as if it never landed …
+    await aredis.set(flight, "dead", px=1000)  # … and died holding its flight
+
+    outcomes = await asyncio.gather(
+        *(handle(message(routed(n), task_id=f"waiting-{n}")) for n in range(1, 6))
+    )
+    assert fake.stats()["requests_total"] == 1, "the recorded answer was paid for once"
+    for n, outcome in enumerate(outcomes, start=1):
+        assert isinstance(outcome, Forward) and outcome.body.output == first.body.output
+        assert outcome.body.coalesced and outcome.body.request.metadata == f'{{"n": {n}}}'
+    assert await paid_calls(aredis, keys) == 1

@@ -13,7 +13,7 @@
 -- there; {3, answer} when the cache holds the answer (it landed with its flight, so a task
 -- that arrives a moment after the answer pays nothing); {2, now µs} when this task leads
 -- (the flight was free, its leader's lease lapsed or it let go, or this task already led
--- it: its lease is renewed); {0, now µs} while another live task leads. A task that was
+-- it: its lease is renewed); {0, now µs, leader's task id} while another live task leads. A task that was
 -- not in flight while the answer was being made never takes a published answer (it may be
 -- an answer cut at max_tokens, which only the cache's rules may reuse). A leader renews its
 -- lease with this script too, as a follower since it began to lead, and asks once more
@@ -37,8 +37,9 @@ end
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   return {2, now}
 end
-if redis.call('GET', KEYS[1]) == ARGV[1] then
+local leader = redis.call('GET', KEYS[1])
+if leader == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
   return {2, now}
 end
-return {0, now}
+return {0, now, leader or ''}
