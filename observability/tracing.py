@@ -16,8 +16,8 @@ an entry whose trace is not sampled costs one parse of its traceparent; a new tr
 provider's sampler. Handlers run with the stage span current, so their own spans join the
 task's trace. The provider is the application's when it set one (with or without `OTEL_*`),
 else the one the `OTEL_*` variables describe (`observability.otel`). The Anthropic SDK (2.x)
-would also make an `anthropic.messages.create` span per call; `Tracing` turns that off
-(unless `ANTHROPIC_OPEN_TELEMETRY` is set) so each call appears once, as the `chat` span.
+would also make an `anthropic.messages.create` span per call; the pipeline's clients leave
+it out (unless `ANTHROPIC_OPEN_TELEMETRY` is set) so each call appears once, as `chat`.
 """
 
 from __future__ import annotations
@@ -119,9 +119,6 @@ class Tracing(Hook):
         self._keys = keys
         self._owned = owned
         self._streams: dict[tuple[str, str | None], tuple[str, dict[str, AttributeValue]]] = {}
-        # Each call once, as the `chat` span: Anthropic clients made from now on (the worker
-        # builds its stages after this) leave out the SDK's own span, unless asked for.
-        os.environ.setdefault("ANTHROPIC_OPEN_TELEMETRY", "false")
 
     def start_span(self, msg: Message) -> StageSpan | _NotSampled | None:
         env = msg.envelope
@@ -201,8 +198,14 @@ def _call_attributes(report: CallReport) -> dict[str, AttributeValue]:
             usage.input_tokens + usage.cache_read_input_tokens + usage.cache_creation_input_tokens
         )
         attributes["gen_ai.usage.output_tokens"] = usage.output_tokens
-        attributes["gen_ai.usage.cache_read.input_tokens"] = usage.cache_read_input_tokens
-        attributes["gen_ai.usage.cache_creation.input_tokens"] = usage.cache_creation_input_tokens
+        # The cache counts only when the prompt used the cache (each attribute is CPU on
+        # every span: encoded, sent and stored).
+        if usage.cache_read_input_tokens:
+            attributes["gen_ai.usage.cache_read.input_tokens"] = usage.cache_read_input_tokens
+        if usage.cache_creation_input_tokens:
+            attributes["gen_ai.usage.cache_creation.input_tokens"] = (
+                usage.cache_creation_input_tokens
+            )
     if report.error_type is not None:
         # Low cardinality: the HTTP status when there is one, else the error class.
         attributes["error.type"] = str(report.status) if report.status else report.error_type

@@ -99,7 +99,7 @@ async def pipeline_running(
     """All four stages in this process, traced, until the block ends. `given`: the tracing
     hook is handed to the worker; else the worker finds the global provider itself."""
     monkeypatch.setenv("ANTHROPIC_API_KEY", "good-key")
-    monkeypatch.delenv("ANTHROPIC_OPEN_TELEMETRY", raising=False)  # Tracing sets it
+    monkeypatch.delenv("ANTHROPIC_OPEN_TELEMETRY", raising=False)  # the SDK span: off
     app = stages_app(settings)
     tracing = Tracing(provider, app, Keys(settings.prefix))
     ready = asyncio.Event()
@@ -450,6 +450,47 @@ async def test_a_trace_is_sampled_once_at_its_root_and_followed_by_every_stage()
     assert set(by_trace) == sampled
     assert all(sorted(names) == ["process sampling:next", "process sampling:tasks"]
                for names in by_trace.values())  # fmt: skip
+
+
+def test_the_chat_span_names_cache_tokens_only_when_the_call_used_the_cache() -> None:
+    """Every attribute is paid for on every span (made, encoded, sent, stored)."""
+    from pipeline.claude.task import Usage
+    from pipeline.runtime.calls import CallReport
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    app = App([Stage("call", "calls", lambda msg: Complete())])  # type: ignore[arg-type,return-value]
+    tracing = Tracing(provider, app, Keys("chat"), owned=True)
+    stage = provider.get_tracer("test").start_span("process")
+    for cache_read in (0, 700):
+        usage = Usage(input_tokens=10, output_tokens=5, cache_read_input_tokens=cache_read)
+        report = CallReport("haiku", "claude-haiku-4-5", "claude-haiku-4-5", 64, 200, 1, 2,
+                            usage, None)  # fmt: skip
+        with trace.use_span(stage):
+            tracing.on_call(report)
+    tracing.shutdown()
+    plain, cached = (dict(s.attributes or {}) for s in exporter.get_finished_spans())
+    assert plain["gen_ai.usage.input_tokens"] == 10
+    assert not [k for k in plain if ".cache_" in k]
+    assert cached["gen_ai.usage.input_tokens"] == 710
+    assert cached["gen_ai.usage.cache_read.input_tokens"] == 700
+    assert "gen_ai.usage.cache_creation.input_tokens" not in cached
+
+
+def test_the_resource_of_our_providers_equals_and_hashes_as_the_sdks_own() -> None:
+    """Ours hashes once (the OTLP encoder hashes it per span); it must still group with,
+    and compare equal to, the same resource built by anyone else."""
+    from opentelemetry.sdk.resources import Resource
+
+    from observability.otel import resource
+
+    ours = resource("pipeline-router")
+    theirs = Resource(ours.attributes, ours.schema_url)
+    assert ours.attributes["service.name"] == "pipeline-router"
+    assert ours == theirs and theirs == ours and hash(ours) == hash(theirs) == hash(ours)
+    assert ours != Resource({**ours.attributes, "service.name": "other"})
+    assert {ours: 1, theirs: 2} == {theirs: 2}
 
 
 async def test_the_clients_send_span_continues_a_traceparent_the_caller_passed(

@@ -119,6 +119,18 @@ async def test_a_call_returns_the_answer_with_all_usage_fields(start_fake: Start
     assert stats["calls_by_request"] == {request_key(sent): 2}
 
 
+async def test_the_sdks_own_span_is_off_unless_its_variable_asks_for_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each call is traced once, as the worker's `chat` span."""
+    monkeypatch.delenv("ANTHROPIC_OPEN_TELEMETRY", raising=False)
+    async with client_for("http://127.0.0.1:9") as client:
+        assert client.open_telemetry["traces"]["enabled"] is False
+    monkeypatch.setenv("ANTHROPIC_OPEN_TELEMETRY", "true")
+    async with client_for("http://127.0.0.1:9") as client:
+        assert client.open_telemetry["traces"]["enabled"] is True
+
+
 async def test_429_is_transient_with_retry_after_from_the_header(start_fake: StartFake) -> None:
     fake = start_fake(rpm=1)
     async with client_for(fake) as client:
