@@ -24,8 +24,11 @@ async def build(services: Services[Settings]) -> Handler:
         if not isinstance(decision, Route | None):  # from a release that carried none
             decision = route(request, settings, prompt_chars(request))
         if decision is None:
-            choices = ", ".join(["auto", *settings.claude.models])
-            return Fail(f"unknown model {request.model!r}: use {choices} or a claude-* model id")
+            families = ", ".join(settings.claude.models)
+            return Fail(
+                f"unknown model {request.model!r}: use auto, {families}, or a claude model id "
+                f"that names one of those families (claude-<family>-...)"
+            )
         return Forward("claude-call", Routed.applying(request, decision), lane=decision.family)
 
     return handle

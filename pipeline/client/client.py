@@ -19,6 +19,7 @@ import msgspec
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import AuthenticationError, BusyLoadingError, ResponseError
 
+from pipeline.claude.config import load_settings
 from pipeline.claude.settings import IngressSettings, Settings
 from pipeline.client.errors import SubmitFailed
 from pipeline.client.fields import task_fields, with_id
@@ -38,48 +39,59 @@ _PREFIX = re.compile(r"[A-Za-z0-9_.\-]+")
 class Client:
     """Submit tasks and fetch results; one per process is plenty (it is safe to share).
 
+    With no arguments it is configured as the workers and the CLI are: `PIPELINE_CONFIG`
+    (a TOML file), `REDIS_URL`, `PIPELINE_PREFIX` and `PIPELINE_<SECTION>__<FIELD>`.
+
     Args:
         redis_url: `redis://`, `rediss://` or `unix://`; a password in the URL works.
-        prefix: the pipeline's key prefix (`PIPELINE_PREFIX`).
-        ingress: input bounds and the backlog cap (`Settings.ingress`).
+            Default: the settings' (`REDIS_URL`, else `redis://localhost:6379/0`).
+        prefix: the pipeline's key prefix. Default: the settings' (`PIPELINE_PREFIX`, else
+            `pipeline`).
+        ingress: input bounds and the backlog cap. Default: the settings' `[ingress]`.
         name: the Redis client name of every connection this client opens (`CLIENT LIST`).
-        max_connections: commands wait for a free connection beyond this many.
+        max_connections: commands wait for a free connection beyond this many (default: the
+            settings' `[redis]`, as are the timeouts).
         backlog_check_s: how long a measured ingress length is trusted; see `submit`.
         done_block_ms: the done-stream reader's XREAD BLOCK (its socket timeout is longer).
-        settings: the rest of the settings tasks are validated with (`validate_request`: model
-            aliases, limits); default `Settings()`. `redis_url`, `prefix` and `ingress` win.
+        settings: everything else tasks are validated with (`validate_request`: model
+            aliases, limits). Default: read from the environment as above (a bad value
+            raises `ConfigError`). The arguments above win over it.
     """
 
     def __init__(
         self,
-        redis_url: str = "redis://localhost:6379/0",
-        prefix: str = "pipeline",
+        redis_url: str | None = None,
+        prefix: str | None = None,
         *,
         ingress: IngressSettings | None = None,
         name: str | None = None,
-        max_connections: int = 64,
-        connect_timeout_s: float = 5.0,
-        socket_timeout_s: float = 10.0,
+        max_connections: int | None = None,
+        connect_timeout_s: float | None = None,
+        socket_timeout_s: float | None = None,
         backlog_check_s: float = 0.1,
         done_block_ms: int = 5000,
         settings: Settings | None = None,
     ) -> None:
+        base = load_settings() if settings is None else settings
+        redis_url = base.redis.url if redis_url is None else redis_url
+        prefix = base.prefix if prefix is None else prefix
         if not _PREFIX.fullmatch(prefix):
             raise ConfigError("prefix", f"only letters, digits, '_', '-', '.' allowed: {prefix!r}")
         self.keys = Keys(prefix)
-        base = settings or Settings()
         self.settings = msgspec.structs.replace(
             base,
             prefix=prefix,
             redis=msgspec.structs.replace(base.redis, url=redis_url),
             ingress=ingress or base.ingress,
         )
+        connect_timeout_s = connect_timeout_s or base.redis.connect_timeout_s
+        socket_timeout_s = socket_timeout_s or base.redis.socket_timeout_s
         self.limits: IngressSettings = self.settings.ingress
         self.name = name or f"pipeline-client-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._url = redis_url
         pool = BlockingConnectionPool.from_url(
             redis_url,
-            max_connections=max_connections,
+            max_connections=max_connections or base.redis.max_connections,
             timeout=None,  # wait for a free connection rather than fail a burst
             client_name=self.name,
             socket_timeout=socket_timeout_s,
@@ -104,17 +116,9 @@ class Client:
 
     @classmethod
     def from_settings(cls, settings: Settings, *, name: str | None = None) -> Client:
-        """A client for the Redis, prefix and ingress limits of `settings`."""
-        return cls(
-            settings.redis.url,
-            settings.prefix,
-            ingress=settings.ingress,
-            name=name,
-            max_connections=settings.redis.max_connections,
-            connect_timeout_s=settings.redis.connect_timeout_s,
-            socket_timeout_s=settings.redis.socket_timeout_s,
-            settings=settings,
-        )
+        """A client for the Redis, prefix, ingress limits and connection settings of
+        `settings` (what `Client(settings=settings)` does)."""
+        return cls(name=name, settings=settings)
 
     async def __aenter__(self) -> Self:
         return self

@@ -16,7 +16,7 @@ from pipeline.claude.config import load_settings
 from pipeline.claude.request import parse_request
 from pipeline.claude.settings import IngressSettings, Settings
 from pipeline.client import BATCH_SIZE, Client, SubmitFailed, task_fields
-from pipeline.runtime.errors import Backpressure, InvalidTask, RedisUnavailable
+from pipeline.runtime.errors import Backpressure, ConfigError, InvalidTask, RedisUnavailable
 from pipeline.runtime.keys import Keys
 from pipeline.runtime.results import make_result
 from tests.helpers.cut_proxy import Cut, CutProxy
@@ -91,6 +91,25 @@ async def test_submit_writes_exactly_the_wire_fields(client: Client, rclient: re
         "metadata": '{"user":"ann","n":1}',
         "traceparent": TRACEPARENT,
     }
+
+
+@pytest.mark.anyio
+async def test_a_client_without_arguments_is_configured_as_the_workers_are(
+    fast_env: dict[str, str], rclient: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`Client()` reads `REDIS_URL`, `PIPELINE_PREFIX` and the rest of `PIPELINE_*`."""
+    for name, value in fast_env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("PIPELINE_INGRESS__MAX_PROMPT_BYTES", "50")
+    async with Client() as client:
+        assert client.keys.prefix == fast_env["PIPELINE_PREFIX"]
+        task_id = await client.submit("hello", type="classify")
+        with pytest.raises(InvalidTask, match="50"):
+            await client.submit("x" * 51)
+    assert [f["id"] for _, f in entries(rclient, Keys(fast_env["PIPELINE_PREFIX"]))] == [task_id]
+    monkeypatch.setenv("PIPELINE_PREFIX", "bad prefix")
+    with pytest.raises(ConfigError, match="prefix"):
+        Client()
 
 
 @pytest.mark.anyio

@@ -283,7 +283,8 @@ async def test_unknown_models_fail_with_the_choices(
 ) -> None:
     outcome = await route(client, routing(fast_env), prompt="q", model=model)
     assert outcome == Fail(
-        f"unknown model '{model}': use auto, haiku, sonnet, opus or a claude-* model id"
+        f"unknown model '{model}': use auto, haiku, sonnet, opus, or a claude model id "
+        "that names one of those families (claude-<family>-...)"
     )
 
 
@@ -294,7 +295,8 @@ async def test_a_family_missing_from_config_is_unknown(
     settings = routing(fast_env, claude__models=two)
     outcome = await route(client, settings, prompt="q", model="claude-opus-4-1")
     assert outcome == Fail(
-        "unknown model 'claude-opus-4-1': use auto, haiku, sonnet or a claude-* model id"
+        "unknown model 'claude-opus-4-1': use auto, haiku, sonnet, or a claude model id "
+        "that names one of those families (claude-<family>-...)"
     )
 
 
