@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import unquote, urlencode, urlsplit
 
 import kubernetes_validate
 import promql_parser
@@ -616,6 +616,8 @@ def test_one_deployment_per_stage_and_per_lane_running_exactly_that() -> None:
         for other, pods in deployments.items():  # no Deployment adopts another's pods
             if other != name:
                 assert not selector <= pods["spec"]["template"]["metadata"]["labels"].items()
+        # The ScaledObject's HPA owns the count: a `replicas` here would undo it on each apply.
+        assert "replicas" not in deployment["spec"], name
         (container,) = template["spec"]["containers"]
         assert container["image"] == image
         stage, lane = expected[name]
@@ -653,7 +655,7 @@ def test_one_scaledobject_per_deployment_with_lag_and_pending_triggers_per_strea
             assert trigger["type"] == "redis-streams"
             meta = trigger["metadata"]
             assert meta["consumerGroup"] == stage.name
-            assert {meta["addressFromEnv"], meta["passwordFromEnv"]} <= secret_keys
+            assert meta["addressFromEnv"] in secret_keys
             # KEDA reads one count per trigger: lagCount wins over pendingEntriesCount.
             if "lagCount" in meta:
                 assert "pendingEntriesCount" not in meta and int(meta["activationLagCount"]) >= 0
@@ -668,6 +670,86 @@ def test_one_scaledobject_per_deployment_with_lag_and_pending_triggers_per_strea
         streams = sorted(_streams(stage, params["lane"]))
         assert sorted(lag) == streams and sorted(pending) == streams, name
         assert len(spec["triggers"]) == 2 * len(streams)
+
+
+#: What KEDA's TriggerAuthentication reads from the Secret: parameter -> Secret key.
+REDIS_AUTH = {"tls": "REDIS_TLS", "username": "REDIS_USERNAME", "password": "REDIS_PASSWORD"}
+#: The only trigger metadata used: TLS, user and password come from the TriggerAuthentication
+#: alone (KEDA refuses `enableTLS: "true"` next to its `tls`), so REDIS_TLS is the one switch.
+TRIGGER_METADATA = {"addressFromEnv", "stream", "consumerGroup", "lagCount", "activationLagCount",
+                    "pendingEntriesCount"}  # fmt: skip
+
+
+def test_every_keda_trigger_logs_in_through_one_trigger_authentication() -> None:
+    """TLS, user and password of every redis-streams trigger come from one
+    TriggerAuthentication over the Secret, so REDIS_TLS switches TLS for all of them. Checked
+    field by field (KEDA's CRDs are not in the Kubernetes schemas)."""
+    secret = _secret_example()
+    auths = _of_kind("TriggerAuthentication")
+    assert list(auths) == ["pipeline-redis"]
+    auth = auths["pipeline-redis"]
+    assert auth["apiVersion"] == "keda.sh/v1alpha1" and list(auth["spec"]) == ["secretTargetRef"]
+    refs = auth["spec"]["secretTargetRef"]
+    assert all(set(ref) == {"parameter", "name", "key"} for ref in refs)
+    assert {ref["parameter"]: ref["key"] for ref in refs} == REDIS_AUTH and len(refs) == 3
+    assert {ref["name"] for ref in refs} == {secret["metadata"]["name"]}
+    assert set(REDIS_AUTH.values()) <= set(secret["stringData"])
+    triggers = [t for so in _of_kind("ScaledObject").values() for t in so["spec"]["triggers"]]
+    assert triggers
+    for trigger in triggers:
+        assert set(trigger) == {"type", "name", "authenticationRef", "metadata"}, trigger["name"]
+        assert trigger["authenticationRef"] == {"name": "pipeline-redis"}, trigger["name"]
+        assert set(trigger["metadata"]) <= TRIGGER_METADATA, trigger["name"]
+        assert all(isinstance(v, str) for v in trigger["metadata"].values()), trigger["name"]
+
+
+def _check_redis_parts(literals: Mapping[str, str], where: str) -> None:
+    """REDIS_URL is what the workers use; KEDA gets the same server in parts: TLS exactly when
+    the URL is rediss://, the URL's host:port, ACL user and password, and database 0."""
+    url = urlsplit(literals["REDIS_URL"])
+    assert url.scheme in ("redis", "rediss"), where
+    assert literals["REDIS_TLS"] == ("enable" if url.scheme == "rediss" else "disable"), where
+    assert literals["REDIS_ADDRESS"] == f"{url.hostname}:{url.port or 6379}", where
+    # The URL percent-encodes what the parts hold as is (a `@` or `:` in a password).
+    assert literals["REDIS_USERNAME"] == unquote(url.username or ""), where
+    assert literals["REDIS_PASSWORD"] == unquote(url.password or ""), where
+    assert url.path in ("", "/", "/0"), f"{where}: KEDA's triggers read database 0"
+    assert load_settings(env={"REDIS_URL": literals["REDIS_URL"]}).redis.url == url.geturl()
+
+
+def _secret_commands(path: Path) -> list[dict[str, str]]:
+    """The --from-literal values of each `kubectl create secret generic pipeline-secrets`
+    in a file (in a code block or a YAML comment; `\\` continues a line)."""
+    found: list[dict[str, str]] = []
+    command: list[str] | None = None
+    for line in path.read_text().splitlines():
+        line = re.sub(r"^\s*#\s?", "", line).strip()
+        if command is None and "create secret generic pipeline-secrets" in line:
+            command = []
+        if command is not None:
+            command.append(line.rstrip("\\"))
+            if not line.endswith("\\"):
+                args = shlex.split(" ".join(command))
+                found.append(dict(a.removeprefix("--from-literal=").split("=", 1)
+                                  for a in args if a.startswith("--from-literal=")))  # fmt: skip
+                command = None
+    return found
+
+
+def test_secret_examples_give_keda_tls_user_and_password_as_the_redis_url_says() -> None:
+    """deploy/secret.example.yaml and every `kubectl create secret` in the docs: each has every
+    key, and REDIS_TLS/REDIS_ADDRESS/REDIS_USERNAME/REDIS_PASSWORD agree with REDIS_URL."""
+    data = _secret_example()["stringData"]
+    _check_redis_parts(data, "secret.example.yaml")
+    schemes = {urlsplit(data["REDIS_URL"]).scheme}
+    for path in (DEPLOY / "secret.example.yaml", ROOT / "docs/DEPLOY.md"):
+        commands = _secret_commands(path)
+        assert commands, path
+        for literals in commands:
+            assert set(literals) == set(data), f"{path.name}: {set(data) ^ set(literals)}"
+            _check_redis_parts(literals, path.name)
+            schemes.add(urlsplit(literals["REDIS_URL"]).scheme)
+    assert schemes == {"redis", "rediss"}  # both kinds are shown
 
 
 def _per_pod_concurrency(settings: Settings, stage: Stage) -> int:
