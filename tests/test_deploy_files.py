@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import unquote, urlencode, urlsplit
 
 import kubernetes_validate
 import promql_parser
@@ -74,15 +74,86 @@ def _services() -> dict[str, dict[str, Any]]:
     return _compose()["services"]  # type: ignore[no-any-return]
 
 
+class MissingVariable(ValueError):
+    """A `${X:?message}` (or `${X?message}`) whose variable is not set: compose stops."""
+
+
+#: `$$`, `${NAME}`, `${NAME<op>arg}` (op: `:-` `-` `:?` `?` `:+` `+`) and a bare `$NAME`.
+_VARIABLE = re.compile(
+    r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?+])([^}]*))?\}|\$([A-Za-z_][A-Za-z0-9_]*)"
+)
+
+
+def _interpolate(value: object, variables: Mapping[str, str]) -> str:
+    """A compose value as compose resolves it with `variables` set in the shell. A variable
+    with no default that is not set is an error here (compose would warn and use "")."""
+
+    def resolve(m: re.Match[str]) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        name, op, arg = m.group(1) or m.group(4), m.group(2), m.group(3)
+        if op is None:
+            assert name in variables, f"compose value without a default: {value}"
+            return variables[name]
+        given = bool(variables.get(name)) if op.startswith(":") else name in variables
+        if op.endswith("-"):
+            return variables[name] if given else arg
+        if op.endswith("?"):
+            if not given:
+                raise MissingVariable(f"{name}: {arg}")
+            return variables[name]
+        return arg if given else ""  # `+`
+
+    return _VARIABLE.sub(resolve, str(value))
+
+
 def _default(value: str) -> str:
     """A compose value as it runs with no variables set: `${X:-d}` -> `d`, `$$` -> `$`."""
-    value = re.sub(r"\$\{[A-Za-z_][A-Za-z0-9_]*:-([^}]*)\}", r"\1", str(value))
-    assert "${" not in value, f"compose value without a default: {value}"
-    return value.replace("$$", "$")
+    return _interpolate(value, {})
 
 
-def _env(service: dict[str, Any]) -> dict[str, str]:
-    return {k: _default(v) for k, v in (service.get("environment") or {}).items()}
+def _env_file(path: Path, variables: Mapping[str, str]) -> dict[str, str]:
+    """An `env_file` as compose reads it: KEY=VALUE lines, values interpolated."""
+    env = {}
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            key, sep, value = line.partition("=")
+            assert sep and not value.startswith(("'", '"')), f"{path.name}: {line}"
+            env[key] = _interpolate(value, variables)
+    return env
+
+
+def _env(service: dict[str, Any], variables: Mapping[str, str] | None = None) -> dict[str, str]:
+    """A service's environment as compose builds it with `variables` in the shell (none: as
+    the stack runs by default): its env_files, then `environment` over them."""
+    variables = variables or {}
+    env: dict[str, str] = {}
+    for name in service.get("env_file") or []:
+        path = ROOT / _interpolate(name, variables)
+        if not path.exists():
+            raise FileNotFoundError(f"env file {path.relative_to(ROOT)} not found")
+        env |= _env_file(path, variables)
+    environment = service.get("environment") or {}
+    # The list form (`- NAME`) or a key without value would copy NAME from the shell.
+    assert isinstance(environment, dict), service
+    assert all(v is not None for v in environment.values()), environment
+    return env | {k: _interpolate(v, variables) for k, v in environment.items()}
+
+
+_PORT = re.compile(
+    r"^\$\{PIPELINE_BIND_ADDRESS:-127\.0\.0\.1\}:\$\{(PIPELINE_[A-Z_]+_PORT):-(\d+)\}:(\d+)$"
+)
+
+
+def _published(service: dict[str, Any]) -> list[tuple[str, int, int]]:
+    """(variable, default host port, container port) of each port a service publishes; each
+    host port must be a variable with a default, on PIPELINE_BIND_ADDRESS (127.0.0.1)."""
+    found = []
+    for spec in service.get("ports", []):
+        m = _PORT.match(str(spec))
+        assert m, f"a host port that is no PIPELINE_*_PORT variable on 127.0.0.1: {spec}"
+        found.append((m.group(1), int(m.group(2)), int(m.group(3))))
+    return found
 
 
 def _parse_cli(argv: list[str]) -> dict[str, Any]:
@@ -178,18 +249,15 @@ def test_every_stage_is_a_scalable_compose_service_running_that_stage() -> None:
 
 
 def test_every_service_has_an_image_and_a_command_the_cli_accepts() -> None:
-    host_ports: list[str] = []
     for name, service in _services().items():
         assert service.get("image"), name
         if "build" not in service:  # third-party images are pinned
             assert ":" in service["image"] and not service["image"].endswith(":latest"), name
-        host_ports += [str(p).split(":")[0] for p in service.get("ports", [])]
         command = [_default(a) for a in service.get("command") or []]
         if command[:1] == ["pipeline"]:
             _parse_cli(command)
         elif command[:2] == ["sh", "-c"]:
             _check_script(command[2])
-    assert len(host_ports) == len(set(host_ports)), host_ports
 
 
 def _check_script(script: str) -> None:
@@ -210,7 +278,7 @@ def test_pipeline_services_point_at_redis_the_fake_api_and_jaeger() -> None:
     assert fake["host"] == "0.0.0.0"
     jaeger = services["jaeger"]
     assert jaeger["environment"]["COLLECTOR_OTLP_ENABLED"] == "true"
-    assert "4317:4317" in jaeger["ports"] and "16686:16686" in jaeger["ports"]
+    assert {4317, 16686} <= {container for _var, _host, container in _published(jaeger)}
     redis_service = services["redis"]
     assert redis_service["command"][-2:] == ["--appendonly", "yes"]
     assert "redis-cli" in redis_service["healthcheck"]["test"]
@@ -227,6 +295,105 @@ def test_pipeline_services_point_at_redis_the_fake_api_and_jaeger() -> None:
         settings = load_settings(env=env)  # the environment is a valid configuration
         assert settings.prefix == "pipeline"
     assert len(service_names) == len(STAGE_NAMES) + 1  # one per stage in Jaeger
+
+
+#: What a shell may hold that must not reach the stack without REAL_CLAUDE=1.
+SHELL_CLAUDE = {
+    "ANTHROPIC_API_KEY": "sk-ant-from-the-shell",
+    "ANTHROPIC_BASE_URL": "https://from-the-shell.example",
+    "ANTHROPIC_AUTH_TOKEN": "token-from-the-shell",
+}
+PIPELINE_SERVICES = [*STAGE_NAMES, "producer"]
+
+
+def test_compose_host_ports_are_variables_off_the_usual_ports_on_loopback() -> None:
+    """Each published port is `${PIPELINE_BIND_ADDRESS:-127.0.0.1}:${PIPELINE_X_PORT:-n}:c`
+    with n = c + 10000 (docs/DEPLOY.md's rule): a local Redis (6379), OTel collector (4317,
+    4318), Jaeger, Prometheus or Grafana keeps its port, and nothing listens beyond loopback
+    unless asked. Every variable is documented."""
+    published = [p for service in _services().values() for p in _published(service)]
+    variables = [v for v, _host, _container in published]
+    defaults = [host for _v, host, _container in published]
+    containers = {container for _v, _host, container in published}
+    assert len(set(variables)) == len(variables) and len(set(defaults)) == len(defaults)
+    assert not set(defaults) & (containers | {6379, 4317, 4318, 3000, 9090, 16686})
+    for variable, host, container in published:
+        assert host == container + 10_000, variable
+    assert {container for _v, _h, container in _published(_services()["redis"])} == {6379}
+    deploy_md = (ROOT / "docs/DEPLOY.md").read_text()
+    for variable, host, _container in published:
+        assert re.search(rf"`{variable}`.*\b{host}\b", deploy_md), f"{variable} undocumented"
+    assert "`PIPELINE_BIND_ADDRESS`" in deploy_md
+
+
+def test_compose_uses_the_fake_claude_api_whatever_the_shell_holds() -> None:
+    """Without REAL_CLAUDE=1 every pipeline service calls the fake-claude service with a fake
+    key, whatever ANTHROPIC_* the shell holds: none of it is read by compose.yaml."""
+    text = (ROOT / "compose.yaml").read_text()
+    assert "ANTHROPIC" not in re.sub(r"#.*", "", text)  # only the env files name them
+    fake_port = _parse_cli(_services()["fake-claude"]["command"])["port"]
+    for real_claude in (None, "", "0"):
+        shell = SHELL_CLAUDE | ({} if real_claude is None else {"REAL_CLAUDE": real_claude})
+        for name, service in _services().items():
+            env = _env(service, shell)
+            assert not [v for v in env.values() if "from-the-shell" in v], name
+            if name in PIPELINE_SERVICES:
+                claude = urlsplit(env["ANTHROPIC_BASE_URL"])
+                assert (claude.hostname, claude.port) == ("fake-claude", fake_port), name
+                assert env["ANTHROPIC_API_KEY"] == "compose-fake-key"
+                assert env["REAL_CLAUDE"] == "0"
+
+
+def test_real_claude_needs_real_claude_1_and_the_key() -> None:
+    services = _services()
+    shell = {"REAL_CLAUDE": "1", "ANTHROPIC_API_KEY": "sk-ant-mine"}
+    for name in PIPELINE_SERVICES:
+        env = _env(services[name], shell)
+        assert env["ANTHROPIC_BASE_URL"] == "https://api.anthropic.com", name
+        assert env["ANTHROPIC_API_KEY"] == "sk-ant-mine" and env["REAL_CLAUDE"] == "1"
+        # With the opt-in, a gateway in ANTHROPIC_BASE_URL is honoured.
+        gateway = _env(services[name], shell | {"ANTHROPIC_BASE_URL": "https://gw.example"})
+        assert gateway["ANTHROPIC_BASE_URL"] == "https://gw.example"
+        # No key: compose stops rather than call the real API with the fake one.
+        with pytest.raises(MissingVariable, match="ANTHROPIC_API_KEY"):
+            _env(services[name], {"REAL_CLAUDE": "1", "ANTHROPIC_API_KEY": ""})
+        # Anything but 0 or 1 names no env file: compose stops too.
+        with pytest.raises(FileNotFoundError):
+            _env(services[name], SHELL_CLAUDE | {"REAL_CLAUDE": "yes"})
+    # Only the pipeline's own services get a Claude API at all.
+    for name, service in services.items():
+        if name not in PIPELINE_SERVICES:
+            assert "ANTHROPIC_API_KEY" not in _env(service, shell), name
+
+
+def test_real_claude_producer_sends_five_short_haiku_tasks_and_exits(
+    redis_url: str, prefix: str
+) -> None:
+    """The producer's own script with REAL_CLAUDE=1, against a local Redis: one batch of 5
+    Haiku tasks of at most 16 output tokens, however large DEMO_ROUNDS/DEMO_BATCH are."""
+    producer = _services()["producer"]
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "PIPELINE_"))},
+        **_env(producer, {"REAL_CLAUDE": "1", "ANTHROPIC_API_KEY": "sk-ant-unused"}),
+        "DEMO_ROUNDS": "3", "DEMO_BATCH": "50", "DEMO_INTERVAL_S": "0",
+        "ANTHROPIC_BASE_URL": "http://127.0.0.1:9",  # submitting calls no API; never the real one
+        "REDIS_URL": redis_url, "PIPELINE_PREFIX": prefix, "OTEL_TRACES_EXPORTER": "none",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PYTHONPATH": str(ROOT),
+    }  # fmt: skip
+    script = _default(producer["command"][2])
+    done = subprocess.run(["sh", "-c", script], cwd=ROOT, env=env, capture_output=True,
+                          timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        entries = client.xrange(Keys(prefix).ingress)
+    finally:
+        client.close()
+    tasks = [fields for _id, fields in entries]
+    assert len(tasks) == 5
+    assert {t["model"] for t in tasks} == {"haiku"}
+    assert all(int(t["max_tokens"]) <= 16 and len(t["prompt"]) < 200 for t in tasks)
 
 
 def test_compose_bind_mounts_exist() -> None:
@@ -247,11 +414,45 @@ def _compose_cli() -> list[str] | None:
     return None
 
 
-def test_docker_compose_config_accepts_the_file() -> None:
+def _compose_config(cmd: list[str], shell: Mapping[str, str], tmp_path: Path) -> Any:
+    """`docker compose config` as a shell holding only `shell` would run it (no .env file)."""
+    empty = tmp_path / "empty.env"
+    empty.write_text("")
+    return subprocess.run(
+        [*cmd, "-f", str(ROOT / "compose.yaml"), "--env-file", str(empty), "config",
+         "--format", "json"],
+        env={"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), **shell},
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+def test_docker_compose_config_agrees_on_ports_and_the_claude_switch(tmp_path: Path) -> None:
+    """The real compose parser resolves the ports and the Claude API as the tests above read
+    them, keeps the shell's ANTHROPIC_* out without REAL_CLAUDE=1, and stops with REAL_CLAUDE=1
+    and no key."""
     cmd = _compose_cli()
     if cmd is None:
         pytest.skip("no docker compose client here (the docker CLI has no compose plugin)")
-    subprocess.run([*cmd, "-f", str(ROOT / "compose.yaml"), "config", "-q"], check=True)
+    cases = [SHELL_CLAUDE, {"PIPELINE_REDIS_PORT": "7000", "PIPELINE_BIND_ADDRESS": "0.0.0.0"},
+             {"REAL_CLAUDE": "1", "ANTHROPIC_API_KEY": "sk-ant-mine"}]  # fmt: skip
+    for shell in cases:
+        done = _compose_config(cmd, shell, tmp_path)
+        assert done.returncode == 0, done.stderr
+        assert "from-the-shell" not in done.stdout
+        config = json.loads(done.stdout)["services"]
+        for name, service in _services().items():
+            environment = config[name].get("environment") or {}
+            assert environment == _env(service, shell), name
+            ports = [(p.get("host_ip"), int(p["published"]), p["target"])
+                     for p in config[name].get("ports", [])]  # fmt: skip
+            expected = [(shell.get("PIPELINE_BIND_ADDRESS", "127.0.0.1"),
+                         int(shell.get(var, host)), container)
+                        for var, host, container in _published(service)]  # fmt: skip
+            assert ports == expected, name
+    for shell in ({"REAL_CLAUDE": "1"}, {"REAL_CLAUDE": "yes", **SHELL_CLAUDE}):
+        done = _compose_config(cmd, shell, tmp_path)
+        assert done.returncode != 0 and done.stdout == "", shell
+        assert "ANTHROPIC_API_KEY" in done.stderr or "real-claude-yes.env" in done.stderr
 
 
 def test_dockerfile_copies_what_the_distribution_installs() -> None:
@@ -294,7 +495,7 @@ def test_grafana_provisioning_matches_compose() -> None:
     by_uid = {d["uid"]: d for d in datasources["datasources"]}
     prometheus = urlsplit(by_uid["prometheus"]["url"])
     assert prometheus.hostname == "prometheus"
-    assert f"{prometheus.port}:{prometheus.port}" in _services()["prometheus"]["ports"]
+    assert prometheus.port in [c for _v, _h, c in _published(_services()["prometheus"])]
     assert urlsplit(by_uid["jaeger"]["url"]).netloc == "jaeger:16686"
     providers = _yaml(_provisioning_file(mounts, "provisioning/dashboards/dashboards.yaml"))
     (provider,) = providers["providers"]
@@ -415,6 +616,8 @@ def test_one_deployment_per_stage_and_per_lane_running_exactly_that() -> None:
         for other, pods in deployments.items():  # no Deployment adopts another's pods
             if other != name:
                 assert not selector <= pods["spec"]["template"]["metadata"]["labels"].items()
+        # The ScaledObject's HPA owns the count: a `replicas` here would undo it on each apply.
+        assert "replicas" not in deployment["spec"], name
         (container,) = template["spec"]["containers"]
         assert container["image"] == image
         stage, lane = expected[name]
@@ -452,7 +655,7 @@ def test_one_scaledobject_per_deployment_with_lag_and_pending_triggers_per_strea
             assert trigger["type"] == "redis-streams"
             meta = trigger["metadata"]
             assert meta["consumerGroup"] == stage.name
-            assert {meta["addressFromEnv"], meta["passwordFromEnv"]} <= secret_keys
+            assert meta["addressFromEnv"] in secret_keys
             # KEDA reads one count per trigger: lagCount wins over pendingEntriesCount.
             if "lagCount" in meta:
                 assert "pendingEntriesCount" not in meta and int(meta["activationLagCount"]) >= 0
@@ -467,6 +670,86 @@ def test_one_scaledobject_per_deployment_with_lag_and_pending_triggers_per_strea
         streams = sorted(_streams(stage, params["lane"]))
         assert sorted(lag) == streams and sorted(pending) == streams, name
         assert len(spec["triggers"]) == 2 * len(streams)
+
+
+#: What KEDA's TriggerAuthentication reads from the Secret: parameter -> Secret key.
+REDIS_AUTH = {"tls": "REDIS_TLS", "username": "REDIS_USERNAME", "password": "REDIS_PASSWORD"}
+#: The only trigger metadata used: TLS, user and password come from the TriggerAuthentication
+#: alone (KEDA refuses `enableTLS: "true"` next to its `tls`), so REDIS_TLS is the one switch.
+TRIGGER_METADATA = {"addressFromEnv", "stream", "consumerGroup", "lagCount", "activationLagCount",
+                    "pendingEntriesCount"}  # fmt: skip
+
+
+def test_every_keda_trigger_logs_in_through_one_trigger_authentication() -> None:
+    """TLS, user and password of every redis-streams trigger come from one
+    TriggerAuthentication over the Secret, so REDIS_TLS switches TLS for all of them. Checked
+    field by field (KEDA's CRDs are not in the Kubernetes schemas)."""
+    secret = _secret_example()
+    auths = _of_kind("TriggerAuthentication")
+    assert list(auths) == ["pipeline-redis"]
+    auth = auths["pipeline-redis"]
+    assert auth["apiVersion"] == "keda.sh/v1alpha1" and list(auth["spec"]) == ["secretTargetRef"]
+    refs = auth["spec"]["secretTargetRef"]
+    assert all(set(ref) == {"parameter", "name", "key"} for ref in refs)
+    assert {ref["parameter"]: ref["key"] for ref in refs} == REDIS_AUTH and len(refs) == 3
+    assert {ref["name"] for ref in refs} == {secret["metadata"]["name"]}
+    assert set(REDIS_AUTH.values()) <= set(secret["stringData"])
+    triggers = [t for so in _of_kind("ScaledObject").values() for t in so["spec"]["triggers"]]
+    assert triggers
+    for trigger in triggers:
+        assert set(trigger) == {"type", "name", "authenticationRef", "metadata"}, trigger["name"]
+        assert trigger["authenticationRef"] == {"name": "pipeline-redis"}, trigger["name"]
+        assert set(trigger["metadata"]) <= TRIGGER_METADATA, trigger["name"]
+        assert all(isinstance(v, str) for v in trigger["metadata"].values()), trigger["name"]
+
+
+def _check_redis_parts(literals: Mapping[str, str], where: str) -> None:
+    """REDIS_URL is what the workers use; KEDA gets the same server in parts: TLS exactly when
+    the URL is rediss://, the URL's host:port, ACL user and password, and database 0."""
+    url = urlsplit(literals["REDIS_URL"])
+    assert url.scheme in ("redis", "rediss"), where
+    assert literals["REDIS_TLS"] == ("enable" if url.scheme == "rediss" else "disable"), where
+    assert literals["REDIS_ADDRESS"] == f"{url.hostname}:{url.port or 6379}", where
+    # The URL percent-encodes what the parts hold as is (a `@` or `:` in a password).
+    assert literals["REDIS_USERNAME"] == unquote(url.username or ""), where
+    assert literals["REDIS_PASSWORD"] == unquote(url.password or ""), where
+    assert url.path in ("", "/", "/0"), f"{where}: KEDA's triggers read database 0"
+    assert load_settings(env={"REDIS_URL": literals["REDIS_URL"]}).redis.url == url.geturl()
+
+
+def _secret_commands(path: Path) -> list[dict[str, str]]:
+    """The --from-literal values of each `kubectl create secret generic pipeline-secrets`
+    in a file (in a code block or a YAML comment; `\\` continues a line)."""
+    found: list[dict[str, str]] = []
+    command: list[str] | None = None
+    for line in path.read_text().splitlines():
+        line = re.sub(r"^\s*#\s?", "", line).strip()
+        if command is None and "create secret generic pipeline-secrets" in line:
+            command = []
+        if command is not None:
+            command.append(line.rstrip("\\"))
+            if not line.endswith("\\"):
+                args = shlex.split(" ".join(command))
+                found.append(dict(a.removeprefix("--from-literal=").split("=", 1)
+                                  for a in args if a.startswith("--from-literal=")))  # fmt: skip
+                command = None
+    return found
+
+
+def test_secret_examples_give_keda_tls_user_and_password_as_the_redis_url_says() -> None:
+    """deploy/secret.example.yaml and every `kubectl create secret` in the docs: each has every
+    key, and REDIS_TLS/REDIS_ADDRESS/REDIS_USERNAME/REDIS_PASSWORD agree with REDIS_URL."""
+    data = _secret_example()["stringData"]
+    _check_redis_parts(data, "secret.example.yaml")
+    schemes = {urlsplit(data["REDIS_URL"]).scheme}
+    for path in (DEPLOY / "secret.example.yaml", ROOT / "docs/DEPLOY.md"):
+        commands = _secret_commands(path)
+        assert commands, path
+        for literals in commands:
+            assert set(literals) == set(data), f"{path.name}: {set(data) ^ set(literals)}"
+            _check_redis_parts(literals, path.name)
+            schemes.add(urlsplit(literals["REDIS_URL"]).scheme)
+    assert schemes == {"redis", "rediss"}  # both kinds are shown
 
 
 def _per_pod_concurrency(settings: Settings, stage: Stage) -> int:
