@@ -34,9 +34,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.runtime import load  # noqa: E402
-from benchmarks.tracing_overhead import MODES, SpanSink  # noqa: E402
+from benchmarks.tracing_overhead import SpanSink, modes  # noqa: E402
 from pipeline.runtime.embedded_redis import RedisServer  # noqa: E402
 from pipeline.runtime.keys import Keys  # noqa: E402
+
+MODES = modes(0.01)
 
 CHAIN = ("s1", "s2", "s3", "s4")
 
