@@ -75,15 +75,23 @@ def line(message: str, code: int, label: str | None = None, hint: str | None = N
         text.append(" ")
     if label:
         text.append(f"{label}: ", style="bold" if code in _ERRORS else "")
+    message = " ".join(message.split())  # one line, whatever the message held
     text.append(message.rstrip(".") if hint else message)
     if hint:
-        text.append(f"; {hint}", style="dim" if code in _ERRORS else "")
+        text.append(f"; {' '.join(hint.split())}", style="dim" if code in _ERRORS else "")
     return text
 
 
 def say(message: str, code: int, label: str | None = None, hint: str | None = None) -> None:
     """Print a failure's line on stderr (one line: the console does not wrap)."""
     err.print(line(message, code, label, hint), highlight=False, soft_wrap=True)
+
+
+#: click's UsageError (bad flags and values), found through typer's public BadParameter:
+#: typer vendors click in newer versions and uses click itself in older ones.
+_UsageError = cast(
+    "type[Exception]", next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+)
 
 
 _REDIS_HINT = "start Redis, or set REDIS_URL (pipeline demo starts a private one)"
@@ -128,13 +136,6 @@ def _redis(exc: BaseException) -> CliError:
         hint = _REDIS_HINT if fault is None or fault.code == "connection" else fault.meaning
         return CliError(message, Code.UNAVAILABLE, label="redis", hint=hint)
     return CliError(message, Code.USAGE, label="redis")
-
-
-#: click's UsageError (bad flags and values), found through typer's public BadParameter:
-#: typer vendors click in newer versions and uses click itself in older ones.
-_UsageError = cast(
-    "type[Exception]", next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
-)
 
 
 def _usage(exc: Exception) -> CliError:

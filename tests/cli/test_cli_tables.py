@@ -109,6 +109,7 @@ def test_status_fits_80_columns_with_headers_whole() -> None:
         assert f" {header} " in f" {text} ".replace("\n", " "), header
     assert "batch-key-2" in text and "3,993/4,000" in text  # the request limit, exact
     assert "388k/400k" in text and "37.7k/50k" in text and "79k/80k" in text  # shortened
+    assert "set ANTHROPIC_API_KEY for the workers" in text  # what to do about the pause
 
 
 def test_watch_fits_80_columns() -> None:
