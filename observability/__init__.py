@@ -12,7 +12,9 @@ import contextlib
 import sys
 from collections.abc import Mapping
 
-__all__ = ["producer_tracing", "tracing_enabled"]
+from pipeline.runtime.errors import ConfigError
+
+__all__ = ["producer_tracing", "require_tracing", "tracing_enabled"]
 
 
 def tracing_enabled(environ: Mapping[str, str]) -> bool:
@@ -46,10 +48,22 @@ def _app_tracer_provider_set() -> bool:
     return not isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider)
 
 
+def require_tracing() -> None:
+    """Tracing is wanted: check OpenTelemetry is installed, else one `ConfigError` naming the
+    extra (workers and producers alike say it this way)."""
+    try:
+        import observability.tracing  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError(
+            "OTEL_*", f"tracing needs pip install 'claude-pipeline[otlp]' ({exc})"
+        ) from None
+
+
 def producer_tracing(environ: Mapping[str, str]) -> contextlib.AbstractContextManager[None]:
     """For a process that only submits: export the client's `send` spans when `OTEL_*` ask."""
     if not tracing_enabled(environ):
         return contextlib.nullcontext()
+    require_tracing()
     from observability.tracing import producer_tracing as setup
 
     return setup(environ)

@@ -39,7 +39,7 @@ PUBLIC: dict[str, list[str]] = {
     "pipeline": [*_RUNTIME_API, "Settings", "load_settings"],
     "pipeline.runtime": [*_RUNTIME_API, *_RUNTIME_MORE],
     "pipeline.claude": _CLAUDE_API,
-    "observability": ["producer_tracing", "tracing_enabled"],
+    "observability": ["producer_tracing", "require_tracing", "tracing_enabled"],
     "pipeline.client": _CLIENT_API,
 }
 

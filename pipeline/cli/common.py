@@ -34,7 +34,12 @@ ConfigOpt = Annotated[
         show_envvar=False,
     ),
 ]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+JsonOpt = Annotated[
+    bool, typer.Option("--json", help="Print JSON (typed: numbers, booleans) instead of a table.")
+]
+AppOpt = Annotated[
+    str, typer.Option("--app", help="module:attribute of the App whose stages to look at.")
+]
 
 
 def settings_from(config: Path | None) -> Settings:
@@ -58,11 +63,6 @@ def run_async(coro: Coroutine[Any, Any, _T]) -> _T:
     return uvloop.run(coro)
 
 
-def exit_with(message: str, code: int) -> typer.Exit:
-    err.print(message, markup=False, highlight=False)
-    return typer.Exit(code)
-
-
 @contextlib.asynccontextmanager
 async def connection(settings: Settings) -> AsyncIterator[Redis]:
     """A connection for one command; Redis being away becomes one line naming the URL."""
@@ -73,6 +73,6 @@ async def connection(settings: Settings) -> AsyncIterator[Redis]:
         yield redis
     except UNAVAILABLE as exc:
         where = redacted(settings.redis.url)
-        raise RedisUnavailable(f"cannot reach Redis at {where}: {exc}") from None
+        raise RedisUnavailable(f"cannot reach Redis at {where}: {exc}") from exc
     finally:
         await redis.aclose()

@@ -209,14 +209,20 @@ def _projections(report: CostReport) -> Table:
     return grid
 
 
+def dollars(pico: int) -> float:
+    """Money for JSON: a number of USD, to the micro-dollar (exact in the `_pico` integers)."""
+    return float(usd(micro_usd(pico)))
+
+
 def cost_json(report: CostReport, by: tuple[str, ...] = BY) -> dict[str, Any]:
-    """For scripts: token counts, and money both in exact pico-dollars and as USD strings."""
+    """For scripts: token counts, and money both in exact pico-dollars (integers) and in USD
+    (numbers, to the micro-dollar)."""
 
     def totals(t: Totals) -> dict[str, Any]:
         out: dict[str, Any] = msgspec.to_builtins(t)
         out["routing_saved_pico"] = t.routing_saved_pico
         for name in ("cost", "saved", "baseline", "routing_saved"):
-            out[f"{name}_usd"] = usd(micro_usd(out[f"{name}_pico"]))
+            out[f"{name}_usd"] = dollars(out[f"{name}_pico"])
         return out
 
     hour = report.last_hour or Minute(at=report.now)
@@ -228,7 +234,7 @@ def cost_json(report: CostReport, by: tuple[str, ...] = BY) -> dict[str, Any]:
         "last_hour": {
             "tasks": hour.tasks,
             "cost_pico": hour.cost_pico,
-            "per_day_usd": usd(micro_usd(hour.cost_pico * 24)),
+            "per_day_usd": dollars(hour.cost_pico * 24),
         },
     }
     if "model" in by:
@@ -238,8 +244,8 @@ def cost_json(report: CostReport, by: tuple[str, ...] = BY) -> dict[str, Any]:
     if report.tasks_per_day is not None:
         data["per_day"] = {
             "tasks": report.tasks_per_day,
-            "cost_usd": usd(micro_usd(report.at_rate(report.total.cost_pico))),
-            "baseline_usd": usd(micro_usd(report.at_rate(report.total.baseline_pico))),
+            "cost_usd": dollars(report.at_rate(report.total.cost_pico)),
+            "baseline_usd": dollars(report.at_rate(report.total.baseline_pico)),
         }
     return data
 
@@ -277,4 +283,4 @@ def cost(
         out.print(cost_view(report, tables))
 
 
-__all__ = ["CostReport", "cost", "cost_json", "cost_view", "gather_cost"]
+__all__ = ["CostReport", "cost", "cost_json", "cost_view", "dollars", "gather_cost"]

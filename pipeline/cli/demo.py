@@ -2,7 +2,8 @@
 
 Redis at REDIS_URL if reachable, else a private redis-server; the fake Claude API unless
 ANTHROPIC_API_KEY is set; worker processes running all four stages; a sample workload with
-duplicates and mixed task types; a summary; and everything stopped again. Its keys live under
+duplicates and mixed task types; a summary; and everything stopped again. A worker process
+that dies stops the demo at once, with its last log lines. Its keys live under
 a fresh prefix that is deleted at the end (unless --keep), so it never touches other data.
 """
 
@@ -20,17 +21,20 @@ import tempfile
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import msgspec
 from redis.asyncio import Redis
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from pipeline.claude.settings import Settings
+from pipeline.cli.exits import Code, fail
 from pipeline.client import Client
 from pipeline.runtime.embedded_redis import RedisServer, free_port
 from pipeline.runtime.keys import Keys
@@ -61,6 +65,7 @@ class DemoReport:
     latencies_ms: list[int] = field(default_factory=list)
     by_model: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
     errors: Counter[str] = field(default_factory=Counter)
+    dead_worker: str | None = None  # a worker process that exited while tasks were running
 
 
 def workload(n: int, duplicate_share: float, seed: int) -> list[dict[str, str]]:
@@ -90,7 +95,7 @@ async def _reachable(url: str) -> bool:
 
 
 @contextlib.contextmanager
-def _fake_claude(console: Console) -> Iterator[dict[str, str]]:
+def _fake_claude(console: Console, logdir: Path) -> Iterator[dict[str, str]]:
     """Env for the workers: the real API if ANTHROPIC_API_KEY is set, else a local fake."""
     if os.environ.get("ANTHROPIC_API_KEY"):
         console.print("Claude: [bold]the real Anthropic API[/] (ANTHROPIC_API_KEY is set)")
@@ -101,10 +106,16 @@ def _fake_claude(console: Console) -> Iterator[dict[str, str]]:
     cmd = [sys.executable, "-m", "pipeline.fake_claude", "--port", str(port),
            "--latency-ms", "600", "--latency-sigma", "0.5", "--latency-cap-ms", "5000",
            "--overloaded-rate", "0.03", "--rpm", "20000", "--seed", "7"]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = logdir / "fake-claude.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=out)
     base_url = f"http://127.0.0.1:{port}"
     try:
-        _wait_for_port(port, proc)
+        if not _wait_for_port(port, proc):
+            why = "exited" if proc.poll() is not None else "did not listen within 15 s"
+            _show_tail(console, f"the fake Claude API {why}", log)
+            raise fail(f"the fake Claude API {why}", Code.FAILED, label="demo",
+                       hint=f"its log: {log}")  # fmt: skip
         console.print(f"Claude: the built-in fake API at {base_url} "
                       "(latency ~0.6 s, 3% overloaded errors, 20,000 requests/min)")  # fmt: skip
         yield {"ANTHROPIC_BASE_URL": base_url, "ANTHROPIC_API_KEY": "demo-key"}
@@ -113,25 +124,65 @@ def _fake_claude(console: Console) -> Iterator[dict[str, str]]:
         proc.wait(10)
 
 
-def _wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout_s: float = 15) -> None:
+def _wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout_s: float = 15) -> bool:
+    """Whether `proc` listens on `port` within `timeout_s` (False at once if it exits)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError("the fake Claude API did not start")
+            return False
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
+                return True
         time.sleep(0.05)
-    raise TimeoutError("the fake Claude API did not start in time")
+    return False
 
 
 def _start_workers(n: int, env: dict[str, str], logdir: Path) -> list[subprocess.Popen[bytes]]:
     procs = []
     for i in range(n):
-        log = open(logdir / f"worker-{i}.log", "wb")  # noqa: SIM115 - owned by the process
-        cmd = [sys.executable, "-m", "pipeline.cli", "worker", "--all"]
-        procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
+        with (logdir / f"worker-{i}.log").open("wb") as log:  # the child keeps its own handle
+            cmd = [sys.executable, "-m", "pipeline.cli", "worker", "--all"]
+            procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
     return procs
+
+
+async def _first_death(procs: list[subprocess.Popen[bytes]], every_s: float = 0.1) -> int:
+    """The index of the first worker process to exit (they run until the demo stops them)."""
+    while True:
+        for i, proc in enumerate(procs):
+            if proc.poll() is not None:
+                return i
+        await asyncio.sleep(every_s)
+
+
+async def _drive_watching(drive: Coroutine[Any, Any, None],
+                          procs: list[subprocess.Popen[bytes]]) -> int | None:  # fmt: skip
+    """Run `drive` while watching the workers: None when it finished, else (at once, not
+    after the results' timeouts) the index of the worker that died; `drive` is stopped."""
+    driving = asyncio.ensure_future(drive)
+    watching = asyncio.ensure_future(_first_death(procs))
+    try:
+        await asyncio.wait({driving, watching}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (driving, watching):
+            if not task.done():
+                task.cancel()
+        await asyncio.gather(driving, watching, return_exceptions=True)
+    if driving.done() and not driving.cancelled():
+        driving.result()  # its exception, if it failed
+        return None
+    return watching.result()
+
+
+def _show_tail(console: Console, what: str, log: Path, lines: int = 15) -> None:
+    """`what`, then the last lines of `log`, indented (shown as written, never as markup)."""
+    try:
+        tail = log.read_text(errors="replace").splitlines()[-lines:]
+    except OSError:
+        tail = []
+    console.print(Text(f"{what}; the last lines of {log}:", style="bold red"))
+    for text in tail or ["(empty)"]:
+        console.print(Text(f"  | {text}"), soft_wrap=True)
 
 
 def _stop_workers(procs: list[subprocess.Popen[bytes]]) -> None:
@@ -160,22 +211,30 @@ async def run_demo(settings: Settings, *, tasks: int = 300, workers: int = 2,
     logdir = Path(tempfile.mkdtemp(prefix="pipeline-demo-logs-"))
     report = DemoReport()
     try:
-        with _fake_claude(console) as claude_env:
+        with _fake_claude(console, logdir) as claude_env:
             env = {**os.environ, **claude_env, "REDIS_URL": url, "PIPELINE_PREFIX": prefix,
                    "PIPELINE_RUNTIME__GRACE_S": "5"}  # fmt: skip
             procs = _start_workers(workers, env, logdir)
             try:
-                await _drive(settings, url, prefix, tasks, report, console)
+                drive = _drive(settings, url, prefix, tasks, report, console)
+                dead = await _drive_watching(drive, procs)
             finally:
                 _stop_workers(procs)
-            if report.completed + report.failed < report.submitted:
+            if dead is not None:
+                code = procs[dead].returncode
+                report.dead_worker = f"worker {dead} (pid {procs[dead].pid}) exited with {code}"
+                _show_tail(console, report.dead_worker, logdir / f"worker-{dead}.log")
+            elif report.completed + report.failed < report.submitted:
                 console.print(f"[red]some tasks did not finish; worker logs in {logdir}[/]")
     finally:
         if not keep:
             await _delete_prefix(url, prefix)
         if server is not None:
             server.stop()
-    _summary(report, console, prefix if keep else None)
+    if report.dead_worker:
+        console.print(Text(f"demo stopped: {report.dead_worker}", style="bold red"))
+    else:
+        _summary(report, console, prefix if keep else None)
     return report
 
 

@@ -1,8 +1,14 @@
-"""`pipeline dlq …`: inspect, replay and purge dead letters (registered on `pipeline.cli.app`)."""
+"""`pipeline dlq …`: inspect, replay and purge dead letters (registered on `pipeline.cli.app`).
+
+Exit codes: 0 done; 1 an id was not in the DLQ, or a confirmation was declined; 2 bad ids, or
+replay/purge without --yes when stdin is not a terminal (a script cannot answer the prompt).
+"""
 
 from __future__ import annotations
 
 import re
+import sys
+import time
 from collections.abc import Awaitable, Callable
 from typing import Annotated, TypeVar
 
@@ -10,8 +16,18 @@ import typer
 
 from pipeline.claude.settings import Settings
 from pipeline.cli import render
-from pipeline.cli.common import ConfigOpt, connection, exit_with, out, run_async, settings_from
-from pipeline.runtime.dlq import DeadLetters
+from pipeline.cli.common import (
+    ConfigOpt,
+    JsonOpt,
+    connection,
+    err,
+    out,
+    run_async,
+    settings_from,
+)
+from pipeline.cli.exits import Code, fail
+from pipeline.cli.json_out import dead_letter_json
+from pipeline.runtime.dlq import DeadLetter, DeadLetters
 
 _T = TypeVar("_T")
 
@@ -19,8 +35,13 @@ dlq_app = typer.Typer(
     help="Inspect, replay and purge dead letters (tasks that could not be completed).",
     no_args_is_help=True,
 )
-YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
+YesOpt = Annotated[
+    bool,
+    typer.Option("--yes", "-y", help="Do not ask for confirmation (needed off a terminal)."),
+]
 _DLQ_ID = re.compile(r"\d+(-\d+)?")
+#: How many letters `dlq show TASK_ID` reads at a time, newest first, looking for the task.
+_PAGE = 500
 
 
 def _dlq_ids(ids: list[str] | None, all_entries: bool) -> list[str] | None:
@@ -33,29 +54,83 @@ def _dlq_ids(ids: list[str] | None, all_entries: bool) -> list[str] | None:
     return None if all_entries else list(ids or ())
 
 
+def _confirm(command: str, question: str, yes: bool) -> None:
+    """Ask on a terminal; off one (a script, a pipe) only --yes goes ahead."""
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise fail(f"dlq {command} asks for confirmation and stdin is not a terminal",
+                   Code.USAGE, label="usage", hint="pass --yes")  # fmt: skip
+    if not typer.confirm(question, err=True):
+        raise fail(f"nothing done: dlq {command} was not confirmed", Code.FAILED)
+
+
 @dlq_app.command("list")
 def dlq_list(
     count: Annotated[
         int, typer.Option("--count", "-n", min=1, help="How many, newest first.")
     ] = 20,
+    as_json: JsonOpt = False,
     config: ConfigOpt = None,
 ) -> None:
-    """List dead letters: id, task, stage, error (shortened), deliveries, attempts, age."""
+    """List dead letters, newest first: DLQ id, stage, age, task id, and the error (shortened)."""
     letters = run_async(_dead_letters(settings_from(config), lambda d: d.list(count=count)))
-    out.print(render.dlq_table(letters))
+    if as_json:
+        now_ms = int(time.time() * 1000)
+        out.print_json(data=[dead_letter_json(letter, now_ms) for letter in letters])
+    else:
+        out.print(render.dlq_table(letters))
 
 
 @dlq_app.command("show")
 def dlq_show(
-    dlq_id: Annotated[str, typer.Argument(help="The DLQ entry id (from dlq list).")],
+    wanted: Annotated[
+        str,
+        typer.Argument(
+            metavar="ID", help="A DLQ entry id (from dlq list) or a task id (its newest letter)."
+        ),
+    ],
+    as_json: JsonOpt = False,
     config: ConfigOpt = None,
 ) -> None:
     """Show one dead letter in full, with the task's original fields pretty-printed."""
-    _dlq_ids([dlq_id], False)
-    letter = run_async(_dead_letters(settings_from(config), lambda d: d.get(dlq_id)))
+    letter, letters = run_async(_find(settings_from(config), wanted))
     if letter is None:
-        raise exit_with(f"no DLQ entry {dlq_id}", 1)
+        raise fail(f"no DLQ entry and no dead letter of a task {wanted!r}", Code.FAILED,
+                   hint="pipeline dlq list shows what is there")  # fmt: skip
+    if as_json:
+        data = dead_letter_json(letter, int(time.time() * 1000), full=True)
+        out.print_json(data={**data, "letters_of_task": letters})
+        return
     out.print(render.dead_letter_view(letter))
+    if letters > 1:
+        err.print(f"{letters} dead letters of task {letter.task_id}: the newest is shown",
+                  markup=False, highlight=False)  # fmt: skip
+
+
+async def _find(settings: Settings, wanted: str) -> tuple[DeadLetter | None, int]:
+    """The letter with DLQ id `wanted`, else the newest letter of the task `wanted` (and how
+    many letters that task has). Task ids have no index: the DLQ (bounded) is read in pages."""
+    from pipeline.runtime.keys import Keys
+    from pipeline.runtime.replies import range_entries
+
+    keys = Keys(settings.prefix)
+    async with connection(settings) as redis:
+        if _DLQ_ID.fullmatch(wanted):
+            rows = range_entries(await redis.xrange(keys.dlq, wanted, wanted))
+            if rows:
+                return DeadLetter.parse(*rows[0]), 1
+        newest: DeadLetter | None = None
+        found, before = 0, "+"
+        while True:
+            rows = range_entries(await redis.xrevrange(keys.dlq, max=before, count=_PAGE))
+            for dlq_id, fields in rows:
+                if fields.get(b"task_id", b"").decode(errors="replace") == wanted:
+                    newest = newest or DeadLetter.parse(dlq_id, fields)
+                    found += 1
+            if len(rows) < _PAGE:
+                return newest, found
+            before = f"({rows[-1][0].decode()}"
 
 
 @dlq_app.command("replay")
@@ -68,9 +143,8 @@ def dlq_replay(
     """Send dead letters back to the ingress as fresh tasks (their failed result is removed)."""
     ids = _dlq_ids(dlq_ids, all_entries)
     settings = settings_from(config)
-    if not yes:
-        what = "every dead letter" if ids is None else f"{len(ids)} dead letter(s)"
-        typer.confirm(f"Replay {what} to the ingress?", abort=True)
+    what = "every dead letter" if ids is None else f"{len(ids)} dead letter(s)"
+    _confirm("replay", f"Replay {what} to the ingress?", yes)
 
     async def replay(dead: DeadLetters) -> tuple[list[str], list[str]]:
         if ids is None:
@@ -84,7 +158,7 @@ def dlq_replay(
     done, missing = run_async(_dead_letters(settings, replay))
     typer.echo(f"replayed {len(done)} dead letter(s)")
     if missing:
-        raise exit_with(f"not found: {' '.join(missing)}", 1)
+        raise fail(f"not found: {' '.join(missing)}", Code.FAILED)
 
 
 @dlq_app.command("purge")
@@ -97,13 +171,12 @@ def dlq_purge(
     """Delete dead letters for good."""
     ids = _dlq_ids(dlq_ids, all_entries)
     settings = settings_from(config)
-    if not yes:
-        what = "the whole DLQ" if ids is None else f"{len(ids)} dead letter(s)"
-        typer.confirm(f"Delete {what}? This cannot be undone", abort=True)
+    what = "the whole DLQ" if ids is None else f"{len(ids)} dead letter(s)"
+    _confirm("purge", f"Delete {what}? This cannot be undone", yes)
     purged = run_async(_dead_letters(settings, lambda d: d.purge(ids)))
     typer.echo(f"purged {purged} dead letter(s)")
     if ids is not None and purged < len(ids):
-        raise exit_with(f"{len(ids) - purged} of the ids were not in the DLQ", 1)
+        raise fail(f"{len(ids) - purged} of the ids were not in the DLQ", Code.FAILED)
 
 
 async def _dead_letters(settings: Settings, action: Callable[[DeadLetters], Awaitable[_T]]) -> _T:

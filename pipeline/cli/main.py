@@ -1,46 +1,27 @@
-"""The `pipeline` command: the typer app, its `worker`, `status`, `fake-claude` and `demo`
-commands, and the other modules' commands registered on it in `--help` order.
+"""The `pipeline` command: the typer app, its `worker` and `fake-claude` commands, and the
+other modules' commands registered on it in `--help` order.
 
-Exit codes: 0 done; 1 nothing found, or some input lines rejected; 2 an error (one line, no
-traceback: a bad setting names its field, an unreachable Redis names its redacted URL).
+Exit codes (`pipeline.cli.exits.Code`, docs/CLI.md): 0 done; 1 the task failed, or what was
+asked for is not there; 2 usage or configuration; 3 no result in time; 4 Redis unreachable
+or the ingress full (try again later); 130 interrupted. Every failure is one line on stderr.
 """
 
 from __future__ import annotations
 
-import asyncio
-import signal
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Annotated, TypeVar
+import os
+from typing import Annotated
 
 import typer
-from redis.exceptions import RedisError
-from rich.markup import escape
 
-from pipeline.claude.settings import Settings
-from pipeline.cli import render
-from pipeline.cli.common import (
-    ConfigOpt,
-    JsonOpt,
-    connection,
-    err,
-    exit_with,
-    out,
-    run_async,
-    settings_from,
-    setup_logging,
-)
+from pipeline.cli.common import ConfigOpt, run_async, settings_from, setup_logging
 from pipeline.cli.cost import cost
 from pipeline.cli.dlq import dlq_app
+from pipeline.cli.exits import Code, OneLineErrors, fail
+from pipeline.cli.status_command import status
 from pipeline.cli.submit import result, submit
-from pipeline.runtime.errors import PipelineError
-
-if TYPE_CHECKING:
-    from pipeline.cli.status import PipelineStatus
-    from pipeline.runtime.stage import App
-
-_T = TypeVar("_T")
 
 app = typer.Typer(
+    cls=OneLineErrors,
     help="Run Claude tasks from Redis Streams: nothing lost, nothing paid twice.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -105,13 +86,16 @@ def worker(
     names = [s.name for s in the_app.stages] if all_stages else stage
     if not names:
         raise typer.BadParameter("give --stage NAME (repeatable) or --all")
+    known_stages = {s.name for s in the_app.stages}
     for name in names:
-        the_app.stage(name)
+        if name not in known_stages:
+            choices = ", ".join(s.name for s in the_app.stages)
+            raise fail(f"no stage {name!r} (stages: {choices})", Code.USAGE, label="--stage")
     known = {ln for name in names for ln in the_app.stage(name).lanes}
     for wanted in lane:
         if wanted not in known:
             choices = ", ".join(sorted(known)) or "none: no laned stage selected"
-            raise exit_with(f"error: --lane: no lane {wanted!r} (lanes: {choices})", 2)
+            raise fail(f"no lane {wanted!r} (lanes: {choices})", Code.USAGE, label="--lane")
     run_async(
         run_worker(
             the_app,
@@ -125,89 +109,15 @@ def worker(
     )
 
 
-# ---- producing and reading results: pipeline.cli.submit -------------------------------------
+# ---- producing and reading results: pipeline.cli.submit --------------------------------------
 
 app.command()(submit)
 app.command()(result)
 
 
-# ---- operating ------------------------------------------------------------------------------
+# ---- operating: pipeline.cli.status_command ---------------------------------------------------
 
-
-@app.command()
-def status(
-    app_spec: Annotated[
-        str, typer.Option("--app", help="module:attribute of the App whose stages to show.")
-    ] = "stages:app",
-    as_json: JsonOpt = False,
-    watch: Annotated[
-        bool,
-        typer.Option(
-            "--watch", "-w", help="Refresh until Ctrl-C, with throughput, cache and 429 rates."
-        ),
-    ] = False,
-    interval: Annotated[
-        float, typer.Option(min=0.1, help="With --watch: seconds between refreshes.")
-    ] = 2.0,
-    iterations: Annotated[
-        int, typer.Option(min=0, hidden=True, help="With --watch: stop after N refreshes.")
-    ] = 0,
-    config: ConfigOpt = None,
-) -> None:
-    """Backlog, pending, lag, consumers, oldest pending age and retries per stage; DLQ; pauses;
-    Redis's eviction policy and persistence, with what in them may lose data."""
-    import msgspec
-
-    from pipeline.cli.status import gather
-    from pipeline.cli.worker import load_app
-    from pipeline.runtime.keys import Keys
-    from pipeline.runtime.redis_conn import redacted
-
-    settings = settings_from(config)
-    the_app = load_app(app_spec, settings)
-    if watch:
-        _watch_status(settings, the_app, interval, iterations)
-        return
-
-    async def gather_all() -> PipelineStatus:
-        async with connection(settings) as redis:
-            return await gather(redis, Keys(settings.prefix), the_app, settings.ratelimit,
-                                       durability=True)  # fmt: skip
-
-    state = run_async(gather_all())
-    if as_json:
-        out.print_json(msgspec.json.encode(state).decode())
-    else:
-        where = f"{redacted(settings.redis.url)}  prefix {settings.prefix}"
-        out.print(render.status_view(state, where))
-
-
-def _watch_status(settings: Settings, the_app: App, interval_s: float, iterations: int) -> None:
-    """A live view on a terminal (one frame per refresh when piped); Ctrl-C exits with 0."""
-    from rich.live import Live
-
-    from pipeline.cli.watch import WatchView, run_watch
-    from pipeline.runtime.keys import Keys
-    from pipeline.runtime.redis_conn import redacted
-
-    where = f"{redacted(settings.redis.url)}  prefix {settings.prefix}"
-
-    async def run(show: Callable[[WatchView], None]) -> None:
-        stop = asyncio.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):  # end between polls, never mid-command
-            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-        async with connection(settings) as redis:
-            await run_watch(redis, Keys(settings.prefix), the_app, settings, show,
-                            interval_s=interval_s, iterations=iterations, stop=stop)  # fmt: skip
-
-    try:
-        if out.is_terminal:
-            with Live(console=out, auto_refresh=False, transient=False) as live:
-                run_async(run(lambda v: live.update(render.watch_view(v, where), refresh=True)))
-        else:
-            run_async(run(lambda v: out.print(render.watch_view(v, where))))
-    except KeyboardInterrupt:
-        pass
+app.command()(status)
 
 
 # ---- the fake Claude API --------------------------------------------------------------------
@@ -262,8 +172,13 @@ def fake_claude(
     try:
         fake = msgspec.convert(values, FakeClaudeConfig)
     except (msgspec.ValidationError, ValueError) as exc:
-        raise exit_with(f"error: fake-claude: {exc}", 2) from None
-    run_forever(fake)
+        raise fail(str(exc), Code.USAGE, label="fake-claude") from None
+    try:
+        run_forever(fake)
+    except OSError as exc:  # the address is taken, or not ours to listen on
+        why = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise fail(f"cannot listen on {host}:{port}: {why}", Code.USAGE, label="port",
+                   hint="pass another --port, or --port 0 for any free one") from None  # fmt: skip
 
 
 @app.command()
@@ -284,28 +199,14 @@ def demo(
     from pipeline.cli.demo import run_demo
 
     report = run_async(run_demo(settings_from(config), tasks=tasks, workers=workers, keep=keep))
-    if report.completed + report.failed < report.submitted:
-        raise typer.Exit(1)
+    if report.dead_worker or report.failed or report.completed < report.submitted:
+        raise typer.Exit(Code.FAILED)
 
 
 app.add_typer(dlq_app, name="dlq")
-
-
 app.command()(cost)
 
 
 def main() -> None:
-    """Entry point: one clear line for expected errors, not a traceback."""
-    try:
-        app()
-    except PipelineError as exc:
-        err.print(f"[bold red]error:[/] {escape(str(exc))}")
-        raise SystemExit(2) from None
-    except RedisError as exc:
-        err.print(f"[bold red]error:[/] redis: {escape(str(exc))}")
-        raise SystemExit(2) from None
-    except KeyError as exc:
-        err.print(f"[bold red]error:[/] {escape(str(exc.args[0]))}")
-        raise SystemExit(2) from None
-    except KeyboardInterrupt:
-        raise SystemExit(130) from None
+    """Entry point (`pipeline`): the app's group turns expected failures into one line."""
+    app()

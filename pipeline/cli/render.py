@@ -12,12 +12,13 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 
 from rich import box
-from rich.console import Group, RenderableType
+from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
 from rich.json import JSON
 from rich.table import Table
 from rich.text import Text
 
 from pipeline.claude.ratelimit import LimitState
+from pipeline.cli.diagnose import pause_hint
 from pipeline.cli.status import PipelineStatus
 from pipeline.cli.watch import WatchView
 from pipeline.runtime.dlq import DeadLetter
@@ -69,22 +70,25 @@ def _pretty(value: str) -> RenderableType:
 def status_view(
     status: PipelineStatus, where: str, rates: Sequence[float | None] | None = None
 ) -> RenderableType:
-    """Per stage and lane: backlog, pending, lag, consumers, oldest pending, delayed (and,
-    given `rates` per row, entries handed on per second); then the DLQ, paused stages and
-    Redis's eviction and persistence, coloured when they need attention."""
+    """Per stage and lane: backlog, pending, consumers, oldest pending, delayed (and, given
+    `rates` per row, entries handed on per second); then the DLQ, paused stages and Redis's
+    eviction and persistence, coloured when they need attention. Fits 80 columns with every
+    lane and seven-digit counts; the lag (undelivered entries: backlog less pending) is in
+    `--json`."""
     paused = {p.stage for p in status.paused}
     table = Table(
         title=Text(f"pipeline status  {where}"),
         title_justify="left",
-        caption="oldest: age of the oldest pending entry; delayed: waiting to be retried",
+        caption="oldest: age of the oldest pending entry; delayed: to be retried",
         caption_justify="left",
-        box=box.SIMPLE_HEAVY,  # no vertical rules: fits 80 columns with every lane
+        box=box.SIMPLE_HEAVY,  # no vertical rules
         pad_edge=False,
         show_edge=False,
+        collapse_padding=True,
     )
     for name in ("stage", "lane"):
         table.add_column(name, no_wrap=True)
-    for name in ("backlog", "pending", "lag", "consumers", "oldest", "delayed"):
+    for name in ("backlog", "pending", "consumers", "oldest", "delayed"):
         table.add_column(name, justify="right", no_wrap=True)
     if rates is not None:
         table.add_column("out/s", justify="right", no_wrap=True)
@@ -100,7 +104,6 @@ def status_view(
             Text(row.lane or "-"),
             _count(row.backlog),
             _count(row.pending),
-            Text("-" if row.lag is None else f"{row.lag:,}"),
             consumers,
             oldest,
             _count(row.delayed, warn=True),
@@ -116,12 +119,17 @@ def status_view(
         lines.insert(1, limits_view(status.limits))
     if not status.paused:
         lines.append(Text.assemble(("paused: ", "bold"), ("none", "green")))
-    for pause in status.paused:
-        line = Text.assemble(("paused: ", "bold"), (pause.stage, "bold red"), " - ")
-        line.append(pause.reason)
-        if pause.remaining_s is not None:
-            line.append(f"  ({age(pause.remaining_s)} left)", style="dim")
-        lines.append(line)
+    else:
+        pauses = Table.grid(padding=(0, 1))
+        pauses.add_column(no_wrap=True)
+        pauses.add_column()
+        for pause in status.paused:
+            line = Text.assemble((pause.stage, "bold red"), " - ", pause.reason)
+            if pause.remaining_s is not None:
+                line.append(f"  ({age(pause.remaining_s)} left)", style="dim")
+            pauses.add_row(Text("paused:", style="bold"), line)
+            pauses.add_row(Text(""), Text(pause_hint(pause.reason), style="dim"))
+        lines.append(pauses)
     if status.redis is not None:
         lines.append(durability_view(status.redis))
     return Group(*lines)
@@ -158,21 +166,22 @@ def durability_view(found: RedisDurability) -> RenderableType:
 
 def limits_view(limits: Sequence[LimitState]) -> RenderableType:
     """Per API key x model family: what is left of each per-minute limit, the calls in
-    flight with the key, cool-downs and 429s. A limit shows `?` until learned."""
+    flight with the key, 429s and cool-downs; short headers and numbers, to fit 80 columns
+    (`--json` has every counter, exact). A limit shows `?` until learned."""
     table = Table(
         title=Text("rate limits (shared by every worker)"),
         title_justify="left",
-        caption="left/limit per minute; in flight: the key's live concurrency slots",
+        caption="left/limit per minute; flight: calls in flight with the key",
         caption_justify="left",
         box=box.SIMPLE_HEAVY,
         pad_edge=False,
         show_edge=False,
+        collapse_padding=True,
     )
     table.add_column("key", no_wrap=True)
     table.add_column("family", no_wrap=True)
-    for name in ("requests", "input tok", "output tok", "in flight", "admitted", "429s"):
+    for name in ("requests", "in tok", "out tok", "flight", "429s", "cool"):
         table.add_column(name, justify="right", no_wrap=True)
-    table.add_column("cool-down", justify="right", no_wrap=True)
     for row in limits:
         cool = Text("-")
         if row.cool_down_s > 0:
@@ -184,7 +193,6 @@ def limits_view(limits: Sequence[LimitState]) -> RenderableType:
             Text(_left(row.input_left, row.itpm, row.learned)),
             Text(_left(row.output_left, row.otpm, row.learned)),
             Text(f"{row.in_flight:,}"),
-            Text(f"{row.admitted:,}"),
             _count(row.throttled_429, warn=True),
             cool,
         )
@@ -194,7 +202,18 @@ def limits_view(limits: Sequence[LimitState]) -> RenderableType:
 def _left(level: float | None, limit: int | None, learned: bool) -> str:
     if limit is None:
         return "unlimited" if learned else "?"
-    return f"{max(0, int(level or 0)):,}/{limit:,}"
+    return f"{_compact(max(0, int(level or 0)))}/{_compact(limit)}"
+
+
+def _compact(n: int) -> str:
+    """`9,999`, `40k`, `2.5M`: at most 5 characters for the numbers limits have."""
+    if n < 10_000:
+        return f"{n:,}"
+    if n < 100_000:
+        return f"{n / 1000:.1f}".removesuffix(".0") + "k"
+    if n < 1_000_000:
+        return f"{n / 1000:.0f}k"
+    return f"{n / 1_000_000:.1f}".removesuffix(".0") + "M"
 
 
 def watch_view(watch: WatchView, where: str) -> RenderableType:
@@ -249,34 +268,53 @@ def result_view(task_id: str, result: Mapping[str, str]) -> RenderableType:
 
 
 def dlq_table(letters: Sequence[DeadLetter], now_ms: int | None = None) -> RenderableType:
-    """One line per dead letter, newest first; the error cut to fit."""
+    """Newest first, two lines a letter, to fit any width: the DLQ id, stage, age and task id
+    (ids whole, never split), then the error on a line of its own, cut with an ellipsis."""
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
     if not letters:
         return Text("The DLQ is empty.", style="green")
-    table = Table(
-        title=Text(f"DLQ: {len(letters)} shown, newest first"),
-        title_justify="left",
-        box=box.SIMPLE_HEAVY,
-        pad_edge=False,
-        show_edge=False,
-    )
-    table.add_column("dlq id", no_wrap=True)
-    table.add_column("task id", overflow="fold", max_width=36)
-    table.add_column("stage", no_wrap=True)
-    table.add_column("error", overflow="fold")
-    for name in ("deliv.", "att.", "age"):
-        table.add_column(name, justify="right", no_wrap=True)
-    for letter in letters:
-        table.add_row(
-            Text(letter.dlq_id),
-            Text(letter.task_id),
-            Text(letter.stage),
-            Text(shorten(letter.error, 40), style="red"),
-            Text(str(letter.deliveries)),
-            Text(str(letter.attempts)),
-            Text(age(max(0, now_ms - letter.failed_at_ms) / 1000) if letter.failed_at_ms else "-"),
-        )
-    return table
+    return _DeadLetterList(list(letters), now_ms)
+
+
+class _DeadLetterList:
+    """`dlq_table`'s lines, laid out for the console's width when printed."""
+
+    HEADERS = ("dlq id", "stage", "age", "task id")
+
+    def __init__(self, letters: list[DeadLetter], now_ms: int) -> None:
+        self.letters = letters
+        self.rows = [
+            (
+                letter.dlq_id,
+                letter.stage,
+                age(max(0, now_ms - letter.failed_at_ms) / 1000) if letter.failed_at_ms else "-",
+                letter.task_id,
+            )
+            for letter in letters
+        ]
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        width = options.max_width
+        widths = [max(len(h), *(len(r[i]) for r in self.rows)) for i, h in enumerate(self.HEADERS)]
+        yield Text(f"DLQ: {len(self.letters)} shown, newest first", style="bold")
+        yield Text("  ".join(self._cells(self.HEADERS, widths)).rstrip(), style="bold")
+        for letter, row in zip(self.letters, self.rows, strict=True):
+            line = "  ".join(self._cells(row, widths)).rstrip()
+            if len(line) <= width:
+                yield Text(line, no_wrap=True, overflow="ignore")
+            else:  # a task id too long for the line: on a line of its own, whole
+                yield Text("  ".join(self._cells(row[:3], widths)).rstrip())
+                yield Text(f"  task {row[3]}", overflow="fold")
+            yield Text("  " + shorten(letter.error, max(10, width - 2)), style="red",
+                       no_wrap=True, overflow="ellipsis")  # fmt: skip
+        yield Text("pipeline dlq show ID (a DLQ or task id): one in full", style="dim")
+
+    @staticmethod
+    def _cells(row: Sequence[str], widths: Sequence[int]) -> list[str]:
+        return [
+            cell.rjust(w) if i == 2 else cell.ljust(w)
+            for i, (cell, w) in enumerate(zip(row, widths, strict=False))
+        ]
 
 
 def dead_letter_view(letter: DeadLetter) -> RenderableType:

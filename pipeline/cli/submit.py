@@ -1,7 +1,10 @@
 """`pipeline submit` and `pipeline result`: put tasks in (one, or a JSONL file in batches
 under a progress bar) and read their results. Registered on `pipeline.cli.main.app`.
 
-The `Client` is imported when a command runs, not when the `pipeline` command starts.
+Exit codes: 0 completed; 1 the task failed (its result is still printed), or lines of a
+file were rejected; 3 no result within --wait (or none yet, without it), with the reason when
+Redis shows one (`pipeline.cli.diagnose`); 4 the ingress is full. The `Client` is imported
+when a command runs, not when the `pipeline` command starts.
 """
 
 from __future__ import annotations
@@ -15,13 +18,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TextIO
 
 import typer
+from redis.exceptions import RedisError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
 from pipeline.claude.settings import Settings
 from pipeline.cli import render
-from pipeline.cli.common import ConfigOpt, JsonOpt, err, exit_with, out, run_async, settings_from
+from pipeline.cli.common import AppOpt, ConfigOpt, JsonOpt, err, out, run_async, settings_from
+from pipeline.cli.exits import Code, fail
+from pipeline.cli.json_out import result_json
 from pipeline.runtime.errors import Backpressure, InvalidTask
 
 if TYPE_CHECKING:
@@ -77,9 +83,13 @@ def submit(
     ] = None,
     wait: Annotated[
         float | None,
-        typer.Option(help="Wait up to SECONDS for the result and print it instead of the id."),
+        typer.Option(
+            help="Wait up to SECONDS for the result and print it instead of the id "
+            "(exit 1 if the task failed, 3 if no result came in time)."
+        ),
     ] = None,
     as_json: JsonOpt = False,
+    app_spec: AppOpt = "stages:app",
     config: ConfigOpt = None,
 ) -> None:
     """Submit one task (prints its id) or a JSONL file of tasks (--file, with progress)."""
@@ -93,9 +103,10 @@ def submit(
             sys.stdout.write("".join(f"{i}\n" for i in report.ids))
         submitted = f"{len(report.ids)} task(s) were submitted"
         if report.stopped:
-            raise exit_with(f"error: {report.stopped} ({submitted})", 2)
+            code, label = report.stopped_code, report.stopped_label
+            raise fail(f"{report.stopped} ({submitted})", code, label=label)
         if report.bad_lines:
-            raise exit_with(f"{report.bad_lines} line(s) rejected; {submitted}", 1)
+            raise fail(f"{report.bad_lines} line(s) rejected; {submitted}", Code.FAILED)
         return
     if wait is not None and wait <= 0:
         raise typer.BadParameter("--wait must be more than 0 seconds")
@@ -114,11 +125,11 @@ def submit(
         "metadata": metadata,
     }
     with _producer_tracing():
-        new_id, result = run_async(_submit_one(settings, prompt, task, wait))
+        new_id, result, why = run_async(_submit_one(settings, prompt, task, wait, app_spec))
     if wait is None:
         typer.echo(new_id)
     elif result is None:
-        raise exit_with(f"submitted {new_id}; no result within {wait:g}s", 1)
+        raise _no_result(f"submitted {new_id}; no result within {wait:g}s", why)
     else:
         _show_result(new_id, result, as_json)
 
@@ -141,20 +152,24 @@ async def _submit_file(settings: Settings, path: Path, out_file: Path | None) ->
         lines = path.open(encoding="utf-8")
         ids_out = out_file.open("w", encoding="utf-8") if out_file else None
     except OSError as exc:
-        raise exit_with(f"error: {exc.filename}: {exc.strerror or exc}", 2) from None
+        raise fail(f"{exc.filename}: {exc.strerror or exc}", Code.USAGE, label="file") from None
     with lines, ids_out or contextlib.nullcontext():
         async with Client.from_settings(settings) as client:
             return await submit_lines(client, lines, total, ids_out, err)
 
 
 async def _submit_one(
-    settings: Settings, prompt: str | None, task: dict[str, Any], wait: float | None
-) -> tuple[str, dict[str, str] | None]:
+    settings: Settings, prompt: str | None, task: dict[str, Any], wait: float | None, app: str
+) -> tuple[str, dict[str, str] | None, str | None]:
+    """The new id, its result (with `wait`), and why there is none when Redis tells."""
     from pipeline.client import Client
 
     async with Client.from_settings(settings) as client:
         new_id = await client.submit(prompt, **task)
-        return new_id, (await client.result(new_id, wait=wait) if wait else None)
+        if not wait:
+            return new_id, None, None
+        found = await client.result(new_id, wait=wait)
+        return new_id, found, None if found else await _why(client, settings, app)
 
 
 def result(
@@ -163,29 +178,59 @@ def result(
         float | None, typer.Option(help="Wait up to SECONDS for the task to finish.")
     ] = None,
     as_json: JsonOpt = False,
+    app_spec: AppOpt = "stages:app",
     config: ConfigOpt = None,
 ) -> None:
-    """Show a task's result (exit 1 if there is none: unknown, unfinished or expired)."""
+    """Show a task's result: exit 0 completed, 1 failed, 3 no result (yet: unfinished,
+    unknown or expired; or not within --wait)."""
     from pipeline.client import Client
 
-    async def fetch() -> dict[str, str] | None:
-        async with Client.from_settings(settings_from(config)) as client:
-            return await client.result(task_id, wait=wait)
+    settings = settings_from(config)
 
-    found = run_async(fetch())
+    async def fetch() -> tuple[dict[str, str] | None, str | None]:
+        async with Client.from_settings(settings) as client:
+            found = await client.result(task_id, wait=wait)
+            if found is None and wait:
+                return None, await _why(client, settings, app_spec)
+            return found, None
+
+    found, why = run_async(fetch())
     if found is None:
-        waited = f" after waiting {wait:g}s" if wait else ""
-        raise exit_with(
-            f"no result for task {task_id!r}{waited} (unknown, unfinished or expired)", 1
-        )
+        if wait:
+            raise _no_result(f"no result for task {task_id!r} within {wait:g}s", why)
+        raise fail(f"no result for task {task_id!r} yet (unfinished, unknown or expired)",
+                   Code.TIMEOUT, hint="--wait SECONDS waits for it")  # fmt: skip
     _show_result(task_id, found, as_json)
 
 
+async def _why(client: Client, settings: Settings, app_spec: str) -> str | None:
+    """Why nothing finishes, if Redis shows it (best effort: never fails the command)."""
+    from pipeline.cli.diagnose import why_no_result
+    from pipeline.cli.worker import load_app
+    from pipeline.runtime.errors import PipelineError
+
+    try:
+        the_app = load_app(app_spec, settings)
+        return await why_no_result(client.redis, client.keys, the_app, settings)
+    except (PipelineError, RedisError):
+        return None
+
+
+def _no_result(message: str, why: str | None) -> Exception:
+    if why:
+        return fail(f"{message}: {why}", Code.TIMEOUT)
+    busy = "the workers may be busy: pipeline status shows the queues"
+    return fail(message, Code.TIMEOUT, hint=busy)
+
+
 def _show_result(task_id: str, found: dict[str, str], as_json: bool) -> None:
+    """Print the result; a failed task ends the command with exit 1 (after printing)."""
     if as_json:
-        out.print_json(data={"id": task_id, **found})
+        out.print_json(data=result_json(task_id, found))
     else:
         out.print(render.result_view(task_id, found))
+    if found.get("status") != "completed":
+        raise typer.Exit(Code.FAILED)
 
 
 @dataclass
@@ -195,6 +240,8 @@ class FileReport:
     ids: list[str] = field(default_factory=list)
     bad_lines: int = 0
     stopped: str | None = None
+    stopped_code: int = Code.UNAVAILABLE  # the ingress full; a file that is not text: 2
+    stopped_label: str | None = "ingress full"
 
 
 async def submit_lines(
@@ -260,4 +307,5 @@ async def submit_lines(
             report.stopped = f"stopped at line {first_line}: {exc}"
         except UnicodeDecodeError as exc:
             report.stopped = f"the file is not UTF-8 text ({exc.reason}, near line {first_line})"
+            report.stopped_code, report.stopped_label = Code.USAGE, "file"
     return report

@@ -259,16 +259,13 @@ async def run_worker(
 def _start_tracing(app: App, keys: Keys, service: str) -> Tracing | None:
     """Tracing when the `OTEL_*` variables ask for it or the application set a provider;
     only then is OpenTelemetry imported by us."""
-    from observability import tracing_enabled
+    from observability import require_tracing, tracing_enabled
 
     if not tracing_enabled(os.environ):
         return None
-    try:
-        from observability.tracing import start_tracing
-    except ImportError as exc:
-        raise ConfigError(
-            "OTEL_*", f"tracing needs pip install 'claude-pipeline[otlp]' ({exc})"
-        ) from None
+    require_tracing()
+    from observability.tracing import start_tracing
+
     return start_tracing(app, keys, service)
 
 

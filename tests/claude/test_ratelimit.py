@@ -21,8 +21,8 @@ from pipeline.claude.settings import ApiKeySettings, FamilyLimits, RateLimitSett
 from pipeline.claude.task import Usage
 from pipeline.runtime.keys import Keys
 from pipeline.runtime.redis_conn import Availability
+from tests.cli.conftest import cli_env
 from tests.cli.test_cli import cli
-from tests.cli.test_cli import env as cli_env_fixture
 
 pytestmark = pytest.mark.anyio
 
@@ -47,9 +47,6 @@ async def make_limiter(aredis: Redis, prefix: str, redis_url: str) -> AsyncItera
     yield make
     for limiter in made:
         await limiter.aclose()
-
-
-cli_env = cli_env_fixture.__wrapped__  # type: ignore[attr-defined]
 
 
 def limits(**family: FamilyLimits) -> dict[str, FamilyLimits]:
@@ -212,13 +209,14 @@ async def test_status_shows_limits_use_and_cool_downs_per_key_and_family(
     proc = cli(env, "status")
     assert proc.returncode == 0, proc.stderr
     row = next(ln.split() for ln in proc.stdout.splitlines() if ln.startswith(key_id("sk-status")))
-    # key, family, requests, input, output, in flight, admitted, 429s, cool-down
+    # key, family, requests, input, output, in flight, 429s, cool-down (admitted: in --json)
     assert row[1] == "sonnet"
     assert row[2].endswith("/50") and 39 <= int(row[2].split("/")[0]) <= 48  # refilling
     assert row[3] == "unlimited"  # the API stated no input-token limit
     assert row[4].endswith("/8,000")
-    assert row[5:8] == ["0", "1", "1"]
-    assert row[8].endswith("s")  # cooling down
+    assert row[5:7] == ["0", "1"]
+    assert row[7].endswith("s")  # cooling down
     data = json.loads(cli(env, "status", "--json").stdout)
     (limit,) = data["limits"]
     assert limit["rpm"] == 50 and limit["throttled_429"] == 1 and 0 < limit["cool_down_s"] <= 30
+    assert limit["admitted"] == 1

@@ -89,13 +89,13 @@ def test_a_day_as_json_has_exact_totals_savings_and_groups(run: Run, three_days:
     assert (total["requests"], total["hits"]) == (2, 1)
     assert (total["input"], total["output"]) == (2000, 200)
     assert total["cost_pico"] == HAIKU + SONNET
-    assert total["cost_usd"] == "0.006000"
+    assert total["cost_usd"] == 0.006  # a number (USD), exact in cost_pico
     assert total["saved_pico"] == HAIKU  # the hit, at its own model
     assert total["baseline_pico"] == 3 * SONNET  # everything at Sonnet, no cache
     assert total["routing_saved_pico"] == 3 * SONNET - SONNET - 2 * HAIKU
     assert set(data["by_model"]) == {"claude-haiku-5-5", "claude-sonnet-5-5"}
     assert data["by_type"]["classify"]["hits"] == 1
-    assert data["by_type"]["reason"]["cost_usd"] == "0.004500"
+    assert data["by_type"]["reason"]["cost_usd"] == 0.0045
 
 
 def test_a_range_sums_its_days_only(run: Run, three_days: None) -> None:
@@ -126,7 +126,7 @@ def test_projection_to_a_number_of_tasks_a_day(run: Run, three_days: None) -> No
     assert code == 0, out
     per_day = json.loads(out)["per_day"]
     # 3 tasks cost $0.006 (1 hit): $0.002 a task; the baseline $0.0045 a task.
-    assert per_day == {"tasks": 1_000_000, "cost_usd": "2000.000000", "baseline_usd": "4500.000000"}
+    assert per_day == {"tasks": 1_000_000, "cost_usd": 2000.0, "baseline_usd": 4500.0}
     _, out = run("--day", "2026-01-10", "--tasks-per-day", "1000000")
     assert "$2,000.000000" in out and "$4,500.000000" in out
 
@@ -143,7 +143,7 @@ def test_current_rate_projection_uses_the_last_hour(run: Run, settings: Settings
     assert code == 0, out
     hour = json.loads(out)["last_hour"]
     assert (hour["tasks"], hour["cost_pico"]) == (1, SONNET)
-    assert hour["per_day_usd"] == "0.108000"  # $0.0045 x 24
+    assert hour["per_day_usd"] == 0.108  # $0.0045 x 24
     assert "per day at the last hour's rate" in run()[1]
 
 

@@ -7,11 +7,9 @@ import time
 import redis
 
 from pipeline.runtime.keys import Keys
+from tests.cli.conftest import cli_env
 from tests.cli.test_cli import cli, one_error_line
-from tests.cli.test_cli import env as cli_env_fixture
 from tests.helpers.workers import Workers, wait_until
-
-cli_env = cli_env_fixture.__wrapped__  # type: ignore[attr-defined]
 
 
 def test_a_worker_runs_only_the_lanes_it_is_given(
