@@ -23,7 +23,7 @@ from pipeline.claude.settings import Settings
 from pipeline.fake_claude import FakeClaudeConfig, FakeClaudeServer, run_fake_claude_in_thread
 from pipeline.runtime.keys import Keys
 from tests.helpers.redis_server import RedisServer, newest_redis_server
-from tests.helpers.workers import Workers
+from tests.helpers.workers import Workers, stop_leftovers
 
 
 def _docker_available() -> bool:
@@ -127,6 +127,13 @@ async def aredis(redis_url: str, anyio_backend: str) -> AsyncIterator[Redis]:
     client = Redis.from_url(redis_url)
     yield client
     await client.aclose()
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_workers() -> Iterator[None]:
+    """A worker a test started and did not stop is killed when the test ends."""
+    yield
+    stop_leftovers()
 
 
 @pytest.fixture(autouse=True)

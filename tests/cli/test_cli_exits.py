@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -34,9 +35,20 @@ def test_the_codes_are_the_documented_ones() -> None:
 
 
 @pytest.fixture
-def stage_workers(workers: Workers, env: dict[str, str]) -> Workers:
-    """Workers of the real four stages (`stages:app`) with this test's Redis and prefix."""
-    return Workers({**workers.env, **env}, workers.logdir, app="stages:app")
+def stage_workers(workers: Workers, env: dict[str, str]) -> Iterator[Workers]:
+    """Workers of the real four stages (`stages:app`) with this test's Redis and prefix,
+    killed when the test ends."""
+    started = Workers({**workers.env, **env}, workers.logdir, app="stages:app")
+    yield started
+    started.stop_all()
+
+
+@pytest.fixture
+def app_workers(workers: Workers, env: dict[str, str]) -> Iterator[Workers]:
+    """Workers of the tests' own app with this test's Redis and prefix, killed afterwards."""
+    started = Workers({**workers.env, **env}, workers.logdir)
+    yield started
+    started.stop_all()
 
 
 def test_a_failed_task_exits_1_everywhere(
@@ -114,11 +126,11 @@ def test_a_missing_api_key_is_named_on_a_timeout(
 
 
 def test_a_stage_without_consumers_is_named(
-    env: dict[str, str], workers: Workers, rclient: redis.Redis, prefix: str
+    env: dict[str, str], app_workers: Workers, rclient: redis.Redis, prefix: str
 ) -> None:
     """Workers run ingest and finish but not work: the task waits in work's stream."""
     keys = Keys(prefix)
-    proc = Workers({**workers.env, **env}, workers.logdir).start(["ingest", "finish"])
+    proc = app_workers.start(["ingest", "finish"])
     wait_until(lambda: "running" in proc.log(), 30, what="the worker to start")
     rclient.xadd(keys.ingress, {"n": "1", "id": "t-w"})
     wait_until(lambda: rclient.xlen(keys.stream("work")) == 1, 30, what="the hand-off to work")

@@ -39,13 +39,19 @@ class WorkerProc:
 
 
 class Workers:
-    """Starts `pipeline worker` subprocesses with a given environment; cleans up after."""
+    """Starts `pipeline worker` subprocesses with a given environment; cleans up after.
+
+    Every instance is remembered until it is stopped, so that `stop_leftovers` (run after
+    each test by tests/conftest.py) kills what a test forgot: a worker left running would
+    outlive the suite and keep polling a Redis nobody watches.
+    """
 
     def __init__(self, env: Mapping[str, str], logdir: Path, app: str = "tests.apps:app") -> None:
         self.env = dict(env)
         self.logdir = logdir
         self.app = app
         self.procs: list[WorkerProc] = []
+        _live.append(self)
 
     def start(self, stages: Sequence[str] = (), *, extra_env: Mapping[str, str] | None = None,
               args: Sequence[str] = ()) -> WorkerProc:  # fmt: skip
@@ -66,6 +72,19 @@ class Workers:
         for wp in self.procs:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 wp.proc.wait(10)
+        with contextlib.suppress(ValueError):
+            _live.remove(self)
+
+
+_live: list[Workers] = []
+
+
+def stop_leftovers() -> int:
+    """Kill the workers of every `Workers` not stopped yet; how many were still running."""
+    running = sum(wp.proc.poll() is None for w in _live for wp in w.procs)
+    for workers in list(_live):
+        workers.stop_all()
+    return running
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, every: float = 0.05,
