@@ -161,7 +161,8 @@ def _parse_cli(argv: list[str]) -> dict[str, Any]:
     assert argv[0] == "pipeline", argv
     command = typer.main.get_command(cli_app).commands[argv[1]]  # type: ignore[attr-defined]
     with command.make_context(argv[1], list(argv[2:])) as ctx:
-        params = dict(ctx.params)
+        # A repeated option is a tuple before click 8.2 (typer's minimum pairs with 8.1).
+        params = {k: list(v) if isinstance(v, tuple) else v for k, v in ctx.params.items()}
     if argv[1] == "worker":  # the CLI checks stages and lanes once it has loaded the app
         assert params["app_spec"] == "stages:app", argv
         assert set(params["stage"]) <= set(STAGE_NAMES), argv
