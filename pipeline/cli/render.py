@@ -351,7 +351,9 @@ __all__ = [
     "dead_letter_view",
     "dlq_table",
     "durability_view",
+    "limits_view",
     "result_view",
     "shorten",
     "status_view",
+    "watch_view",
 ]
