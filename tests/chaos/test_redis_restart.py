@@ -41,6 +41,9 @@ def test_workers_ride_out_a_redis_restart(
         t.assert_exactly_once(ids)
         assert t.completed() == 400
         assert all(p.proc.poll() is None for p in procs), "a worker died with Redis"
+        # "redis back" is said once Redis has stayed up a moment (SETTLE_S), not at once.
+        wait_until(lambda: all("redis back" in p.log() for p in procs), 15,
+                   what="each worker to say Redis is back")  # fmt: skip
         for p in procs:
             log = p.log()
             assert "redis unavailable" in log and "redis back" in log, log[-2000:]
