@@ -50,6 +50,9 @@ POLL_FIRST_S = 0.02
 POLL_MAX_S = 0.5
 #: How long a published answer waits for followers that have yet to poll.
 ANSWER_TTL_MS = 15_000
+#: How long a leader that never landed is remembered (`Keys.flight_led`): past its lease,
+#: reclaim and redelivery, when its own redelivery republishes what it recorded.
+LED_TTL_MS = 3_600_000
 
 #: Stop reasons of an answer Claude finished by itself (not cut by max_tokens, not refused).
 COMPLETE_STOP_REASONS = frozenset({"end_turn", "stop_sequence"})
@@ -128,7 +131,7 @@ class _Turn:
     answer: bytes | None
     since: int
     asked_at: float
-    leader: str = ""  # while following: the task that leads
+    leader: str = ""  # following: the task that leads; leading: one that led and never landed
 
 
 class Flights:
@@ -190,6 +193,7 @@ class Flights:
             self._keys.flight(request_hash, call),
             self._keys.flight_answer(request_hash, call),
             self._keys.cache(request_hash),
+            self._keys.flight_led(request_hash, call),
         ]
 
     async def _wait_for_turn(
@@ -206,6 +210,8 @@ class Flights:
         leader = ""
         while True:
             turn = await self._ask(keys, task_id, cacheable, since)
+            if turn.kind == _LEAD:
+                leader = turn.leader or leader
             if turn.kind == _LEAD and leader not in ("", task_id):
                 packed = await self._recorded(leader, bound)
                 if packed is not None:
@@ -233,7 +239,8 @@ class Flights:
     ) -> _Turn:
         """One `flight_join.lua`: answered, cached, lead (or still lead), or follow (kind 0)."""
         args: list[EncodableT] = [
-            task_id, self._lease_ms, "" if since is None else since, "1" if cacheable else "0"
+            task_id, self._lease_ms, "" if since is None else since, "1" if cacheable else "0",
+            LED_TTL_MS,
         ]  # fmt: skip
         asked_at = time.monotonic()
         reply = as_list(await self._available.call(lambda: self._join(keys=keys, args=args)))
@@ -241,7 +248,8 @@ class Flights:
         if kind in (_ANSWERED, _CACHED) and isinstance(answer := reply[1], bytes):
             return _Turn(kind, answer, since or 0, asked_at)
         began = as_int(reply[1]) if since is None else since
-        leader = reply[2].decode() if kind == 0 and isinstance(reply[2], bytes) else ""
+        # Following: who leads. Leading: who led before and left without landing (killed).
+        leader = reply[2].decode() if len(reply) > 2 and isinstance(reply[2], bytes) else ""
         return _Turn(kind if kind == _LEAD else 0, None, began, asked_at, leader)
 
     async def _publish(

@@ -94,6 +94,11 @@ class Keys:
         key of one flight shares the request's hash tag with its cache entry."""
         return f"{self.prefix}:flight:{{{request_hash}}}:{call}"
 
+    def flight_led(self, request_hash: str, call: str) -> str:
+        """The last task that began to lead the flight and has not landed it: outlives the
+        lease, so that a task arriving after a leader died can look at its record."""
+        return f"{self.prefix}:flight:{{{request_hash}}}:{call}:led"
+
     def flight_answer(self, request_hash: str, call: str) -> str:
         """The flight leader's answer, kept a few seconds for the tasks that followed it."""
         return f"{self.prefix}:flight:{{{request_hash}}}:{call}:answer"

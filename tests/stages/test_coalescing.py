@@ -455,3 +455,30 @@ async def test_followers_take_the_answer_a_dead_leader_recorded_instead_of_payin
         assert isinstance(outcome, Forward) and outcome.body.output == first.body.output
         assert outcome.body.coalesced and outcome.body.request.metadata == f'{{"n": {n}}}'
     assert await paid_calls(aredis, keys) == 1
+
+
+async def test_a_task_arriving_after_a_dead_leaders_lease_lapsed_takes_its_recorded_answer(
+    start_fake: StartFake, handler_for: Any, aredis: Redis, settings: Settings
+) -> None:
+    """The leader paid and recorded its answer, then was killed before landing its flight
+    or the cache, and its lease lapsed with nobody following. A task with the same request
+    arriving before the dead task's redelivery leads a new flight, but is told who led it
+    last and never landed: it reads that record and publishes the answer instead of paying.
+    (The chaos test found this: the same request paid twice, one answer recorded.)"""
+    fake = start_fake()
+    handle = await handler_for(fake)
+    first = await handle(message(routed(0), task_id="dead"))
+    assert isinstance(first, Forward) and fake.stats()["requests_total"] == 1
+    keys = Keys(settings.prefix)
+    ident = identity(routed())
+    assert ident is not None
+    flight, published = flight_keys(keys, routed())
+    await aredis.delete(published, keys.cache(first.body.request.request_hash), flight)
+    await aredis.set(keys.flight_led(*ident), "dead", px=60_000)  # led, never landed
+
+    later = await handle(message(routed(1), task_id="later"))
+    assert fake.stats()["requests_total"] == 1, "the recorded answer was paid for once"
+    assert isinstance(later, Forward) and later.body.output == first.body.output
+    assert later.body.request.metadata == '{"n": 1}'
+    assert await paid_calls(aredis, keys) == 1
+    assert not await aredis.exists(keys.flight_led(*ident)), "landed: nobody to look up"

@@ -9,11 +9,14 @@
 -- ARGV[2]  lease ms
 -- ARGV[3]  when this task began to follow (µs, from an earlier reply), or '' on its first try
 -- ARGV[4]  '1' if this task may take a cached answer
+-- KEYS[4]  (optional) the last task that began to lead and has not landed (flight_land
+--          deletes it); ARGV[5] its TTL ms. A new leader is told that task, if not itself:
+--          it left without landing (killed), and may have recorded an answer.
 -- Returns {1, answer} to a follower once an answer published since it began to follow is
 -- there; {3, answer} when the cache holds the answer (it landed with its flight, so a task
 -- that arrives a moment after the answer pays nothing); {2, now µs} when this task leads
 -- (the flight was free, its leader's lease lapsed or it let go, or this task already led
--- it: its lease is renewed); {0, now µs, leader's task id} while another live task leads. A task that was
+-- it: its lease is renewed; with KEYS[4], {2, now, previous leader or ''}); {0, now µs, leader's task id} while another live task leads. A task that was
 -- not in flight while the answer was being made never takes a published answer (it may be
 -- an answer cut at max_tokens, which only the cache's rules may reuse). A leader renews its
 -- lease with this script too, as a follower since it began to lead, and asks once more
@@ -35,7 +38,15 @@ if ARGV[4] == '1' then
   end
 end
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  return {2, now}
+  local previous = ''
+  if KEYS[4] then
+    previous = redis.call('GET', KEYS[4]) or ''
+    redis.call('SET', KEYS[4], ARGV[1], 'PX', ARGV[5])
+    if previous == ARGV[1] then
+      previous = ''
+    end
+  end
+  return {2, now, previous}
 end
 local leader = redis.call('GET', KEYS[1])
 if leader == ARGV[1] then

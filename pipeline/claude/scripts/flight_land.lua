@@ -22,6 +22,9 @@ if ARGV[2] ~= '' then
     redis.call('SET', KEYS[3], ARGV[2], 'EX', ARGV[4])
   end
 end
+if KEYS[4] and redis.call('GET', KEYS[4]) == ARGV[1] then
+  redis.call('DEL', KEYS[4])
+end
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('DEL', KEYS[1])
   return 1
