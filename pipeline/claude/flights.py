@@ -210,8 +210,7 @@ class Flights:
         leader = ""
         while True:
             turn = await self._ask(keys, task_id, cacheable, since)
-            if turn.kind == _LEAD:
-                leader = turn.leader or leader
+            leader = turn.leader or leader  # who leads, or (now leading) who led and died
             if turn.kind == _LEAD and leader not in ("", task_id):
                 packed = await self._recorded(leader, bound)
                 if packed is not None:
@@ -220,7 +219,6 @@ class Flights:
                     return _Turn(_ANSWERED, packed, turn.since, turn.asked_at)
             if turn.kind != 0:
                 return turn
-            leader = turn.leader or leader
             if since is None:  # following since now: only answers published later are ours
                 since = turn.since
             await asyncio.sleep(pause)
