@@ -109,7 +109,7 @@ HOW: dict[tuple[str, int], str] = {
 #: What each `run` block must print (beyond exiting 0).
 PRINTS: dict[tuple[str, int], str] = {
     (QUICK, 0): r"completed 300  failed 0",
-    (SENDING, 0): r"completed[\s\S]*\nstatus\ncompleted\n",
+    (SENDING, 0): r"completed[\s\S]*^status\ncompleted$",  # HGETALL: any field order
     (SENDING, 1): r"^completed claude-",
     (SENDING, 2): r"'status': 'completed'",
     (SENDING, 3): r"^\['[0-9a-f]{32}', '[0-9a-f]{32}', '[0-9a-f]{32}'\]$",
