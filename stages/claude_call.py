@@ -28,6 +28,7 @@ from pipeline.claude import (
     Reservation,
     Routed,
     TaskRecords,
+    call_timeout_s,
 )
 
 NAME = "claude-call"
@@ -46,7 +47,6 @@ async def build(services: Services[Settings]) -> Handler:
     records = TaskRecords.for_stage(services, NAME)
     flights = Flights(redis, keys, available, settings.runtime_for(NAME).lease_ms, settings)
     budget = Budget(settings, redis, keys, available)
-    call_s = settings.claude.timeout_s
 
     async def handle(msg: Message) -> Outcome:
         routed = msg.body(Routed)
@@ -88,7 +88,7 @@ async def build(services: Services[Settings]) -> Handler:
 
         async def before_send() -> None:
             await still_leads()  # LeadLost: another task leads, or answered, now
-            msg.finish_before_exit(call_s + 5)
+            msg.finish_before_exit(call_timeout_s(granted.routed, settings.claude) + 5)
 
         try:
             answer = await caller.call(granted.routed, before_send=before_send)

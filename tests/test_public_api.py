@@ -25,8 +25,8 @@ _RUNTIME_MORE = [
 _CLAUDE_API = [
     "Admission", "Answer", "Budget", "Caller", "Claim", "ClaimState", "Flights", "LeadLost",
     "Ledger", "Request", "Reservation", "ResponseCache", "Route", "Routed", "Settings",
-    "TaskRecords", "Usage", "load_settings", "micro_usd", "parse_request", "prompt_chars",
-    "route", "route_to", "usd", "validate_request",
+    "TaskRecords", "Usage", "WIRE_FIELDS", "call_timeout_s", "load_settings", "micro_usd",
+    "parse_request", "prompt_chars", "route", "route_to", "streams", "usd", "validate_request",
 ]  # fmt: skip
 
 _CLIENT_API = [

@@ -15,8 +15,9 @@ from pipeline.claude.cache import ResponseCache
 from pipeline.claude.config import load_settings
 from pipeline.claude.flights import Flights, LeadLost
 from pipeline.claude.ledger import Ledger
+from pipeline.claude.long_calls import call_timeout_s, streams
 from pipeline.claude.pricing import micro_usd, usd
-from pipeline.claude.request import parse_request, prompt_chars, validate_request
+from pipeline.claude.request import WIRE_FIELDS, parse_request, prompt_chars, validate_request
 from pipeline.claude.routing import route, route_to
 from pipeline.claude.settings import Settings
 from pipeline.claude.task import Answer, Request, Route, Routed, Usage
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     from pipeline.claude.caller import Caller
 
 __all__ = [
+    "WIRE_FIELDS",
     "Admission",
     "Answer",
     "Budget",
@@ -43,12 +45,14 @@ __all__ = [
     "Settings",
     "TaskRecords",
     "Usage",
+    "call_timeout_s",
     "load_settings",
     "micro_usd",
     "parse_request",
     "prompt_chars",
     "route",
     "route_to",
+    "streams",
     "usd",
     "validate_request",
 ]

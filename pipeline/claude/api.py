@@ -9,6 +9,7 @@ never the prompt.
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import logging
 import os
@@ -20,12 +21,21 @@ import anthropic
 import httpx2
 import msgspec
 
+from pipeline.claude.content import split_content
+from pipeline.claude.long_calls import streams
 from pipeline.claude.settings import ClaudeSettings
+from pipeline.claude.stream import StreamBroken, assemble
 from pipeline.claude.task import Answer, Routed, Usage
 from pipeline.runtime.calls import CallReport
 from pipeline.runtime.errors import AuthError, PermanentError, TransientError
 
-__all__ = ["CallObserver", "call", "make_client", "map_error", "retry_after_s"]
+__all__ = [
+    "CallObserver",
+    "call",
+    "make_client",
+    "map_error",
+    "retry_after_s",
+]
 
 #: Receives each call's report (the caller's: it settles the rate limiter and hands the
 #: report to the worker's hooks).
@@ -38,6 +48,8 @@ _RETRYABLE_4XX = frozenset({408, 409, 429, 499})
 #: Account-wide refusals: every call would fail alike, so pause rather than dead-letter.
 _AUTH = frozenset({401, 402, 403})
 _MAX_MESSAGE_CHARS = 500
+#: Error events mid-stream worth a retry (their HTTP twins are 529, 500, 429).
+_RETRYABLE_STREAM_ERRORS = frozenset({"overloaded_error", "api_error", "rate_limit_error"})
 #: An unreachable API should free the slot for a retry long before a call's own timeout.
 _CONNECT_TIMEOUT_S = 10.0
 
@@ -84,36 +96,50 @@ async def call(
     *,
     auth_pause_s: float = 30.0,
     on_report: CallObserver | None = None,
+    settings: ClaudeSettings | None = None,
 ) -> Answer:
     """One Messages call for `routed`; the Answer's `attempts` is left for the caller.
 
-    `on_report` receives this call's CallReport, in this task (so a tracer sees the stage's
-    span current); nothing is built without it.
+    Every parameter of the request is sent as given (`Request.params` as body fields the SDK
+    does not interpret, so one it does not know yet goes too); the answer keeps the whole
+    reply (content blocks, stop sequence, usage, message and request ids). Long calls stream
+    (`streams`), with `settings.stream_idle_timeout_s` bounding the wait for each event and
+    `stream_timeout_s` the whole call. `on_report` receives this call's CallReport, in this
+    task (so a tracer sees the stage's span current); nothing is built without it.
 
     Raises:
-        TransientError: 429, 5xx/529, timeouts, connection errors (retry_after_s from headers).
+        TransientError: 429, 5xx/529, timeouts, connection errors (retry_after_s from headers),
+            a stream cut or broken by an error event (overloaded, api error).
         PermanentError: the request is wrong (400, 404, 413, 422, …).
         AuthError: credentials missing or refused (401/402/403), pausing `auth_pause_s`.
     """
     if client.api_key is None and client.auth_token is None and client.credentials is None:
         raise AuthError("claude: no API key (set ANTHROPIC_API_KEY)", pause_s=auth_pause_s)
+    settings = settings or ClaudeSettings()
     request = routed.request
-    system: Any = anthropic.omit if request.system is None else request.system
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = dict(request.params)
     if request.temperature is not None:  # SDK 2.x dropped the keyword; the API still takes it
         extra["temperature"] = request.temperature
+    args: dict[str, Any] = {
+        "model": routed.model,
+        "max_tokens": routed.max_tokens,
+        "messages": request.messages,
+        "system": anthropic.omit if request.system is None else request.system,
+        "extra_body": extra or None,
+    }
+    streamed = streams(routed, settings)
     started_ns = time.time_ns()
+    status, headers = 0, None
     try:
         # The raw body, decoded by msgspec into just the fields we keep: the SDK's pydantic
         # models cost CPU and long-lived objects (GC work) at thousands of calls in flight.
-        raw = await client.messages.with_raw_response.create(
-            model=routed.model,
-            max_tokens=routed.max_tokens,
-            messages=request.messages,  # type: ignore[arg-type]  # passed through untouched
-            system=system,
-            extra_body=extra or None,
-        )
-        body = await raw.read()
+        if streamed:
+            reply, status, headers = await _streamed(client, args, settings)
+        else:
+            raw = await client.messages.with_raw_response.create(**args)
+            status, headers = raw.http_response.status_code, raw.headers
+            reply = _decode_message(await raw.read())
+        content, output = split_content(bytes(reply.content))
     except anthropic.AnthropicError as exc:
         error = map_error(exc, auth_pause_s)
         if on_report is not None:
@@ -121,21 +147,20 @@ async def call(
             headers = exc.response.headers if isinstance(exc, anthropic.APIStatusError) else None
             _report(on_report, _failed(routed, started_ns, status, error, headers))
         raise error from None
-    ended_ns = time.time_ns()
-    try:
-        message = _decode_message(body)
-    except msgspec.DecodeError as exc:
-        error = TransientError(f"claude: malformed response ({exc})")
+    except (msgspec.DecodeError, msgspec.ValidationError, StreamBroken) as exc:
+        error = _broken(exc, headers)
         if on_report is not None:
-            status = raw.http_response.status_code
-            _report(on_report, _failed(routed, started_ns, status, error, raw.headers))
+            _report(on_report, _failed(routed, started_ns, status, error, headers))
         raise error from None
-    usage = message.usage
+    ended_ns = time.time_ns()
+    usage = _decode_usage(reply.usage)
     answer = Answer(
         request=request,
-        model=message.model or routed.model,
-        output="".join(b.text for b in message.content if b.type == "text"),
-        stop_reason=message.stop_reason or "",
+        model=reply.model or routed.model,
+        output=output,
+        content=content,
+        stop_reason=reply.stop_reason or "",
+        stop_sequence=reply.stop_sequence,
         usage=Usage(
             input_tokens=usage.input_tokens,
             output_tokens=usage.output_tokens,
@@ -144,7 +169,11 @@ async def call(
             cache_creation_1h_input_tokens=(
                 usage.cache_creation.ephemeral_1h_input_tokens if usage.cache_creation else 0
             ),
+            server_tool_requests=sum((usage.server_tool_use or {}).values()),
         ),
+        api_usage=bytes(reply.usage).decode(),
+        message_id=reply.id,
+        request_id=(headers.get("request-id") if headers is not None else None) or "",
         call_ms=(ended_ns - started_ns) // 1_000_000,
     )
     if on_report is not None:
@@ -155,15 +184,56 @@ async def call(
                 request_model=routed.model,
                 response_model=answer.model,
                 max_tokens=routed.max_tokens,
-                status=raw.http_response.status_code,
+                status=status,
                 started_ns=started_ns,
                 ended_ns=ended_ns,
                 usage=answer.usage,
                 error_type=None,
-                headers=raw.headers,
+                headers=headers,
             ),
         )
     return answer
+
+
+async def _streamed(
+    client: anthropic.AsyncAnthropic, args: dict[str, Any], settings: ClaudeSettings
+) -> tuple[_Message, int, httpx2.Headers]:
+    """The call as a stream, read whole within `stream_timeout_s` and assembled."""
+    timeout = httpx2.Timeout(
+        settings.stream_idle_timeout_s,
+        connect=min(_CONNECT_TIMEOUT_S, settings.stream_idle_timeout_s),
+    )
+    try:
+        async with asyncio.timeout(settings.stream_timeout_s):
+            async with client.messages.with_streaming_response.create(
+                **args, stream=True, timeout=timeout
+            ) as response:
+                body = await response.read()
+                status, headers = response.http_response.status_code, response.headers
+    except TimeoutError:
+        raise anthropic.APITimeoutError(request=None) from None  # type: ignore[arg-type]
+    message = assemble(body)
+    reply = _Message(
+        id=message.id,
+        model=message.model,
+        content=msgspec.Raw(message.content),
+        stop_reason=message.stop_reason,
+        stop_sequence=message.stop_sequence,
+        usage=msgspec.Raw(message.usage),
+    )
+    return reply, status, headers
+
+
+def _broken(exc: Exception, headers: httpx2.Headers | None) -> Exception:
+    """The pipeline error for a reply that is not a whole message: retried, except an error
+    event the API would answer alike the next time (e.g. `invalid_request_error`)."""
+    request_id = headers.get("request-id") if headers is not None else None
+    suffix = f" (request-id {request_id})" if request_id else ""
+    if isinstance(exc, StreamBroken):
+        if exc.error_type is not None and exc.error_type not in _RETRYABLE_STREAM_ERRORS:
+            return PermanentError(f"{exc}{suffix}"[:_MAX_MESSAGE_CHARS])
+        return TransientError(f"{exc}{suffix}"[:_MAX_MESSAGE_CHARS])
+    return TransientError(f"claude: malformed response ({exc}){suffix}"[:_MAX_MESSAGE_CHARS])
 
 
 def _report(on_report: CallObserver, report: CallReport) -> None:
@@ -195,11 +265,6 @@ def _failed(
     )
 
 
-class _Block(msgspec.Struct):
-    type: str
-    text: str = ""
-
-
 class _CacheCreation(msgspec.Struct):
     ephemeral_5m_input_tokens: int = 0
     ephemeral_1h_input_tokens: int = 0
@@ -211,18 +276,22 @@ class _Usage(msgspec.Struct):
     cache_creation_input_tokens: int | None = None
     cache_read_input_tokens: int | None = None
     cache_creation: _CacheCreation | None = None
+    server_tool_use: dict[str, int] | None = None
 
 
 class _Message(msgspec.Struct):
-    """The part of a Messages API response an Answer needs (unknown fields are skipped)."""
+    """A Messages API response: what an Answer reads, the rest (content, usage) kept raw."""
 
+    id: str = ""
     model: str = ""
-    content: list[_Block] = []
+    content: msgspec.Raw = msgspec.Raw(b"[]")
     stop_reason: str | None = None
-    usage: _Usage = msgspec.field(default_factory=_Usage)
+    stop_sequence: str | None = None
+    usage: msgspec.Raw = msgspec.Raw(b"{}")
 
 
 _decode_message = msgspec.json.Decoder(_Message).decode
+_decode_usage = msgspec.json.Decoder(_Usage).decode
 
 
 def map_error(exc: anthropic.AnthropicError, auth_pause_s: float) -> Exception:

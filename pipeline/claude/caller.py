@@ -34,6 +34,7 @@ class Caller:
     def __init__(self, services: Services[Settings], pool_size: int) -> None:
         settings = services.settings
         self._pause_s = settings.claude.auth_pause_s
+        self._claude = settings.claude
         api_keys = _api_keys(services)
         self._clients = {
             key.name: make_client(settings.claude, pool_size, api_key=key.secret)
@@ -66,7 +67,10 @@ class Caller:
             client = self._clients[self._api_keys[self._turn].name]
             await before_send()
             observe = self._hooks.call if self._hooks.observing_calls else None
-            return await call(client, routed, auth_pause_s=self._pause_s, on_report=observe)
+            return await call(
+                client, routed, auth_pause_s=self._pause_s, on_report=observe,
+                settings=self._claude,
+            )  # fmt: skip
         ticket = await self._limiter.acquire(
             routed.family, estimate_input_tokens(routed.request), routed.max_tokens
         )
@@ -84,7 +88,7 @@ class Caller:
         try:
             answer = await call(
                 self._clients[ticket.key.name], routed, auth_pause_s=self._pause_s,
-                on_report=on_report,
+                on_report=on_report, settings=self._claude,
             )  # fmt: skip
         except asyncio.CancelledError:
             # Cancelled after it was sent (a forced shutdown): the API may well have billed

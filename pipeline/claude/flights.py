@@ -54,8 +54,12 @@ ANSWER_TTL_MS = 15_000
 #: reclaim and redelivery, when its own redelivery republishes what it recorded.
 LED_TTL_MS = 3_600_000
 
-#: Stop reasons of an answer Claude finished by itself (not cut by max_tokens, not refused).
-COMPLETE_STOP_REASONS = frozenset({"end_turn", "stop_sequence"})
+#: Stop reasons of a whole answer to its request, the same whoever asks it again: Claude
+#: finished its turn, hit a stop sequence, or asked for a client tool (the agent runs it and
+#: sends the result in a new request, which has a key of its own). Not cached: `max_tokens`
+#: and `model_context_window_exceeded` (cut), `pause_turn` (a server tool's turn to be
+#: continued), `refusal`, and any reason the API adds later until it is judged here.
+COMPLETE_STOP_REASONS = frozenset({"end_turn", "stop_sequence", "tool_use"})
 
 _ANSWERED, _LEAD, _CACHED = 1, 2, 3
 _encode = msgspec.msgpack.Encoder().encode
@@ -73,7 +77,8 @@ def identity(routed: Routed) -> tuple[str, str] | None:
 
 def cache_ttl_s(answer: Answer, settings: Settings) -> int:
     """How long the response cache keeps `answer` (0: not at all). Only complete, fresh,
-    non-empty answers of tasks that allow caching, for their type's TTL."""
+    non-empty answers of tasks that allow caching, for their type's TTL, and none that used
+    a server tool (a web search's answer is of its moment)."""
     request = answer.request
     if not (
         settings.cache.enabled
@@ -81,7 +86,8 @@ def cache_ttl_s(answer: Answer, settings: Settings) -> int:
         and request.request_hash
         and not answer.cached
         and answer.stop_reason in COMPLETE_STOP_REASONS
-        and answer.output
+        and (answer.output or answer.content)
+        and not answer.usage.server_tool_requests
     ):
         return 0
     return settings.cache.ttl_for(request.type)

@@ -6,8 +6,9 @@ field and the problem, so cache-check dead-letters it with that reason and the p
 what to fix.
 
 Conventions: an optional field given as an empty string counts as not given (producers
-with fixed templates send them); fields the wire format does not name are ignored, so
-producers may carry their own.
+with fixed templates send them); a field the wire format does not name fails the task with
+its name (DESIGN: nothing a producer sent is dropped silently; a producer's own data goes in
+`metadata`, and any Messages parameter in `params`, see `pipeline.claude.params`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from typing import Any
 
 import msgspec
 
+from pipeline.claude.field_text import decode_json, kind, show
+from pipeline.claude.params import NAMED_FIELDS, UNKEYED, parse_params
 from pipeline.claude.routing import route
 from pipeline.claude.settings import Settings
 from pipeline.claude.task import Request, Route
@@ -34,6 +37,25 @@ _TYPE_LABEL = re.compile(r"[a-z0-9][a-z0-9_.\-]{0,63}")
 _MODEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@/\-]{0,127}")
 _BOOLS = {"true": True, "1": True, "false": False, "0": False}
 _json = msgspec.json.Decoder()
+#: Every field of DESIGN's wire format, in the order a client writes them: the request's,
+#: then the Messages parameters passed through, then the task's own (id, ttl, trace context).
+WIRE_FIELDS = (
+    "prompt",
+    "messages",
+    "system",
+    "model",
+    "max_tokens",
+    "temperature",
+    *NAMED_FIELDS,
+    "type",
+    "id",
+    "cache",
+    "ttl",
+    "metadata",
+    "traceparent",
+    "tracestate",
+)
+_KNOWN = frozenset(WIRE_FIELDS)
 
 
 def parse_request(fields: Mapping[str, str], settings: Settings) -> Request:
@@ -63,14 +85,17 @@ def validate_request(fields: Mapping[str, str], settings: Settings) -> Request:
         InvalidTask: a field breaks the wire format; the message names the field.
     """
     ingress = settings.ingress
+    _check_known(fields)
     messages = _conversation(fields, ingress.max_prompt_bytes)
     _check_ttl(fields)
+    max_tokens = _max_tokens(_optional(fields, "max_tokens"))
     return Request(
         messages=messages,
         system=_system(_optional(fields, "system")),
         model=_model(_optional(fields, "model"), settings),
-        max_tokens=_max_tokens(_optional(fields, "max_tokens")),
+        max_tokens=max_tokens,
         temperature=_temperature(_optional(fields, "temperature")),
+        params=parse_params(fields, max_tokens),
         type=_type_label(_optional(fields, "type")),
         cache=_cache_flag(_optional(fields, "cache")),
         metadata=_metadata(_optional(fields, "metadata"), ingress.max_metadata_bytes),
@@ -81,13 +106,17 @@ def request_hash(request: Request, decision: Route | None) -> str:
     """A short canonical hash of everything that determines the answer (the cache key).
 
     Covers what the API is sent: the routing decision (model id and max_tokens after caps,
-    `pipeline.claude.routing.route`), system, messages and temperature, as canonical JSON (sorted
-    keys, no whitespace). Keying by the decision rather than by the model choice, task type
+    `pipeline.claude.routing.route`), system, messages, temperature and every passed-through
+    parameter that can change the answer (tools, thinking, stop sequences, top_p, output
+    format, and any `params` key, known or not; not `params.UNKEYED`), as canonical JSON
+    (sorted keys, no whitespace). Keying by the decision rather than by the model choice, task type
     and routing settings means `model=sonnet` and its full id share answers, and a rule
     change re-keys exactly the requests it sends elsewhere. With no decision (a model the
     router will refuse) the model choice stands in. `cache_control` markers are left out:
     they change what prompt caching bills, never the answer. A `prompt` and the equal
     one-message `messages` hash the same, and so do a string and a single plain text block.
+    A request with no parameters passed through hashes as it did before they existed, so an
+    upgrade keeps the cache.
     """
     canonical = {
         "v": 2,
@@ -100,6 +129,9 @@ def request_hash(request: Request, decision: Route | None) -> str:
         ],
         "temperature": request.temperature,
     }
+    keyed = {k: _without_cache_control(k, v) for k, v in request.params.items() if k not in UNKEYED}
+    if keyed:
+        canonical["params"] = keyed
     text = msgspec.json.encode(canonical, order="sorted")
     return hashlib.sha256(text).hexdigest()[:HASH_HEX_CHARS]
 
@@ -122,11 +154,12 @@ def _conversation(fields: Mapping[str, str], max_bytes: int) -> list[dict[str, A
             "or a JSON array of messages as 'messages'"
         )
     name, text = ("prompt", prompt) if prompt is not None else ("messages", raw or "")
-    size = len(text.encode()) + len(fields.get("system", "").encode())
+    parts = [name, *(f for f in ("system", *NAMED_FIELDS) if fields.get(f))]
+    size = len(text.encode()) + sum(len(fields[f].encode()) for f in parts[1:])
     if size > max_bytes:
-        which = f"{name} + system" if fields.get("system") else name
         raise InvalidTask(
-            f"{which}: {size} bytes, over the {max_bytes}-byte limit (ingress.max_prompt_bytes)"
+            f"{' + '.join(parts)}: {size} bytes, over the {max_bytes}-byte limit "
+            "(ingress.max_prompt_bytes)"
         )
     if prompt is not None:
         if not prompt.strip():
@@ -136,9 +169,9 @@ def _conversation(fields: Mapping[str, str], max_bytes: int) -> list[dict[str, A
 
 
 def _messages(raw: str) -> list[dict[str, Any]]:
-    messages = _decode_json("messages", raw)
+    messages = decode_json("messages", raw)
     if not isinstance(messages, list):
-        raise InvalidTask(f"messages: must be a JSON array of messages, got {_kind(messages)}")
+        raise InvalidTask(f"messages: must be a JSON array of messages, got {kind(messages)}")
     if not messages:
         raise InvalidTask("messages: is empty; give at least one message")
     for i, message in enumerate(messages):
@@ -156,7 +189,7 @@ def _messages(raw: str) -> list[dict[str, Any]]:
         if role not in _ROLES:
             hint = " (put a system prompt in the 'system' field)" if role == "system" else ""
             raise InvalidTask(
-                f"{where}.role: must be 'user' or 'assistant', got {_show(role)}{hint}"
+                f"{where}.role: must be 'user' or 'assistant', got {show(role)}{hint}"
             )
         if "content" not in message:
             raise InvalidTask(f"{where}.content: missing")
@@ -175,7 +208,7 @@ def _check_content(where: str, content: object) -> None:
         return
     if not isinstance(content, list):
         raise InvalidTask(
-            f"{where}: must be a string or a list of content blocks, got {_kind(content)}"
+            f"{where}: must be a string or a list of content blocks, got {kind(content)}"
         )
     if not content:
         raise InvalidTask(f"{where}: is an empty list of content blocks")
@@ -190,6 +223,15 @@ def _check_text_block(where: str, block: dict[str, Any]) -> None:
     text = block.get("text")
     if not isinstance(text, str) or not text.strip():
         raise InvalidTask(f"{where}.text: must be a non-empty string")
+
+
+def _check_known(fields: Mapping[str, str]) -> None:
+    unknown = sorted(name for name in fields if name not in _KNOWN)
+    if unknown:
+        raise InvalidTask(
+            f"{show(unknown[0])}: not a field of the wire format; put your own data in "
+            "'metadata' and other Messages parameters in 'params'"
+        )
 
 
 # ---- system ---------------------------------------------------------------------------------
@@ -214,7 +256,7 @@ def _system(raw: str | None) -> str | list[dict[str, Any]] | None:
     for i, block in enumerate(blocks):
         where = f"system[{i}]"
         if block.get("type") != "text":
-            raise InvalidTask(f"{where}.type: must be 'text', got {_show(block.get('type'))}")
+            raise InvalidTask(f"{where}.type: must be 'text', got {show(block.get('type'))}")
         extra = sorted(set(block) - _SYSTEM_BLOCK_KEYS)
         if extra:
             raise InvalidTask(f"{where}: unknown key {extra[0]!r} in a system text block")
@@ -237,7 +279,7 @@ def _model(raw: str | None, settings: Settings) -> str:
     if not _MODEL.fullmatch(model):
         raise InvalidTask(
             "model: must be auto, a family alias or a model id "
-            f"(no spaces, at most 128 characters), got {_show(raw)}"
+            f"(no spaces, at most 128 characters), got {show(raw)}"
         )
     lowered = model.lower()
     return lowered if lowered == "auto" or lowered in settings.claude.models else model
@@ -249,7 +291,7 @@ def _max_tokens(raw: str | None) -> int | None:
     value = raw.strip()
     if not value.isascii() or not value.isdigit() or not 0 < int(value) <= MAX_MAX_TOKENS:
         raise InvalidTask(
-            f"max_tokens: must be a whole number from 1 to {MAX_MAX_TOKENS}, got {_show(raw)}"
+            f"max_tokens: must be a whole number from 1 to {MAX_MAX_TOKENS}, got {show(raw)}"
         )
     return int(value)
 
@@ -262,7 +304,7 @@ def _temperature(raw: str | None) -> float | None:
     except ValueError:
         value = float("nan")
     if not 0.0 <= value <= 1.0:  # NaN fails this too
-        raise InvalidTask(f"temperature: must be a number from 0 to 1, got {_show(raw)}")
+        raise InvalidTask(f"temperature: must be a number from 0 to 1, got {show(raw)}")
     return value if value else 0.0  # -0.0 would hash apart from 0.0
 
 
@@ -273,7 +315,7 @@ def _type_label(raw: str | None) -> str:
     if not _TYPE_LABEL.fullmatch(label):
         raise InvalidTask(
             "type: must be a short label (letters, digits, '_', '-', '.'; at most 64 "
-            f"characters), got {_show(raw)}"
+            f"characters), got {show(raw)}"
         )
     return label
 
@@ -283,7 +325,7 @@ def _cache_flag(raw: str | None) -> bool:
         return True
     flag = _BOOLS.get(raw.strip().lower())
     if flag is None:
-        raise InvalidTask(f"cache: must be true, false, 1 or 0, got {_show(raw)}")
+        raise InvalidTask(f"cache: must be true, false, 1 or 0, got {show(raw)}")
     return flag
 
 
@@ -294,7 +336,7 @@ def _check_ttl(fields: Mapping[str, str]) -> None:
         return
     value = raw.strip()
     if not value.isascii() or not value.isdigit() or not 0 < int(value) <= MAX_TTL_S:
-        raise InvalidTask(f"ttl: must be whole seconds from 1 to {MAX_TTL_S}, got {_show(raw)}")
+        raise InvalidTask(f"ttl: must be whole seconds from 1 to {MAX_TTL_S}, got {show(raw)}")
 
 
 def _metadata(raw: str | None, max_bytes: int) -> str:
@@ -305,20 +347,23 @@ def _metadata(raw: str | None, max_bytes: int) -> str:
         raise InvalidTask(
             f"metadata: {size} bytes, over the {max_bytes}-byte limit (ingress.max_metadata_bytes)"
         )
-    value = _decode_json("metadata", raw)
+    value = decode_json("metadata", raw)
     if not isinstance(value, dict):
-        raise InvalidTask(f"metadata: must be a JSON object, got {_kind(value)}")
+        raise InvalidTask(f"metadata: must be a JSON object, got {kind(value)}")
     return raw
 
 
 # ---- helpers --------------------------------------------------------------------------------
 
 
-def _decode_json(name: str, raw: str) -> Any:
-    try:
-        return _json.decode(raw)
-    except msgspec.DecodeError as exc:
-        raise InvalidTask(f"{name}: not valid JSON ({exc})") from None
+def _without_cache_control(key: str, value: Any) -> Any:
+    """A tool list without its `cache_control` markers (they change billing, not answers)."""
+    if key != "tools" or not isinstance(value, list):
+        return value
+    return [
+        {k: v for k, v in t.items() if k != "cache_control"} if isinstance(t, dict) else t
+        for t in value
+    ]
 
 
 def _canonical_content(content: Any) -> Any:
@@ -345,18 +390,3 @@ def _text_chars(content: Any) -> int:
             if isinstance(b, dict) and isinstance(b.get("text"), str)
         )
     return 0
-
-
-def _kind(value: object) -> str:
-    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean"}
-    if value is None:
-        return "null"
-    return names.get(type(value), "a number")
-
-
-def _show(value: object, limit: int = 40) -> str:
-    """A value quoted for an error message, cut so poison cannot bloat the DLQ reason."""
-    if not isinstance(value, str):
-        text = repr(value)
-        return text[:limit] + "…" if len(text) > limit else text
-    return repr(value[:limit] + "…") if len(value) > limit else repr(value)

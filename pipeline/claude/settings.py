@@ -71,6 +71,14 @@ class ClaudeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     )
     # How long a stage pauses after the API refuses the credentials (401/403).
     auth_pause_s: PosFloat = 30.0
+    # Calls asking for this many output tokens or more are streamed, and so are calls with
+    # extended thinking: the SDK's own line (at its assumed 128k output tokens an hour, a
+    # longer answer may take over 10 minutes, which proxies cut as an idle connection).
+    stream_from_max_tokens: PosInt = 21_333
+    # A streamed call: the longest wait for its first byte and between events (the API
+    # sends pings), and the longest the whole call may take.
+    stream_idle_timeout_s: PosFloat = 60.0
+    stream_timeout_s: PosFloat = 3600.0
 
 
 class RouteRule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

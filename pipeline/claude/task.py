@@ -11,6 +11,8 @@ from typing import Any
 import msgspec
 from msgspec import UNSET, UnsetType
 
+from pipeline.claude.content import blocks_json
+
 
 class Route(msgspec.Struct, frozen=True, kw_only=True):
     """A routing decision (`pipeline.claude.routing.route`): where and how a request is sent.
@@ -34,6 +36,9 @@ class Request(msgspec.Struct, frozen=True, kw_only=True):
     type: str = "default"
     cache: bool = True
     metadata: str = "{}"  # JSON object text, returned with the result
+    #: Messages parameters sent as they are (tools, thinking, stop_sequences, `params`…),
+    #: checked by `pipeline.claude.params`; part of the cache key.
+    params: dict[str, Any] = {}
     request_hash: str = ""  # canonical hash of what determines the answer (cache key)
     #: The routing decision `request_hash` was computed from, made once by cache-check
     #: (`parse_request`) and applied by the router, so the cache key and the lane never
@@ -76,6 +81,9 @@ class Usage(msgspec.Struct, frozen=True, kw_only=True):
     cache_creation_input_tokens: int = 0
     cache_read_input_tokens: int = 0
     cache_creation_1h_input_tokens: int = 0
+    #: Server tool uses (web search, web fetch…) the call made: their answers are of their
+    #: moment, so not cached.
+    server_tool_requests: int = 0
 
 
 class Answer(msgspec.Struct, frozen=True, kw_only=True):
@@ -83,13 +91,31 @@ class Answer(msgspec.Struct, frozen=True, kw_only=True):
 
     request: Request
     model: str
-    output: str
+    output: str  # the text of the answer's text blocks, joined
     stop_reason: str
     usage: Usage = Usage()
+    #: The API's content array as JSON text; "" for one plain text block (the output), which
+    #: it would only repeat (`pipeline.claude.content`).
+    content: str = ""
+    stop_sequence: str | None = None
+    api_usage: str = ""  # the API's usage object as JSON text, whole
+    message_id: str = ""  # the API's message id (`msg_…`)
+    request_id: str = ""  # the API's `request-id` header
     cached: bool = False  # served without a call of its own: from the cache, or coalesced
     coalesced: bool = False  # the answer of an identical request in flight at the same time
     attempts: int = 0  # Claude calls made for this task (0 on a cache hit)
     call_ms: int = 0  # time spent in the Claude call itself
+
+    def blocks_json(self) -> str:
+        """The answer's full content array, as JSON text."""
+        return blocks_json(self.content, self.output)
+
+    def usage_json(self) -> str:
+        """The API's usage object as JSON text (rebuilt from `usage` for an answer recorded
+        before the whole object was kept)."""
+        if self.api_usage:
+            return self.api_usage
+        return msgspec.json.encode(msgspec.structs.asdict(self.usage)).decode()
 
     def bare(self) -> Answer:
         """The answer without the request's content (its hash stays): what task records, the

@@ -11,7 +11,7 @@ import json
 import uuid
 from collections.abc import Mapping
 
-from pipeline.claude.request import validate_request
+from pipeline.claude.request import WIRE_FIELDS, validate_request
 from pipeline.claude.settings import Settings
 from pipeline.runtime.errors import InvalidTask
 from pipeline.runtime.traceparent import valid as valid_traceparent
@@ -19,30 +19,21 @@ from pipeline.runtime.wire import MAX_TASK_ID_CHARS
 
 __all__ = ["WIRE_FIELDS", "task_fields", "with_id"]
 
-#: The producer fields of DESIGN's wire format, in the order they are written.
-WIRE_FIELDS = (
-    "prompt",
-    "messages",
-    "system",
-    "model",
-    "max_tokens",
-    "temperature",
-    "type",
-    "id",
-    "cache",
-    "ttl",
-    "metadata",
-    "traceparent",
-    "tracestate",
-)
 #: Fields a Python caller may give as Python values, and the types each one takes; strings (the
 #: wire form) are taken for every field. JSON-valued fields are sent as compact JSON text.
 _JSON_FIELDS: dict[str, type | tuple[type, ...]] = {
     "messages": list,
     "system": list,
     "metadata": Mapping,
+    "tools": list,
+    "tool_choice": Mapping,
+    "thinking": Mapping,
+    "stop_sequences": list,
+    "output_format": Mapping,
+    "cache_control": Mapping,
+    "params": Mapping,
 }
-_NUMBER_FIELDS = frozenset({"max_tokens", "temperature", "ttl"})
+_NUMBER_FIELDS = frozenset({"max_tokens", "temperature", "ttl", "top_p", "top_k"})
 # Producer-side checks: the stages ignore a bad traceparent (as W3C Trace Context asks), but a
 # producer sending one has a bug to hear about.
 _MAX_TRACESTATE_BYTES = 512

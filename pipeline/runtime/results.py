@@ -26,6 +26,11 @@ RESULT_FIELDS = (
     "cost_usd",
     "cached",
     "stop_reason",
+    "stop_sequence",
+    "content",
+    "usage",
+    "message_id",
+    "request_id",
     "error",
     "attempts",
     "latency_ms",
@@ -89,6 +94,8 @@ def make_result(status: str, **values: object) -> dict[str, str]:
             "cache_creation_input_tokens": "0",
             "metadata": "{}",
             "call_ms": "0",
+            "content": "[]",
+            "usage": "{}",
         }
     )
     out.update({k: _text(v) for k, v in values.items() if v is not None})

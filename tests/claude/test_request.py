@@ -127,8 +127,9 @@ def test_empty_optional_fields_count_as_not_given(cfg: Settings) -> None:
     assert req == parse(cfg, prompt="q")
 
 
-def test_unknown_fields_are_ignored(cfg: Settings) -> None:
-    assert parse_request({"prompt": "q", "x-team": "search"}, cfg) == parse(cfg, prompt="q")
+def test_a_field_the_wire_format_does_not_name_fails_the_task_naming_it(cfg: Settings) -> None:
+    with pytest.raises(InvalidTask, match=r"^'x-team': not a field of the wire format; put "):
+        parse_request({"prompt": "q", "x-team": "search"}, cfg)
 
 
 def test_prompt_size_limit_is_in_utf8_bytes(cfg: Settings) -> None:
