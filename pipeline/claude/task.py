@@ -115,7 +115,20 @@ class Answer(msgspec.Struct, frozen=True, kw_only=True):
         before the whole object was kept)."""
         if self.api_usage:
             return self.api_usage
-        return msgspec.json.encode(msgspec.structs.asdict(self.usage)).decode()
+        u = self.usage
+        api = {
+            "input_tokens": u.input_tokens,
+            "output_tokens": u.output_tokens,
+            "cache_creation_input_tokens": u.cache_creation_input_tokens,
+            "cache_read_input_tokens": u.cache_read_input_tokens,
+            "cache_creation": {
+                "ephemeral_5m_input_tokens": (
+                    u.cache_creation_input_tokens - u.cache_creation_1h_input_tokens
+                ),
+                "ephemeral_1h_input_tokens": u.cache_creation_1h_input_tokens,
+            },
+        }
+        return msgspec.json.encode(api).decode()
 
     def bare(self) -> Answer:
         """The answer without the request's content (its hash stays): what task records, the

@@ -38,7 +38,8 @@ def test_a_completed_result_has_every_field_its_latency_and_trace() -> None:
         "status": "completed", "output": "spam", "model": "m", "input_tokens": "12",
         "output_tokens": "0", "cache_read_input_tokens": "0", "cache_creation_input_tokens": "0",
         "cost_usd": "0", "cached": "false", "stop_reason": "", "error": "", "attempts": "1",
-        "call_ms": "800", "trace_id": TRACE_ID, "metadata": "{}",
+        "call_ms": "800", "trace_id": TRACE_ID, "metadata": "{}", "stop_sequence": "",
+        "content": "[]", "usage": "{}", "message_id": "", "request_id": "",
     }  # fmt: skip
 
 
@@ -52,6 +53,7 @@ def test_a_failed_result_has_every_field_its_latency_and_trace() -> None:
         "output_tokens": "0", "cache_read_input_tokens": "0", "cache_creation_input_tokens": "0",
         "cost_usd": "0", "cached": "false", "stop_reason": "", "error": "bad input",
         "attempts": "2", "call_ms": "0", "trace_id": TRACE_ID, "metadata": '{"b": 2}',
+        "stop_sequence": "", "content": "[]", "usage": "{}", "message_id": "", "request_id": "",
     }  # fmt: skip
 
 

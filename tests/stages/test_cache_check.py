@@ -94,8 +94,9 @@ async def counters(client: Redis, settings: Settings) -> dict[str, int]:
 async def test_a_miss_goes_to_the_router_with_the_parsed_request(
     client: Redis, settings: Settings
 ) -> None:
-    outcome = await check(client, settings, {**FIELDS, "ttl": "60", "x-mine": "kept out"})
-    want = parse_request(FIELDS, settings)
+    fields = {**FIELDS, "ttl": "60", "user_id": "in the request, not carried"}
+    outcome = await check(client, settings, fields)
+    want = parse_request(fields, settings)
     # The request travels parsed; of the producer's fields only what later stages read.
     assert outcome == Forward("router", want, fields={"type": "classify", "ttl": "60"})
     assert isinstance(outcome.body, Request) and len(outcome.body.request_hash) == 32

@@ -341,7 +341,7 @@ async def lead_and_land(flights: Flights, routed: Routed, answer: Answer) -> Non
         await flight.land(answer)
 
 
-@pytest.mark.parametrize("stop_reason", ["end_turn", "stop_sequence"])
+@pytest.mark.parametrize("stop_reason", ["end_turn", "stop_sequence", "tool_use"])
 async def test_a_complete_answer_is_cached_without_its_prompt(
     aredis: Redis, settings: Settings, stop_reason: str
 ) -> None:
@@ -350,7 +350,7 @@ async def test_a_complete_answer_is_cached_without_its_prompt(
     await lead_and_land(flights_for(aredis, settings), task, fresh)
     key = Keys(settings.prefix).cache(task.request.request_hash)
     raw = await aredis.get(key)
-    assert raw is not None and b"content" not in raw  # no message of the prompt
+    assert raw is not None and b"role" not in raw  # no message of the prompt
     cached = unpack(raw)
     assert (cached.output, cached.model, cached.usage) == ("4", fresh.model, fresh.usage)
     assert (cached.stop_reason, cached.attempts, cached.call_ms) == (stop_reason, 1, 800)
@@ -368,8 +368,9 @@ async def test_a_complete_answer_is_cached_without_its_prompt(
     "changes",
     [
         *({"stop_reason": r} for r in
-          ("max_tokens", "refusal", "pause_turn", "tool_use", "model_context_window")),
+          ("max_tokens", "refusal", "pause_turn", "model_context_window_exceeded", "new")),
         {"output": ""},
+        {"usage": Usage(input_tokens=9, output_tokens=3, server_tool_requests=1)},  # web search
         {"cached": True, "attempts": 0, "call_ms": 0},  # a hit is never written back
     ],
     ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items())[:40],

@@ -96,10 +96,48 @@ async def test_a_fresh_answer_completes_with_every_result_field(
         "attempts": "1",
         "trace_id": "4bf92f3577b34da6a3ce929d0e0e4736",
         "metadata": '{"order": 42}',
+        "stop_sequence": "",
+        "content": '[{"type":"text","text":"spam"}]',
+        # An answer recorded before the API's usage was kept whole: rebuilt from its counts.
+        "usage": (
+            '{"input_tokens":12,"output_tokens":3,"cache_creation_input_tokens":4,'
+            '"cache_read_input_tokens":5,"cache_creation":{"ephemeral_5m_input_tokens":4,'
+            '"ephemeral_1h_input_tokens":0}}'
+        ),
+        "message_id": "",
+        "request_id": "",
     }
     # The task's own TTL, resolved by the runtime as it writes every result (the `ttl`
     # field's effect end to end: tests/stages/test_cache_check.py, through the runtime).
     assert outcome.ttl_s is None
+
+
+async def test_the_result_keeps_the_whole_reply_content_blocks_usage_and_ids(
+    client: Redis, settings: Settings
+) -> None:
+    blocks = (
+        '[{"type":"thinking","thinking":"hm","signature":"c2ln"},{"type":"text","text":"Let '
+        'me look."},{"type":"tool_use","id":"toolu_1","name":"lookup","input":{"q":"x"}}]'
+    )
+    usage = '{"input_tokens":12,"output_tokens":3,"server_tool_use":null,"service_tier":"standard"}'
+    reply = answer(
+        settings,
+        output="Let me look.",
+        content=blocks,
+        stop_reason="tool_use",
+        stop_sequence=None,
+        api_usage=usage,
+        message_id="msg_01",
+        request_id="req_01",
+    )
+    result = dict((await run_store(client, settings, message(FIELDS, reply))).result or {})
+    assert (result["content"], result["usage"], result["output"]) == (blocks, usage, "Let me look.")
+    assert (result["stop_reason"], result["message_id"], result["request_id"]) == (
+        "tool_use", "msg_01", "req_01",
+    )  # fmt: skip
+    stopped = answer(settings, stop_reason="stop_sequence", stop_sequence="END")
+    result = dict((await run_store(client, settings, message(FIELDS, stopped))).result or {})
+    assert (result["stop_reason"], result["stop_sequence"]) == ("stop_sequence", "END")
 
 
 async def test_the_store_never_writes_the_response_cache(client: Redis, settings: Settings) -> None:
