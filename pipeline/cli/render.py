@@ -252,7 +252,8 @@ def _percent(share: float | None) -> str:
 
 
 def result_view(task_id: str, result: Mapping[str, str]) -> RenderableType:
-    """The result hash, known fields first, JSON values indented."""
+    """The result hash, known fields first, JSON values indented; fields that would say
+    nothing (an empty error or id, content that is just the output) left out."""
     status = result.get("status", "")
     table = Table(show_header=False, title=Text(f"result {task_id}"), title_justify="left")
     table.add_column("field", style="bold")
@@ -262,9 +263,24 @@ def result_view(task_id: str, result: Mapping[str, str]) -> RenderableType:
         value = result[name]
         if name == "status":
             table.add_row(name, Text(value, style="green" if status == "completed" else "red"))
-        elif name != "error" or value:
+        elif not _says_nothing(name, value, result):
             table.add_row(name, _pretty(value))
     return table
+
+
+_EMPTY_UNLESS_SET = frozenset({"error", "stop_sequence", "message_id", "request_id"})
+
+
+def _says_nothing(name: str, value: str, result: Mapping[str, str]) -> bool:
+    if name in _EMPTY_UNLESS_SET:
+        return not value
+    if name == "content":
+        plain = [{"type": "text", "text": result.get("output", "")}]
+        try:
+            return value in ("", "[]") or json.loads(value) == plain
+        except ValueError:
+            return False
+    return False
 
 
 def dlq_table(letters: Sequence[DeadLetter], now_ms: int | None = None) -> RenderableType:
