@@ -20,7 +20,13 @@ holds its full concurrency in flight):
     they were what the lag p99 was made of. The worker now freezes its start-up heap and
     raises the young-generation threshold itself (`pipeline/worker.py`); `--gc-tuned` only
     applies the same settings a second time and is kept for comparison runs.
-The last line is `cpu_ms_per_call=<n>`.
+The last line is `cpu_ms_per_call=<n>` (of the first mode).
+
+`--modes text,tools,streamed,tools-streamed` runs the same workload once per mode, side by
+side in one run (this machine is noisy), and prints each mode's CPU per call as a ratio to
+the first: `tools` sends two tool definitions with `tool_choice` auto (the fake answers with
+a text block and a `tool_use` block), `streamed` has every call streamed (server-sent events
+assembled into the message), `tools-streamed` both.
 """
 
 from __future__ import annotations
@@ -170,13 +176,41 @@ def _raise_nofile() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
-def preload(client: redis.Redis, stream: str, n: int) -> None:
+TOOLS = [
+    {
+        "name": "lookup_order",
+        "description": "Look an order up by its id.",
+        "input_schema": {
+            "type": "object",
+            "properties": {"order_id": {"type": "string"}, "verbose": {"type": "boolean"}},
+            "required": ["order_id"],
+        },
+    },
+    {
+        "name": "refund",
+        "description": "Refund an order.",
+        "input_schema": {
+            "type": "object",
+            "properties": {"order_id": {"type": "string"}, "amount": {"type": "number"}},
+            "required": ["order_id", "amount"],
+        },
+    },
+]
+MODES = ("text", "tools", "streamed", "tools-streamed")
+
+
+def preload(client: redis.Redis, stream: str, n: int, mode: str = "text") -> None:
     """n Routed tasks straight onto the call stream, as the router would hand them on."""
     now = int(time.time() * 1000)
     pipe = client.pipeline(transaction=False)
+    params: dict[str, Any] = {}
+    if mode.startswith("tools"):
+        params = {"tools": TOOLS, "tool_choice": {"type": "auto"}}
     for i in range(n):
         text = f"task {i}: summarise this paragraph about streams and leases. " * 8
-        request = Request(messages=[{"role": "user", "content": text}], type="summarise")
+        request = Request(
+            messages=[{"role": "user", "content": text}], type="summarise", params=params
+        )
         body = Routed(request=request, family=FAMILY, model=MODEL, max_tokens=300)
         env = Envelope(
             v=WIRE_VERSION, task_id=f"b{i}", fields={"prompt": text}, attempt=1,
@@ -271,15 +305,18 @@ def pct(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))] if ordered else float("nan")
 
 
-def run(args: argparse.Namespace, url: str, workdir: Path) -> float:
+def run(args: argparse.Namespace, url: str, workdir: Path, mode: str = "text") -> float:
+    workdir.mkdir(parents=True, exist_ok=True)
     fake, base_url = start_fake(args.latency_ms, args.sigma, workdir)
-    prefix = f"bcc{os.getpid()}"
+    prefix = f"bcc{os.getpid()}{mode.replace('-', '')}"
     keys = Keys(prefix)
     client = redis.Redis.from_url(url)
-    preload(client, keys.stream("call", FAMILY), args.tasks)
-    config = workdir / "pipeline.toml"
+    preload(client, keys.stream("call", FAMILY), args.tasks, mode)
+    config = workdir / f"pipeline-{mode}.toml"
+    stream_from = 1 if mode.endswith("streamed") else 64_000
     config.write_text(
         f'[claude]\nbase_url = "{base_url}"\ntimeout_s = 120\nmodels = {{ {FAMILY} = "{MODEL}" }}\n'
+        f"stream_from_max_tokens = {stream_from}\n"
         f'[router]\ndefault_family = "{FAMILY}"\n'
         f'[stages.claude-call]\nconcurrency = {args.inflight}\nread_count = 512\n'
     )  # fmt: skip
@@ -321,7 +358,9 @@ def run(args: argparse.Namespace, url: str, workdir: Path) -> float:
     seconds = window.t1 - window.t0
     cpu_ms = (window.cpu1 - window.cpu0) * 1000 / calls
     not_ok = {code: n for code, n in stats["by_status"].items() if code != "200"}
-    head = f"claude-call worker, 1 process, {args.tasks:,} tasks, concurrency {args.inflight}"
+    head = (
+        f"[{mode}] claude-call worker, 1 process, {args.tasks:,} tasks, concurrency {args.inflight}"
+    )
     print(f"{head}, fake latency median {args.latency_ms:.0f} ms (lognormal sigma {args.sigma})")
     print(f"  steady window: {calls:,} calls in {seconds:.1f}s = {calls / seconds:,.0f} calls/s")
     print(f"  in flight (pending) in window: min {min(window.pending)}, "
@@ -338,6 +377,8 @@ def run(args: argparse.Namespace, url: str, workdir: Path) -> float:
           f"client_gone {stats['client_gone']}, max calls per request "
           f"{stats['max_calls_per_request']}")  # fmt: skip
     print(f"  worker transient errors: {dict(errors) or 'none'}")
+    seen = stats.get("params_seen", {})
+    print(f"  parameters the fake received: {seen or 'not reported'}")
     print(f"lag_p99_ms={pct(lags, 99):.1f}")
     print(f"connection_errors={sum(not_ok.values()) + sum(errors.values())}")
     return cpu_ms
@@ -352,6 +393,8 @@ def main() -> None:
     parser.add_argument("--sigma", type=float, default=0.5, help="lognormal sigma of latency")
     parser.add_argument("--gc-tuned", action="store_true",
                         help="apply tune_gc() again (the worker already does)")  # fmt: skip
+    parser.add_argument("--modes", default="text",
+                        help=f"comma-separated: {','.join(MODES)}")  # fmt: skip
     parser.add_argument("--redis-url", default=None,
                         help="default: a private redis-server started for the run")  # fmt: skip
     args = parser.parse_args()
@@ -361,13 +404,24 @@ def main() -> None:
     if url is None:
         server = RedisServer(workdir / "redis").start()
         url = server.url
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = sorted(set(modes) - set(MODES))
+    if unknown:
+        parser.error(f"--modes: unknown mode {unknown[0]!r} (one of {', '.join(MODES)})")
+    results: dict[str, float] = {}
     try:
-        cpu_ms = run(args, url, workdir)
+        for mode in modes:
+            results[mode] = run(args, url, workdir / mode if len(modes) > 1 else workdir, mode)
     finally:
         if server:
             server.stop()
     print(f"logs in {workdir}")
-    print(f"cpu_ms_per_call={cpu_ms:.2f}")
+    if len(results) > 1:
+        base = results[modes[0]]
+        print(f"{'mode':<16}{'CPU ms/call':>12}{'ratio':>8}")
+        for mode, cpu_ms in results.items():
+            print(f"{mode:<16}{cpu_ms:>12.2f}{cpu_ms / base:>8.2f}")
+    print(f"cpu_ms_per_call={results[modes[0]]:.2f}")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,12 @@ _INTS = frozenset(
 )
 _NUMBERS = frozenset({"cost_usd"})
 _BOOLS = frozenset({"cached"})
-_JSON = frozenset({"metadata", "messages"})  # JSON text the producer sent
+#: JSON text: the producer's (metadata, messages, the Messages parameters) and the API's
+#: (the answer's content blocks and usage).
+_JSON = frozenset(
+    {"metadata", "messages", "content", "usage", "tools", "tool_choice", "thinking",
+     "stop_sequences", "output_format", "cache_control", "params"}
+)  # fmt: skip
 
 
 def typed_result(found: Mapping[str, str]) -> dict[str, Any]:

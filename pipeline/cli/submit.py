@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
+from pipeline.claude.request import WIRE_FIELDS
 from pipeline.claude.settings import Settings
 from pipeline.cli import render
 from pipeline.cli.common import AppOpt, ConfigOpt, JsonOpt, err, out, run_async, settings_from
@@ -81,6 +82,26 @@ def submit(
     metadata: Annotated[
         str | None, typer.Option(help="JSON object returned with the result.")
     ] = None,
+    tools: Annotated[
+        str | None,
+        typer.Option(help="Tool definitions: a JSON array, or @FILE holding one."),
+    ] = None,
+    stop: Annotated[
+        list[str] | None,
+        typer.Option("--stop", help="A stop sequence (repeatable)."),
+    ] = None,
+    thinking_budget: Annotated[
+        int | None,
+        typer.Option(help="Extended thinking with this budget of tokens (at least 1024)."),
+    ] = None,
+    extra_fields: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--field",
+            help='Any other wire field as NAME=VALUE, e.g. tool_choice=\'{"type":"any"}\', '
+            "top_k=40 or params=@params.json (repeatable; @FILE reads the value from a file).",
+        ),
+    ] = None,
     wait: Annotated[
         float | None,
         typer.Option(
@@ -123,7 +144,23 @@ def submit(
         "cache": cache,
         "ttl": ttl,
         "metadata": metadata,
+        "tools": _value("tools", tools),
+        "stop_sequences": json.dumps(stop) if stop else None,
+        "thinking": (
+            json.dumps({"type": "enabled", "budget_tokens": thinking_budget})
+            if thinking_budget is not None
+            else None
+        ),
     }
+    for item in extra_fields or []:
+        name, eq, value = item.partition("=")
+        if not eq or not name:
+            raise typer.BadParameter(f"--field {item!r}: give NAME=VALUE")
+        if name not in WIRE_FIELDS:
+            raise typer.BadParameter(f"--field {name}: not a field of the wire format")
+        if task.get(name) is not None or name == "prompt":
+            raise typer.BadParameter(f"--field {name}: given twice (it has an option of its own)")
+        task[name] = _value(name, value)
     with _producer_tracing():
         new_id, result, why = run_async(_submit_one(settings, prompt, task, wait, app_spec))
     if wait is None:
@@ -132,6 +169,18 @@ def submit(
         raise _no_result(f"submitted {new_id}; no result within {wait:g}s", why)
     else:
         _show_result(new_id, result, as_json)
+
+
+def _value(name: str, value: str | None) -> str | None:
+    """A field's value as given, or read from the file it names as `@FILE`."""
+    if value is None or not value.startswith("@"):
+        return value
+    try:
+        return Path(value[1:]).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise fail(
+            f"{name}: {value[1:]}: {exc.strerror or exc}", Code.USAGE, label="file"
+        ) from None
 
 
 def _producer_tracing() -> contextlib.AbstractContextManager[None]:

@@ -154,8 +154,22 @@ class Client:
         metadata: Mapping[str, object] | str | None = None,
         traceparent: str | None = None,
         tracestate: str | None = None,
+        tools: Sequence[Mapping[str, object]] | str | None = None,
+        tool_choice: Mapping[str, object] | str | None = None,
+        thinking: Mapping[str, object] | str | None = None,
+        stop_sequences: Sequence[str] | str | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        service_tier: str | None = None,
+        output_format: Mapping[str, object] | str | None = None,
+        cache_control: Mapping[str, object] | str | None = None,
+        user_id: str | None = None,
+        params: Mapping[str, object] | str | None = None,
     ) -> str:
         """Add one task to the ingress and return its id: `id`, else a new `uuid4().hex`.
+
+        The Messages parameters (`tools` … `user_id`) and `params` (any other one) are sent
+        as the API takes them, as Python values or their JSON text (DESIGN: wire format).
 
         The task is sent with its id either way, so it can be sent again safely: if this
         raises `SubmitFailed`, `submit(..., id=exc.ids[0])` with the same arguments (or
@@ -187,6 +201,17 @@ class Client:
                 "metadata": metadata,
                 "traceparent": traceparent,
                 "tracestate": tracestate,
+                "tools": tools,
+                "tool_choice": tool_choice,
+                "thinking": thinking,
+                "stop_sequences": stop_sequences,
+                "top_p": top_p,
+                "top_k": top_k,
+                "service_tier": service_tier,
+                "output_format": output_format,
+                "cache_control": cache_control,
+                "user_id": user_id,
+                "params": params,
             },
             self.settings,
         )

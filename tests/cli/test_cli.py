@@ -141,7 +141,34 @@ def test_submit_and_result_round_trip(
         **{name: 0 for name in ("input_tokens", "output_tokens", "cache_read_input_tokens",
                                 "cache_creation_input_tokens", "attempts", "call_ms")},
         "cost_usd": 0.0, "cached": False, "metadata": {}, "latency_ms": None,
+        "content": [], "usage": {},  # the API's JSON, as JSON
     }  # fmt: skip
+
+
+def test_submit_sends_the_messages_parameters(
+    env: dict[str, str], prefix: str, rclient: redis.Redis, tmp_path: Path
+) -> None:
+    tools = [{"name": "lookup", "input_schema": {"type": "object"}}]
+    (tmp_path / "tools.json").write_text(json.dumps(tools))
+    (tmp_path / "params.json").write_text('{"inference_geo": "us"}')
+    proc = cli(env, "submit", "Find order 42", "--tools", f"@{tmp_path / 'tools.json'}",
+               "--stop", "END", "--stop", "STOP", "--thinking-budget", "2048",
+               "--field", 'tool_choice={"type": "any"}', "--field", "top_k=40",
+               "--field", f"params=@{tmp_path / 'params.json'}")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    [(_, raw)] = rclient.xrange(Keys(prefix).ingress)
+    fields = {k.decode(): v.decode() for k, v in raw.items()}
+    assert json.loads(fields["tools"]) == tools
+    assert json.loads(fields["stop_sequences"]) == ["END", "STOP"]
+    assert json.loads(fields["thinking"]) == {"type": "enabled", "budget_tokens": 2048}
+    assert json.loads(fields["tool_choice"]) == {"type": "any"}
+    assert (fields["top_k"], fields["params"]) == ("40", '{"inference_geo": "us"}')
+    bad = one_error_line(cli(env, "submit", "x", "--field", "top_k=0"), code=2)
+    assert "top_k: must be a whole number of at least 1" in bad
+    unknown = one_error_line(cli(env, "submit", "x", "--field", "colour=red"), code=2)
+    assert "colour" in unknown
+    twice = cli(env, "submit", "x", "--stop", "A", "--field", "stop_sequences=[]")
+    assert twice.returncode == 2 and "given twice" in twice.stderr
 
 
 def test_submit_wait_prints_the_result(

@@ -94,6 +94,44 @@ async def test_submit_writes_exactly_the_wire_fields(client: Client, rclient: re
 
 
 @pytest.mark.anyio
+async def test_submit_writes_the_messages_parameters_as_json(
+    client: Client, rclient: redis.Redis
+) -> None:
+    tools = [{"name": "lookup", "input_schema": {"type": "object"}}]
+    await client.submit(
+        "Find order 42",
+        id="agent-1",
+        tools=tools,
+        tool_choice={"type": "tool", "name": "lookup"},
+        thinking={"type": "enabled", "budget_tokens": 1024},
+        stop_sequences=["END"],
+        top_p=0.9,
+        top_k=40,
+        service_tier="auto",
+        output_format='{"type": "json_schema", "schema": {"type": "object"}}',
+        cache_control={"type": "ephemeral"},
+        user_id="user-7",
+        params={"inference_geo": "us"},
+    )
+    [(_, fields)] = entries(rclient, client.keys)
+    assert {k: v for k, v in fields.items() if k not in ("prompt", "id", "model", "type")} == {
+        "tools": '[{"name":"lookup","input_schema":{"type":"object"}}]',
+        "tool_choice": '{"type":"tool","name":"lookup"}',
+        "thinking": '{"type":"enabled","budget_tokens":1024}',
+        "stop_sequences": '["END"]',
+        "top_p": "0.9",
+        "top_k": "40",
+        "service_tier": "auto",
+        "output_format": '{"type": "json_schema", "schema": {"type": "object"}}',  # as given
+        "cache_control": '{"type":"ephemeral"}',
+        "user_id": "user-7",
+        "params": '{"inference_geo":"us"}',
+    }
+    with pytest.raises(InvalidTask, match=r"^tool_choice\.name: 'other' is not one of the tools"):
+        await client.submit("x", tools=tools, tool_choice={"type": "tool", "name": "other"})
+
+
+@pytest.mark.anyio
 async def test_a_client_without_arguments_is_configured_as_the_workers_are(
     fast_env: dict[str, str], rclient: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
