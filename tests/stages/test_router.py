@@ -223,8 +223,9 @@ async def test_no_rules_send_every_auto_task_to_the_default_family(
         ),
         (
             '[[router.rules]]\ntypes = ["a"]\nmodel = "gpt-4o"\n',
-            "router.rules[0].model: 'gpt-4o' is no configured model id (claude.models) and no "
-            "claude-* id naming one of haiku, opus, sonnet",
+            "router.rules[0].model: 'gpt-4o' is no configured model id (claude.models), "
+            "matches no claude.families rule and is no claude-* id naming one of haiku, opus, "
+            "sonnet",
         ),
         (
             '[[router.rules]]\ntypes = ["Classify"]\nfamily = "haiku"\n',
@@ -283,8 +284,9 @@ async def test_unknown_models_fail_with_the_choices(
 ) -> None:
     outcome = await route(client, routing(fast_env), prompt="q", model=model)
     assert outcome == Fail(
-        f"unknown model '{model}': use auto, haiku, sonnet, opus, or a claude model id "
-        "that names one of those families (claude-<family>-...)"
+        f"unknown model '{model}': use auto, haiku, sonnet, opus, a claude id naming one of "
+        "those families (claude-<family>-...), or add the family to [claude.models] "
+        "(docs/ROUTING.md)"
     )
 
 
@@ -295,8 +297,9 @@ async def test_a_family_missing_from_config_is_unknown(
     settings = routing(fast_env, claude__models=two)
     outcome = await route(client, settings, prompt="q", model="claude-opus-4-1")
     assert outcome == Fail(
-        "unknown model 'claude-opus-4-1': use auto, haiku, sonnet, or a claude model id "
-        "that names one of those families (claude-<family>-...)"
+        "unknown model 'claude-opus-4-1': use auto, haiku, sonnet, a claude id naming one of "
+        "those families (claude-<family>-...), or add the family to [claude.models] "
+        "(docs/ROUTING.md)"
     )
 
 
