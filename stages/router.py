@@ -11,8 +11,7 @@ family, since rate limits are per family.
 from __future__ import annotations
 
 from pipeline import Fail, Forward, Handler, Message, Outcome, Services, Settings, Stage
-from pipeline.claude import Request, Route, Routed, prompt_chars, route
-from pipeline.claude.routing import unknown_model
+from pipeline.claude import Request, Route, Routed, prompt_chars, route, unknown_model
 
 
 async def build(services: Services[Settings]) -> Handler:

@@ -26,7 +26,7 @@ _CLAUDE_API = [
     "Admission", "Answer", "Budget", "Caller", "Claim", "ClaimState", "Flights", "LeadLost",
     "Ledger", "Request", "Reservation", "ResponseCache", "Route", "Routed", "Settings",
     "TaskRecords", "Usage", "load_settings", "micro_usd", "parse_request", "prompt_chars",
-    "route", "route_to", "usd", "validate_request",
+    "route", "route_to", "unknown_model", "usd", "validate_request",
 ]  # fmt: skip
 
 _CLIENT_API = [

@@ -17,7 +17,7 @@ from pipeline.claude.flights import Flights, LeadLost
 from pipeline.claude.ledger import Ledger
 from pipeline.claude.pricing import micro_usd, usd
 from pipeline.claude.request import parse_request, prompt_chars, validate_request
-from pipeline.claude.routing import route, route_to
+from pipeline.claude.routing import route, route_to, unknown_model
 from pipeline.claude.settings import Settings
 from pipeline.claude.task import Answer, Request, Route, Routed, Usage
 from pipeline.claude.task_record import Admission, Claim, ClaimState, TaskRecords
@@ -49,6 +49,7 @@ __all__ = [
     "prompt_chars",
     "route",
     "route_to",
+    "unknown_model",
     "usd",
     "validate_request",
 ]
