@@ -131,8 +131,8 @@ def test_a_family_added_in_config_alone_gets_its_own_lane_end_to_end(
     for family in settings.claude.models:
         (group,) = rclient.xinfo_groups(keys.stream("call", family))
         assert group["name"].decode() == "claude-call"
-        delivered[family] = group["entries-read"]
-    assert delivered == {"haiku": None, "sonnet": None, "opus": 1, "fable": 4}
+        delivered[family] = group["entries-read"] or 0  # nil: never read
+    assert delivered == {"haiku": 0, "sonnet": 0, "opus": 1, "fable": 4}  # the fake never fails
     # Its own rate limits: the limiter keeps a (key, fable) state of its own.
     families = {k.decode().rsplit(":", 1)[1] for k in rclient.scan_iter(f"{prefix}:{{rl}}:*")}
     assert {"fable", "opus"} <= families
