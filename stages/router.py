@@ -11,7 +11,7 @@ family, since rate limits are per family.
 from __future__ import annotations
 
 from pipeline import Fail, Forward, Handler, Message, Outcome, Services, Settings, Stage
-from pipeline.claude import Request, Route, Routed, prompt_chars, route
+from pipeline.claude import Request, Route, Routed, prompt_chars, route, unknown_model
 
 
 async def build(services: Services[Settings]) -> Handler:
@@ -24,11 +24,7 @@ async def build(services: Services[Settings]) -> Handler:
         if not isinstance(decision, Route | None):  # from a release that carried none
             decision = route(request, settings, prompt_chars(request))
         if decision is None:
-            families = ", ".join(settings.claude.models)
-            return Fail(
-                f"unknown model {request.model!r}: use auto, {families}, or a claude model id "
-                f"that names one of those families (claude-<family>-...)"
-            )
+            return Fail(unknown_model(request.model, settings.claude))
         return Forward("claude-call", Routed.applying(request, decision), lane=decision.family)
 
     return handle

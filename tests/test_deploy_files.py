@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import tomllib
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -55,6 +56,22 @@ DEFAULTS = load_settings(env={})
 STAGES: tuple[Stage, ...] = stages.app(DEFAULTS).stages
 STAGE_NAMES = [s.name for s in STAGES]
 STAGE_BY_NAME = {s.name: s for s in STAGES}
+
+
+def _deployed_stages() -> tuple[Stage, ...]:
+    """The stages as the Kubernetes pods build them, from the ConfigMap's pipeline.toml: its
+    `[claude.models]` decides claude-call's lanes, so a family added there needs its own
+    `claude-call-<family>` Deployment (docs/DEPLOY.md "Adding a model family")."""
+    for doc in yaml.safe_load_all((DEPLOY / "config.yaml").read_text()):
+        if doc and doc["kind"] == "ConfigMap" and doc["metadata"]["name"] == "pipeline-config":
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "pipeline.toml"
+                path.write_text(doc["data"]["pipeline.toml"])
+                return stages.app(load_settings(path, env={})).stages
+    raise AssertionError("deploy/config.yaml holds no pipeline-config ConfigMap")
+
+
+DEPLOYED_STAGES = _deployed_stages()
 TARGET_LABELS = set(metric_names.TARGET_LABELS)
 
 
@@ -156,8 +173,9 @@ def _published(service: dict[str, Any]) -> list[tuple[str, int, int]]:
     return found
 
 
-def _parse_cli(argv: list[str]) -> dict[str, Any]:
-    """Parse a `pipeline ...` command line with the real CLI (types, ranges, unknown options)."""
+def _parse_cli(argv: list[str], app: Sequence[Stage] = STAGES) -> dict[str, Any]:
+    """Parse a `pipeline ...` command line with the real CLI (types, ranges, unknown options);
+    a worker's stages and lanes must be `app`'s."""
     assert argv[0] == "pipeline", argv
     command = typer.main.get_command(cli_app).commands[argv[1]]  # type: ignore[attr-defined]
     with command.make_context(argv[1], list(argv[2:])) as ctx:
@@ -165,8 +183,9 @@ def _parse_cli(argv: list[str]) -> dict[str, Any]:
         params = {k: list(v) if isinstance(v, tuple) else v for k, v in ctx.params.items()}
     if argv[1] == "worker":  # the CLI checks stages and lanes once it has loaded the app
         assert params["app_spec"] == "stages:app", argv
-        assert set(params["stage"]) <= set(STAGE_NAMES), argv
-        selected = STAGES if params["all_stages"] else [STAGE_BY_NAME[n] for n in params["stage"]]
+        by_name = {stage.name: stage for stage in app}
+        assert set(params["stage"]) <= set(by_name), argv
+        selected = app if params["all_stages"] else [by_name[n] for n in params["stage"]]
         lanes = {lane for stage in selected for lane in stage.lanes}
         assert set(params["lane"]) <= lanes, f"{argv}: lanes are {sorted(lanes)}"
     return params
@@ -203,14 +222,14 @@ def _expected_deployments() -> dict[str, tuple[Stage, str | None]]:
     laned stage (claude-call per model family: rate limits are per family)."""
     return {
         stage.name if lane is None else f"{stage.name}-{lane}": (stage, lane)
-        for stage in STAGES
+        for stage in DEPLOYED_STAGES
         for lane in stage.lanes or (None,)
     }
 
 
 def _worker_params(deployment: dict[str, Any]) -> dict[str, Any]:
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
-    return _parse_cli(container["command"])
+    return _parse_cli(container["command"], DEPLOYED_STAGES)
 
 
 def _secret_example() -> dict[str, Any]:

@@ -18,7 +18,7 @@ from pipeline.claude.ledger import Ledger
 from pipeline.claude.long_calls import call_timeout_s, streams
 from pipeline.claude.pricing import micro_usd, usd
 from pipeline.claude.request import WIRE_FIELDS, parse_request, prompt_chars, validate_request
-from pipeline.claude.routing import route, route_to
+from pipeline.claude.routing import route, route_to, unknown_model
 from pipeline.claude.settings import Settings
 from pipeline.claude.task import Answer, Request, Route, Routed, Usage
 from pipeline.claude.task_record import Admission, Claim, ClaimState, TaskRecords
@@ -53,6 +53,7 @@ __all__ = [
     "route",
     "route_to",
     "streams",
+    "unknown_model",
     "usd",
     "validate_request",
 ]

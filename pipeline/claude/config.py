@@ -1,7 +1,8 @@
 """`load_settings`: the pipeline's settings, loaded and checked once at start.
 
-The rules that need the domain (router rules name known families, every price table prices
-every family) are checked by the modules that apply them, so each rule is written once.
+The rules that need the domain (family rules and router rules name known families; with a
+budget on, every price table in force prices every family) are checked by the modules that
+apply them, so each rule is written once.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from pipeline.claude.pricing import PriceTable
+from pipeline.claude.pricing import check_prices
 from pipeline.claude.routing import check_router
 from pipeline.claude.settings import Settings, check_moved_settings
 from pipeline.runtime.settings import load
@@ -30,5 +31,5 @@ def load_settings(
     """
     settings = load(Settings, path, env, overrides, check_raw=check_moved_settings)
     check_router(settings)
-    PriceTable.from_settings(settings)
+    check_prices(settings)
     return settings

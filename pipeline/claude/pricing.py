@@ -4,6 +4,11 @@ Prices are USD per million tokens, which is micro-dollars per token. Every rate 
 into a whole number of pico-dollars per token when the table is loaded (checked at start),
 so a cost is an exact integer and any sum of costs equals the summed tokens x price: the
 ledger keeps pico-dollars and rounds to micro-dollars only when it reports.
+
+A model id not listed is priced as its family (`pipeline.claude.routing.family_of`, the one
+decision of an id's family): the family's entry, else its configured model id's. A model with
+no price costs 0 (the ledger logs it); with a budget on, every family must be priced
+(`check_prices`), or the budget could not bound its calls.
 """
 
 from __future__ import annotations
@@ -11,19 +16,18 @@ from __future__ import annotations
 import bisect
 import datetime
 import math
-import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 
-from pipeline.claude.settings import PriceTableSettings, Settings
+from pipeline.claude.routing import family_of
+from pipeline.claude.settings import ClaudeSettings, PriceTableSettings, Settings
 from pipeline.claude.task import Usage
 from pipeline.runtime.errors import ConfigError
 
 PICO_PER_MICRO = 1_000_000
 MICRO_PER_USD = 1_000_000
 _PICO_PER_TOKEN = Decimal(PICO_PER_MICRO)  # per (USD per million tokens)
-_ID_TOKENS = re.compile(r"[-.:@/_]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,15 +60,26 @@ class DayPrices:
     since: datetime.date
     list_rates: Mapping[str, Rates]
     batch_rates: Mapping[str, Rates]
+    # The families (and their rules) that ids not listed are priced by.
+    claude: ClaudeSettings = field(default_factory=ClaudeSettings)
 
     def rates(self, model: str, *, batch: bool = False) -> Rates | None:
-        """The model id's own rates, else its family's; None if neither is listed."""
+        """The model id's own rates, else its family's (the family's entry, else its
+        configured model id's); None if none is listed."""
         table = self.batch_rates if batch else self.list_rates
         found = table.get(model)
         if found is not None:
             return found
-        tokens = set(_ID_TOKENS.split(model.lower()))
-        return next((rates for name, rates in table.items() if name in tokens), None)
+        family = family_of(model, self.claude)
+        if family is None:
+            return None
+        found = table.get(family)
+        return found if found is not None else table.get(self.claude.models[family])
+
+    def unpriced(self) -> dict[str, str]:
+        """Family -> configured model id, for every family this table has no price for."""
+        models = self.claude.models
+        return {family: models[family] for family in models if self.rates(models[family]) is None}
 
 
 class PriceTable:
@@ -81,7 +96,10 @@ class PriceTable:
         tables = settings.prices.tables
         if not tables:
             raise ConfigError("prices.tables", "needs at least one table")
-        days = [_day_prices(table, f"prices.tables[{i}]") for i, table in enumerate(tables)]
+        days = [
+            _day_prices(table, f"prices.tables[{i}]", settings.claude)
+            for i, table in enumerate(tables)
+        ]
         seen: dict[datetime.date, int] = {}
         for i, day in enumerate(days):
             if day.since in seen:
@@ -107,7 +125,34 @@ class PriceTable:
         return micro_usd(self.cost_pico(model, usage, day, batch=batch))
 
 
-def _day_prices(table: PriceTableSettings, where: str) -> DayPrices:
+def check_prices(settings: Settings, day: datetime.date | None = None) -> PriceTable:
+    """Start-up validation of `[prices]` (through `PriceTable.from_settings`) and, with a
+    budget on, that every table in force from `day` (default today, UTC) on prices every
+    family: an unpriced call would reserve and settle 0, so no budget would bound it.
+
+    Raises:
+        ConfigError: e.g. `prices.tables[0].models: no price for family 'fable'
+            (claude-fable-5): the budget cannot bound its calls; add fable = { input = ...,
+            output = ... }`.
+    """
+    prices = PriceTable.from_settings(settings)
+    budget = settings.budget
+    if budget.daily_usd is None and not budget.types:
+        return prices  # an unpriced model costs 0, and the ledger logs it
+    current = prices.on(day or today()).since  # past tables price past days only
+    for i, table in enumerate(settings.prices.tables):
+        unpriced = prices.on(table.from_).unpriced() if table.from_ >= current else {}
+        if unpriced:
+            family, model_id = next(iter(unpriced.items()))
+            raise ConfigError(
+                f"prices.tables[{i}].models",
+                f"no price for family {family!r} ({model_id}): the budget cannot bound its "
+                f"calls; add {family} = {{ input = ..., output = ... }} (USD per million tokens)",
+            )
+    return prices
+
+
+def _day_prices(table: PriceTableSettings, where: str, claude: ClaudeSettings) -> DayPrices:
     def rates(scale: float) -> dict[str, Rates]:
         out = {}
         for name, price in table.models.items():
@@ -121,7 +166,9 @@ def _day_prices(table: PriceTableSettings, where: str) -> DayPrices:
             )
         return out
 
-    return DayPrices(since=table.from_, list_rates=rates(1.0), batch_rates=rates(table.batch))
+    return DayPrices(
+        since=table.from_, list_rates=rates(1.0), batch_rates=rates(table.batch), claude=claude
+    )
 
 
 def _pico(usd_per_mtok: float, multiple: float, where: str) -> int:

@@ -36,6 +36,7 @@ __all__ = [
     "ClaudeSettings",
     "DlqSettings",
     "FamilyLimits",
+    "FamilyRule",
     "IngressSettings",
     "LedgerSettings",
     "MetricsSettings",
@@ -54,6 +55,16 @@ __all__ = [
 ]
 
 
+class FamilyRule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """`[[claude.families]]`: a model id matching any glob of `match` (`*`, `?`, `[...]`,
+    against the lower-cased id) goes to `family`'s lane. Rules are read in order, after the
+    aliases and configured ids and before the built-in rule (a `claude` id naming a family):
+    applied by `pipeline.claude.routing.family_of`, checked at start by `check_families`."""
+
+    family: str
+    match: list[str]
+
+
 class ClaudeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """The Anthropic API. The key comes from ANTHROPIC_API_KEY only (never from a file)."""
 
@@ -69,6 +80,8 @@ class ClaudeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
             "opus": "claude-opus-5-5",
         }
     )
+    # Which family's lane other model ids take, for ids that name none (docs/ROUTING.md).
+    families: list[FamilyRule] = msgspec.field(default_factory=list)
     # How long a stage pauses after the API refuses the credentials (401/403).
     auth_pause_s: PosFloat = 30.0
     # Calls asking for this many output tokens or more are streamed, and so are calls with

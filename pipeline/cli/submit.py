@@ -60,7 +60,11 @@ def submit(
         str, typer.Option("--type", "-t", help="Task type, for routing rules and cost.")
     ] = "default",
     model: Annotated[
-        str, typer.Option(help="auto (the router decides), haiku/sonnet/opus, or a model id.")
+        str,
+        typer.Option(
+            help="auto (the router decides), a family of [claude.models] (haiku, sonnet, "
+            "opus by default), or a model id."
+        ),
     ] = "auto",
     max_tokens: Annotated[
         int | None, typer.Option(help="Output token limit (default from config).")

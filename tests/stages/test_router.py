@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import re
 import time
 from collections.abc import AsyncIterator
@@ -13,7 +14,9 @@ import pytest
 from redis.asyncio import Redis
 
 from pipeline import Fail, Forward, Keys, Message, Services, Settings, load_settings
+from pipeline.claude.pricing import PriceTable
 from pipeline.claude.request import parse_request
+from pipeline.claude.routing import family_of
 from pipeline.claude.task import Routed
 from pipeline.runtime.errors import ConfigError
 from pipeline.runtime.wire import ENVELOPE_FIELD, decode_entry, encode_body, encode_envelope
@@ -223,8 +226,9 @@ async def test_no_rules_send_every_auto_task_to_the_default_family(
         ),
         (
             '[[router.rules]]\ntypes = ["a"]\nmodel = "gpt-4o"\n',
-            "router.rules[0].model: 'gpt-4o' is no configured model id (claude.models) and no "
-            "claude-* id naming one of haiku, opus, sonnet",
+            "router.rules[0].model: 'gpt-4o' is no configured model id (claude.models), "
+            "matches no claude.families rule and is no claude-* id naming one of haiku, opus, "
+            "sonnet",
         ),
         (
             '[[router.rules]]\ntypes = ["Classify"]\nfamily = "haiku"\n',
@@ -283,8 +287,9 @@ async def test_unknown_models_fail_with_the_choices(
 ) -> None:
     outcome = await route(client, routing(fast_env), prompt="q", model=model)
     assert outcome == Fail(
-        f"unknown model '{model}': use auto, haiku, sonnet, opus, or a claude model id "
-        "that names one of those families (claude-<family>-...)"
+        f"unknown model '{model}': use auto, haiku, sonnet, opus, a claude id naming one of "
+        "those families (claude-<family>-...), or add the family to [claude.models] "
+        "(docs/ROUTING.md)"
     )
 
 
@@ -295,8 +300,9 @@ async def test_a_family_missing_from_config_is_unknown(
     settings = routing(fast_env, claude__models=two)
     outcome = await route(client, settings, prompt="q", model="claude-opus-4-1")
     assert outcome == Fail(
-        "unknown model 'claude-opus-4-1': use auto, haiku, sonnet, or a claude model id "
-        "that names one of those families (claude-<family>-...)"
+        "unknown model 'claude-opus-4-1': use auto, haiku, sonnet, a claude id naming one of "
+        "those families (claude-<family>-...), or add the family to [claude.models] "
+        "(docs/ROUTING.md)"
     )
 
 
@@ -334,12 +340,18 @@ async def test_the_request_travels_on_unchanged(client: Redis, fast_env: dict[st
 def test_the_docs_examples_load_and_show_the_real_defaults(tmp_path: Path) -> None:
     docs = Path(__file__).parents[2] / "docs" / "ROUTING.md"
     examples = re.findall(r"```toml\n(.*?)```", docs.read_text(), re.S)
-    assert len(examples) == 3
+    assert len(examples) == 6
     loaded = []
     for i, example in enumerate(examples):
         path = tmp_path / f"example{i}.toml"
         path.write_text(example)
         loaded.append(load_settings(path, env={}))
-    assert loaded[0].router == Settings().router, "docs/ROUTING.md shows stale defaults"
-    assert loaded[1].router.rules[1].model == "claude-opus-4-1"
-    assert loaded[2].cache.ttl_for("chat") == 0
+    defaults, added, ruled, router_defaults, rules, cache = loaded
+    assert defaults.claude.models == Settings().claude.models, "stale default families"
+    assert tuple(added.claude.models) == ("haiku", "sonnet", "opus", "fable")
+    assert family_of("claude-fable-5-20260301", added.claude) == "fable"
+    assert PriceTable.from_settings(added).on(datetime.date(2026, 3, 1)).unpriced() == {}
+    assert family_of("claude-mythos-preview", ruled.claude) == "opus"
+    assert router_defaults.router == Settings().router, "docs/ROUTING.md shows stale defaults"
+    assert rules.router.rules[1].model == "claude-opus-4-1"
+    assert cache.cache.ttl_for("chat") == 0
