@@ -55,7 +55,7 @@ class Routed(msgspec.Struct, frozen=True, kw_only=True):
     """A request with its model decided."""
 
     request: Request
-    family: str  # the call stream (lane): haiku / sonnet / opus
+    family: str  # the call stream (lane): a configured family (claude.models)
     model: str  # the full model id sent to the API
     max_tokens: int
 
