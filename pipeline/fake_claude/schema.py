@@ -1,12 +1,12 @@
 """A deterministic instance of a JSON schema: the fake's tool inputs and structured outputs.
 
-Covers what tool and output schemas use: objects (every property, required ones first to
-last as declared, a required name without a property gets a string), arrays (`items`,
-`prefixItems`, `minItems`/`maxItems`), strings (`minLength`/`maxLength`, common `format`s),
-integers and numbers within their bounds, booleans, null, `enum` (its first value),
-`const`, `anyOf`/`oneOf` (the first non-null branch), `allOf` (merged) and local `$ref`s.
-`pattern` is not honoured. The values are drawn from a generator seeded by the caller, so the
-same request always gets the same instance.
+Covers what tool and output schemas use: objects (every property, the required ones first; a
+required name without a property gets a string), arrays (`items`, `prefixItems`,
+`minItems`/`maxItems`, `uniqueItems`), strings (`minLength`/`maxLength`, common `format`s),
+integers and numbers within their bounds (`multipleOf` for integers), booleans, null, `enum`
+(its first value), `const`, `anyOf`/`oneOf` (the first non-null branch), `allOf` (merged) and
+local `$ref`s. `pattern` and `not` are not honoured. The values are drawn from a generator
+seeded by the caller, so the same request always gets the same instance.
 """
 
 from __future__ import annotations
@@ -31,7 +31,10 @@ _FORMATS = {
     "ipv4": "192.0.2.1",
     "ipv6": "2001:db8::1",
 }
-_MAX_DEPTH = 12
+#: Below this depth objects get only their required properties and arrays only `minItems`
+#: items, so a recursive schema (a tree) ends; past `_MAX_DEPTH` a value is a plain string.
+_SHALLOW_DEPTH = 6
+_MAX_DEPTH = 24
 _TYPES = ("object", "array", "string", "integer", "number", "boolean", "null")
 
 
@@ -80,7 +83,7 @@ class _Generator:
         ref = schema.get("$ref")
         if isinstance(ref, str) and ref.startswith("#"):
             target: object = self._root
-            for part in ref[1:].split("/")[1:] if ref != "#" else []:
+            for part in ref[1:].split("/")[1:]:
                 part = part.replace("~1", "/").replace("~0", "~")
                 target = target.get(part) if isinstance(target, dict) else None
             if isinstance(target, dict) and depth < _MAX_DEPTH:
@@ -100,8 +103,9 @@ class _Generator:
         properties = properties if isinstance(properties, dict) else {}
         required = schema.get("required")
         required = [r for r in required if isinstance(r, str)] if isinstance(required, list) else []
+        optional = [p for p in properties if p not in required] if depth < _SHALLOW_DEPTH else []
         out: dict[str, Any] = {}
-        for name in [*required, *(p for p in properties if p not in required)]:
+        for name in [*required, *optional]:
             if name not in out:
                 out[name] = self.value(properties.get(name, {"type": "string"}), depth + 1)
         return out
@@ -111,7 +115,8 @@ class _Generator:
         prefix = prefix if isinstance(prefix, list) else []
         low = _int_or(schema.get("minItems"), 0)
         high = _int_or(schema.get("maxItems"), max(low, len(prefix), 1))
-        count = min(max(low, len(prefix), 1), high)
+        wanted = max(low, len(prefix), 1) if depth < _SHALLOW_DEPTH else low
+        count = min(wanted, high)
         items = schema.get("items", {})
         item_schema = items if isinstance(items, dict) else {}
         unique = schema.get("uniqueItems") is True
