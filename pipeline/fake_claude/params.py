@@ -126,7 +126,7 @@ def parse_generation(body: Mapping[str, Any], max_tokens: int | None) -> Generat
     check_tool_pairs(messages)
     gen = Generation(after_tool_result=last_user_has_tool_result(messages))
     _read_tools(gen, body.get("tools"))
-    _read_tool_choice(gen, body.get("tool_choice"), "tools" in body)
+    _read_tool_choice(gen, body.get("tool_choice"), bool(body.get("tools")))
     _read_thinking(gen, body.get("thinking"), max_tokens)
     if gen.thinking is not None:
         _check_thinking_compatible(gen, body)

@@ -143,6 +143,10 @@ def test_every_api_field_is_accepted_and_seen(fake: FakeClaudeServer, make_clien
         ({"tools": [WEATHER, WEATHER]}, "tools: Tool names must be unique."),
         ({"tools": [{"type": "Web Search"}]}, "tools.0: Input tag 'Web Search'"),
         ({"tool_choice": {"type": "auto"}}, "tool_choice may only be specified while providing"),
+        (
+            {"tools": [], "tool_choice": {"type": "any"}},
+            "tool_choice may only be specified while providing",
+        ),
         ({"tools": [WEATHER], "tool_choice": {"type": "some"}}, "tool_choice: Input tag 'some'"),
         ({"tools": [WEATHER], "tool_choice": {"type": "tool"}}, "tool_choice.tool.name: Field"),
         (

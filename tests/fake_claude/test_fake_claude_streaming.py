@@ -37,7 +37,9 @@ CASES: dict[str, dict[str, Any]] = {
         "thinking": {"type": "adaptive", "display": "omitted"},
         "tools": [BOOK],
     },
+    "thinking cut by max_tokens": {"thinking": {"type": "adaptive"}, "max_tokens": 9},
     "stop sequence": {"stop_sequences": ["-"]},
+    "stop sequence at the start (no block)": {"stop_sequences": ["fake"]},
     "structured output": {
         "output_config": {"format": {"type": "json_schema", "schema": TRIP_SCHEMA}}
     },
