@@ -1,9 +1,11 @@
 """A wire-compatible fake of the Anthropic Messages API, for tests and demos without Claude.
 
-The real `anthropic` SDK talks to it through `base_url`. Replies are deterministic per request;
-auth failures, rate limits (token buckets per key and model family), 529/500 faults and latency
-are configurable, at start (`FakeClaudeConfig`) or at runtime (POST /_fake/config), and
-GET /_fake/stats counts the calls so a test can prove each task reached Claude exactly once.
+The real `anthropic` SDK talks to it through `base_url`. Replies are deterministic per request,
+and follow what the request asks for: tool calls, thinking, structured output, stop sequences,
+streamed or not. Auth failures, rate limits (token buckets per key and model family), 529/500
+faults, streams failing halfway and latency are configurable, at start (`FakeClaudeConfig`) or
+at runtime (POST /_fake/config); GET /_fake/stats counts the calls so a test can prove each task
+reached Claude exactly once and each parameter arrived (GET /_fake/requests: the bodies).
 """
 
 from __future__ import annotations

@@ -26,6 +26,24 @@ def config_from_args(argv: Sequence[str] | None = None) -> FakeClaudeConfig:
     p.add_argument("--otpm", type=int)
     p.add_argument("--overloaded-rate", type=float, default=0.0, help="share of 529s")
     p.add_argument("--server-error-rate", type=float, default=0.0, help="share of 500s")
+    p.add_argument(
+        "--stream-error-rate",
+        type=float,
+        default=0.0,
+        help="share of streams ended halfway by an overloaded error event",
+    )
+    p.add_argument(
+        "--stream-cut-rate",
+        type=float,
+        default=0.0,
+        help="share of streams whose connection is closed halfway",
+    )
+    p.add_argument(
+        "--record-requests",
+        type=int,
+        default=0,
+        help="keep the last N request bodies for GET /_fake/requests",
+    )
     p.add_argument("--bad-key", action="append", default=[], dest="bad_keys")
     p.add_argument("--forbidden-key", action="append", default=[], dest="forbidden_keys")
     p.add_argument("--seed", type=int, default=0)

@@ -37,6 +37,11 @@ class FakeClaudeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, 
     lognormal with that sigma; `latency_cap_ms` bounds it (None = no cap).
     Limits: `rpm`/`itpm`/`otpm` apply to every (API key, model family) pair; `family_limits`
     replaces them for the families it names ("haiku", "sonnet", "opus" or a model id).
+    Faults: `overloaded_rate`/`server_error_rate` answer a request 529/500 instead;
+    `stream_error_rate`/`stream_cut_rate` fail a streamed reply halfway (an overloaded `error`
+    event, or a connection closed without message_stop).
+    Recording: the last `record_requests` valid /v1/messages bodies are kept for
+    GET /_fake/requests (0 keeps none).
     """
 
     host: str = "127.0.0.1"
@@ -50,6 +55,8 @@ class FakeClaudeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, 
     family_limits: dict[str, RateLimits] = {}
     overloaded_rate: float = 0.0
     server_error_rate: float = 0.0
+    stream_error_rate: float = 0.0
+    stream_cut_rate: float = 0.0
     bad_keys: frozenset[str] = frozenset()
     forbidden_keys: frozenset[str] = frozenset()
     seed: int = 0
@@ -58,6 +65,7 @@ class FakeClaudeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, 
     cache_ttl_s: float = 300.0
     cache_min_tokens: int = 0
     max_body_bytes: int = 32 * 1024 * 1024
+    record_requests: int = 0
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -68,16 +76,25 @@ class FakeClaudeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, 
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
         if self.latency_cap_ms is not None and self.latency_cap_ms < 0:
             raise ValueError(f"latency_cap_ms must be >= 0 or null, got {self.latency_cap_ms}")
-        for name in ("overloaded_rate", "server_error_rate"):
+        for name in (
+            "overloaded_rate",
+            "server_error_rate",
+            "stream_error_rate",
+            "stream_cut_rate",
+        ):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be in 0..1, got {value}")
         if self.overloaded_rate + self.server_error_rate > 1.0:
             raise ValueError("overloaded_rate + server_error_rate must be <= 1")
+        if self.stream_error_rate + self.stream_cut_rate > 1.0:
+            raise ValueError("stream_error_rate + stream_cut_rate must be <= 1")
         if not 1 <= self.min_output_tokens <= self.max_output_tokens:
             raise ValueError("need 1 <= min_output_tokens <= max_output_tokens")
         if self.cache_min_tokens < 0 or self.max_body_bytes < 1:
             raise ValueError("cache_min_tokens must be >= 0 and max_body_bytes >= 1")
+        if self.record_requests < 0:
+            raise ValueError(f"record_requests must be >= 0, got {self.record_requests}")
         # The family-independent limits are checked like a family's.
         RateLimits(rpm=self.rpm, itpm=self.itpm, otpm=self.otpm)
 

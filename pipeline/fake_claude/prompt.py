@@ -14,16 +14,14 @@ from typing import Any
 
 import msgspec
 
+from .params import Generation, InvalidRequest, check_fields, parse_generation
+
 MAX_BREAKPOINTS = 4
 #: Fields that do not change what the model would say, left out of the request key.
 UNKEYED_FIELDS = frozenset({"metadata", "stream"})
 
 _encode = msgspec.json.Encoder(order="sorted").encode
 _decode = msgspec.json.Decoder().decode
-
-
-class InvalidRequest(ValueError):
-    """The body breaks the API's rules; the message is what the 400 says."""
 
 
 @dataclass(slots=True)
@@ -47,6 +45,8 @@ class ParsedRequest:
     key: str
     breakpoints: list[Breakpoint] = field(default_factory=list)
     last_user_text: str | None = None  # for the stats: which prompt a reply answered
+    generation: Generation = field(default_factory=Generation)
+    fields: tuple[str, ...] = ()  # the body's top-level field names, as sent
 
 
 def count_tokens(text: str) -> int:
@@ -72,6 +72,8 @@ def parse_request(raw: bytes, *, count_only: bool = False) -> ParsedRequest:
         raise InvalidRequest(f"There was an error parsing the body of your request: {exc}") from exc
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.")
+    if not count_only:
+        check_fields(body)
 
     model = body.get("model")
     if not isinstance(model, str) or not model:
@@ -103,16 +105,26 @@ def parse_request(raw: bytes, *, count_only: bool = False) -> ParsedRequest:
     top_level = body.get("cache_control")
     if top_level is not None:
         walker.mark_last(top_level)
+    generation = parse_generation(body, None if count_only else max_tokens)
     return ParsedRequest(
         model=model,
         max_tokens=max_tokens,
         stream=stream,
         user_id=user_id,
-        input_tokens=walker.tokens,
+        input_tokens=walker.tokens + _format_tokens(generation),
         key=request_key(body),
         breakpoints=walker.breakpoints(model),
         last_user_text=last_user_text(body["messages"]),
+        generation=generation,
+        fields=tuple(body),
     )
+
+
+def _format_tokens(generation: Generation) -> int:
+    """A structured-output schema is read by the model too (counted after the messages, so
+    it never falls inside a cached prefix)."""
+    schema = generation.output_schema
+    return 0 if schema is None else (len(_encode(schema)) + 3) // 4
 
 
 def last_user_text(messages: list[Any]) -> str | None:
@@ -144,11 +156,6 @@ def _check_sampling(body: dict[str, Any]) -> None:
     top_k = body.get("top_k")
     if top_k is not None and (type(top_k) is not int or top_k < 0):
         raise InvalidRequest("top_k: Input should be a non-negative integer")
-    stops = body.get("stop_sequences")
-    if stops is not None and (
-        not isinstance(stops, list) or not all(isinstance(s, str) for s in stops)
-    ):
-        raise InvalidRequest("stop_sequences: Input should be a valid list of strings")
 
 
 def _user_id(metadata: object) -> str | None:

@@ -16,6 +16,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
+import msgspec
 from aiohttp import web
 
 from .config import FakeClaudeConfig
@@ -77,8 +78,13 @@ class FakeClaudeServer:
         """Same JSON as GET /_fake/stats."""
         return self._on_loop(self.state.stats.snapshot)
 
+    def requests(self) -> list[Any]:
+        """The recorded request bodies, oldest first (= GET /_fake/requests)."""
+        return [msgspec.json.decode(body) for body in self._on_loop(self.state.stats.recorded)]
+
     def reset(self, *, stats: bool = True, rate_limits: bool = False, cache: bool = False) -> None:
-        """Zero the stats; optionally refill every rate bucket and empty the prompt cache."""
+        """Zero the stats (and drop the recorded bodies); optionally refill every rate bucket
+        and empty the prompt cache."""
         self._on_loop(lambda: self.state.reset(stats=stats, rate_limits=rate_limits, cache=cache))
 
     def update_config(self, **changes: Any) -> FakeClaudeConfig:

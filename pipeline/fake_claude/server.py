@@ -1,8 +1,13 @@
 """The aiohttp application: Anthropic's /v1/messages and /v1/messages/count_tokens, plus /_fake/*.
 
 A request goes through: auth, body validation, injected 529/500, rate limits (prompt-cache
-aware), latency, then a deterministic reply. Everything runs on one event loop, so the state
-needs no locks, and nothing is logged per request so thousands of calls stay cheap.
+aware), latency, then a deterministic reply (streamed ones may fail halfway on purpose).
+Everything runs on one event loop, so the state needs no locks, and nothing is logged per
+request so thousands of calls stay cheap.
+
+Admin: GET /_fake/health, GET and POST /_fake/config (a JSON patch of `FakeClaudeConfig`),
+GET /_fake/stats, GET /_fake/requests (the recorded bodies, see `record_requests`),
+POST /_fake/reset.
 """
 
 from __future__ import annotations
@@ -22,10 +27,11 @@ from aiohttp import web
 from .cache import PromptCache
 from .config import FakeClaudeConfig, patched
 from .limits import RateLimiter, model_family
-from .prompt import InvalidRequest, parse_request
-from .reply import planned_output_tokens, reply_text
+from .params import InvalidRequest
+from .prompt import parse_request
+from .reply import build_reply
 from .stats import FakeStats
-from .streaming import stream_message
+from .streaming import STREAM_CUT, STREAM_ERROR, stream_message
 
 _encode = msgspec.json.encode
 _decode = msgspec.json.decode
@@ -90,7 +96,7 @@ class FakeClaudeApp:
         wall: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
-        self.stats = FakeStats()
+        self.stats = FakeStats(config.record_requests)
         self.limiter = RateLimiter(config, clock, wall)
         self.cache = PromptCache(clock)
         self._seed(config.seed)
@@ -103,6 +109,7 @@ class FakeClaudeApp:
         app.router.add_get("/_fake/config", self._get_config)
         app.router.add_post("/_fake/config", self._post_config)
         app.router.add_get("/_fake/stats", self._get_stats)
+        app.router.add_get("/_fake/requests", self._get_requests)
         app.router.add_post("/_fake/reset", self._post_reset)
         app.router.add_route("*", "/{tail:.*}", self._not_found)
         self.app = app
@@ -110,12 +117,14 @@ class FakeClaudeApp:
     def _seed(self, seed: int) -> None:
         self._fault_rng = random.Random(f"{seed}:faults")
         self._latency_rng = random.Random(f"{seed}:latency")
+        self._stream_rng = random.Random(f"{seed}:stream-faults")
 
     def set_config(self, config: FakeClaudeConfig) -> None:
         """Swap settings at runtime; a new seed restarts both random streams."""
         if config.seed != self.config.seed:
             self._seed(config.seed)
         self.limiter.configure(config)
+        self.stats.keep_requests(config.record_requests)
         self.config = config
 
     def update_config(self, patch: dict[str, Any]) -> FakeClaudeConfig:
@@ -235,6 +244,7 @@ class FakeClaudeApp:
             parsed = parse_request(raw)
         except InvalidRequest as exc:
             return error_response(400, "invalid_request_error", str(exc), request_id), None
+        self.stats.received(parsed.fields, raw)
         family = model_family(parsed.model)
         key_family = f"{api_key}|{family}"
 
@@ -263,10 +273,14 @@ class FakeClaudeApp:
         if delay > 0:
             await asyncio.sleep(delay)
 
-        wanted = planned_output_tokens(
-            parsed.key, config.min_output_tokens, config.max_output_tokens
+        reply = build_reply(
+            parsed.key,
+            parsed.generation,
+            parsed.max_tokens,
+            config.min_output_tokens,
+            config.max_output_tokens,
         )
-        output_tokens = min(wanted, parsed.max_tokens)
+        output_tokens = reply.output_tokens
         headers = self.limiter.settle(api_key, family, parsed.max_tokens, output_tokens)
         headers["request-id"] = request_id
         usage = {
@@ -275,26 +289,30 @@ class FakeClaudeApp:
             "cache_creation_input_tokens": plan.cache_creation_input_tokens,
             "cache_read_input_tokens": plan.cache_read_input_tokens,
         }
-        transport = request.transport
-        self.stats.success(
-            parsed.key,
-            parsed.user_id,
-            key_family,
-            usage,
-            client_gone=transport is None or transport.is_closing(),
-            model=parsed.model,
-            prompt=parsed.last_user_text,
-            peer=peer,
-            began=began,
-        )
+        fault = self._stream_fault(config) if parsed.stream else None
+        if fault is None:
+            transport = request.transport
+            self.stats.success(
+                parsed.key,
+                parsed.user_id,
+                key_family,
+                usage,
+                client_gone=transport is None or transport.is_closing(),
+                model=parsed.model,
+                prompt=parsed.last_user_text,
+                peer=peer,
+                began=began,
+            )
+        else:
+            self.stats.stream_failed(cut=fault == STREAM_CUT)
         message = {
             "id": message_id,
             "type": "message",
             "role": "assistant",
             "model": parsed.model,
-            "content": [{"type": "text", "text": reply_text(parsed.key, output_tokens)}],
-            "stop_reason": "max_tokens" if wanted > parsed.max_tokens else "end_turn",
-            "stop_sequence": None,
+            "content": reply.content,
+            "stop_reason": reply.stop_reason,
+            "stop_sequence": reply.stop_sequence,
             "usage": {
                 **usage,
                 "cache_creation": {
@@ -305,8 +323,19 @@ class FakeClaudeApp:
             },
         }
         if parsed.stream:
-            return await stream_message(request, message, headers), key_family
+            return await stream_message(request, message, headers, fault), key_family
         return _json(message, headers=headers), key_family
+
+    def _stream_fault(self, config: FakeClaudeConfig) -> str | None:
+        """Whether this streamed reply fails halfway, and how (its own seeded stream)."""
+        if not (config.stream_error_rate or config.stream_cut_rate):
+            return None
+        roll = self._stream_rng.random()
+        if roll < config.stream_error_rate:
+            return STREAM_ERROR
+        if roll < config.stream_error_rate + config.stream_cut_rate:
+            return STREAM_CUT
+        return None
 
     # -- /_fake ----------------------------------------------------------------------------
 
@@ -328,6 +357,9 @@ class FakeClaudeApp:
 
     async def _get_stats(self, request: web.Request) -> web.Response:
         return _json(self.stats.snapshot())
+
+    async def _get_requests(self, request: web.Request) -> web.Response:
+        return _json({"requests": [msgspec.Raw(body) for body in self.stats.recorded()]})
 
     async def _post_reset(self, request: web.Request) -> web.Response:
         raw = await request.read()

@@ -11,6 +11,11 @@ So that a test can tell which request an answer came from (the reply's first wor
 `inflight_by_peer` counts calls in flight per client address (`host:port`), and `calls` logs
 each successful call (key, peer, start and end time, client gone) so that a test can tie a
 paid call to the worker process that made it (the most recent `CALL_LOG_MAX` calls).
+
+`params_seen` counts, per top-level field name, the valid /v1/messages bodies that carried it
+(whatever became of them), so a test can show every parameter reached the API; the bodies
+themselves are kept only when asked (`record_requests`, see `recorded`). A streamed reply
+failed on purpose is no completed call: it counts in `streams_errored` or `streams_cut` only.
 """
 
 from __future__ import annotations
@@ -54,9 +59,10 @@ class CallRecord(NamedTuple):
 class FakeStats:
     """Mutated only on the server's event loop; `snapshot` gives a JSON-ready copy."""
 
-    def __init__(self) -> None:
+    def __init__(self, record_requests: int = 0) -> None:
         self.inflight = 0
         self.inflight_by_peer: Counter[str] = Counter()
+        self.requests: deque[bytes] = deque(maxlen=record_requests)
         self._reset_counters()
 
     def _reset_counters(self) -> None:
@@ -73,11 +79,37 @@ class FakeStats:
         self.model_by_request: dict[str, str] = {}
         self.calls: deque[CallRecord] = deque(maxlen=CALL_LOG_MAX)
         self.by_key_family: defaultdict[str, Counter[str]] = defaultdict(Counter)
+        self.params_seen: Counter[str] = Counter()
+        self.streams_errored = 0
+        self.streams_cut = 0
+        self.requests.clear()
 
     def reset(self) -> None:
-        """Zero everything; requests still in flight stay counted in `inflight` (and
-        `inflight_by_peer`)."""
+        """Zero everything, recorded bodies too; requests still in flight stay counted in
+        `inflight` (and `inflight_by_peer`)."""
         self._reset_counters()
+
+    def keep_requests(self, count: int) -> None:
+        """Record the last `count` bodies from now on (the newest already kept stay)."""
+        if count != self.requests.maxlen:
+            self.requests = deque(self.requests, maxlen=count)
+
+    def received(self, fields: tuple[str, ...], raw: bytes) -> None:
+        """A valid /v1/messages body arrived: count its fields, keep it if recording."""
+        self.params_seen.update(fields)
+        if self.requests.maxlen:
+            self.requests.append(raw)
+
+    def recorded(self) -> list[bytes]:
+        """The kept bodies, oldest first, as they were received."""
+        return list(self.requests)
+
+    def stream_failed(self, cut: bool) -> None:
+        """A streamed reply failed on purpose (cut, or ended by an `error` event)."""
+        if cut:
+            self.streams_cut += 1
+        else:
+            self.streams_errored += 1
 
     def begin(self, peer: str | None = None) -> None:
         self.requests_total += 1
@@ -158,4 +190,7 @@ class FakeStats:
             "inflight_by_peer": dict(self.inflight_by_peer),
             "calls": [call._asdict() for call in self.calls],
             "by_key_family": {k: dict(v) for k, v in sorted(self.by_key_family.items())},
+            "params_seen": dict(sorted(self.params_seen.items())),
+            "streams_errored": self.streams_errored,
+            "streams_cut": self.streams_cut,
         }

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.fake_claude.__main__ import config_from_args
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -36,3 +38,11 @@ def test_cli_serves_until_signalled(stop_with: signal.Signals) -> None:
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_cli_flags_for_stream_faults_and_recording() -> None:
+    config = config_from_args(
+        ["--stream-error-rate", "0.1", "--stream-cut-rate", "0.2", "--record-requests", "50"]
+    )
+    assert (config.stream_error_rate, config.stream_cut_rate) == (0.1, 0.2)
+    assert config.record_requests == 50

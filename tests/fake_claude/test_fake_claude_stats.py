@@ -152,3 +152,98 @@ def test_call_whose_client_gave_up_still_counts(start_fake: Any, make_client: An
     stats = server.stats()
     assert stats["calls_by_request"] == {request_key(_body(1)): 1}
     assert stats["client_gone"] == 1
+
+
+def test_params_seen_counts_each_top_level_field(start_fake: Any, make_client: Any) -> None:
+    server = start_fake(overloaded_rate=1.0)
+
+    async def scenario() -> None:
+        async with make_client(server) as claude:
+            for params in (
+                _body(1),
+                {**_body(2), "system": "terse", "extra_body": {"temperature": 0.2}},
+                {**_body(3), "extra_body": {"nope": 1}},  # refused: not counted
+            ):
+                with contextlib.suppress(anthropic.APIStatusError):
+                    await claude.messages.create(**params)
+
+    asyncio.run(scenario())
+    stats = server.stats()
+    # A valid body counts even when it is then answered 529: the parameter did arrive.
+    assert stats["by_status"] == {"400": 1, "529": 2}
+    assert stats["params_seen"] == {
+        "max_tokens": 2,
+        "messages": 2,
+        "metadata": 2,
+        "model": 2,
+        "system": 1,
+        "temperature": 1,
+    }
+    server.reset()
+    assert server.stats()["params_seen"] == {}
+
+
+def test_recorded_requests(start_fake: Any, make_client: Any) -> None:
+    server = start_fake(record_requests=2)
+    url = f"{server.base_url}/v1/messages"
+
+    async def post(body: Any) -> int:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(url, json=body, headers={"x-api-key": "k"}) as response,
+        ):
+            return response.status
+
+    async def scenario() -> None:
+        for i in range(3):
+            assert await post(_body(i)) == 200
+        assert await post({"model": SONNET}) == 400  # invalid: not recorded
+        status, recorded = await _admin(server, "GET", "/_fake/requests")
+        assert status == 200
+        assert recorded == {"requests": [_body(1), _body(2)]}
+
+        # Recording follows the config at runtime; 0 keeps none.
+        await _admin(server, "POST", "/_fake/config", {"record_requests": 3})
+        assert await post(_body(3)) == 200
+        assert server.requests() == [_body(1), _body(2), _body(3)]
+        await _admin(server, "POST", "/_fake/config", {"record_requests": 0})
+        assert await post(_body(4)) == 200
+        assert (await _admin(server, "GET", "/_fake/requests"))[1] == {"requests": []}
+
+        await _admin(server, "POST", "/_fake/config", {"record_requests": 5})
+        assert await post(_body(5)) == 200
+        assert await _admin(server, "POST", "/_fake/reset") == (200, {"ok": True})
+        assert server.requests() == []
+
+    asyncio.run(scenario())
+
+
+def test_recorded_body_is_byte_for_byte_what_arrived(start_fake: Any) -> None:
+    server = start_fake(record_requests=1)
+    raw = (
+        b'{"max_tokens": 9,  "model": "claude-sonnet-5",\n'
+        b' "messages": [{"role": "user", "content": "\\u00e9t\\u00e9"}]}'
+    )
+
+    async def scenario() -> bytes:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(
+                f"{server.base_url}/v1/messages",
+                data=raw,
+                headers={"x-api-key": "k", "content-type": "application/json"},
+            ) as response:
+                assert response.status == 200
+            async with session.get(f"{server.base_url}/_fake/requests") as response:
+                return await response.read()
+
+    assert asyncio.run(scenario()) == b'{"requests":[' + raw + b"]}"
+
+
+def test_recording_is_off_by_default(fake: FakeClaudeServer, make_client: Any) -> None:
+    async def scenario() -> None:
+        async with make_client(fake) as claude:
+            await claude.messages.create(**_body(1))
+
+    asyncio.run(scenario())
+    assert fake.requests() == []
+    assert fake.stats()["params_seen"]["messages"] == 1
