@@ -147,6 +147,13 @@ async def call(
             headers = exc.response.headers if isinstance(exc, anthropic.APIStatusError) else None
             _report(on_report, _failed(routed, started_ns, status, error, headers))
         raise error from None
+    except httpx2.TransportError as exc:
+        # Raised while a stream is read (the SDK wraps only what happens before): a cut
+        # connection, an idle timeout between events.
+        error = _transport(exc)
+        if on_report is not None:
+            _report(on_report, _failed(routed, started_ns, status, error, headers))
+        raise error from None
     except (msgspec.DecodeError, msgspec.ValidationError, StreamBroken) as exc:
         error = _broken(exc, headers)
         if on_report is not None:
@@ -222,6 +229,12 @@ async def _streamed(
         usage=msgspec.Raw(message.usage),
     )
     return reply, status, headers
+
+
+def _transport(exc: httpx2.TransportError) -> TransientError:
+    if isinstance(exc, httpx2.TimeoutException):
+        return TransientError("claude: request timed out (no stream event within the idle timeout)")
+    return TransientError(f"claude: connection error mid-stream ({type(exc).__name__})")
 
 
 def _broken(exc: Exception, headers: httpx2.Headers | None) -> Exception:
