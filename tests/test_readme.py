@@ -89,6 +89,7 @@ def readme_blocks() -> list[Block]:
 QUICK = "Quick start (two commands, on a fresh machine with Python 3.11+)"
 SENDING = "Sending tasks (any language)"
 WORKERS = "Running workers"
+AGENTS = "Agents: tools, thinking, structured output"
 HOW: dict[tuple[str, int], str] = {
     (QUICK, 0): "run",  # the demo, on its embedded default
     (QUICK, 1): "ci",  # the test command: .ci/run runs it verbatim
@@ -96,6 +97,7 @@ HOW: dict[tuple[str, int], str] = {
     (SENDING, 1): "run",  # Node.js
     (SENDING, 2): "run",  # Python
     (SENDING, 3): "run",  # Python, submit_many with re-sends
+    (AGENTS, 0): "run",  # redis-cli, a tool call
     ("The command line", 0): "synopsis",
     (WORKERS, 0): "synopsis",
     (WORKERS, 1): "serve",  # the fake API and workers for every `run` block
@@ -114,6 +116,7 @@ PRINTS: dict[tuple[str, int], str] = {
     (SENDING, 2): r"'status': 'completed'",
     (SENDING, 3): r"^\['[0-9a-f]{32}', '[0-9a-f]{32}', '[0-9a-f]{32}'\]$",
     (WORKERS, 3): r"HELLO",
+    (AGENTS, 0): r'(?s)(?=.*"stop_reason": "tool_use")(?=.*"type": "tool_use")',
 }
 BLOCKS = readme_blocks()
 
