@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.claude_call import TOOLS  # noqa: E402
 from benchmarks.sustained import (  # noqa: E402
     BenchError,
     check_redis,
@@ -50,26 +51,6 @@ from benchmarks.sustained import (  # noqa: E402
 from pipeline.runtime.embedded_redis import RedisServer  # noqa: E402
 from pipeline.runtime.keys import Keys  # noqa: E402
 
-TOOLS = [
-    {
-        "name": "lookup_order",
-        "description": "Look an order up by id.",
-        "input_schema": {
-            "type": "object",
-            "properties": {"order_id": {"type": "string"}, "verbose": {"type": "boolean"}},
-            "required": ["order_id"],
-        },
-    },
-    {
-        "name": "refund",
-        "description": "Refund an order.",
-        "input_schema": {
-            "type": "object",
-            "properties": {"order_id": {"type": "string"}, "amount": {"type": "number"}},
-            "required": ["order_id", "amount"],
-        },
-    },
-]
 SCHEMA = {"type": "object", "properties": {"label": {"type": "string"}}, "required": ["label"]}
 
 

@@ -15,22 +15,12 @@ import redis
 
 from pipeline.fake_claude import FakeClaudeConfig, FakeClaudeServer, run_fake_claude_in_thread
 from pipeline.runtime.keys import Keys
+from tests.claude.test_api_fidelity import TOOLS
 from tests.helpers.outcomes import tally
 from tests.helpers.workers import Workers, wait_until
 
 pytestmark = pytest.mark.chaos
 
-TOOLS = [
-    {
-        "name": "lookup_order",
-        "description": "Look an order up.",
-        "input_schema": {
-            "type": "object",
-            "properties": {"order_id": {"type": "string"}},
-            "required": ["order_id"],
-        },
-    }
-]
 SCHEMA = {"type": "object", "properties": {"label": {"type": "string"}}, "required": ["label"]}
 #: name -> (the fields a producer adds, what the API must have received, a check of the result)
 CASES: dict[str, tuple[dict[str, str], dict[str, Any]]] = {
@@ -198,3 +188,36 @@ def test_streams_broken_half_way_are_retried_and_each_task_paid_once(
         assert [b["type"] for b in json.loads(res["content"])] == ["thinking", "text"], res
         assert int(res["attempts"]) >= 1
     assert sum(int(result(rclient, prefix, i)["attempts"]) > 1 for i in ids) > 0, "none retried"
+
+
+def test_an_agent_loop_tool_call_then_tool_result_then_answer(
+    workers: Workers, fake: FakeClaudeServer, rclient: redis.Redis, prefix: str
+) -> None:
+    """The agent's turn: the tool call comes back whole, the tool's result goes in as the
+    next task's `messages` (with an image the user sent), and the answer ends the turn."""
+    image = {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                         "data": "iVBORw0KGgo="}}  # fmt: skip
+    question = [{"role": "user", "content": [image, {"type": "text", "text": "Where is 42?"}]}]
+    xadd_messages = {"messages": json.dumps(question), "tools": json.dumps(TOOLS)}
+    rclient.xadd(Keys(prefix).ingress, {"id": "turn-1", "model": "haiku", **xadd_messages})
+    wait_results(rclient, prefix, ["turn-1"])
+    first = result(rclient, prefix, "turn-1")
+    assert first["stop_reason"] == "tool_use", first
+    blocks = json.loads(first["content"])
+    call = next(b for b in blocks if b["type"] == "tool_use")
+    conversation = [
+        *question,
+        {"role": "assistant", "content": blocks},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call["id"],
+                                      "content": "shipped yesterday"}]},
+    ]  # fmt: skip
+    rclient.xadd(Keys(prefix).ingress, {"id": "turn-2", "model": "haiku",
+                                        "messages": json.dumps(conversation),
+                                        "tools": json.dumps(TOOLS)})  # fmt: skip
+    wait_results(rclient, prefix, ["turn-2"])
+    second = result(rclient, prefix, "turn-2")
+    assert (second["status"], second["stop_reason"]) == ("completed", "end_turn"), second
+    assert second["output"]
+    sent = fake.requests()[-1]
+    assert sent["messages"][1]["content"] == blocks, "the tool call went back as it came"
+    assert sent["messages"][0]["content"][0] == image
