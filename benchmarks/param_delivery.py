@@ -54,12 +54,14 @@ from pipeline.runtime.keys import Keys  # noqa: E402
 SCHEMA = {"type": "object", "properties": {"label": {"type": "string"}}, "required": ["label"]}
 
 
-def _body(name: str, rng: random.Random) -> tuple[dict[str, str], dict[str, Any]]:
-    """One parameter as wire fields, and what the API must receive for it."""
+def _body(name: str, rng: random.Random, thinks: bool) -> tuple[dict[str, str], dict[str, Any]]:
+    """One parameter as wire fields, and what the API must receive for it (with extended
+    thinking, only what the API allows beside it: no forced tool, top_p of 0.95 or more)."""
     if name == "tools":
         return {"tools": json.dumps(TOOLS)}, {"tools": TOOLS}
     if name == "tool_choice":
-        choice = rng.choice([{"type": "any"}, {"type": "tool", "name": "refund"}, {"type": "auto"}])
+        choices = [{"type": "any"}, {"type": "tool", "name": "refund"}, {"type": "auto"}]
+        choice = choices[-1] if thinks else rng.choice(choices)
         return (
             {"tools": json.dumps(TOOLS), "tool_choice": json.dumps(choice)},
             {"tools": TOOLS, "tool_choice": choice},
@@ -74,7 +76,7 @@ def _body(name: str, rng: random.Random) -> tuple[dict[str, str], dict[str, Any]
         stops = rng.sample(["stream", "queue", "lease", "ledger"], 2)
         return {"stop_sequences": json.dumps(stops)}, {"stop_sequences": stops}
     if name == "top_p":
-        value = rng.choice([0.5, 0.9, 1.0])
+        value = rng.choice([0.95, 1.0] if thinks else [0.5, 0.9, 1.0])
         return {"top_p": str(value)}, {"top_p": value}
     if name == "top_k":
         value = rng.randint(1, 100)
@@ -109,11 +111,13 @@ def workload(n: int, rng: random.Random, tag: str) -> list[Task]:
         names = [p for p in PARAMETERS if rng.random() < 0.3] or [rng.choice(PARAMETERS)]
         if "tool_choice" in names:
             names = [p for p in names if p not in ("tools", "output_format")]
+        if "thinking" in names:  # the API refuses top_k beside it
+            names = [p for p in names if p != "top_k"] or ["thinking"]
         prompt = f"{tag} task {i}: what is the status of order {i}?"
         fields = {"prompt": prompt, "model": "haiku", "id": f"{tag}-{i}", "cache": "false"}
         asked: dict[str, dict[str, Any]] = {}
         for name in names:
-            more, asked[name] = _body(name, rng)
+            more, asked[name] = _body(name, rng, "thinking" in names)
             fields.update(more)
         tasks.append((f"{tag}-{i}", fields, asked))
     return tasks
@@ -169,7 +173,7 @@ def answered_as_asked(asked: dict[str, dict[str, Any]], result: dict[str, str]) 
         result.get("stop_sequence") not in expected.get("stop_sequences", [])
     ):
         return False
-    if "output_format" in names:
+    if "output_format" in names and result.get("stop_reason") == "end_turn":  # not a tool call
         try:
             return "label" in json.loads(result["output"])
         except ValueError:
@@ -253,6 +257,11 @@ def main() -> int:
     delivered = total_arrived / total_sent if total_sent else 0.0
     print(f"{'all':<16}{total_sent:>8,}{total_arrived:>9,}{delivered:>9.2%}"
           f"{sum(answered.values()):>10,}")  # fmt: skip
+    failed = Counter(
+        r.get("error", "")[:90] for r in found.values() if r.get("status") != "completed"
+    )
+    for error, n in failed.most_common(5):
+        print(f"  {n:,} failed: {error}")
     print(f"delivered={delivered:.4f}")
     return 0 if delivered == 1.0 and sum(answered.values()) == total_sent else 1
 

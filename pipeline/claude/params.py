@@ -55,10 +55,13 @@ _MIN_THINKING_BUDGET = 1024
 _MAX_USER_ID_CHARS = 256
 
 
-def parse_params(fields: Mapping[str, str], max_tokens: int | None) -> dict[str, Any]:
+def parse_params(
+    fields: Mapping[str, str], max_tokens: int | None, temperature: float | None = None
+) -> dict[str, Any]:
     """The extra body parameters a task's fields ask for (empty when none), checked.
 
-    `max_tokens` is the producer's (None: the router decides), for the thinking budget check.
+    `max_tokens` and `temperature` are the producer's (None: not given), for the rules
+    extended thinking sets on them.
 
     Raises:
         InvalidTask: a field is malformed, or a parameter is given twice; the message names it.
@@ -80,7 +83,7 @@ def parse_params(fields: Mapping[str, str], max_tokens: int | None) -> dict[str,
         check = _CHECKS.get(key)
         if check is not None:
             check(where[key], value)
-    _check_together(params, max_tokens)
+    _check_together(params, max_tokens, temperature)
     return params
 
 
@@ -269,8 +272,11 @@ _CHECKS: dict[str, Callable[[str, Any], None]] = {
 }
 
 
-def _check_together(params: Mapping[str, Any], max_tokens: int | None) -> None:
-    """Rules across parameters, which the API would otherwise refuse after routing."""
+def _check_together(
+    params: Mapping[str, Any], max_tokens: int | None, temperature: float | None
+) -> None:
+    """Rules across parameters, which the API would otherwise refuse after routing (the
+    extended thinking ones are Anthropic's documented feature compatibility)."""
     choice = params.get("tool_choice")
     if isinstance(choice, dict) and choice.get("type") in ("any", "tool"):
         tools = params.get("tools") or []
@@ -280,7 +286,20 @@ def _check_together(params: Mapping[str, Any], max_tokens: int | None) -> None:
             raise InvalidTask(f"tool_choice.name: {choice['name']!r} is not one of the tools")
     thinking = params.get("thinking")
     budget = thinking.get("budget_tokens") if isinstance(thinking, dict) else None
-    if thinks(params) and max_tokens is not None and type(budget) is int and budget >= max_tokens:
+    if not thinks(params):
+        return
+    if max_tokens is not None and type(budget) is int and budget >= max_tokens:
         raise InvalidTask(
             f"thinking.budget_tokens: {budget} must be less than max_tokens ({max_tokens})"
+        )
+    if isinstance(choice, dict) and choice.get("type") in ("any", "tool"):
+        raise InvalidTask("tool_choice: may not force a tool with extended thinking (use auto)")
+    if params.get("top_k") is not None:
+        raise InvalidTask("top_k: must be left out with extended thinking")
+    top_p = params.get("top_p")
+    if isinstance(top_p, int | float) and top_p < 0.95:
+        raise InvalidTask(f"top_p: must be 0.95 or more with extended thinking, got {top_p}")
+    if temperature is not None and temperature != 1:
+        raise InvalidTask(
+            f"temperature: must be 1 or left out with extended thinking, got {temperature}"
         )

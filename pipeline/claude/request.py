@@ -89,13 +89,14 @@ def validate_request(fields: Mapping[str, str], settings: Settings) -> Request:
     messages = _conversation(fields, ingress.max_prompt_bytes)
     _check_ttl(fields)
     max_tokens = _max_tokens(_optional(fields, "max_tokens"))
+    temperature = _temperature(_optional(fields, "temperature"))
     return Request(
         messages=messages,
         system=_system(_optional(fields, "system")),
         model=_model(_optional(fields, "model"), settings),
         max_tokens=max_tokens,
-        temperature=_temperature(_optional(fields, "temperature")),
-        params=parse_params(fields, max_tokens),
+        temperature=temperature,
+        params=parse_params(fields, max_tokens, temperature),
         type=_type_label(_optional(fields, "type")),
         cache=_cache_flag(_optional(fields, "cache")),
         metadata=_metadata(_optional(fields, "metadata"), ingress.max_metadata_bytes),

@@ -45,7 +45,7 @@ NAMED: dict[str, tuple[str, dict[str, Any]]] = {
         {"thinking": {"type": "enabled", "budget_tokens": 2048}},
     ),
     "stop_sequences": (j(["\\n\\nHuman:", "END"]), {"stop_sequences": ["\\n\\nHuman:", "END"]}),
-    "top_p": ("0.9", {"top_p": 0.9}),
+    "top_p": ("0.95", {"top_p": 0.95}),
     "top_k": ("40", {"top_k": 40}),
     "service_tier": ("standard_only", {"service_tier": "standard_only"}),
     "output_format": (j(SCHEMA), {"output_config": {"format": SCHEMA}}),
@@ -76,11 +76,21 @@ def test_a_request_with_none_of_them_sends_no_extra_parameters(cfg: Settings) ->
 
 
 def test_all_of_them_together(cfg: Settings) -> None:
-    fields = {name: wire for name, (wire, _) in NAMED.items()}
+    together = {name: case for name, case in NAMED.items() if name != "top_k"}  # (thinking)
+    fields = {name: wire for name, (wire, _) in together.items()}
     expected: dict[str, Any] = {}
-    for _, body in NAMED.values():
+    for _, body in together.values():
         expected.update(body)
     assert parse(cfg, **fields).params == expected
+
+
+def test_extended_thinking_takes_what_the_api_allows_beside_it(cfg: Settings) -> None:
+    thinking = j({"type": "enabled", "budget_tokens": 1024})
+    req = parse(cfg, thinking=thinking, top_p="0.95", temperature="1", tools=j([TOOL]),
+                tool_choice=j({"type": "auto"}), max_tokens="2048")  # fmt: skip
+    assert req.params["top_p"] == 0.95 and req.temperature == 1.0
+    disabled = parse(cfg, thinking=j({"type": "disabled"}), top_k="5", temperature="0.2")
+    assert disabled.params["top_k"] == 5
 
 
 def test_output_format_joins_the_other_output_settings_of_params(cfg: Settings) -> None:
@@ -103,6 +113,20 @@ BAD: list[tuple[dict[str, str], str]] = [
     (
         {"thinking": j({"type": "enabled", "budget_tokens": 4096}), "max_tokens": "2000"},
         r"^thinking\.budget_tokens: 4096 must be less than max_tokens \(2000\)",
+    ),
+    (
+        {
+            "thinking": j({"type": "enabled", "budget_tokens": 1024}),
+            "tools": j([TOOL]),
+            "tool_choice": j({"type": "any"}),
+        },
+        r"^tool_choice: may not force a tool with extended thinking",
+    ),
+    ({"thinking": j({"type": "adaptive"}), "top_k": "5"}, r"^top_k: must be left out with"),
+    ({"thinking": j({"type": "adaptive"}), "top_p": "0.9"}, r"^top_p: must be 0\.95 or more"),
+    (
+        {"thinking": j({"type": "adaptive"}), "temperature": "0.5"},
+        r"^temperature: must be 1 or left out with extended thinking",
     ),
     ({"stop_sequences": j(["ok", ""])}, r"^stop_sequences: must be a JSON array of non-empty"),
     ({"top_p": "1.5"}, r"^top_p: must be a number from 0 to 1"),
