@@ -7,8 +7,9 @@ per configured model family.
 from __future__ import annotations
 
 from pipeline import App, Settings
-from stages import cache_check, claude_call, router, store
+from stages import cache_check, claude_batch, claude_call, router, store
 
 
 def app(settings: Settings) -> App:
-    return App([cache_check.stage, router.stage, claude_call.stage(settings), store.stage])
+    stages = [cache_check.stage, router.stage, claude_call.stage(settings)]
+    return App([*stages, claude_batch.stage(settings), store.stage])

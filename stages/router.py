@@ -11,7 +11,7 @@ family, since rate limits are per family.
 from __future__ import annotations
 
 from pipeline import Fail, Forward, Handler, Message, Outcome, Services, Settings, Stage
-from pipeline.claude import Request, Route, Routed, prompt_chars, route, unknown_model
+from pipeline.claude import Request, Route, Routed, batched, prompt_chars, route, unknown_model
 
 
 async def build(services: Services[Settings]) -> Handler:
@@ -25,7 +25,9 @@ async def build(services: Services[Settings]) -> Handler:
             decision = route(request, settings, prompt_chars(request))
         if decision is None:
             return Fail(unknown_model(request.model, settings.claude))
-        return Forward("claude-call", Routed.applying(request, decision), lane=decision.family)
+        routed = Routed.applying(request, decision)
+        to = "claude-batch" if batched(request, settings) else "claude-call"
+        return Forward(to, routed, lane=decision.family)
 
     return handle
 

@@ -18,18 +18,20 @@ from pipeline.claude.ledger import Ledger
 from pipeline.claude.long_calls import call_timeout_s, streams
 from pipeline.claude.pricing import micro_usd, usd
 from pipeline.claude.request import WIRE_FIELDS, parse_request, prompt_chars, validate_request
-from pipeline.claude.routing import route, route_to, unknown_model
+from pipeline.claude.routing import batched, route, route_to, unknown_model
 from pipeline.claude.settings import Settings
 from pipeline.claude.task import Answer, Request, Route, Routed, Usage
 from pipeline.claude.task_record import Admission, Claim, ClaimState, TaskRecords
 
 if TYPE_CHECKING:
-    from pipeline.claude.caller import Caller
+    from pipeline.claude.batch_lane import BatchLane
+    from pipeline.claude.caller import Caller, make_batch_client
 
 __all__ = [
     "WIRE_FIELDS",
     "Admission",
     "Answer",
+    "BatchLane",
     "Budget",
     "Caller",
     "Claim",
@@ -45,8 +47,10 @@ __all__ = [
     "Settings",
     "TaskRecords",
     "Usage",
+    "batched",
     "call_timeout_s",
     "load_settings",
+    "make_batch_client",
     "micro_usd",
     "parse_request",
     "prompt_chars",
@@ -60,8 +64,12 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    if name == "Caller":
-        from pipeline.claude.caller import Caller
+    if name in ("Caller", "make_batch_client"):
+        from pipeline.claude import caller
 
-        return Caller
+        return getattr(caller, name)
+    if name == "BatchLane":
+        from pipeline.claude.batch_lane import BatchLane
+
+        return BatchLane
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

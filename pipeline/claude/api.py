@@ -31,6 +31,7 @@ from pipeline.runtime.errors import AuthError, PermanentError, TransientError
 
 __all__ = [
     "CallObserver",
+    "answer_of",
     "call",
     "make_client",
     "map_error",
@@ -160,29 +161,11 @@ async def call(
             _report(on_report, _failed(routed, started_ns, status, error, headers))
         raise error from None
     ended_ns = time.time_ns()
-    usage = _decode_usage(reply.usage)
-    answer = Answer(
-        request=request,
-        model=reply.model or routed.model,
-        output=output,
-        content=content,
-        stop_reason=reply.stop_reason or "",
-        stop_sequence=reply.stop_sequence,
-        usage=Usage(
-            input_tokens=usage.input_tokens,
-            output_tokens=usage.output_tokens,
-            cache_creation_input_tokens=usage.cache_creation_input_tokens or 0,
-            cache_read_input_tokens=usage.cache_read_input_tokens or 0,
-            cache_creation_1h_input_tokens=(
-                usage.cache_creation.ephemeral_1h_input_tokens if usage.cache_creation else 0
-            ),
-            server_tool_requests=sum((usage.server_tool_use or {}).values()),
-        ),
-        api_usage=bytes(reply.usage).decode(),
-        message_id=reply.id,
+    answer = _answer(
+        reply, content, output, routed,
         request_id=(headers.get("request-id") if headers is not None else None) or "",
         call_ms=(ended_ns - started_ns) // 1_000_000,
-    )
+    )  # fmt: skip
     if on_report is not None:
         _report(
             on_report,
@@ -200,6 +183,46 @@ async def call(
             ),
         )
     return answer
+
+
+def answer_of(message: bytes, routed: Routed) -> Answer:
+    """The Answer a message JSON (a batch's result) gives, as a plain call's would.
+
+    Raises:
+        msgspec.DecodeError, msgspec.ValidationError: not a message.
+    """
+    reply = _decode_message(message)
+    content, output = split_content(bytes(reply.content))
+    return _answer(reply, content, output, routed, request_id="", call_ms=0)
+
+
+def _answer(
+    reply: _Message, content: str, output: str, routed: Routed, *, request_id: str, call_ms: int
+) -> Answer:
+    usage = _decode_usage(reply.usage)
+    return Answer(
+        request=routed.request,
+        model=reply.model or routed.model,
+        output=output,
+        content=content,
+        stop_reason=reply.stop_reason or "",
+        stop_sequence=reply.stop_sequence,
+        usage=Usage(
+            input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens,
+            cache_creation_input_tokens=usage.cache_creation_input_tokens or 0,
+            cache_read_input_tokens=usage.cache_read_input_tokens or 0,
+            cache_creation_1h_input_tokens=(
+                usage.cache_creation.ephemeral_1h_input_tokens if usage.cache_creation else 0
+            ),
+            server_tool_requests=sum((usage.server_tool_use or {}).values()),
+            batch=usage.service_tier == "batch",
+        ),
+        api_usage=bytes(reply.usage).decode(),
+        message_id=reply.id,
+        request_id=request_id,
+        call_ms=call_ms,
+    )
 
 
 async def _streamed(
@@ -290,6 +313,7 @@ class _Usage(msgspec.Struct):
     cache_read_input_tokens: int | None = None
     cache_creation: _CacheCreation | None = None
     server_tool_use: dict[str, int] | None = None
+    service_tier: str | None = None
 
 
 class _Message(msgspec.Struct):

@@ -11,10 +11,14 @@ import asyncio
 import logging
 import os
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import anthropic
 
 from pipeline.claude.api import call, make_client
 from pipeline.claude.ratelimit import ApiKey, RateLimiter, Ticket
-from pipeline.claude.settings import Settings
+from pipeline.claude.settings import ClaudeSettings, Settings
 from pipeline.claude.task import Answer, Routed, Usage
 from pipeline.claude.tokens import estimate_input_tokens
 from pipeline.runtime.calls import CallReport
@@ -126,6 +130,12 @@ class Caller:
             await self._limiter.aclose()
         for client in self._clients.values():
             await client.close()
+
+
+def make_batch_client(settings: ClaudeSettings) -> anthropic.AsyncAnthropic:
+    """The batch lane's client: a few calls at a time (create, poll, results), the key from
+    `ANTHROPIC_API_KEY` (batches go out under the default key)."""
+    return make_client(settings, concurrency=8)
 
 
 def _api_keys(services: Services[Settings]) -> list[ApiKey]:

@@ -134,7 +134,7 @@ class Ledger:
         at = at or datetime.datetime.now(datetime.UTC)
         day = at.date()
         usage = answer.usage
-        full = self._cost(answer.model, answer, day)
+        full = self._cost(answer.model, answer, day, batch=usage.batch)
         baseline = self._cost(self.baseline_model(answer.request), answer, day)
         if answer.cached:
             totals = Totals(hits=1, saved_pico=full, baseline_pico=baseline)
@@ -158,8 +158,8 @@ class Ledger:
             return self._models[self._baseline]
         return self._models.get(request.model, request.model)
 
-    def _cost(self, model: str, answer: Answer, day: datetime.date) -> int:
-        rates = self._prices.on(day).rates(model)
+    def _cost(self, model: str, answer: Answer, day: datetime.date, *, batch: bool = False) -> int:
+        rates = self._prices.on(day).rates(model, batch=batch)
         if rates is None:
             self._warn_unpriced(model)
             return 0

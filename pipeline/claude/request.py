@@ -50,6 +50,8 @@ WIRE_FIELDS = (
     "type",
     "id",
     "cache",
+    "batch",
+    "deadline",
     "ttl",
     "metadata",
     "traceparent",
@@ -98,7 +100,9 @@ def validate_request(fields: Mapping[str, str], settings: Settings) -> Request:
         temperature=temperature,
         params=parse_params(fields, max_tokens, temperature),
         type=_type_label(_optional(fields, "type")),
-        cache=_cache_flag(_optional(fields, "cache")),
+        cache=_flag("cache", _optional(fields, "cache"), default=True),
+        batch=_optional_flag("batch", _optional(fields, "batch")),
+        deadline_s=_deadline(_optional(fields, "deadline")),
         metadata=_metadata(_optional(fields, "metadata"), ingress.max_metadata_bytes),
     )
 
@@ -321,13 +325,29 @@ def _type_label(raw: str | None) -> str:
     return label
 
 
-def _cache_flag(raw: str | None) -> bool:
+def _flag(name: str, raw: str | None, default: bool) -> bool:
+    flag = _optional_flag(name, raw)
+    return default if flag is None else flag
+
+
+def _optional_flag(name: str, raw: str | None) -> bool | None:
     if raw is None:
-        return True
+        return None
     flag = _BOOLS.get(raw.strip().lower())
     if flag is None:
-        raise InvalidTask(f"cache: must be true, false, 1 or 0, got {show(raw)}")
+        raise InvalidTask(f"{name}: must be true, false, 1 or 0, got {show(raw)}")
     return flag
+
+
+def _deadline(raw: str | None) -> int | None:
+    """Seconds from now by which the producer needs the answer (it keeps the task out of the
+    batch lane when the lane could not make it)."""
+    if raw is None:
+        return None
+    value = raw.strip()
+    if not value.isascii() or not value.isdigit() or int(value) < 1:
+        raise InvalidTask(f"deadline: must be whole seconds of at least 1, got {show(raw)}")
+    return int(value)
 
 
 def _check_ttl(fields: Mapping[str, str]) -> None:

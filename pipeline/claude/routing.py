@@ -26,6 +26,7 @@ from pipeline.runtime.errors import ConfigError
 
 __all__ = [
     "Route",
+    "batched",
     "check_families",
     "check_router",
     "family_of",
@@ -64,6 +65,15 @@ def route(request: Request, settings: Settings, prompt_chars: int) -> Route | No
         model=models[family] if choice in models else choice,
         max_tokens=wanted if cap is None else min(wanted, cap),
     )
+
+
+def batched(request: Request, settings: Settings) -> bool:
+    """Whether `request` goes through the batch lane: asked for (`batch=true`), or of a type
+    `batch.types` names and not refused (`batch=false`); and never when its `deadline` is
+    shorter than the lane's worst case (`batch.worst_case_s`)."""
+    policy = settings.batch
+    wanted = request.type in policy.types if request.batch is None else request.batch
+    return wanted and (request.deadline_s is None or request.deadline_s >= policy.worst_case_s)
 
 
 def route_to(request: Request, family: str, settings: Settings) -> Route:

@@ -272,6 +272,25 @@ class BudgetSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     period_s: PosInt = 86_400
 
 
+class BatchSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """`[batch]`: the Message Batches lane (half price, answers within 24 h).
+
+    A task goes through it when it says `batch=true`, or when its type is in `types` and it
+    does not say `batch=false`; either way only if its `deadline` (seconds, when given) is at
+    least `worst_case_s`, the longest the lane may take (the API's 24 h plus the wait to
+    form a batch). A batch is sent when `max_requests` tasks wait, or when the oldest has
+    waited `max_wait_s`; open batches are polled every `poll_s`. A request a batch did not
+    answer (a retryable error, expired, canceled) is called on the standard lane, at full
+    price, rather than waiting up to a day again."""
+
+    types: list[str] = msgspec.field(default_factory=list)
+    max_requests: PosInt = 10_000  # the API takes up to 100,000 (and 256 MB) per batch
+    max_wait_s: PosFloat = 60.0
+    poll_s: PosFloat = 30.0
+    worst_case_s: PosInt = 90_000  # 24 h + forming and polling
+    leader_ttl_s: PosFloat = 30.0  # a dead batcher's lane is taken over after this
+
+
 class Settings(BaseSettings, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Everything a process needs; built by `load_settings`."""
 
@@ -283,6 +302,7 @@ class Settings(BaseSettings, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     prices: PriceSettings = msgspec.field(default_factory=PriceSettings)
     ledger: LedgerSettings = msgspec.field(default_factory=LedgerSettings)
     ratelimit: RateLimitSettings = msgspec.field(default_factory=RateLimitSettings)
+    batch: BatchSettings = msgspec.field(default_factory=BatchSettings)
 
     def check(self) -> None:
         super().check()
@@ -296,6 +316,8 @@ class Settings(BaseSettings, frozen=True, kw_only=True, forbid_unknown_fields=Tr
         if self.ledger.baseline_family not in (None, *families):
             raise ConfigError("ledger.baseline_family", f"not one of {sorted(families)}")
         _check_ratelimit(self.ratelimit, families)
+        if self.batch.max_requests > 100_000:
+            raise ConfigError("batch.max_requests", "at most 100000 (the API's limit per batch)")
 
 
 def _check_ratelimit(rl: RateLimitSettings, families: Mapping[str, str]) -> None:

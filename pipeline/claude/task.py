@@ -35,6 +35,8 @@ class Request(msgspec.Struct, frozen=True, kw_only=True):
     temperature: float | None = None
     type: str = "default"
     cache: bool = True
+    batch: bool | None = None  # True/False: the producer's say on the batch lane; None: by type
+    deadline_s: int | None = None  # the answer is needed within this many seconds
     metadata: str = "{}"  # JSON object text, returned with the result
     #: Messages parameters sent as they are (tools, thinking, stop_sequences, `params`…),
     #: checked by `pipeline.claude.params`; part of the cache key.
@@ -84,6 +86,8 @@ class Usage(msgspec.Struct, frozen=True, kw_only=True):
     #: Server tool uses (web search, web fetch…) the call made: their answers are of their
     #: moment, so not cached.
     server_tool_requests: int = 0
+    #: Answered through the Message Batches API (`service_tier: batch`): billed at its rates.
+    batch: bool = False
 
 
 class Answer(msgspec.Struct, frozen=True, kw_only=True):

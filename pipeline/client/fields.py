@@ -33,7 +33,7 @@ _JSON_FIELDS: dict[str, type | tuple[type, ...]] = {
     "cache_control": Mapping,
     "params": Mapping,
 }
-_NUMBER_FIELDS = frozenset({"max_tokens", "temperature", "ttl", "top_p", "top_k"})
+_NUMBER_FIELDS = frozenset({"max_tokens", "temperature", "ttl", "top_p", "top_k", "deadline"})
 # Producer-side checks: the stages ignore a bad traceparent (as W3C Trace Context asks), but a
 # producer sending one has a bug to hear about.
 _MAX_TRACESTATE_BYTES = 512
@@ -73,7 +73,7 @@ def _wire(name: str, value: object) -> str:
     json_type = _JSON_FIELDS.get(name)
     if isinstance(value, str):
         text = value
-    elif name == "cache" and isinstance(value, bool):
+    elif name in ("cache", "batch") and isinstance(value, bool):
         text = "true" if value else "false"
     elif name in _NUMBER_FIELDS and isinstance(value, int | float):
         text = str(value)  # a bool becomes "True", which validate_request refuses by name

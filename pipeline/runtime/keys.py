@@ -111,6 +111,35 @@ class Keys:
         """One UTC day's cost ledger (a hash of `<model>|<type>|<metric>` counters)."""
         return f"{self._base}:ledger:{day}"
 
+    def batch_shelf(self, family: str) -> str:
+        """Tasks held by the batch lane (task id -> its entry), from arrival until their answer
+        is handed on: the durable place a batched task waits, instead of a pending list."""
+        return f"{self.prefix}:batch:shelf:{family}"
+
+    def batch_queue(self, family: str) -> str:
+        """Shelved tasks not yet in a batch (a sorted set: task id -> ms it arrived)."""
+        return f"{self.prefix}:batch:queue:{family}"
+
+    def batches(self, family: str) -> str:
+        """The tokens of one lane's open batches (a set)."""
+        return f"{self.prefix}:batch:open:{family}"
+
+    def batch(self, token: str) -> str:
+        """One batch: its state, API id, size and times (a hash)."""
+        return f"{self.prefix}:batch:{token}"
+
+    def batch_members(self, token: str) -> str:
+        """One batch's requests by number (n -> task id); `n` is the tail of the custom_id."""
+        return f"{self.prefix}:batch:{token}:members"
+
+    def batch_unanswered(self, token: str) -> str:
+        """The task ids of one batch not yet handed on (a set): each leaves it exactly once."""
+        return f"{self.prefix}:batch:{token}:unanswered"
+
+    def batch_leader(self, family: str) -> str:
+        """Held (a lease) by the one process forming and polling one lane's batches."""
+        return f"{self.prefix}:batch:leader:{family}"
+
     def pause(self, stage: str) -> str:
         """Set while a stage is paused (for example by refused credentials)."""
         return f"{self._base}:pause:{stage}"

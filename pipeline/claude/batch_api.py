@@ -1,0 +1,140 @@
+"""The Message Batches adapter: the only module besides `api.py` that imports `anthropic`.
+
+Loaded only by the batch lane (`pipeline.claude.batch_lane`). It speaks the Batches API in the
+pipeline's terms: create a batch of requests, look one up, list recent ones, cancel, and read
+the results line by line (JSONL, never the whole file in memory), each as the raw message JSON
+`pipeline.claude.api` decodes for plain calls, so a batched answer is the same Answer.
+SDK errors map onto the pipeline's tree as for plain calls (`api.map_error`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import anthropic
+import msgspec
+
+from pipeline.claude.api import map_error
+
+__all__ = ["BatchInfo", "BatchLine", "cancel", "create", "recent", "results", "retrieve"]
+
+
+@dataclass(frozen=True, slots=True)
+class BatchInfo:
+    """What the lane needs of a batch object."""
+
+    id: str
+    processing_status: str  # in_progress, canceling, ended
+    created_at: float  # seconds since the epoch
+    requests: int  # all its requests, whatever their state
+
+
+class _Error(msgspec.Struct):
+    type: str = "error"
+    message: str = ""
+
+
+class _ErrorBody(msgspec.Struct):
+    error: _Error = msgspec.field(default_factory=_Error)
+
+
+class _Result(msgspec.Struct):
+    type: str
+    message: msgspec.Raw | None = None
+    error: _ErrorBody | None = None
+
+
+class BatchLine(msgspec.Struct):
+    """One line of a batch's results: its custom_id, and how the request ended (`succeeded`
+    with the message JSON, `errored` with the error, `canceled`, `expired`)."""
+
+    custom_id: str
+    result: _Result
+
+    @property
+    def kind(self) -> str:
+        return self.result.type
+
+    @property
+    def error_type(self) -> str:
+        return self.result.error.error.type if self.result.error else ""
+
+    @property
+    def error_message(self) -> str:
+        return self.result.error.error.message[:300] if self.result.error else ""
+
+
+_decode_line = msgspec.json.Decoder(BatchLine).decode
+
+
+async def create(
+    client: anthropic.AsyncAnthropic, requests: Sequence[dict[str, Any]], auth_pause_s: float
+) -> BatchInfo:
+    """Create a batch of `requests` (`{"custom_id", "params"}` each).
+
+    Raises:
+        the pipeline's error tree (`api.map_error`).
+    """
+    try:
+        batch = await client.messages.batches.create(requests=list(requests))  # type: ignore[arg-type]
+    except anthropic.AnthropicError as exc:
+        raise map_error(exc, auth_pause_s) from None
+    return _info(batch)
+
+
+async def retrieve(
+    client: anthropic.AsyncAnthropic, batch_id: str, auth_pause_s: float
+) -> BatchInfo:
+    try:
+        batch = await client.messages.batches.retrieve(batch_id)
+    except anthropic.AnthropicError as exc:
+        raise map_error(exc, auth_pause_s) from None
+    return _info(batch)
+
+
+async def cancel(client: anthropic.AsyncAnthropic, batch_id: str, auth_pause_s: float) -> None:
+    try:
+        await client.messages.batches.cancel(batch_id)
+    except anthropic.AnthropicError as exc:
+        raise map_error(exc, auth_pause_s) from None
+
+
+async def recent(
+    client: anthropic.AsyncAnthropic, since: float, auth_pause_s: float
+) -> AsyncIterator[BatchInfo]:
+    """The batches created at or after `since` (epoch seconds), newest first."""
+    try:
+        async for batch in client.messages.batches.list(limit=100):
+            info = _info(batch)
+            if info.created_at < since:
+                return
+            yield info
+    except anthropic.AnthropicError as exc:
+        raise map_error(exc, auth_pause_s) from None
+
+
+async def results(
+    client: anthropic.AsyncAnthropic, batch_id: str, auth_pause_s: float
+) -> AsyncIterator[BatchLine]:
+    """An ended batch's results, one line at a time (not in request order)."""
+    try:
+        stream = client.messages.batches.with_streaming_response.results(batch_id)
+        async with stream as response:
+            async for line in response.iter_lines():
+                if line.strip():
+                    yield _decode_line(line)
+    except anthropic.AnthropicError as exc:
+        raise map_error(exc, auth_pause_s) from None
+
+
+def _info(batch: Any) -> BatchInfo:
+    counts = batch.request_counts
+    total = counts.processing + counts.succeeded + counts.errored + counts.canceled + counts.expired
+    return BatchInfo(
+        id=batch.id,
+        processing_status=batch.processing_status,
+        created_at=batch.created_at.timestamp(),
+        requests=total,
+    )

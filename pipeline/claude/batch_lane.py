@@ -1,0 +1,439 @@
+"""The batch lane: tasks that can wait go through Anthropic's Message Batches API at half price.
+
+A task routed here is claimed (`pipeline.claude.task_record`, as for a plain call) and put on
+its family's **shelf** (`batch_shelve.lua`: a hash in Redis, not a pending list, since a batch
+may take a day); its entry is then acknowledged. In one process per family at a time (a
+lease), a **batcher** turns the queue into batches and sees each through:
+
+1. *form* (`batch_form.lua`): the oldest queued tasks become a batch in one step, with a token
+   and the tasks numbered; the intent is recorded before anything is sent. Each request's
+   `custom_id` is `<token>-<n>`, so the batch carries its token to the API and back.
+2. *create*: one `batches.create`; its id is recorded at once. A batch whose create failed
+   or whose id was never recorded (the process died in between) is **found, not sent
+   again**: the batches created since its intent are listed, and one whose results carry the
+   token is adopted; it is created again only when no batch it could be has been created.
+3. *poll* every `batch.poll_s` until the batch has ended.
+4. *answer*: its results are read line by line (never the whole file in memory); each
+   succeeded request's answer is recorded against its task, then handed to the store, and
+   any other outcome (errored, expired, canceled, or no line at all) sends the task to the
+   standard lane, at full price, rather than wait another day. Each task leaves the batch
+   exactly once (`batch_deliver.lua`: taken off the batch, the shelf and onto its next
+   stream in one step), so a batcher that dies half way and a successor that reads the
+   results again hand nothing on twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+from redis.asyncio import Redis
+
+from pipeline.claude.scripts import load
+from pipeline.claude.settings import Settings
+from pipeline.claude.task import Answer, Routed
+from pipeline.claude.task_record import TaskRecords
+from pipeline.runtime import scripts as runtime_scripts
+from pipeline.runtime.keys import Keys
+from pipeline.runtime.redis_conn import Availability
+from pipeline.runtime.replies import as_int, as_str
+from pipeline.runtime.stage import Message
+from pipeline.runtime.wire import (
+    decode_body,
+    decode_envelope,
+    encode_body,
+    encode_envelope,
+    internal_entry,
+    onward,
+)
+
+if TYPE_CHECKING:
+    import anthropic
+
+__all__ = ["BatchLane", "Shelved", "request_params"]
+
+log = logging.getLogger(__name__)
+
+#: Batches created this long before a batch's intent may still be it (clock skew).
+_SKEW_S = 300.0
+#: Results are handed on in chunks of this many lines (bounded memory, few round trips).
+_CHUNK = 256
+
+
+class Shelved(msgspec.Struct, array_like=True, frozen=True):
+    """A task on the shelf: its entry (envelope, packed) and the claim it will be paid under."""
+
+    fence: int
+    envelope: bytes
+
+
+_pack = msgspec.msgpack.Encoder().encode
+_unpack = msgspec.msgpack.Decoder(Shelved).decode
+
+
+def request_params(routed: Routed) -> dict[str, Any]:
+    """The Messages body a batched request sends: what a plain call sends (`api.call`)."""
+    request = routed.request
+    params: dict[str, Any] = {
+        "model": routed.model,
+        "max_tokens": routed.max_tokens,
+        "messages": request.messages,
+        **request.params,
+    }
+    if request.system is not None:
+        params["system"] = request.system
+    if request.temperature is not None:
+        params["temperature"] = request.temperature
+    return params
+
+
+class BatchLane:
+    """One worker process's part in the batch lane of every family."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        available: Availability,
+        settings: Settings,
+        records: TaskRecords,
+        client: Callable[[], anthropic.AsyncAnthropic],
+        stage_stream: Callable[[str], str],
+    ) -> None:
+        """`client`: makes the API client on first use. `stage_stream(family)`: the standard
+        lane's stream of a family, where a request a batch did not answer goes."""
+        self._redis, self._keys, self._available = redis, keys, available
+        self._settings, self._records = settings, records
+        self._make_client = client
+        self._client: anthropic.AsyncAnthropic | None = None
+        self._standard = stage_stream
+        self._shelve = load(redis, "batch_shelve")
+        self._form = load(redis, "batch_form")
+        self._deliver = load(redis, "batch_deliver")
+        self._hold = runtime_scripts.load(redis, "hold")
+        self._token = secrets.token_hex(8)
+        self._polled: dict[str, float] = {}
+        self._pause_s = settings.claude.auth_pause_s
+
+    # ---- the stage's side: shelving ----------------------------------------------------------
+
+    async def shelve(self, msg: Message, routed: Routed, fence: int) -> bool:
+        """Put the task on its family's shelf (once: a redelivery changes nothing). True if
+        shelved now."""
+        env = msgspec.structs.replace(msg.envelope, origin_id=msg.origin_id)
+        shelved = _pack(Shelved(fence, encode_envelope(env)))
+        family = routed.family
+        keys = [
+            self._keys.batch_shelf(family),
+            self._keys.batch_queue(family),
+            self._keys.task(msg.task_id),
+        ]
+        args: list[str | bytes | int] = [
+            msg.task_id, shelved, _now_ms(), self._settings.batch.worst_case_s + 3600,
+        ]  # fmt: skip
+        reply = await self._available.call(lambda: self._shelve(keys=keys, args=args))
+        return as_int(reply) == 1
+
+    # ---- the batcher ---------------------------------------------------------------------------
+
+    async def run(self, family: str, stop: asyncio.Event) -> None:
+        """Form, send, poll and answer `family`'s batches while this process holds its lease."""
+        policy = self._settings.batch
+        tick = max(0.05, min(1.0, policy.max_wait_s / 4, policy.poll_s))
+        while not stop.is_set():
+            try:
+                if await self._lead(family):
+                    await self.step(family)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a failed step is tried again next tick
+                log.warning("batch lane %s: %s", family, exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), tick)
+
+    async def step(self, family: str) -> None:
+        """One round: form what is due, then move every open batch one step on."""
+        while await self._due(family):
+            token = await self.form(family)
+            if token is None:
+                break
+            await self._create(token, first=True)
+        for token in await self._open(family):
+            await self.advance(token)
+
+    async def _lead(self, family: str) -> bool:
+        ttl_ms = int(self._settings.batch.leader_ttl_s * 1000)
+        key = self._keys.batch_leader(family)
+        reply = await self._hold(keys=[key], args=[self._token, ttl_ms])
+        return as_int(reply) == 1
+
+    async def _due(self, family: str) -> bool:
+        policy = self._settings.batch
+        queue = self._keys.batch_queue(family)
+        waiting = await self._redis.zcard(queue)
+        if not waiting:
+            return False
+        if waiting >= policy.max_requests:
+            return True
+        oldest = await self._redis.zrange(queue, 0, 0, withscores=True)
+        return bool(oldest) and _now_ms() - float(oldest[0][1]) >= policy.max_wait_s * 1000
+
+    async def form(self, family: str) -> str | None:
+        """Take the oldest queued tasks into a new batch; its token, or None if none wait."""
+        token = secrets.token_hex(8)
+        policy = self._settings.batch
+        keys = [
+            self._keys.batch_queue(family),
+            self._keys.batch_shelf(family),
+            self._keys.batch(token),
+            self._keys.batch_members(token),
+            self._keys.batch_unanswered(token),
+            self._keys.batches(family),
+        ]
+        args: list[str | int] = [policy.max_requests, _MAX_BATCH_BYTES, token, family, _now_ms()]
+        taken = as_int(await self._form(keys=keys, args=args))
+        if not taken:
+            return None
+        log.info("batch lane %s: batch %s formed with %d tasks", family, token, taken)
+        return token
+
+    async def advance(self, token: str) -> None:
+        """Move one open batch on by one step, as its recorded state says."""
+        state = _text_map(await self._redis.hgetall(self._keys.batch(token)))
+        kind = state.get("state")
+        if kind == "forming":
+            await self._create(token, first=False)
+        elif kind == "submitted":
+            await self._poll(token, state["id"])
+        elif kind == "ended":
+            await self.answer(token, state["id"], state["family"])
+
+    # ---- create, or find the batch a lost create made ------------------------------------------
+
+    async def _create(self, token: str, *, first: bool) -> None:
+        """Send a formed batch. A batch that may have been sent before (`first` False: an
+        earlier create failed or its process died) is looked for first."""
+        from pipeline.claude import batch_api
+
+        key = self._keys.batch(token)
+        state = _text_map(await self._redis.hgetall(key))
+        if not first:
+            found = await self._find(token, state)
+            if found is _UNDECIDED:
+                return
+            if isinstance(found, str):
+                await self._redis.hset(key, mapping={"state": "submitted", "id": found})
+                log.info("batch lane: batch %s found as %s (its create was not recorded)",
+                         token, found)  # fmt: skip
+                return
+        requests = await self._requests(token, state["family"])
+        await self._redis.hset(key, "attempted_ms", _now_ms())
+        info = await batch_api.create(self._api(), requests, self._pause_s)
+        await self._redis.hset(key, mapping={"state": "submitted", "id": info.id})
+        log.info("batch lane %s: batch %s sent as %s (%d requests)",
+                 state["family"], token, info.id, len(requests))  # fmt: skip
+
+    async def _find(self, token: str, state: dict[str, str]) -> str | object | None:
+        """The id of the batch an unrecorded create of `token` made; None if no batch that
+        could be it exists (safe to create); `_UNDECIDED` while one that could be it has not
+        ended (its results, which carry the token, are not readable yet)."""
+        from pipeline.claude import batch_api
+
+        if "attempted_ms" not in state:
+            return None  # formed, but its create never began
+        since = int(state["formed_ms"]) / 1000 - _SKEW_S
+        known = await self._known_ids()
+        undecided = False
+        async for info in batch_api.recent(self._api(), since, self._pause_s):
+            if info.id in known or info.requests != int(state["requests"]):
+                continue
+            if await self._redis.hexists(self._keys.batch(token), f"not:{info.id}"):
+                continue
+            if info.processing_status != "ended":
+                undecided = True
+                continue
+            async for line in batch_api.results(self._api(), info.id, self._pause_s):
+                if line.custom_id.startswith(f"{token}-"):
+                    return info.id
+                break
+            await self._redis.hset(self._keys.batch(token), f"not:{info.id}", 1)
+        return _UNDECIDED if undecided else None
+
+    async def _known_ids(self) -> set[str]:
+        ids: set[str] = set()
+        for family in self._settings.claude.models:
+            for token in await self._open(family):
+                found = await self._redis.hget(self._keys.batch(token), "id")
+                if found:
+                    ids.add(as_str(found))
+        return ids
+
+    async def _requests(self, token: str, family: str) -> list[dict[str, Any]]:
+        members = await self._redis.hgetall(self._keys.batch_members(token))
+        ordered = sorted((int(n), as_str(task_id)) for n, task_id in members.items())
+        shelf = self._keys.batch_shelf(family)
+        packed = await self._redis.hmget(shelf, [task_id for _, task_id in ordered])
+        requests = []
+        for (n, _), raw in zip(ordered, packed, strict=True):
+            if raw is None:  # answered already (cannot be before a create, but never send it)
+                continue
+            routed = _routed_of(_unpack(_bytes(raw)))
+            requests.append({"custom_id": f"{token}-{n}", "params": request_params(routed)})
+        return requests
+
+    # ---- poll, then answer -----------------------------------------------------------------------
+
+    async def _poll(self, token: str, batch_id: str) -> None:
+        from pipeline.claude import batch_api
+
+        now = time.monotonic()
+        if now - self._polled.get(token, 0.0) < self._settings.batch.poll_s:
+            return
+        self._polled[token] = now
+        info = await batch_api.retrieve(self._api(), batch_id, self._pause_s)
+        if info.processing_status == "ended":
+            await self._redis.hset(self._keys.batch(token), "state", "ended")
+            state = _text_map(await self._redis.hgetall(self._keys.batch(token)))
+            await self.answer(token, batch_id, state["family"])
+
+    async def answer(self, token: str, batch_id: str, family: str) -> None:
+        """Hand every task of an ended batch on, exactly once, then forget the batch."""
+        from pipeline.claude import batch_api
+
+        chunk: list[batch_api.BatchLine] = []
+        async for line in batch_api.results(self._api(), batch_id, self._pause_s):
+            if line.custom_id.startswith(f"{token}-"):
+                chunk.append(line)
+            if len(chunk) >= _CHUNK:
+                await self._hand_on(token, family, chunk)
+                chunk = []
+        if chunk:
+            await self._hand_on(token, family, chunk)
+        unanswered = self._keys.batch_unanswered(token)
+        left = [as_str(m) for m in await self._redis.smembers(unanswered)]
+        if left:  # no result line for them: the standard lane answers them
+            log.warning("batch %s (%s): %d tasks had no result; sent to the standard lane",
+                        token, batch_id, len(left))  # fmt: skip
+            await asyncio.gather(*(self._to_standard(token, family, t) for t in left))
+        await self._forget(token, family)
+        log.info("batch lane %s: batch %s (%s) answered", family, token, batch_id)
+
+    async def _hand_on(self, token: str, family: str, lines: list[Any]) -> None:
+        members_key = self._keys.batch_members(token)
+        numbers = [line.custom_id.rsplit("-", 1)[1] for line in lines]
+        task_ids = await self._redis.hmget(members_key, numbers)
+        work = [
+            self._hand_on_one(token, family, as_str(task_id), line)
+            for task_id, line in zip(task_ids, lines, strict=True)
+            if task_id is not None
+        ]
+        await asyncio.gather(*work)
+
+    async def _hand_on_one(self, token: str, family: str, task_id: str, line: Any) -> None:
+        from pipeline.claude.api import answer_of
+
+        raw = await self._redis.hget(self._keys.batch_shelf(family), task_id)
+        if raw is None:
+            return  # handed on already
+        shelved = _unpack(_bytes(raw))
+        env = decode_envelope(shelved.envelope)
+        routed = decode_body(env.body, Routed)
+        assert isinstance(routed, Routed)
+        if line.kind != "succeeded" or line.result.message is None:
+            reason = line.error_message or line.kind
+            log.info("batch %s: task %s %s (%s): to the standard lane", token, task_id,
+                     line.kind, reason)  # fmt: skip
+            await self._to_standard(token, family, task_id)
+            return
+        answer = answer_of(bytes(line.result.message), routed)
+        answer = msgspec.structs.replace(answer, attempts=env.attempt)
+        own = await self._records.record(task_id, routed, answer, shelved.fence)
+        stream = self._keys.stream("store")
+        if own.answer is None:  # the id answers another request now, or is gone
+            fields: dict[str, str | bytes] = {}
+        else:
+            fields = internal_entry(_onward(env, own.answer.to_store()))
+        await self._deliver_one(token, family, task_id, stream, fields)
+
+    async def _to_standard(self, token: str, family: str, task_id: str) -> None:
+        raw = await self._redis.hget(self._keys.batch_shelf(family), task_id)
+        if raw is None:
+            return
+        env = decode_envelope(_unpack(_bytes(raw)).envelope)
+        fields = internal_entry(_onward(env, None))
+        await self._deliver_one(token, family, task_id, self._standard(family), fields)
+
+    async def _deliver_one(
+        self, token: str, family: str, task_id: str, stream: str,
+        fields: dict[str, str | bytes],
+    ) -> None:  # fmt: skip
+        keys = [self._keys.batch_unanswered(token), self._keys.batch_shelf(family), stream]
+        flat: list[str | bytes] = [task_id]
+        for name, value in fields.items():
+            flat += (name, value)
+        await self._available.call(lambda: self._deliver(keys=keys, args=flat))
+
+    async def _forget(self, token: str, family: str) -> None:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.srem(self._keys.batches(family), token)
+            pipe.delete(
+                self._keys.batch(token),
+                self._keys.batch_members(token),
+                self._keys.batch_unanswered(token),
+            )
+            await pipe.execute()
+        self._polled.pop(token, None)
+
+    async def _open(self, family: str) -> list[str]:
+        return sorted(as_str(m) for m in await self._redis.smembers(self._keys.batches(family)))
+
+    def _api(self) -> anthropic.AsyncAnthropic:
+        if self._client is None:
+            self._client = self._make_client()
+        return self._client
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+
+
+#: Far below the API's 256 MB per batch: a request's JSON is larger than its packed entry.
+_MAX_BATCH_BYTES = 100 * 1024 * 1024
+_UNDECIDED = object()
+
+
+def _onward(env: Any, answer: Answer | None) -> Any:
+    """The entry that carries a shelved task on: with its answer (to the store), or as it
+    came (to the standard lane)."""
+    body = None if answer is None else encode_body(answer)
+    return onward(
+        env, attempt=1, enqueued_ms=_now_ms(), trace=(env.traceparent, env.tracestate),
+        origin_id=env.origin_id, body=body,
+    )  # fmt: skip
+
+
+def _routed_of(shelved: Shelved) -> Routed:
+    routed = decode_body(decode_envelope(shelved.envelope).body, Routed)
+    assert isinstance(routed, Routed)
+    return routed
+
+
+def _text_map(raw: Mapping[Any, Any]) -> dict[str, str]:
+    return {as_str(k): as_str(v) for k, v in raw.items()}
+
+
+def _bytes(value: object) -> bytes:
+    """A reply value: connections never decode replies."""
+    if isinstance(value, bytes):
+        return value
+    raise TypeError(f"expected bytes from Redis, got {type(value).__name__}")
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)

@@ -1,0 +1,39 @@
+-- batch_form.lua: take the oldest queued tasks of a lane into a new batch, recording the
+-- intent (its token, its members by number) before anything is sent to the API.
+-- Minimum Redis 6.2.
+--
+-- KEYS[1]  the lane's queue (task id -> ms it arrived)
+-- KEYS[2]  the lane's shelf (task id -> the shelved task), for sizes
+-- KEYS[3]  the new batch's hash
+-- KEYS[4]  the new batch's members (n -> task id)
+-- KEYS[5]  the new batch's unanswered set
+-- KEYS[6]  the lane's set of open batches
+-- ARGV[1]  the most requests
+-- ARGV[2]  the most bytes (the shelved tasks' sizes)
+-- ARGV[3]  the batch's token
+-- ARGV[4]  the lane (family)
+-- ARGV[5]  now, ms
+-- Returns the number of tasks taken (0: none queued). A task no longer on the shelf is
+-- dropped from the queue. At least one task is taken, whatever its size.
+
+local ids = redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
+local limit, total, n = tonumber(ARGV[2]), 0, 0
+local members = {}
+for _, id in ipairs(ids) do
+  local size = redis.call('HSTRLEN', KEYS[2], id)
+  if size > 0 then
+    if n > 0 and total + size > limit then break end
+    total = total + size
+    members[#members + 1] = n
+    members[#members + 1] = id
+    n = n + 1
+    redis.call('SADD', KEYS[5], id)
+  end
+  redis.call('ZREM', KEYS[1], id)
+end
+if n == 0 then return 0 end
+redis.call('HSET', KEYS[4], unpack(members))
+redis.call('HSET', KEYS[3], 'state', 'forming', 'family', ARGV[4], 'formed_ms', ARGV[5],
+           'requests', n, 'bytes', total)
+redis.call('SADD', KEYS[6], ARGV[3])
+return n
