@@ -6,6 +6,7 @@ streamed or not. Auth failures, rate limits (token buckets per key and model fam
 faults, streams failing halfway and latency are configurable, at start (`FakeClaudeConfig`) or
 at runtime (POST /_fake/config); GET /_fake/stats counts the calls so a test can prove each task
 reached Claude exactly once and each parameter arrived (GET /_fake/requests: the bodies).
+The Message Batches API (/v1/messages/batches...) runs batches on the same injectable clock.
 """
 
 from __future__ import annotations

@@ -44,6 +44,18 @@ def config_from_args(argv: Sequence[str] | None = None) -> FakeClaudeConfig:
         default=0,
         help="keep the last N request bodies for GET /_fake/requests",
     )
+    p.add_argument(
+        "--batch-processing-s",
+        type=float,
+        default=2.0,
+        help="seconds from a message batch's creation to its end",
+    )
+    p.add_argument(
+        "--batch-error-rate", type=float, default=0.0, help="share of batch requests errored"
+    )
+    p.add_argument(
+        "--batch-expire-rate", type=float, default=0.0, help="share of batch requests expired"
+    )
     p.add_argument("--bad-key", action="append", default=[], dest="bad_keys")
     p.add_argument("--forbidden-key", action="append", default=[], dest="forbidden_keys")
     p.add_argument("--seed", type=int, default=0)

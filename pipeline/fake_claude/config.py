@@ -42,6 +42,14 @@ class FakeClaudeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, 
     event, or a connection closed without message_stop).
     Recording: the last `record_requests` valid /v1/messages bodies are kept for
     GET /_fake/requests (0 keeps none).
+    Batches: a batch ends `batch_processing_s` after its creation (its requests done one by
+    one over that time, so a cancel keeps those already done), `batch_cancel_s` after a
+    cancel; changing them moves live batches too. Each request done errors
+    (`batch_error_rate`, an api_error) or expires (`batch_expire_rate`) at random. A create
+    call takes at most `batch_max_requests` requests and `batch_max_body_bytes`;
+    `batch_queue_limit` (None = no limit) caps the requests of unended batches (429 past it).
+    Invalid `params` error their request when the batch ends, as the API does; with
+    `batch_validate_at_create` they refuse the whole create call (400) instead.
     """
 
     host: str = "127.0.0.1"
@@ -66,11 +74,25 @@ class FakeClaudeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, 
     cache_min_tokens: int = 0
     max_body_bytes: int = 32 * 1024 * 1024
     record_requests: int = 0
+    batch_processing_s: float = 2.0
+    batch_cancel_s: float = 0.0
+    batch_error_rate: float = 0.0
+    batch_expire_rate: float = 0.0
+    batch_max_requests: int = 100_000
+    batch_max_body_bytes: int = 256 * 1024 * 1024
+    batch_queue_limit: int | None = None
+    batch_validate_at_create: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
-        for name in ("latency_ms", "latency_sigma", "cache_ttl_s"):
+        for name in (
+            "latency_ms",
+            "latency_sigma",
+            "cache_ttl_s",
+            "batch_processing_s",
+            "batch_cancel_s",
+        ):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
@@ -81,6 +103,8 @@ class FakeClaudeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, 
             "server_error_rate",
             "stream_error_rate",
             "stream_cut_rate",
+            "batch_error_rate",
+            "batch_expire_rate",
         ):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
@@ -95,6 +119,14 @@ class FakeClaudeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, 
             raise ValueError("cache_min_tokens must be >= 0 and max_body_bytes >= 1")
         if self.record_requests < 0:
             raise ValueError(f"record_requests must be >= 0, got {self.record_requests}")
+        if self.batch_error_rate + self.batch_expire_rate > 1.0:
+            raise ValueError("batch_error_rate + batch_expire_rate must be <= 1")
+        if self.batch_max_requests < 1 or self.batch_max_body_bytes < 1:
+            raise ValueError("batch_max_requests and batch_max_body_bytes must be >= 1")
+        if self.batch_queue_limit is not None and self.batch_queue_limit < 1:
+            raise ValueError(
+                f"batch_queue_limit must be >= 1 or null, got {self.batch_queue_limit}"
+            )
         # The family-independent limits are checked like a family's.
         RateLimits(rpm=self.rpm, itpm=self.itpm, otpm=self.otpm)
 

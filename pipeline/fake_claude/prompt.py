@@ -72,6 +72,11 @@ def parse_request(raw: bytes, *, count_only: bool = False) -> ParsedRequest:
         raise InvalidRequest(f"There was an error parsing the body of your request: {exc}") from exc
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.")
+    return parse_body(body, count_only=count_only)
+
+
+def parse_body(body: dict[str, Any], *, count_only: bool = False) -> ParsedRequest:
+    """Validate a decoded body (a batch request's `params` come this way)."""
     if not count_only:
         check_fields(body)
 

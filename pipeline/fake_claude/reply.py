@@ -16,6 +16,7 @@ from typing import Any
 
 import msgspec
 
+from .cache import CachePlan
 from .params import Generation
 from .prompt import count_tokens
 from .schema import instance
@@ -102,6 +103,39 @@ def build_reply(key: str, gen: Generation, max_tokens: int, low: int, high: int)
         return Reply(content, "max_tokens", None, max_tokens)
     content.append(block)
     return Reply(content, "tool_use", None, max_tokens - left + tokens)
+
+
+def billed_usage(plan: CachePlan, output_tokens: int) -> dict[str, int]:
+    """The four token counts of a call, as the stats sum them."""
+    return {
+        "input_tokens": plan.input_tokens,
+        "output_tokens": output_tokens,
+        "cache_creation_input_tokens": plan.cache_creation_input_tokens,
+        "cache_read_input_tokens": plan.cache_read_input_tokens,
+    }
+
+
+def message_object(
+    message_id: str, model: str, reply: Reply, plan: CachePlan, service_tier: str
+) -> dict[str, Any]:
+    """The Message a call answers with (a batch's succeeded result carries the same)."""
+    return {
+        "id": message_id,
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": reply.content,
+        "stop_reason": reply.stop_reason,
+        "stop_sequence": reply.stop_sequence,
+        "usage": {
+            **billed_usage(plan, reply.output_tokens),
+            "cache_creation": {
+                "ephemeral_5m_input_tokens": plan.cache_creation_5m,
+                "ephemeral_1h_input_tokens": plan.cache_creation_1h,
+            },
+            "service_tier": service_tier,
+        },
+    }
 
 
 def thinking_tokens(key: str, low: int, high: int, budget: int | None) -> int:

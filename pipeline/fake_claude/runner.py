@@ -76,16 +76,32 @@ class FakeClaudeServer:
 
     def stats(self) -> dict[str, Any]:
         """Same JSON as GET /_fake/stats."""
-        return self._on_loop(self.state.stats.snapshot)
+        return self._on_loop(self.state.snapshot)
+
+    def batch_stats(self) -> dict[str, Any]:
+        """The Message Batches counters (the stats' "batches"), batches due by now ended."""
+        batches: dict[str, Any] = self.stats()["batches"]
+        return batches
 
     def requests(self) -> list[Any]:
         """The recorded request bodies, oldest first (= GET /_fake/requests)."""
         return [msgspec.json.decode(body) for body in self._on_loop(self.state.stats.recorded)]
 
-    def reset(self, *, stats: bool = True, rate_limits: bool = False, cache: bool = False) -> None:
-        """Zero the stats (and drop the recorded bodies); optionally refill every rate bucket
-        and empty the prompt cache."""
-        self._on_loop(lambda: self.state.reset(stats=stats, rate_limits=rate_limits, cache=cache))
+    def reset(
+        self,
+        *,
+        stats: bool = True,
+        rate_limits: bool = False,
+        cache: bool = False,
+        batches: bool = False,
+    ) -> None:
+        """Zero the stats (and drop the recorded bodies); optionally refill every rate bucket,
+        empty the prompt cache and forget every message batch."""
+        self._on_loop(
+            lambda: self.state.reset(
+                stats=stats, rate_limits=rate_limits, cache=cache, batches=batches
+            )
+        )
 
     def update_config(self, **changes: Any) -> FakeClaudeConfig:
         """Patch settings at runtime, e.g. `update_config(bad_keys=[])` (= POST /_fake/config)."""
@@ -114,14 +130,17 @@ async def start_fake_claude(
 
 
 @contextlib.contextmanager
-def run_fake_claude_in_thread(config: FakeClaudeConfig | None = None) -> Iterator[FakeClaudeServer]:
-    """Run the fake on its own loop in a daemon thread, for synchronous code and tests."""
+def run_fake_claude_in_thread(
+    config: FakeClaudeConfig | None = None, *, state: FakeClaudeApp | None = None
+) -> Iterator[FakeClaudeServer]:
+    """Run the fake on its own loop in a daemon thread, for synchronous code and tests;
+    `state` brings its own clock (e.g. `FakeClaudeApp(config, clock=...)`)."""
     loop = asyncio.new_event_loop()
     started: concurrent.futures.Future[FakeClaudeServer] = concurrent.futures.Future()
 
     async def main() -> None:
         try:
-            started.set_result(await start_fake_claude(config))
+            started.set_result(await start_fake_claude(config, state=state))
         except BaseException as exc:
             started.set_exception(exc)
             raise

@@ -16,6 +16,9 @@ paid call to the worker process that made it (the most recent `CALL_LOG_MAX` cal
 (whatever became of them), so a test can show every parameter reached the API; the bodies
 themselves are kept only when asked (`record_requests`, see `recorded`). A streamed reply
 failed on purpose is no completed call: it counts in `streams_errored` or `streams_cut` only.
+
+The Message Batches API has counters of its own (`BatchStats`, under "batches"): a batch's
+requests are no /v1/messages calls, so they stay out of `calls_by_request` and `usage`.
 """
 
 from __future__ import annotations
@@ -82,6 +85,7 @@ class FakeStats:
         self.params_seen: Counter[str] = Counter()
         self.streams_errored = 0
         self.streams_cut = 0
+        self.batches = BatchStats()
         self.requests.clear()
 
     def reset(self) -> None:
@@ -193,4 +197,76 @@ class FakeStats:
             "params_seen": dict(sorted(self.params_seen.items())),
             "streams_errored": self.streams_errored,
             "streams_cut": self.streams_cut,
+            "batches": self.batches.snapshot(),
+        }
+
+
+#: The four ways a batch request ends, as its result's `type` says.
+RESULT_TYPES = ("succeeded", "errored", "canceled", "expired")
+
+
+class BatchStats:
+    """What the Message Batches API received and answered.
+
+    `requests_by_custom_id` counts each custom_id over every batch created, so a test can
+    show each task went into exactly one batch; `succeeded_by_request` counts the succeeded
+    results per request key (as `calls_by_request` does for /v1/messages), and `usage` sums
+    their usage: what Anthropic bills, at the batch price. `calls` counts the HTTP calls per
+    endpoint and status ("create 200", "results 400"...). Results are tallied when a batch
+    ends, which the fake notices whenever a batch endpoint or the stats are looked at.
+    """
+
+    def __init__(self) -> None:
+        self.created = 0
+        self.requests = 0
+        self.requests_by_custom_id: Counter[str] = Counter()
+        self.requests_by_batch: dict[str, int] = {}
+        self.results_downloads: Counter[str] = Counter()
+        self.results: Counter[str] = Counter({name: 0 for name in RESULT_TYPES})
+        self.ended = 0
+        self.canceled = 0  # batches whose cancel was accepted
+        self.deleted = 0
+        self.succeeded_by_request: Counter[str] = Counter()
+        self.usage: Counter[str] = Counter({name: 0 for name in _USAGE_FIELDS})
+        self.usage_by_batch: defaultdict[str, Counter[str]] = defaultdict(Counter)
+        self.params_seen: Counter[str] = Counter()
+        self.calls: Counter[str] = Counter()
+
+    def batch_created(self, batch_id: str, custom_ids: list[str]) -> None:
+        self.created += 1
+        self.requests += len(custom_ids)
+        self.requests_by_custom_id.update(custom_ids)
+        self.requests_by_batch[batch_id] = len(custom_ids)
+
+    def result(self, batch_id: str, kind: str, key: str | None, usage: dict[str, int]) -> None:
+        """One request of an ending batch got its result; `usage` only when it succeeded."""
+        self.results[kind] += 1
+        if key is not None:
+            self.succeeded_by_request[key] += 1
+        if usage:
+            per_batch = self.usage_by_batch[batch_id]
+            for name in _USAGE_FIELDS:
+                self.usage[name] += usage[name]
+                per_batch[name] += usage[name]
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "created": self.created,
+            "requests": self.requests,
+            "requests_by_custom_id": dict(self.requests_by_custom_id),
+            "duplicate_custom_ids": sum(1 for n in self.requests_by_custom_id.values() if n > 1),
+            "requests_by_batch": dict(self.requests_by_batch),
+            "results_downloads": dict(self.results_downloads),
+            "results": {name: self.results[name] for name in RESULT_TYPES},
+            "ended": self.ended,
+            "canceled": self.canceled,
+            "deleted": self.deleted,
+            "succeeded_by_request": dict(self.succeeded_by_request),
+            "usage": {name: self.usage[name] for name in _USAGE_FIELDS},
+            "usage_by_batch": {
+                batch: {name: usage[name] for name in _USAGE_FIELDS}
+                for batch, usage in self.usage_by_batch.items()
+            },
+            "params_seen": dict(sorted(self.params_seen.items())),
+            "calls": dict(sorted(self.calls.items())),
         }

@@ -46,3 +46,12 @@ def test_cli_flags_for_stream_faults_and_recording() -> None:
     )
     assert (config.stream_error_rate, config.stream_cut_rate) == (0.1, 0.2)
     assert config.record_requests == 50
+
+
+def test_cli_flags_for_batches() -> None:
+    config = config_from_args(
+        ["--batch-processing-s", "0.5", "--batch-error-rate", "0.1", "--batch-expire-rate", "0.2"]
+    )
+    assert config.batch_processing_s == 0.5
+    assert (config.batch_error_rate, config.batch_expire_rate) == (0.1, 0.2)
+    assert config_from_args([]).batch_processing_s == 2.0
