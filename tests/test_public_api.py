@@ -23,7 +23,8 @@ _RUNTIME_MORE = [
     "trace_id_of",
 ]  # fmt: skip
 _CLAUDE_API = [
-    "Admission", "Answer", "BatchLane", "batched", "make_batch_client", "Budget", "Caller", "Claim", "ClaimState", "Flights", "LeadLost",
+    "Admission", "Answer", "BatchLane", "batched", "make_batch_client", "Budget", "Caller",
+    "Claim", "ClaimState", "Flights", "LeadLost",
     "Ledger", "Request", "Reservation", "ResponseCache", "Route", "Routed", "Settings",
     "TaskRecords", "Usage", "WIRE_FIELDS", "call_timeout_s", "load_settings", "micro_usd",
     "parse_request", "prompt_chars", "route", "route_to", "streams", "unknown_model", "usd",
