@@ -40,9 +40,12 @@ class _ErrorBody(msgspec.Struct):
     error: _Error = msgspec.field(default_factory=_Error)
 
 
+_NULL = msgspec.Raw(b"null")
+
+
 class _Result(msgspec.Struct):
     type: str
-    message: msgspec.Raw | None = None
+    message: msgspec.Raw = _NULL  # (msgspec takes no Raw | None)
     error: _ErrorBody | None = None
 
 
@@ -56,6 +59,12 @@ class BatchLine(msgspec.Struct):
     @property
     def kind(self) -> str:
         return self.result.type
+
+    @property
+    def message(self) -> bytes | None:
+        """A succeeded request's message, as JSON."""
+        raw = bytes(self.result.message)
+        return None if raw == b"null" else raw
 
     @property
     def error_type(self) -> str:

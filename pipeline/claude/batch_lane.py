@@ -62,8 +62,10 @@ log = logging.getLogger(__name__)
 
 #: Batches created this long before a batch's intent may still be it (clock skew).
 _SKEW_S = 300.0
-#: Results are handed on in chunks of this many lines (bounded memory, few round trips).
+#: Results are handed on in chunks of this many lines (bounded memory, few round trips),
+#: `_PARALLEL` tasks at a time (each a few round trips on a connection of its own).
 _CHUNK = 256
+_PARALLEL = 16
 
 
 class Shelved(msgspec.Struct, array_like=True, frozen=True):
@@ -163,7 +165,7 @@ class BatchLane:
             token = await self.form(family)
             if token is None:
                 break
-            await self._create(token, first=True)
+            await self.send(token)
         for token in await self._open(family):
             await self.advance(token)
 
@@ -216,6 +218,10 @@ class BatchLane:
 
     # ---- create, or find the batch a lost create made ------------------------------------------
 
+    async def send(self, token: str) -> None:
+        """Send a batch just formed (nothing of it can have been sent before)."""
+        await self._create(token, first=True)
+
     async def _create(self, token: str, *, first: bool) -> None:
         """Send a formed batch. A batch that may have been sent before (`first` False: an
         earlier create failed or its process died) is looked for first."""
@@ -232,7 +238,7 @@ class BatchLane:
                 log.info("batch lane: batch %s found as %s (its create was not recorded)",
                          token, found)  # fmt: skip
                 return
-        requests = await self._requests(token, state["family"])
+        requests = await self.requests(token, state["family"])
         await self._redis.hset(key, "attempted_ms", _now_ms())
         info = await batch_api.create(self._api(), requests, self._pause_s)
         await self._redis.hset(key, mapping={"state": "submitted", "id": info.id})
@@ -274,7 +280,8 @@ class BatchLane:
                     ids.add(as_str(found))
         return ids
 
-    async def _requests(self, token: str, family: str) -> list[dict[str, Any]]:
+    async def requests(self, token: str, family: str) -> list[dict[str, Any]]:
+        """The batch's requests, as `batches.create` takes them."""
         members = await self._redis.hgetall(self._keys.batch_members(token))
         ordered = sorted((int(n), as_str(task_id)) for n, task_id in members.items())
         shelf = self._keys.batch_shelf(family)
@@ -320,7 +327,10 @@ class BatchLane:
         if left:  # no result line for them: the standard lane answers them
             log.warning("batch %s (%s): %d tasks had no result; sent to the standard lane",
                         token, batch_id, len(left))  # fmt: skip
-            await asyncio.gather(*(self._to_standard(token, family, t) for t in left))
+            for i in range(0, len(left), _PARALLEL):
+                await asyncio.gather(
+                    *(self._to_standard(token, family, t) for t in left[i : i + _PARALLEL])
+                )
         await self._forget(token, family)
         log.info("batch lane %s: batch %s (%s) answered", family, token, batch_id)
 
@@ -328,12 +338,11 @@ class BatchLane:
         members_key = self._keys.batch_members(token)
         numbers = [line.custom_id.rsplit("-", 1)[1] for line in lines]
         task_ids = await self._redis.hmget(members_key, numbers)
-        work = [
-            self._hand_on_one(token, family, as_str(task_id), line)
-            for task_id, line in zip(task_ids, lines, strict=True)
-            if task_id is not None
-        ]
-        await asyncio.gather(*work)
+        found = [(as_str(t), line) for t, line in zip(task_ids, lines, strict=True) if t]
+        for i in range(0, len(found), _PARALLEL):  # a few connections, not one per line
+            await asyncio.gather(
+                *(self._hand_on_one(token, family, t, line) for t, line in found[i : i + _PARALLEL])
+            )
 
     async def _hand_on_one(self, token: str, family: str, task_id: str, line: Any) -> None:
         from pipeline.claude.api import answer_of
@@ -345,13 +354,14 @@ class BatchLane:
         env = decode_envelope(shelved.envelope)
         routed = decode_body(env.body, Routed)
         assert isinstance(routed, Routed)
-        if line.kind != "succeeded" or line.result.message is None:
+        message = line.message
+        if line.kind != "succeeded" or message is None:
             reason = line.error_message or line.kind
             log.info("batch %s: task %s %s (%s): to the standard lane", token, task_id,
                      line.kind, reason)  # fmt: skip
             await self._to_standard(token, family, task_id)
             return
-        answer = answer_of(bytes(line.result.message), routed)
+        answer = answer_of(message, routed)
         answer = msgspec.structs.replace(answer, attempts=env.attempt)
         own = await self._records.record(task_id, routed, answer, shelved.fence)
         stream = self._keys.stream("store")
