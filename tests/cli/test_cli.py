@@ -153,7 +153,7 @@ def test_submit_sends_the_messages_parameters(
     (tmp_path / "params.json").write_text('{"inference_geo": "us"}')
     proc = cli(env, "submit", "Find order 42", "--tools", f"@{tmp_path / 'tools.json'}",
                "--stop", "END", "--stop", "STOP", "--thinking-budget", "2048",
-               "--field", 'tool_choice={"type": "any"}', "--field", "top_k=40",
+               "--field", 'tool_choice={"type": "auto"}', "--field", "top_p=0.95",
                "--field", f"params=@{tmp_path / 'params.json'}")  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     [(_, raw)] = rclient.xrange(Keys(prefix).ingress)
@@ -161,8 +161,8 @@ def test_submit_sends_the_messages_parameters(
     assert json.loads(fields["tools"]) == tools
     assert json.loads(fields["stop_sequences"]) == ["END", "STOP"]
     assert json.loads(fields["thinking"]) == {"type": "enabled", "budget_tokens": 2048}
-    assert json.loads(fields["tool_choice"]) == {"type": "any"}
-    assert (fields["top_k"], fields["params"]) == ("40", '{"inference_geo": "us"}')
+    assert json.loads(fields["tool_choice"]) == {"type": "auto"}
+    assert (fields["top_p"], fields["params"]) == ("0.95", '{"inference_geo": "us"}')
     bad = one_error_line(cli(env, "submit", "x", "--field", "top_k=0"), code=2)
     assert "top_k: must be a whole number of at least 1" in bad
     unknown = one_error_line(cli(env, "submit", "x", "--field", "colour=red"), code=2)

@@ -103,7 +103,6 @@ async def test_submit_writes_the_messages_parameters_as_json(
         id="agent-1",
         tools=tools,
         tool_choice={"type": "tool", "name": "lookup"},
-        thinking={"type": "enabled", "budget_tokens": 1024},
         stop_sequences=["END"],
         top_p=0.9,
         top_k=40,
@@ -117,7 +116,6 @@ async def test_submit_writes_the_messages_parameters_as_json(
     assert {k: v for k, v in fields.items() if k not in ("prompt", "id", "model", "type")} == {
         "tools": '[{"name":"lookup","input_schema":{"type":"object"}}]',
         "tool_choice": '{"type":"tool","name":"lookup"}',
-        "thinking": '{"type":"enabled","budget_tokens":1024}',
         "stop_sequences": '["END"]',
         "top_p": "0.9",
         "top_k": "40",
@@ -129,6 +127,12 @@ async def test_submit_writes_the_messages_parameters_as_json(
     }
     with pytest.raises(InvalidTask, match=r"^tool_choice\.name: 'other' is not one of the tools"):
         await client.submit("x", tools=tools, tool_choice={"type": "tool", "name": "other"})
+    await client.submit("y", id="agent-2", thinking={"type": "enabled", "budget_tokens": 1024},
+                        max_tokens=2048)  # fmt: skip
+    [_, (_, thinking)] = entries(rclient, client.keys)
+    assert thinking["thinking"] == '{"type":"enabled","budget_tokens":1024}'
+    with pytest.raises(InvalidTask, match=r"^top_k: must be left out with extended thinking"):
+        await client.submit("z", thinking={"type": "adaptive"}, top_k=5)
 
 
 @pytest.mark.anyio
