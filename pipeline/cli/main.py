@@ -13,6 +13,7 @@ from typing import Annotated
 
 import typer
 
+from pipeline.cli.batches import batches_app
 from pipeline.cli.common import ConfigOpt, run_async, settings_from, setup_logging
 from pipeline.cli.cost import cost
 from pipeline.cli.dlq import dlq_app
@@ -204,6 +205,7 @@ def demo(
 
 
 app.add_typer(dlq_app, name="dlq")
+app.add_typer(batches_app, name="batches")
 app.command()(cost)
 
 

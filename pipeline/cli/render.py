@@ -17,6 +17,7 @@ from rich.json import JSON
 from rich.table import Table
 from rich.text import Text
 
+from pipeline.claude.batch_status import LaneView
 from pipeline.claude.ratelimit import LimitState
 from pipeline.cli.diagnose import pause_hint
 from pipeline.cli.status import PipelineStatus
@@ -117,6 +118,7 @@ def status_view(
     lines: list[RenderableType] = [table, dlq]
     if status.limits:
         lines.insert(1, limits_view(status.limits))
+    lines += _batch_lines(status.batch_lanes)
     if not status.paused:
         lines.append(Text.assemble(("paused: ", "bold"), ("none", "green")))
     else:
@@ -281,6 +283,46 @@ def _says_nothing(name: str, value: str, result: Mapping[str, str]) -> bool:
         except ValueError:
             return False
     return False
+
+
+def _batch_lines(lanes: Sequence[LaneView]) -> list[RenderableType]:
+    """One line per family whose batch lane holds anything (`pipeline batches list`)."""
+    lines: list[RenderableType] = []
+    for lane in lanes:
+        if not lane.queued and not lane.batches:
+            continue
+        line = Text(f"batch lane {lane.family}: ", style="bold")
+        line.append(f"{lane.queued:,} queued")
+        if lane.oldest_queued_s is not None:
+            line.append(f" (oldest {age(lane.oldest_queued_s)})")
+        waiting = sum(b.unanswered for b in lane.batches)
+        line.append(f", {len(lane.batches)} batches open, {waiting:,} to hand on")
+        if lane.batches:
+            line.append(f", oldest {age(max(b.age_s for b in lane.batches))}")
+        lines.append(line)
+    return lines
+
+
+def batches_table(lanes: Sequence[LaneView]) -> RenderableType:
+    """Per family, what waits for a batch and each open batch (API ids whole, never cut);
+    fits 80 columns."""
+    table = Table(title=Text("batch lane", style="bold"), title_justify="left", box=None,
+                  padding=(0, 1), pad_edge=False, header_style="bold underline")  # fmt: skip
+    for name in ("family", "batch", "state"):
+        table.add_column(name, no_wrap=True)
+    for name in ("requests", "left", "age"):
+        table.add_column(name, justify="right", no_wrap=True)
+    for lane in lanes:
+        if lane.queued:
+            oldest = age(lane.oldest_queued_s or 0.0)
+            table.add_row(lane.family, "(queued)", "waiting", _count(lane.queued), "-", oldest)
+        for batch in lane.batches:
+            shown = batch.batch_id or batch.token
+            table.add_row(lane.family, shown, batch.state, _count(batch.requests),
+                          _count(batch.unanswered), age(batch.age_s))  # fmt: skip
+    if not table.rows:
+        return Text("The batch lane is empty.", style="green")
+    return table
 
 
 def dlq_table(letters: Sequence[DeadLetter], now_ms: int | None = None) -> RenderableType:

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -285,3 +288,31 @@ async def test_a_batcher_killed_half_way_through_handing_answers_on(
 
 def lane_settings(fast_env: dict[str, str], fake: FakeClaudeServer) -> Settings:
     return load_settings(env={**fast_env, "PIPELINE_CLAUDE__BASE_URL": fake.base_url})
+
+
+def test_a_batch_canceled_from_the_command_line_is_answered_on_the_standard_lane(
+    workers: Workers, fake: FakeClaudeServer, rclient: redis.Redis, prefix: str
+) -> None:
+    fake.update_config(batch_processing_s=600.0)
+    workers.start(args=["-n", "50"])
+    ids = submit(rclient, prefix, 40, batch="true")
+    keys = Keys(prefix)
+    wait_until(lambda: fake.batch_stats()["created"] == 1, 30, what="the batch sent")
+    [token] = [t.decode() for t in rclient.smembers(keys.batches("haiku"))]
+    wait_until(lambda: rclient.hexists(keys.batch(token), "id"), 10, what="its id recorded")
+    batch_id = rclient.hget(keys.batch(token), "id").decode()
+    env = {**os.environ, **workers.env, "COLUMNS": "120"}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "pipeline.cli", "batches", *args]
+        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+
+    listed = run("list")
+    assert batch_id in listed.stdout, listed.stdout
+    done = run("cancel", batch_id, "--yes")
+    assert done.returncode == 0, done.stderr
+    wait_results(rclient, prefix, ids)
+    t = tally(rclient, prefix)
+    t.assert_exactly_once(ids)
+    assert fake.batch_stats()["results"].get("canceled", 0) == 40
+    assert fake.stats()["succeeded"] == 40, "each canceled request answered at full price"
