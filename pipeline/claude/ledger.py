@@ -55,6 +55,9 @@ class Totals(msgspec.Struct, kw_only=True):
     cost_pico: int = 0
     saved_pico: int = 0
     baseline_pico: int = 0
+    #: What the calls answered through the batch lane would have cost at list prices, less
+    #: what they cost at batch rates.
+    batch_saved_pico: int = 0
 
     def add(self, other: Totals) -> None:
         for name in METRICS:
@@ -62,8 +65,9 @@ class Totals(msgspec.Struct, kw_only=True):
 
     @property
     def routing_saved_pico(self) -> int:
-        """What routing saved: the baseline less what was spent and what the cache saved."""
-        return self.baseline_pico - self.cost_pico - self.saved_pico
+        """What routing saved: the baseline less what was spent, what the cache saved and
+        what the batch lane saved."""
+        return self.baseline_pico - self.cost_pico - self.saved_pico - self.batch_saved_pico
 
 
 METRICS: tuple[str, ...] = tuple(Totals.__struct_fields__)
@@ -92,6 +96,7 @@ class Charge:
 #: What a paid call adds (counted when its answer is recorded) ...
 CALL_METRICS = (
     "requests", "input", "output", "cache_write_5m", "cache_write_1h", "cache_read", "cost_pico",
+    "batch_saved_pico",
 )  # fmt: skip
 #: ... and what a task adds (counted once per task by the store).
 TASK_METRICS = ("hits", "saved_pico", "baseline_pico")
@@ -149,6 +154,9 @@ class Ledger:
                 cache_read=usage.cache_read_input_tokens,
                 cost_pico=full,
                 baseline_pico=baseline,
+                batch_saved_pico=(
+                    self._cost(answer.model, answer, day) - full if usage.batch else 0
+                ),
             )
         return Charge(day, f"@{at:%H%M}", answer.model, answer.request.type, totals)
 

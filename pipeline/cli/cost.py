@@ -147,6 +147,7 @@ def cost_view(report: CostReport, by: tuple[str, ...] = BY) -> RenderableType:
     baseline = f"all to the requested model, else {report.baseline_family}; no cache"
     savings.add_row("baseline", money(base), Text(baseline, style="dim"))
     savings.add_row("cache saved", money(total.saved_pico), f"{total.hits:,} cache hits")
+    savings.add_row("batch saved", money(total.batch_saved_pico), "batch lane, half price")
     savings.add_row("routing saved", money(total.routing_saved_pico), "")
     spent = f"{_share(base - total.cost_pico, base)} less than the baseline"
     savings.add_row(Text("spent", style="bold"), Text(money(total.cost_pico), "bold"), spent)
@@ -221,7 +222,7 @@ def cost_json(report: CostReport, by: tuple[str, ...] = BY) -> dict[str, Any]:
     def totals(t: Totals) -> dict[str, Any]:
         out: dict[str, Any] = msgspec.to_builtins(t)
         out["routing_saved_pico"] = t.routing_saved_pico
-        for name in ("cost", "saved", "baseline", "routing_saved"):
+        for name in ("cost", "saved", "baseline", "routing_saved", "batch_saved"):
             out[f"{name}_usd"] = dollars(out[f"{name}_pico"])
         return out
 

@@ -106,6 +106,17 @@ def test_batched_tasks_are_answered_at_half_price_each_in_one_batch(
     keys = Keys(prefix)
     assert not rclient.exists(keys.batch_shelf("haiku")), "every task left the shelf"
     assert not rclient.exists(keys.batches("haiku")), "every batch was forgotten"
+    # The ledger prices them at batch rates and shows what that saved, on a line of its own.
+    env = {**os.environ, **workers.env, "COLUMNS": "100"}
+    command = [sys.executable, "-m", "pipeline.cli", "cost"]
+    report = json.loads(subprocess.run([*command, "--json"], env=env, capture_output=True,
+                                       text=True, timeout=60, check=True).stdout)  # fmt: skip
+    total = report["total"]
+    spent_batched = sum(float(r["cost_usd"]) for r in found.values())
+    assert abs(total["batch_saved_usd"] - spent_batched) < 0.0001 * len(found)
+    assert total["requests"] == len(ids) + len(standard)
+    table = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60).stdout
+    assert "batch saved" in table
 
 
 def test_a_task_with_a_short_deadline_never_waits_in_a_batch(
