@@ -34,7 +34,9 @@ async def build(services: Services[Settings]) -> Handler:
     batchers = [asyncio.create_task(lane.run(family, stop)) for family in settings.claude.models]
 
     async def close() -> None:
-        stop.set()
+        stop.set()  # every step can be taken again, so one cut short is simply redone
+        for batcher in batchers:
+            batcher.cancel()
         await asyncio.gather(*batchers, return_exceptions=True)
         await lane.aclose()
 

@@ -253,6 +253,10 @@ class BatchLane:
 
         if "attempted_ms" not in state:
             return None  # formed, but its create never began
+        # A create still on its way (a process stalled past its lease) could land after a
+        # search found nothing: wait until it would have timed out before sending again.
+        settled_ms = (self._settings.claude.timeout_s + self._settings.batch.leader_ttl_s) * 1000
+        recent_attempt = _now_ms() - int(state["attempted_ms"]) < settled_ms
         since = int(state["formed_ms"]) / 1000 - _SKEW_S
         known = await self._known_ids()
         undecided = False
@@ -269,7 +273,7 @@ class BatchLane:
                     return info.id
                 break
             await self._redis.hset(self._keys.batch(token), f"not:{info.id}", 1)
-        return _UNDECIDED if undecided else None
+        return _UNDECIDED if undecided or recent_attempt else None
 
     async def _known_ids(self) -> set[str]:
         ids: set[str] = set()

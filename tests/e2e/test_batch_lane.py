@@ -48,6 +48,7 @@ def workers(fast_env: dict[str, str], fake: FakeClaudeServer, tmp_path: Path) ->
         "PIPELINE_BATCH__POLL_S": "0.2",
         "PIPELINE_BATCH__MAX_REQUESTS": "400",
         "PIPELINE_BATCH__LEADER_TTL_S": "2",
+        "PIPELINE_CLAUDE__TIMEOUT_S": "3",  # how long a lost create may still land
     }
     w = Workers(env, tmp_path, app="stages:app")
     yield w
