@@ -18,7 +18,9 @@ import msgspec
 
 from pipeline.claude.api import map_error
 
-__all__ = ["BatchInfo", "BatchLine", "cancel", "create", "recent", "results", "retrieve"]
+__all__ = [
+    "BatchInfo", "BatchLine", "CreateRefused", "cancel", "create", "recent", "results", "retrieve",
+]  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,16 +80,24 @@ class BatchLine(msgspec.Struct):
 _decode_line = msgspec.json.Decoder(BatchLine).decode
 
 
+class CreateRefused(Exception):
+    """The API answered a create with an error: no batch was made (unlike a timeout or a
+    lost connection, after which one may have been)."""
+
+
 async def create(
     client: anthropic.AsyncAnthropic, requests: Sequence[dict[str, Any]], auth_pause_s: float
 ) -> BatchInfo:
     """Create a batch of `requests` (`{"custom_id", "params"}` each).
 
     Raises:
-        the pipeline's error tree (`api.map_error`).
+        CreateRefused: the API said no (its status and message in the text).
+        the pipeline's error tree (`api.map_error`) otherwise: a batch may have been made.
     """
     try:
         batch = await client.messages.batches.create(requests=list(requests))  # type: ignore[arg-type]
+    except anthropic.APIStatusError as exc:
+        raise CreateRefused(str(map_error(exc, auth_pause_s))) from None
     except anthropic.AnthropicError as exc:
         raise map_error(exc, auth_pause_s) from None
     return _info(batch)

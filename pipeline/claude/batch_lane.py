@@ -240,7 +240,11 @@ class BatchLane:
                 return
         requests = await self.requests(token, state["family"])
         await self._redis.hset(key, "attempted_ms", _now_ms())
-        info = await batch_api.create(self._api(), requests, self._pause_s)
+        try:
+            info = await batch_api.create(self._api(), requests, self._pause_s)
+        except batch_api.CreateRefused:
+            await self._redis.hdel(key, "attempted_ms")  # none made: the next try sends it
+            raise
         await self._redis.hset(key, mapping={"state": "submitted", "id": info.id})
         log.info("batch lane %s: batch %s sent as %s (%d requests)",
                  state["family"], token, info.id, len(requests))  # fmt: skip

@@ -23,7 +23,6 @@ from pipeline.claude.api import make_client
 from pipeline.claude.pricing import DEFAULT_PRICES
 from pipeline.claude.task import Usage
 from pipeline.fake_claude import FakeClaudeConfig, FakeClaudeServer, run_fake_claude_in_thread
-from pipeline.runtime.errors import AuthError
 from pipeline.runtime.keys import Keys
 from tests.helpers.outcomes import tally
 from tests.helpers.workers import Workers, wait_until
@@ -258,8 +257,9 @@ async def test_a_create_that_failed_before_reaching_the_api_is_sent_once(
     token = await lane.form("haiku")
     assert token is not None
     fake.update_config(bad_keys=frozenset({"good-key"}))  # the create is refused: none made
-    with pytest.raises(AuthError):
+    with pytest.raises(batch_api.CreateRefused, match="401"):
         await lane.send(token)
+    assert not await aredis.hexists(Keys(prefix).batch(token), "attempted_ms")
     fake.update_config(bad_keys=frozenset())
     await services.aclose()
     finished_once(workers, fake, rclient, prefix, ids)
