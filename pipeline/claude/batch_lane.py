@@ -14,7 +14,8 @@ lease), a **batcher** turns the queue into batches and sees each through:
    token is adopted; it is created again only when no batch it could be has been created.
 3. *poll* every `batch.poll_s` until the batch has ended.
 4. *answer*: its results are read line by line (never the whole file in memory); each
-   succeeded request's answer is recorded against its task, then handed to the store, and
+   succeeded request's answer is recorded against its task, written to the response cache
+   (when cacheable, as a plain call's answer is), then handed to the store, and
    any other outcome (errored, expired, canceled, or no line at all) sends the task to the
    standard lane, at full price, rather than wait another day. Each task leaves the batch
    exactly once (`batch_deliver.lua`: taken off the batch, the shelf and onto its next
@@ -35,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 from redis.asyncio import Redis
 
+from pipeline.claude.flights import Flights
 from pipeline.claude.scripts import load
 from pipeline.claude.settings import Settings
 from pipeline.claude.task import Answer, Routed
@@ -119,6 +121,8 @@ class BatchLane:
         self._form = load(redis, "batch_form")
         self._deliver = load(redis, "batch_deliver")
         self._hold = runtime_scripts.load(redis, "hold")
+        lease_ms = settings.runtime_for("claude-batch").lease_ms
+        self._flights = Flights(redis, keys, available, lease_ms, settings)
         self._token = secrets.token_hex(8)
         self._polled: dict[str, float] = {}
         self._pause_s = settings.claude.auth_pause_s
@@ -376,6 +380,8 @@ class BatchLane:
         if own.answer is None:  # the id answers another request now, or is gone
             fields: dict[str, str | bytes] = {}
         else:
+            # Into the response cache (when cacheable), as a plain call's answer lands.
+            await self._flights.republish(routed, task_id, own.answer)
             fields = internal_entry(_onward(env, own.answer.to_store()))
         await self._deliver_one(token, family, task_id, stream, fields)
 

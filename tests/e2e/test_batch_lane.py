@@ -117,6 +117,17 @@ def test_batched_tasks_are_answered_at_half_price_each_in_one_batch(
     assert total["requests"] == len(ids) + len(standard)
     table = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60).stdout
     assert "batch saved" in table
+    # Batched answers landed in the response cache, as plain calls' do (complete ones).
+    complete = [int(t[1:]) for t, r in found.items() if r["stop_reason"] == "end_turn"][:5]
+    assert complete
+    for i in complete:
+        rclient.xadd(keys.ingress, {"id": f"again{i}", "model": "haiku", "max_tokens": "200",
+                                    "prompt": f"t nightly job {i}"})  # fmt: skip
+    wait_results(rclient, prefix, [f"again{i}" for i in complete])
+    for i in complete:
+        hit = results(rclient, prefix, [f"again{i}"])[f"again{i}"]
+        assert hit["cached"] == "true" and hit["output"] == found[f"t{i}"]["output"], hit
+    assert fake.stats()["succeeded"] == len(standard), "no new call"
 
 
 def test_a_task_with_a_short_deadline_never_waits_in_a_batch(
