@@ -1,6 +1,7 @@
 """The seed's cost arithmetic, reproduced: a 1M tasks/day workload through the real stages.
 
     python benchmarks/cost_workload.py --tasks 20000
+    python benchmarks/cost_workload.py --tasks 20000 --deferrable 0.5   # with the batch lane
 
 Generates a workload with the shape of the seed's example (average ~800 tokens a task, 30%
 duplicates, 60% simple tasks), runs it through all four stages (`pipeline worker --all`
@@ -54,7 +55,14 @@ from benchmarks.sustained import (  # noqa: E402
     start_workers,
     stop,
 )
-from pipeline.claude.pricing import PriceTable, micro_usd, today, usd  # noqa: E402
+from pipeline.claude.pricing import (  # noqa: E402
+    DayPrices,
+    PriceTable,
+    Rates,
+    micro_usd,
+    today,
+    usd,
+)
 from pipeline.claude.settings import Settings  # noqa: E402
 from pipeline.claude.task import Usage  # noqa: E402
 from pipeline.runtime.embedded_redis import RedisServer  # noqa: E402
@@ -75,9 +83,11 @@ WORDS = (
 class Task:
     type: str
     prompt: str
+    batch: bool = False  # deferrable: through the batch lane, at half price
 
     def fields(self) -> dict[str, str]:
-        return {"prompt": self.prompt, "type": self.type, "max_tokens": str(MAX_TOKENS)}
+        fields = {"prompt": self.prompt, "type": self.type, "max_tokens": str(MAX_TOKENS)}
+        return {**fields, "batch": "true"} if self.batch else fields
 
     @property
     def input_tokens(self) -> int:
@@ -85,7 +95,7 @@ class Task:
 
 
 def workload(n: int, duplicates: float, simple: float, gap: int, rng: random.Random,
-             tag: str) -> list[Task]:  # fmt: skip
+             tag: str, deferrable: float = 0.0) -> list[Task]:  # fmt: skip
     """`n` tasks in submission order; exactly round(n * duplicates) repeat an earlier one."""
     n_dup = round(n * duplicates)
     if n_dup and n - gap < n_dup:
@@ -102,7 +112,8 @@ def workload(n: int, duplicates: float, simple: float, gap: int, rng: random.Ran
         kind = rng.choice(SIMPLE_TYPES if rng.random() < simple else OTHER_TYPES)
         # ~600 input tokens on average (2,400 bytes), uniform 1,200..3,600 bytes
         words = [rng.choice(WORDS) for _ in range(rng.randint(150, 450))]
-        task = Task(kind, f"[{tag} {pos}] {kind}: " + " ".join(words))
+        batch = deferrable > 0 and rng.random() < deferrable  # (0: the same draws as before)
+        task = Task(kind, f"[{tag} {pos}] {kind}: " + " ".join(words), batch)
         distinct.append((pos, task))
         order.append(task)
     return order
@@ -111,7 +122,8 @@ def workload(n: int, duplicates: float, simple: float, gap: int, rng: random.Ran
 @dataclass
 class Prediction:
     baseline_pico: int  # every task on Sonnet, no cache
-    spend_pico: int  # distinct tasks only, simple ones on Haiku
+    spend_pico: int  # distinct tasks only, simple ones on Haiku, deferrable ones batched
+    unbatched_pico: int  # the same without the batch lane (cache + routing alone)
     tasks: int
     duplicates: int
     simple_share: float  # among distinct tasks
@@ -124,20 +136,27 @@ def predict(tasks: list[Task], settings: Settings) -> Prediction:
     models = settings.claude.models
     out = sum(OUTPUT_TOKENS) // 2
     seen: set[Task] = set()
-    baseline = spend = simple = 0
-    sonnet, haiku = prices.rates(models["sonnet"]), prices.rates(models["haiku"])
-    assert sonnet is not None and haiku is not None
+    baseline = spend = unbatched = simple = 0
     for task in tasks:
         usage = Usage(input_tokens=task.input_tokens, output_tokens=out)
-        baseline += sonnet.cost_pico(usage)
+        baseline += _rates(prices, models["sonnet"]).cost_pico(usage)
         if task in seen:
             continue
         seen.add(task)
         is_simple = task.type in SIMPLE_TYPES
         simple += is_simple
-        spend += (haiku if is_simple else sonnet).cost_pico(usage)
+        model = models["haiku" if is_simple else "sonnet"]
+        unbatched += _rates(prices, model).cost_pico(usage)
+        spend += _rates(prices, model, batch=task.batch).cost_pico(usage)
     avg = sum(t.input_tokens + out for t in tasks) / len(tasks)
-    return Prediction(baseline, spend, len(tasks), len(tasks) - len(seen), simple / len(seen), avg)
+    return Prediction(baseline, spend, unbatched, len(tasks), len(tasks) - len(seen),
+                      simple / len(seen), avg)  # fmt: skip
+
+
+def _rates(prices: DayPrices, model: str, *, batch: bool = False) -> Rates:
+    rates = prices.rates(model, batch=batch)
+    assert rates is not None, model
+    return rates
 
 
 async def submit_all(url: str, keys: Keys, tasks: list[Task], window: int, timeout_s: float
@@ -180,6 +199,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--tasks", type=int, default=20_000)
     p.add_argument("--duplicates", type=float, default=0.30)
     p.add_argument("--simple", type=float, default=0.60, help="share of simple (Haiku) tasks")
+    p.add_argument("--deferrable", type=float, default=0.0,
+                   help="share of tasks that can wait (sent with batch=true)")  # fmt: skip
     p.add_argument("--tasks-per-day", type=int, default=1_000_000)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--window", type=int, default=2000, help="most tasks unfinished at once")
@@ -205,7 +226,7 @@ def main() -> int:
     keys = Keys(f"cost-{tag}")
     logdir = Path(tempfile.mkdtemp(prefix="bench-cost-"))
     tasks = workload(args.tasks, args.duplicates, args.simple, args.dup_gap,
-                     random.Random(args.seed), tag)  # fmt: skip
+                     random.Random(args.seed), tag, args.deferrable)  # fmt: skip
     predicted = predict(tasks, Settings())
     server: RedisServer | None = None
     procs: list[subprocess.Popen[bytes]] = []
@@ -228,8 +249,12 @@ def main() -> int:
             "ANTHROPIC_API_KEY": "bench-key",
             "PIPELINE_RUNTIME__GRACE_S": "5",
             "PIPELINE_RESULTS__DONE_MAXLEN": str(2 * args.tasks),
+            "PIPELINE_BATCH__MAX_WAIT_S": "1",  # a day's batches, at a benchmark's pace
+            "PIPELINE_BATCH__POLL_S": "0.5",
             "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
         }
+        if args.deferrable:
+            post_json(f"{base_url}/_fake/config", {"batch_processing_s": 0.5})
         procs += start_workers(args.workers, env, logdir)
         print(f"{args.tasks:,} tasks ({predicted.duplicates:,} duplicates, "
               f"{predicted.simple_share:.1%} of distinct ones simple, "
@@ -260,8 +285,9 @@ def main() -> int:
     measured = (to_pico(per_day["baseline_usd"]), to_pico(per_day["cost_usd"]))
     scale = args.tasks_per_day / predicted.tasks
     expected = (round(predicted.baseline_pico * scale), round(predicted.spend_pico * scale))
+    lane = f" + batch ({args.deferrable:.0%} deferrable)" if args.deferrable else ""
     rows = [("all-Sonnet, no cache", measured[0], expected[0]),
-            ("with cache + routing", measured[1], expected[1])]  # fmt: skip
+            (f"with cache + routing{lane}", measured[1], expected[1])]  # fmt: skip
     print(f"\nper day at {args.tasks_per_day:,} tasks   {'pipeline cost':>16}  {'predicted':>16}"
           f"  {'diff':>7}")  # fmt: skip
     ok = True
@@ -269,6 +295,12 @@ def main() -> int:
         diff = (got - want) / want if want else 0.0
         ok &= abs(diff) <= args.tolerance
         print(f"{name:<28} {dollars(got):>16}  {dollars(want):>16}  {diff:>+7.2%}")
+    if args.deferrable:
+        unbatched = round(predicted.unbatched_pico * scale)
+        print(f"{'cache + routing alone':<28} {'':>16}  {dollars(unbatched):>16}  (predicted, "
+              f"without the lane: it saves {1 - expected[1] / unbatched:.1%} more)")  # fmt: skip
+        batch_saved = report["total"].get("batch_saved_pico", 0) * scale
+        print(f"{'batch saved (pipeline cost)':<28} {dollars(round(batch_saved)):>16}")
     saving = 1 - measured[1] / measured[0] if measured[0] else 0.0
     want_saving = 1 - expected[1] / expected[0]
     ok &= abs(saving - want_saving) <= args.tolerance
