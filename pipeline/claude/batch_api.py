@@ -9,7 +9,8 @@ SDK errors map onto the pipeline's tree as for plain calls (`api.map_error`).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+import contextlib
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,56 +97,56 @@ async def create(
     """
     try:
         batch = await client.messages.batches.create(requests=list(requests))  # type: ignore[arg-type]
-    except anthropic.APIStatusError as exc:
+    except anthropic.APIStatusError as exc:  # the API answered: it made no batch
         raise CreateRefused(str(map_error(exc, auth_pause_s))) from None
     except anthropic.AnthropicError as exc:
         raise map_error(exc, auth_pause_s) from None
     return _info(batch)
 
 
+@contextlib.contextmanager
+def _mapped(auth_pause_s: float) -> Iterator[None]:
+    """SDK errors raised as the pipeline's (`api.map_error`)."""
+    try:
+        yield
+    except anthropic.AnthropicError as exc:
+        raise map_error(exc, auth_pause_s) from None
+
+
 async def retrieve(
     client: anthropic.AsyncAnthropic, batch_id: str, auth_pause_s: float
 ) -> BatchInfo:
-    try:
-        batch = await client.messages.batches.retrieve(batch_id)
-    except anthropic.AnthropicError as exc:
-        raise map_error(exc, auth_pause_s) from None
-    return _info(batch)
+    with _mapped(auth_pause_s):
+        return _info(await client.messages.batches.retrieve(batch_id))
 
 
 async def cancel(client: anthropic.AsyncAnthropic, batch_id: str, auth_pause_s: float) -> None:
-    try:
+    with _mapped(auth_pause_s):
         await client.messages.batches.cancel(batch_id)
-    except anthropic.AnthropicError as exc:
-        raise map_error(exc, auth_pause_s) from None
 
 
 async def recent(
     client: anthropic.AsyncAnthropic, since: float, auth_pause_s: float
 ) -> AsyncIterator[BatchInfo]:
     """The batches created at or after `since` (epoch seconds), newest first."""
-    try:
+    with _mapped(auth_pause_s):
         async for batch in client.messages.batches.list(limit=100):
             info = _info(batch)
             if info.created_at < since:
                 return
             yield info
-    except anthropic.AnthropicError as exc:
-        raise map_error(exc, auth_pause_s) from None
 
 
 async def results(
     client: anthropic.AsyncAnthropic, batch_id: str, auth_pause_s: float
 ) -> AsyncIterator[BatchLine]:
     """An ended batch's results, one line at a time (not in request order)."""
-    try:
+    with _mapped(auth_pause_s):
         stream = client.messages.batches.with_streaming_response.results(batch_id)
         async with stream as response:
             async for line in response.iter_lines():
                 if line.strip():
                     yield _decode_line(line)
-    except anthropic.AnthropicError as exc:
-        raise map_error(exc, auth_pause_s) from None
 
 
 def _info(batch: Any) -> BatchInfo:
