@@ -339,3 +339,23 @@ def test_a_batch_canceled_from_the_command_line_is_answered_on_the_standard_lane
     t.assert_exactly_once(ids)
     assert fake.batch_stats()["results"].get("canceled", 0) == 40
     assert fake.stats()["succeeded"] == 40, "each canceled request answered at full price"
+
+
+@pytest.mark.anyio
+async def test_a_batch_larger_than_luas_unpack_limit_forms_in_one_step(
+    fake: FakeClaudeServer, fast_env: dict[str, str], aredis: Any, prefix: str
+) -> None:
+    keys = Keys(prefix)
+    ids = [f"big{i}" for i in range(9_000)]  # Lua's unpack stops near 8,000 values
+    async with aredis.pipeline(transaction=False) as pipe:
+        for i, task_id in enumerate(ids):
+            pipe.zadd(keys.batch_queue("haiku"), {task_id: i})
+            pipe.hset(keys.batch_shelf("haiku"), task_id, b"shelved")
+        await pipe.execute()
+    lane, services = lane_in_this_process(fast_env, fake, aredis)
+    token = await lane.form("haiku")
+    assert token is not None
+    assert await aredis.hlen(keys.batch_members(token)) == 9_000
+    assert await aredis.scard(keys.batch_unanswered(token)) == 9_000
+    assert await aredis.zcard(keys.batch_queue("haiku")) == 0
+    await services.aclose()

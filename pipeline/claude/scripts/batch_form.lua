@@ -18,21 +18,18 @@
 
 local ids = redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
 local limit, total, n = tonumber(ARGV[2]), 0, 0
-local members = {}
 for _, id in ipairs(ids) do
   local size = redis.call('HSTRLEN', KEYS[2], id)
   if size > 0 then
     if n > 0 and total + size > limit then break end
     total = total + size
-    members[#members + 1] = n
-    members[#members + 1] = id
-    n = n + 1
+    redis.call('HSET', KEYS[4], n, id) -- one by one: a batch may hold 100,000
     redis.call('SADD', KEYS[5], id)
+    n = n + 1
   end
   redis.call('ZREM', KEYS[1], id)
 end
 if n == 0 then return 0 end
-redis.call('HSET', KEYS[4], unpack(members))
 redis.call('HSET', KEYS[3], 'state', 'forming', 'family', ARGV[4], 'formed_ms', ARGV[5],
            'requests', n, 'bytes', total)
 redis.call('SADD', KEYS[6], ARGV[3])
