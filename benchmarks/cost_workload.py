@@ -282,7 +282,7 @@ def main() -> int:
           f"API calls {stats.get('succeeded', '?'):,}; ledger: {total['requests']:,} paid, "
           f"{total['hits']:,} hits")  # fmt: skip
     per_day = report["per_day"]
-    measured = (to_pico(per_day["baseline_usd"]), to_pico(per_day["cost_usd"]))
+    measured = (per_day["baseline_pico"], per_day["cost_pico"])
     scale = args.tasks_per_day / predicted.tasks
     expected = (round(predicted.baseline_pico * scale), round(predicted.spend_pico * scale))
     lane = f" + batch ({args.deferrable:.0%} deferrable)" if args.deferrable else ""
@@ -308,11 +308,6 @@ def main() -> int:
           f"{(saving - want_saving) * 100:>+6.2f}pt")  # fmt: skip
     print(f"saving_measured={saving:.4f} saving_predicted={want_saving:.4f}")
     return 0 if ok else 1
-
-
-def to_pico(usd_text: str) -> int:
-    whole, _, frac = usd_text.partition(".")
-    return (int(whole) * 1_000_000 + int(frac.ljust(6, "0"))) * 1_000_000
 
 
 def dollars(pico: int) -> str:

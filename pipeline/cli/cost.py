@@ -243,10 +243,14 @@ def cost_json(report: CostReport, by: tuple[str, ...] = BY) -> dict[str, Any]:
     if "type" in by:
         data["by_type"] = {k: totals(v) for k, v in sorted(report.by_type.items())}
     if report.tasks_per_day is not None:
+        base_pico = report.total.baseline_pico
+        cost, baseline = report.at_rate(report.total.cost_pico), report.at_rate(base_pico)
         data["per_day"] = {
             "tasks": report.tasks_per_day,
-            "cost_usd": dollars(report.at_rate(report.total.cost_pico)),
-            "baseline_usd": dollars(report.at_rate(report.total.baseline_pico)),
+            "cost_pico": cost,
+            "cost_usd": dollars(cost),
+            "baseline_pico": baseline,
+            "baseline_usd": dollars(baseline),
         }
     return data
 

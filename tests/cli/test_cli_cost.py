@@ -126,7 +126,10 @@ def test_projection_to_a_number_of_tasks_a_day(run: Run, three_days: None) -> No
     assert code == 0, out
     per_day = json.loads(out)["per_day"]
     # 3 tasks cost $0.006 (1 hit): $0.002 a task; the baseline $0.0045 a task.
-    assert per_day == {"tasks": 1_000_000, "cost_usd": 2000.0, "baseline_usd": 4500.0}
+    assert per_day == {
+        "tasks": 1_000_000, "cost_usd": 2000.0, "baseline_usd": 4500.0,
+        "cost_pico": 2000 * 10**12, "baseline_pico": 4500 * 10**12,  # exact, for scripts
+    }  # fmt: skip
     _, out = run("--day", "2026-01-10", "--tasks-per-day", "1000000")
     assert "$2,000.000000" in out and "$4,500.000000" in out
 
