@@ -332,6 +332,8 @@ class BatchLane:
             if len(chunk) >= _CHUNK:
                 await self._hand_on(token, family, chunk)
                 chunk = []
+                if not await self._lead(family):  # a long batch: keep the lease, or stop
+                    raise _LeadLost(f"batch lane {family}: lease lost while answering {token}")
         if chunk:
             await self._hand_on(token, family, chunk)
         unanswered = self._keys.batch_unanswered(token)
@@ -430,6 +432,10 @@ class BatchLane:
 #: Far below the API's 256 MB per batch: a request's JSON is larger than its packed entry.
 _MAX_BATCH_BYTES = 100 * 1024 * 1024
 _UNDECIDED = object()
+
+
+class _LeadLost(Exception):
+    """Another process leads the lane now: it takes the step up where this one stops."""
 
 
 def _onward(env: Any, answer: Answer | None) -> Any:
