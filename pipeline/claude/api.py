@@ -117,16 +117,13 @@ async def call(
     if client.api_key is None and client.auth_token is None and client.credentials is None:
         raise AuthError("claude: no API key (set ANTHROPIC_API_KEY)", pause_s=auth_pause_s)
     settings = settings or ClaudeSettings()
-    request = routed.request
-    extra: dict[str, Any] = dict(request.params)
-    if request.temperature is not None:  # SDK 2.x dropped the keyword; the API still takes it
-        extra["temperature"] = request.temperature
+    extra = routed.body()  # what the SDK does not interpret goes as body fields, untouched
     args: dict[str, Any] = {
-        "model": routed.model,
-        "max_tokens": routed.max_tokens,
-        "messages": request.messages,
-        "system": anthropic.omit if request.system is None else request.system,
-        "extra_body": extra or None,
+        "model": extra.pop("model"),
+        "max_tokens": extra.pop("max_tokens"),
+        "messages": extra.pop("messages"),
+        "system": extra.pop("system", anthropic.omit),
+        "extra_body": extra or None,  # temperature too: SDK 2.x dropped the keyword
     }
     streamed = streams(routed, settings)
     started_ns = time.time_ns()

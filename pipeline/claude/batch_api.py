@@ -10,6 +10,7 @@ SDK errors map onto the pipeline's tree as for plain calls (`api.map_error`).
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +19,9 @@ import anthropic
 import msgspec
 
 from pipeline.claude.api import map_error
+from pipeline.runtime.errors import PermanentError
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "BatchInfo", "BatchLine", "CreateRefused", "cancel", "create", "recent", "results", "retrieve",
@@ -82,8 +86,13 @@ _decode_line = msgspec.json.Decoder(BatchLine).decode
 
 
 class CreateRefused(Exception):
-    """The API answered a create with an error: no batch was made (unlike a timeout or a
-    lost connection, after which one may have been)."""
+    """The API refused a create (a 4xx: no batch was made, unlike after a timeout, a lost
+    connection or a 5xx, after which one may have been). `permanent`: it would refuse it
+    again (a 400, 413…), unlike a 429 or 409."""
+
+    def __init__(self, message: str, *, permanent: bool) -> None:
+        super().__init__(message)
+        self.permanent = permanent
 
 
 async def create(
@@ -97,8 +106,11 @@ async def create(
     """
     try:
         batch = await client.messages.batches.create(requests=list(requests))  # type: ignore[arg-type]
-    except anthropic.APIStatusError as exc:  # the API answered: it made no batch
-        raise CreateRefused(str(map_error(exc, auth_pause_s))) from None
+    except anthropic.APIStatusError as exc:
+        error = map_error(exc, auth_pause_s)
+        if exc.status_code >= 500:  # it may have made the batch before failing
+            raise error from None
+        raise CreateRefused(str(error), permanent=isinstance(error, PermanentError)) from None
     except anthropic.AnthropicError as exc:
         raise map_error(exc, auth_pause_s) from None
     return _info(batch)
@@ -145,8 +157,15 @@ async def results(
         stream = client.messages.batches.with_streaming_response.results(batch_id)
         async with stream as response:
             async for line in response.iter_lines():
-                if line.strip():
-                    yield _decode_line(line)
+                if not line.strip():
+                    continue
+                try:
+                    decoded = _decode_line(line)
+                except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                    # Its task gets no line: the lane sends it to the standard lane.
+                    log.warning("batch %s: an unreadable result line skipped (%s)", batch_id, exc)
+                    continue
+                yield decoded
 
 
 def _info(batch: Any) -> BatchInfo:

@@ -40,7 +40,7 @@ from pipeline.claude.flights import Flights
 from pipeline.claude.scripts import load
 from pipeline.claude.settings import Settings
 from pipeline.claude.task import Answer, Routed
-from pipeline.claude.task_record import TaskRecords
+from pipeline.claude.task_record import ClaimState, TaskRecords
 from pipeline.runtime import scripts as runtime_scripts
 from pipeline.runtime.keys import Keys
 from pipeline.runtime.redis_conn import Availability
@@ -58,7 +58,7 @@ from pipeline.runtime.wire import (
 if TYPE_CHECKING:
     import anthropic
 
-__all__ = ["BatchLane", "Shelved", "request_params"]
+__all__ = ["BatchLane", "Shelved"]
 
 log = logging.getLogger(__name__)
 
@@ -79,22 +79,6 @@ class Shelved(msgspec.Struct, array_like=True, frozen=True):
 
 _pack = msgspec.msgpack.Encoder().encode
 _unpack = msgspec.msgpack.Decoder(Shelved).decode
-
-
-def request_params(routed: Routed) -> dict[str, Any]:
-    """The Messages body a batched request sends: what a plain call sends (`api.call`)."""
-    request = routed.request
-    params: dict[str, Any] = {
-        "model": routed.model,
-        "max_tokens": routed.max_tokens,
-        "messages": request.messages,
-        **request.params,
-    }
-    if request.system is not None:
-        params["system"] = request.system
-    if request.temperature is not None:
-        params["temperature"] = request.temperature
-    return params
 
 
 class BatchLane:
@@ -125,6 +109,9 @@ class BatchLane:
         self._flights = Flights(redis, keys, available, lease_ms, settings)
         self._token = secrets.token_hex(8)
         self._polled: dict[str, float] = {}
+        self._tries: dict[str, int] = {}  # refused creates, per batch: for the backoff
+        self._not_before: dict[str, float] = {}
+        self._ticket = redis.register_script(_TICKET)
         self._pause_s = settings.claude.auth_pause_s
 
     # ---- the stage's side: shelving ----------------------------------------------------------
@@ -242,16 +229,40 @@ class BatchLane:
                 log.info("batch lane: batch %s found as %s (its create was not recorded)",
                          token, found)  # fmt: skip
                 return
-        requests = await self.requests(token, state["family"])
-        await self._redis.hset(key, "attempted_ms", _now_ms())
+        family = state["family"]
+        if time.monotonic() < self._not_before.get(token, 0.0):
+            return  # the API refused it a moment ago: back off
+        # The ticket to create, taken before anything is built: a process that took over the
+        # lane meanwhile (this one stalled past its lease) sees the attempt and looks for it.
+        ticket = await self._ticket(keys=[key], args=[state.get("attempted_ms", ""), _now_ms()])
+        if not as_int(ticket) or not await self._lead(family):
+            return
+        requests = await self.requests(token, family)
         try:
             info = await batch_api.create(self._api(), requests, self._pause_s)
-        except batch_api.CreateRefused:
+        except batch_api.CreateRefused as exc:
+            if exc.permanent:  # the API will not take it: each request on its own, then
+                log.warning("batch %s refused (%s): its tasks go to the standard lane",
+                            token, exc)  # fmt: skip
+                await self._abandon(token, family)
+                return
             await self._redis.hdel(key, "attempted_ms")  # none made: the next try sends it
+            tries = self._tries.get(token, 0) + 1
+            self._tries[token] = tries
+            self._not_before[token] = time.monotonic() + min(300.0, 2.0**tries)
             raise
         await self._redis.hset(key, mapping={"state": "submitted", "id": info.id})
         log.info("batch lane %s: batch %s sent as %s (%d requests)",
-                 state["family"], token, info.id, len(requests))  # fmt: skip
+                 family, token, info.id, len(requests))  # fmt: skip
+
+    async def _abandon(self, token: str, family: str) -> None:
+        """Every task of a batch the API will never take goes to the standard lane."""
+        left = [as_str(m) for m in await self._redis.smembers(self._keys.batch_unanswered(token))]
+        for i in range(0, len(left), _PARALLEL):
+            await asyncio.gather(
+                *(self._to_standard(token, family, t) for t in left[i : i + _PARALLEL])
+            )
+        await self._forget(token, family)
 
     async def _find(self, token: str, state: dict[str, str]) -> str | object | None:
         """The id of the batch an unrecorded create of `token` made; None if no batch that
@@ -303,7 +314,7 @@ class BatchLane:
             if raw is None:  # answered already (cannot be before a create, but never send it)
                 continue
             routed = _routed_of(_unpack(_bytes(raw)))
-            requests.append({"custom_id": f"{token}-{n}", "params": request_params(routed)})
+            requests.append({"custom_id": f"{token}-{n}", "params": routed.body()})
         return requests
 
     # ---- poll, then answer -----------------------------------------------------------------------
@@ -375,17 +386,27 @@ class BatchLane:
                      line.kind, reason)  # fmt: skip
             await self._to_standard(token, family, task_id)
             return
-        answer = answer_of(message, routed)
-        answer = msgspec.structs.replace(answer, attempts=env.attempt)
+        try:
+            answer = answer_of(message, routed)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            log.warning("batch %s: task %s's message unreadable (%s): to the standard lane",
+                        token, task_id, exc)  # fmt: skip
+            await self._to_standard(token, family, task_id)
+            return
+        # Batch rates, whatever the response says (it came through the Batches API).
+        usage = msgspec.structs.replace(answer.usage, batch=True)
+        answer = msgspec.structs.replace(answer, attempts=env.attempt, usage=usage)
         own = await self._records.record(task_id, routed, answer, shelved.fence)
-        stream = self._keys.stream("store")
-        if own.answer is None:  # the id answers another request now, or is gone
-            fields: dict[str, str | bytes] = {}
-        else:
-            # Into the response cache (when cacheable), as a plain call's answer lands.
-            await self._flights.republish(routed, task_id, own.answer)
-            fields = internal_entry(_onward(env, own.answer.to_store()))
-        await self._deliver_one(token, family, task_id, stream, fields)
+        if own.state is ClaimState.CONFLICT:
+            # The id holds another request's answer: claude-call refuses it properly (DLQ).
+            await self._to_standard(token, family, task_id)
+            return
+        # GONE: the task's record lapsed while it waited (it outlives the lane's worst case,
+        # so only a lane stalled longer): the answer is the task's all the same.
+        mine = own.answer or answer
+        await self._flights.republish(routed, task_id, mine)  # into the response cache
+        fields = internal_entry(_onward(env, mine.to_store()))
+        await self._deliver_one(token, family, task_id, self._keys.stream("store"), fields)
 
     async def _to_standard(self, token: str, family: str, task_id: str) -> None:
         raw = await self._redis.hget(self._keys.batch_shelf(family), task_id)
@@ -414,7 +435,8 @@ class BatchLane:
                 self._keys.batch_unanswered(token),
             )
             await pipe.execute()
-        self._polled.pop(token, None)
+        for memory in (self._polled, self._tries, self._not_before):
+            memory.pop(token, None)
 
     async def _open(self, family: str) -> list[str]:
         return sorted(as_str(m) for m in await self._redis.smembers(self._keys.batches(family)))
@@ -432,6 +454,14 @@ class BatchLane:
 #: Far below the API's 256 MB per batch: a request's JSON is larger than its packed entry.
 _MAX_BATCH_BYTES = 100 * 1024 * 1024
 _UNDECIDED = object()
+#: Take the ticket to create a batch: set `attempted_ms` only if it is still what this process
+#: read (ARGV[1], '' for none), so two processes never both create it.
+_TICKET = """
+local current = redis.call('HGET', KEYS[1], 'attempted_ms') or ''
+if current ~= ARGV[1] or redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'attempted_ms', ARGV[2])
+return 1
+"""
 
 
 class _LeadLost(Exception):

@@ -20,7 +20,7 @@ from typing import Any
 from pipeline.claude.field_text import decode_json, kind, show
 from pipeline.runtime.errors import InvalidTask
 
-__all__ = ["NAMED_FIELDS", "UNKEYED", "parse_params", "thinks"]
+__all__ = ["NAMED_FIELDS", "UNKEYED", "check_budget", "parse_params", "thinks"]
 
 #: Wire fields that are Messages parameters of their own, in the order they are written.
 NAMED_FIELDS = (
@@ -85,6 +85,22 @@ def parse_params(
             check(where[key], value)
     _check_together(params, max_tokens, temperature)
     return params
+
+
+def check_budget(params: Mapping[str, Any], max_tokens: int) -> None:
+    """The thinking budget against the `max_tokens` the call is routed with (the config's
+    default or a type's cap, when the producer gave none).
+
+    Raises:
+        InvalidTask: the budget is not below it (the API would refuse the call).
+    """
+    thinking = params.get("thinking")
+    budget = thinking.get("budget_tokens") if isinstance(thinking, dict) else None
+    if thinks(params) and type(budget) is int and budget >= max_tokens:
+        raise InvalidTask(
+            f"thinking.budget_tokens: {budget} must be less than max_tokens ({max_tokens}, "
+            "after the router's default and caps); give a larger max_tokens"
+        )
 
 
 def thinks(params: Mapping[str, Any]) -> bool:

@@ -21,7 +21,7 @@ from typing import Any
 import msgspec
 
 from pipeline.claude.field_text import decode_json, kind, show
-from pipeline.claude.params import NAMED_FIELDS, UNKEYED, parse_params
+from pipeline.claude.params import NAMED_FIELDS, UNKEYED, check_budget, parse_params
 from pipeline.claude.routing import route
 from pipeline.claude.settings import Settings
 from pipeline.claude.task import Request, Route
@@ -72,6 +72,8 @@ def parse_request(fields: Mapping[str, str], settings: Settings) -> Request:
     """
     request = validate_request(fields, settings)
     decision = route(request, settings, prompt_chars(request))
+    if decision is not None and request.params:
+        check_budget(request.params, decision.max_tokens)
     return msgspec.structs.replace(
         request, decision=decision, request_hash=request_hash(request, decision)
     )

@@ -61,6 +61,22 @@ class Routed(msgspec.Struct, frozen=True, kw_only=True):
     model: str  # the full model id sent to the API
     max_tokens: int
 
+    def body(self) -> dict[str, Any]:
+        """The Messages request body this task sends, plain call or batch alike: one
+        definition, so the two lanes never send different requests under one cache key."""
+        request = self.request
+        body: dict[str, Any] = {
+            "model": self.model,
+            "max_tokens": self.max_tokens,
+            "messages": request.messages,
+            **request.params,
+        }
+        if request.system is not None:
+            body["system"] = request.system
+        if request.temperature is not None:
+            body["temperature"] = request.temperature
+        return body
+
     @classmethod
     def applying(cls, request: Request, decision: Route) -> Routed:
         """`request` sent as `decision` says; from here the decision lives in these fields

@@ -29,7 +29,8 @@ def cfg() -> Settings:
 
 
 def parse(cfg: Settings, **fields: str) -> Request:
-    return parse_request({"prompt": "What is the weather?", **fields}, cfg)
+    """With room for a thinking budget (the default max_tokens, 1024, is the least it takes)."""
+    return parse_request({"prompt": "What is the weather?", "max_tokens": "4096", **fields}, cfg)
 
 
 def j(value: Any) -> str:
@@ -91,6 +92,14 @@ def test_extended_thinking_takes_what_the_api_allows_beside_it(cfg: Settings) ->
     assert req.params["top_p"] == 0.95 and req.temperature == 1.0
     disabled = parse(cfg, thinking=j({"type": "disabled"}), top_k="5", temperature="0.2")
     assert disabled.params["top_k"] == 5
+
+
+def test_the_thinking_budget_is_checked_against_the_routed_max_tokens(cfg: Settings) -> None:
+    thinking = j({"type": "enabled", "budget_tokens": 2048})  # the default max_tokens is 1024
+    with pytest.raises(InvalidTask, match=r"^thinking\.budget_tokens: 2048 must be less than "
+                                          r"max_tokens \(1024, after the router"):  # fmt: skip
+        parse_request({"prompt": "What is the weather?", "thinking": thinking}, cfg)
+    assert parse(cfg, thinking=thinking, max_tokens="4096").params["thinking"]["budget_tokens"]
 
 
 def test_output_format_joins_the_other_output_settings_of_params(cfg: Settings) -> None:
@@ -223,7 +232,8 @@ def test_a_request_without_parameters_keeps_the_key_it_had_before_they_existed(
     # The hash this request had before pass-through parameters existed (computed by that
     # release: v2 keys),
     # so an upgrade does not throw the response cache away.
-    assert parse(cfg, type="classify").request_hash == "023021c663cdf354207f980c2ce9f78e"
+    plain = parse_request({"prompt": "What is the weather?", "type": "classify"}, cfg)
+    assert plain.request_hash == "023021c663cdf354207f980c2ce9f78e"
 
 
 # ---- the token estimate ---------------------------------------------------------------------
