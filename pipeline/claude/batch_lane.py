@@ -372,9 +372,14 @@ class BatchLane:
     async def _hand_on_one(self, token: str, family: str, task_id: str, line: Any) -> None:
         from pipeline.claude.api import answer_of
 
-        raw = await self._redis.hget(self._keys.batch_shelf(family), task_id)
-        if raw is None:
-            return  # handed on already
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.sismember(self._keys.batch_unanswered(token), task_id)
+            pipe.hget(self._keys.batch_shelf(family), task_id)
+            pending, raw = await pipe.execute()
+        if not pending or raw is None:
+            # Handed on already; or this batch no longer holds the task (its results read
+            # again after the id was answered and reused: the shelf's entry is another's).
+            return
         shelved = _unpack(_bytes(raw))
         env = decode_envelope(shelved.envelope)
         routed = decode_body(env.body, Routed)

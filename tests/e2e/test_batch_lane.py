@@ -361,3 +361,27 @@ async def test_a_batch_larger_than_luas_unpack_limit_forms_in_one_step(
     assert await aredis.scard(keys.batch_unanswered(token)) == 9_000
     assert await aredis.zcard(keys.batch_queue("haiku")) == 0
     await services.aclose()
+
+
+@pytest.mark.anyio
+async def test_results_read_again_never_answer_a_task_the_batch_no_longer_holds(
+    workers: Workers, fake: FakeClaudeServer, rclient: redis.Redis, prefix: str,
+    fast_env: dict[str, str], aredis: Any,
+) -> None:  # fmt: skip
+    """t0 left this batch (answered, its id reused and shelved again for a later batch): this
+    batch's results, read again after a crash, must not answer the new t0 with the old one."""
+    shelve_only(workers, rclient, prefix, 20)
+    fake.update_config(batch_processing_s=0.2)
+    lane, services = lane_in_this_process(fast_env, fake, aredis)
+    token = await lane.form("haiku")
+    assert token is not None
+    await lane.send(token)
+    batch_id = (await aredis.hget(Keys(prefix).batch(token), "id")).decode()
+    await asyncio.sleep(0.5)
+    keys = Keys(prefix)
+    await aredis.srem(keys.batch_unanswered(token), "t0")  # the shelf still holds a t0
+    await lane.answer(token, batch_id, "haiku")
+    await services.aclose()
+    assert await aredis.hexists(keys.batch_shelf("haiku"), "t0"), "the new t0 left alone"
+    assert not await aredis.hexists(keys.task("t0"), "answer"), "nothing recorded onto it"
+    assert await aredis.xlen(keys.stream("store")) == 19
