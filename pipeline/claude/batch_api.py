@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncGenerator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -139,7 +139,7 @@ async def cancel(client: anthropic.AsyncAnthropic, batch_id: str, auth_pause_s: 
 
 async def recent(
     client: anthropic.AsyncAnthropic, since: float, auth_pause_s: float
-) -> AsyncIterator[BatchInfo]:
+) -> AsyncGenerator[BatchInfo, None]:
     """The batches created at or after `since` (epoch seconds), newest first."""
     with _mapped(auth_pause_s):
         async for batch in client.messages.batches.list(limit=100):
@@ -151,7 +151,7 @@ async def recent(
 
 async def results(
     client: anthropic.AsyncAnthropic, batch_id: str, auth_pause_s: float
-) -> AsyncIterator[BatchLine]:
+) -> AsyncGenerator[BatchLine, None]:
     """An ended batch's results, one line at a time (not in request order)."""
     with _mapped(auth_pause_s):
         stream = client.messages.batches.with_streaming_response.results(batch_id)

@@ -30,7 +30,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -278,8 +278,19 @@ class BatchLane:
         recent_attempt = _now_ms() - int(state["attempted_ms"]) < settled_ms
         since = int(state["formed_ms"]) / 1000 - _SKEW_S
         known = await self._known_ids()
+        listed = batch_api.recent(self._api(), since, self._pause_s)
+        async with contextlib.aclosing(listed):
+            return await self._match(token, state, listed, known, recent_attempt)
+
+    async def _match(
+        self, token: str, state: dict[str, str], listed: AsyncIterator[Any], known: set[str],
+        recent_attempt: bool,
+    ) -> str | object | None:  # fmt: skip
+        """`_find`'s search through the listed batches."""
+        from pipeline.claude import batch_api
+
         undecided = False
-        async for info in batch_api.recent(self._api(), since, self._pause_s):
+        async for info in listed:
             if info.id in known or info.requests != int(state["requests"]):
                 continue
             if await self._redis.hexists(self._keys.batch(token), f"not:{info.id}"):
@@ -287,10 +298,9 @@ class BatchLane:
             if info.processing_status != "ended":
                 undecided = True
                 continue
-            async for line in batch_api.results(self._api(), info.id, self._pause_s):
-                if line.custom_id.startswith(f"{token}-"):
-                    return info.id
-                break
+            first = await _first(batch_api.results(self._api(), info.id, self._pause_s))
+            if first is not None and first.custom_id.startswith(f"{token}-"):
+                return str(info.id)
             await self._redis.hset(self._keys.batch(token), f"not:{info.id}", 1)
         return _UNDECIDED if undecided or recent_attempt else None
 
@@ -337,14 +347,16 @@ class BatchLane:
         from pipeline.claude import batch_api
 
         chunk: list[batch_api.BatchLine] = []
-        async for line in batch_api.results(self._api(), batch_id, self._pause_s):
-            if line.custom_id.startswith(f"{token}-"):
-                chunk.append(line)
-            if len(chunk) >= _CHUNK:
-                await self._hand_on(token, family, chunk)
-                chunk = []
-                if not await self._lead(family):  # a long batch: keep the lease, or stop
-                    raise _LeadLost(f"batch lane {family}: lease lost while answering {token}")
+        lines = batch_api.results(self._api(), batch_id, self._pause_s)
+        async with contextlib.aclosing(lines):  # its connection closes, however this ends
+            async for line in lines:
+                if line.custom_id.startswith(f"{token}-"):
+                    chunk.append(line)
+                if len(chunk) >= _CHUNK:
+                    await self._hand_on(token, family, chunk)
+                    chunk = []
+                    if not await self._lead(family):  # a long batch: keep the lease, or stop
+                        raise _LeadLost(f"batch lane {family}: lease lost answering {token}")
         if chunk:
             await self._hand_on(token, family, chunk)
         unanswered = self._keys.batch_unanswered(token)
@@ -487,6 +499,14 @@ def _routed_of(shelved: Shelved) -> Routed:
     routed = decode_body(decode_envelope(shelved.envelope).body, Routed)
     assert isinstance(routed, Routed)
     return routed
+
+
+async def _first(lines: AsyncGenerator[Any, None]) -> Any:
+    """The first item of an async generator, which is then closed (its connection too)."""
+    async with contextlib.aclosing(lines):
+        async for line in lines:
+            return line
+    return None
 
 
 def _text_map(raw: Mapping[Any, Any]) -> dict[str, str]:
