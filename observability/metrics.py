@@ -1,8 +1,9 @@
 """Worker metrics: OpenTelemetry instruments, a Prometheus scrape endpoint and/or OTLP export.
 
 Two sources feed them: the runtime's one observation seam, `MetricsHook` (outcomes, handling
-time, end-to-end latency, cache hits, cost and tokens, and each model call's report: GenAI
-call duration and token usage, responses by status), and a periodic queue poll
+time, end-to-end latency, cache hits, cost and tokens, each model call's report: GenAI call
+duration and token usage, responses by status; and how long held tasks waited), and a
+periodic queue poll
 (`observability.queues`). The names as
 Prometheus shows them are fixed in `observability.metric_names`.
 
@@ -30,6 +31,7 @@ from opentelemetry.sdk.metrics.export import MetricReader
 from observability.buckets import Buckets, BucketsCollector
 from observability.otel import resource
 from pipeline.runtime.calls import CallReport
+from pipeline.runtime.held import HeldReport
 from pipeline.runtime.hooks import Hook
 from pipeline.runtime.outcome import Complete, Fail, Forward, Outcome, Retry
 from pipeline.runtime.stage import Message
@@ -45,6 +47,9 @@ LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.
 #: The GenAI semantic conventions' advised buckets.
 CALL_BUCKETS_S = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48,
                   40.96, 81.92)  # fmt: skip
+#: A task held outside the streams (waiting for a batch): minutes to a day.
+HELD_BUCKETS_S = (1.0, 10.0, 30.0, 60.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 14400.0,
+                  28800.0, 43200.0, 86400.0, 172800.0)  # fmt: skip
 TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304,
                  16777216, 67108864)  # fmt: skip
 
@@ -101,6 +106,11 @@ class PipelineMetrics:
         self.token_usage = [m.create_histogram(
             "gen_ai.client.token.usage", "{token}", "Number of input and output tokens used",
             explicit_bucket_boundaries_advisory=TOKEN_BUCKETS,
+        ) for m in meters]  # fmt: skip
+        self.held_duration = [m.create_histogram(
+            "pipeline.held.duration", "s", "Time a stage held a task outside its streams, "
+            "until it was handed on (the batch lane: shelved to answered)",
+            explicit_bucket_boundaries_advisory=HELD_BUCKETS_S,
         ) for m in meters]  # fmt: skip
         counters: Sequence[tuple[str, str, str, Callable[[], Iterable[Observation]]]] = (
             ("pipeline.stage.handled", "{entry}", "Entries handled, by outcome (dead_letter: "
@@ -200,6 +210,13 @@ class PipelineMetrics:
             histogram.record(prompt, {**model, "gen_ai.token.type": "input"})
             histogram.record(usage.output_tokens, {**model, "gen_ai.token.type": "output"})
 
+    def observe_release(self, report: HeldReport) -> None:
+        """How long a held task waited, by where it went (answered, to the standard lane)."""
+        attrs = {"stage": report.stage, "lane": report.lane or "", "outcome": report.outcome}
+        waited_s = max(0, report.released_ns - report.held_ns) / 1e9
+        for histogram in self.held_duration:
+            histogram.record(waited_s, attrs)
+
 
 class MetricsHook(Hook):
     """Times each handling and counts its outcome; dead letters come from their own hook,
@@ -224,6 +241,9 @@ class MetricsHook(Hook):
 
     def on_call(self, report: CallReport) -> None:
         self._metrics.observe_call(report)
+
+    def on_release(self, report: HeldReport) -> None:
+        self._metrics.observe_release(report)
 
 
 def _observe(counts: Mapping[_Key, float], names: tuple[str, ...]) -> list[Observation]:

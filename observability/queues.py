@@ -1,4 +1,5 @@
-"""Queue gauges (backlog, pending, lag, oldest age, delayed retries, DLQ) from a periodic poll.
+"""Queue gauges (backlog, pending, lag, oldest age, delayed retries, DLQ, held tasks) from a
+periodic poll.
 
 One pipelined round trip (`pipeline.runtime.status.gather_status`) every few seconds per
 worker, never per message: the gauges read the latest snapshot when a scrape or an OTLP export asks.
@@ -69,6 +70,15 @@ class QueuePoller:
         meter.create_observable_gauge(
             "pipeline.dlq.size", [self._dlq], unit="{entry}", description="Entries in the DLQ"
         )
+        meter.create_observable_gauge(
+            "pipeline.held.tasks", [self._held_tasks], unit="{task}",
+            description="Tasks a stage holds outside its streams, by state (the batch lane: "
+            "queued for a batch, in_batch)",
+        )  # fmt: skip
+        meter.create_observable_gauge(
+            "pipeline.held.oldest_age", [self._held_age], unit="s",
+            description="Age of the oldest task a stage holds outside its streams (0: none)",
+        )  # fmt: skip
 
     def _stream_callback(
         self, value: _StreamValue
@@ -84,6 +94,25 @@ class QueuePoller:
             ]
 
         return observe
+
+    def _held_tasks(self, _: CallbackOptions) -> Iterable[Observation]:
+        status = self.latest
+        if status is None:
+            return []
+        return [
+            Observation(n, {"stage": h.stage, "lane": h.lane or "", "state": state})
+            for h in status.held
+            for state, n in h.tasks.items()
+        ]
+
+    def _held_age(self, _: CallbackOptions) -> Iterable[Observation]:
+        status = self.latest
+        if status is None:
+            return []
+        return [
+            Observation(h.oldest_s or 0.0, {"stage": h.stage, "lane": h.lane or ""})
+            for h in status.held
+        ]
 
     def _dlq(self, _: CallbackOptions) -> Iterable[Observation]:
         status = self.latest

@@ -8,6 +8,8 @@
 - the span's context goes into the entry the stage hands on, so the next stage, a retry,
   the DLQ entry and the result's `trace_id` all carry the same trace;
 - each model call is a `chat <model>` CLIENT span (GenAI conventions) under the stage span;
+- the time a stage held a task outside its streams (waiting for a batch) is a `wait <stream>`
+  span beside the stage's, with the batch's id;
 - retries, deferrals, pauses, dead letters and redeliveries are span events; cache hits an
   attribute.
 
@@ -41,6 +43,7 @@ from observability.otel import (
 )
 from observability.propagation import EMPTY, format_context, remote_context
 from pipeline.runtime.calls import CallReport
+from pipeline.runtime.held import HeldReport
 from pipeline.runtime.hooks import Hook
 from pipeline.runtime.keys import Keys
 from pipeline.runtime.outcome import Complete, Forward, Outcome
@@ -174,6 +177,30 @@ class Tracing(Hook):
         if report.error_type is not None:
             span.set_status(Status(StatusCode.ERROR))
         span.end(end_time=report.ended_ns)
+
+    def on_release(self, report: HeldReport) -> None:
+        """A `wait <stream>` span for the time a stage held a task outside its streams (the
+        batch lane: shelved until answered), in the task's trace, with the stage's
+        attributes (the batch's id)."""
+        parent = parse(report.traceparent)
+        if parent is None or not parent.flags & 1:
+            return  # no trace to join, or not sampled
+        stream = self._keys.stream(self._app.stage(report.stage).stream, report.lane)
+        attributes: dict[str, AttributeValue] = {
+            "messaging.system": "redis",
+            "messaging.destination.name": stream,
+            "messaging.message.conversation_id": report.task_id,
+            "pipeline.held.outcome": report.outcome,
+            **(report.attributes or {}),
+        }
+        span = self._tracer.start_span(
+            f"wait {stream}",
+            context=remote_context(parent, report.tracestate),
+            kind=SpanKind.INTERNAL,
+            attributes=attributes,
+            start_time=report.held_ns or report.released_ns,
+        )
+        span.end(end_time=report.released_ns)
 
     def shutdown(self) -> None:
         """Flush what is queued; shut the provider down if this process made it."""

@@ -2,8 +2,10 @@
 
 One input stream per model family, like claude-call. Each task's paid call is claimed first
 (`pipeline.claude.task_record`, as for a plain call: an answer already recorded is handed on,
-another live entry of the task means this one is a duplicate), then the task is put on its
-family's shelf and its entry acknowledged: from there the batch lane
+another live entry of the task means this one is a duplicate), its worst-case cost at batch
+rates is reserved against the budgets (`pipeline.claude.budget`: over budget, it is deferred
+or failed as a plain call would be), then the task is put on its family's shelf and its entry
+acknowledged: from there the batch lane
 (`pipeline.claude.batch_lane`) forms batches, sends them, polls them and hands each answer to
 the store exactly once, or the task to claude-call when its batch did not answer it.
 """
@@ -11,9 +13,18 @@ the store exactly once, or the task to claude-call when its batch did not answer
 from __future__ import annotations
 
 import asyncio
+import functools
 
 from pipeline import Drop, Forward, Handler, Message, Outcome, Reject, Services, Settings, Stage
-from pipeline.claude import BatchLane, ClaimState, Routed, TaskRecords, make_batch_client
+from pipeline.claude import (
+    BatchLane,
+    ClaimState,
+    Reservation,
+    Routed,
+    TaskRecords,
+    held_in_batches,
+    make_batch_client,
+)
 
 NAME = "claude-batch"
 #: Shelving is a Redis round trip or two: a few dozen in flight keep up with any producer.
@@ -26,7 +37,7 @@ async def build(services: Services[Settings]) -> Handler:
     settings = services.settings
     records = TaskRecords.for_stage(services, NAME)
     lane = BatchLane(
-        services.redis, services.keys, services.available, settings, records,
+        services, NAME, records,
         client=lambda: make_batch_client(settings.claude),
         stage_stream=lambda family: services.keys.stream("call", family),
     )  # fmt: skip
@@ -51,7 +62,11 @@ async def build(services: Services[Settings]) -> Handler:
             return Drop("another entry of this task holds its call")
         if claim.state is ClaimState.CONFLICT:
             return Reject(f"id {msg.task_id!r} already holds the answer to another request")
-        await lane.shelve(msg, routed, claim.fence)
+        granted = await lane.budget.reserve(routed, batch=True)
+        if not isinstance(granted, Reservation):
+            return granted  # over budget: deferred, failed (as for a plain call)
+        if not await lane.shelve(msg, granted, claim.fence):
+            await lane.budget.release(granted)  # shelved before: that one holds its own
         return Drop("shelved: the batch lane answers it")
 
     return handle
@@ -60,4 +75,5 @@ async def build(services: Services[Settings]) -> Handler:
 def stage(settings: Settings) -> Stage:
     """The stage with one lane per model family named in `settings.claude.models`."""
     lanes = tuple(settings.claude.models)
-    return Stage(NAME, "batch", build=build, lanes=lanes, concurrency=CONCURRENCY)
+    held = functools.partial(held_in_batches, NAME)
+    return Stage(NAME, "batch", build=build, lanes=lanes, concurrency=CONCURRENCY, held=held)

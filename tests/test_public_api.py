@@ -26,7 +26,8 @@ _CLAUDE_API = [
     "Admission", "Answer", "BatchLane", "batched", "make_batch_client", "Budget", "Caller",
     "Claim", "ClaimState", "Flights", "LeadLost",
     "Ledger", "Request", "Reservation", "ResponseCache", "Route", "Routed", "Settings",
-    "TaskRecords", "Usage", "WIRE_FIELDS", "call_timeout_s", "load_settings", "micro_usd",
+    "TaskRecords", "Usage", "WIRE_FIELDS", "call_timeout_s", "held_in_batches",
+    "load_settings", "micro_usd",
     "parse_request", "prompt_chars", "route", "route_to", "streams", "unknown_model", "usd",
     "validate_request",
 ]  # fmt: skip

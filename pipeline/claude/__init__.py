@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from pipeline.claude.batch_status import held_in_batches
 from pipeline.claude.budget import Budget, Reservation
 from pipeline.claude.cache import ResponseCache
 from pipeline.claude.config import load_settings
@@ -49,6 +50,7 @@ __all__ = [
     "Usage",
     "batched",
     "call_timeout_s",
+    "held_in_batches",
     "load_settings",
     "make_batch_client",
     "micro_usd",

@@ -31,20 +31,20 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import msgspec
-from redis.asyncio import Redis
 
+from pipeline.claude.budget import Budget, Reservation
 from pipeline.claude.flights import Flights
 from pipeline.claude.scripts import load
 from pipeline.claude.settings import Settings
 from pipeline.claude.task import Answer, Routed
 from pipeline.claude.task_record import ClaimState, TaskRecords
 from pipeline.runtime import scripts as runtime_scripts
-from pipeline.runtime.keys import Keys
-from pipeline.runtime.redis_conn import Availability
+from pipeline.runtime.held import HeldReport
 from pipeline.runtime.replies import as_int, as_str
+from pipeline.runtime.services import Services
 from pipeline.runtime.stage import Message
 from pipeline.runtime.wire import (
     decode_body,
@@ -71,10 +71,17 @@ _PARALLEL = 16
 
 
 class Shelved(msgspec.Struct, array_like=True, frozen=True):
-    """A task on the shelf: its entry (envelope, packed) and the claim it will be paid under."""
+    """A task on the shelf: its entry (envelope, packed), the claim it will be paid under,
+    when it arrived, and the budget reservation it holds ("" window: none)."""
 
     fence: int
     envelope: bytes
+    shelved_ms: int = 0
+    window: str = ""
+    micro_usd: int = 0
+
+    def reservation(self, routed: Routed) -> Reservation:
+        return Reservation(routed, self.window, self.micro_usd)
 
 
 _pack = msgspec.msgpack.Encoder().encode
@@ -86,18 +93,19 @@ class BatchLane:
 
     def __init__(
         self,
-        redis: Redis,
-        keys: Keys,
-        available: Availability,
-        settings: Settings,
+        services: Services[Settings],
+        stage: str,
         records: TaskRecords,
         client: Callable[[], anthropic.AsyncAnthropic],
         stage_stream: Callable[[str], str],
     ) -> None:
-        """`client`: makes the API client on first use. `stage_stream(family)`: the standard
-        lane's stream of a family, where a request a batch did not answer goes."""
-        self._redis, self._keys, self._available = redis, keys, available
-        self._settings, self._records = settings, records
+        """`stage`: the stage that shelves (its settings, its name in reports). `client`:
+        makes the API client on first use. `stage_stream(family)`: the standard lane's
+        stream of a family, where a request a batch did not answer goes."""
+        self._redis, self._keys = redis, keys = services.redis, services.keys
+        self._available = available = services.available
+        self._settings = settings = services.settings
+        self._stage, self._records, self._hooks = stage, records, services.hooks
         self._make_client = client
         self._client: anthropic.AsyncAnthropic | None = None
         self._standard = stage_stream
@@ -105,8 +113,12 @@ class BatchLane:
         self._form = load(redis, "batch_form")
         self._deliver = load(redis, "batch_deliver")
         self._hold = runtime_scripts.load(redis, "hold")
-        lease_ms = settings.runtime_for("claude-batch").lease_ms
+        lease_ms = settings.runtime_for(stage).lease_ms
         self._flights = Flights(redis, keys, available, lease_ms, settings)
+        #: Batched spend counts against the budgets: reserved at shelving (batch rates),
+        #: settled when the answer is handed on, given back when the task leaves for the
+        #: standard lane (which reserves again, at list prices).
+        self.budget = Budget(settings, redis, keys, available)
         self._token = secrets.token_hex(8)
         self._polled: dict[str, float] = {}
         self._tries: dict[str, int] = {}  # refused creates, per batch: for the backoff
@@ -116,11 +128,15 @@ class BatchLane:
 
     # ---- the stage's side: shelving ----------------------------------------------------------
 
-    async def shelve(self, msg: Message, routed: Routed, fence: int) -> bool:
-        """Put the task on its family's shelf (once: a redelivery changes nothing). True if
-        shelved now."""
-        env = msgspec.structs.replace(msg.envelope, origin_id=msg.origin_id)
-        shelved = _pack(Shelved(fence, encode_envelope(env)))
+    async def shelve(self, msg: Message, granted: Reservation, fence: int) -> bool:
+        """Put the task on its family's shelf, to be sent as `granted.routed` (the budget
+        may have downgraded it) and paid under `fence`; once: a redelivery changes nothing.
+        True if shelved now (then the lane owns the reservation)."""
+        routed = granted.routed
+        env = msgspec.structs.replace(
+            msg.envelope, origin_id=msg.origin_id, body=encode_body(routed)
+        )
+        shelved = Shelved(fence, encode_envelope(env), _now_ms(), granted.window, granted.micro_usd)
         family = routed.family
         keys = [
             self._keys.batch_shelf(family),
@@ -128,7 +144,8 @@ class BatchLane:
             self._keys.task(msg.task_id),
         ]
         args: list[str | bytes | int] = [
-            msg.task_id, shelved, _now_ms(), self._settings.batch.worst_case_s + 3600,
+            msg.task_id, _pack(shelved), shelved.shelved_ms,
+            self._settings.batch.worst_case_s + 3600,
         ]  # fmt: skip
         reply = await self._available.call(lambda: self._shelve(keys=keys, args=args))
         return as_int(reply) == 1
@@ -257,11 +274,8 @@ class BatchLane:
 
     async def _abandon(self, token: str, family: str) -> None:
         """Every task of a batch the API will never take goes to the standard lane."""
-        left = [as_str(m) for m in await self._redis.smembers(self._keys.batch_unanswered(token))]
-        for i in range(0, len(left), _PARALLEL):
-            await asyncio.gather(
-                *(self._to_standard(token, family, t) for t in left[i : i + _PARALLEL])
-            )
+        left = await self._unanswered(token)
+        await self._all_to_standard(_Batch(token, "", family), left, "refused")
         await self._forget(token, family)
 
     async def _find(self, token: str, state: dict[str, str]) -> str | object | None:
@@ -346,6 +360,7 @@ class BatchLane:
         """Hand every task of an ended batch on, exactly once, then forget the batch."""
         from pipeline.claude import batch_api
 
+        batch = _Batch(token, batch_id, family)
         chunk: list[batch_api.BatchLine] = []
         lines = batch_api.results(self._api(), batch_id, self._pause_s)
         async with contextlib.aclosing(lines):  # its connection closes, however this ends
@@ -353,37 +368,34 @@ class BatchLane:
                 if line.custom_id.startswith(f"{token}-"):
                     chunk.append(line)
                 if len(chunk) >= _CHUNK:
-                    await self._hand_on(token, family, chunk)
+                    await self._hand_on(batch, chunk)
                     chunk = []
                     if not await self._lead(family):  # a long batch: keep the lease, or stop
                         raise _LeadLost(f"batch lane {family}: lease lost answering {token}")
         if chunk:
-            await self._hand_on(token, family, chunk)
-        unanswered = self._keys.batch_unanswered(token)
-        left = [as_str(m) for m in await self._redis.smembers(unanswered)]
+            await self._hand_on(batch, chunk)
+        left = await self._unanswered(token)
         if left:  # no result line for them: the standard lane answers them
             log.warning("batch %s (%s): %d tasks had no result; sent to the standard lane",
                         token, batch_id, len(left))  # fmt: skip
-            for i in range(0, len(left), _PARALLEL):
-                await asyncio.gather(
-                    *(self._to_standard(token, family, t) for t in left[i : i + _PARALLEL])
-                )
+            await self._all_to_standard(batch, left, "missing")
         await self._forget(token, family)
         log.info("batch lane %s: batch %s (%s) answered", family, token, batch_id)
 
-    async def _hand_on(self, token: str, family: str, lines: list[Any]) -> None:
-        members_key = self._keys.batch_members(token)
+    async def _hand_on(self, batch: _Batch, lines: list[Any]) -> None:
+        members_key = self._keys.batch_members(batch.token)
         numbers = [line.custom_id.rsplit("-", 1)[1] for line in lines]
         task_ids = await self._redis.hmget(members_key, numbers)
         found = [(as_str(t), line) for t, line in zip(task_ids, lines, strict=True) if t]
         for i in range(0, len(found), _PARALLEL):  # a few connections, not one per line
             await asyncio.gather(
-                *(self._hand_on_one(token, family, t, line) for t, line in found[i : i + _PARALLEL])
+                *(self._hand_on_one(batch, t, line) for t, line in found[i : i + _PARALLEL])
             )
 
-    async def _hand_on_one(self, token: str, family: str, task_id: str, line: Any) -> None:
+    async def _hand_on_one(self, batch: _Batch, task_id: str, line: Any) -> None:
         from pipeline.claude.api import answer_of
 
+        token, family = batch.token, batch.family
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.sismember(self._keys.batch_unanswered(token), task_id)
             pipe.hget(self._keys.batch_shelf(family), task_id)
@@ -401,14 +413,14 @@ class BatchLane:
             reason = line.error_message or line.kind
             log.info("batch %s: task %s %s (%s): to the standard lane", token, task_id,
                      line.kind, reason)  # fmt: skip
-            await self._to_standard(token, family, task_id)
+            await self._to_standard(batch, task_id, line.kind)
             return
         try:
             answer = answer_of(message, routed)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             log.warning("batch %s: task %s's message unreadable (%s): to the standard lane",
                         token, task_id, exc)  # fmt: skip
-            await self._to_standard(token, family, task_id)
+            await self._to_standard(batch, task_id, "unreadable")
             return
         # Batch rates, whatever the response says (it came through the Batches API).
         usage = msgspec.structs.replace(answer.usage, batch=True)
@@ -416,32 +428,73 @@ class BatchLane:
         own = await self._records.record(task_id, routed, answer, shelved.fence)
         if own.state is ClaimState.CONFLICT:
             # The id holds another request's answer: claude-call refuses it properly (DLQ).
-            await self._to_standard(token, family, task_id)
+            await self._to_standard(batch, task_id, "conflict")
             return
         # GONE: the task's record lapsed while it waited (it outlives the lane's worst case,
         # so only a lane stalled longer): the answer is the task's all the same.
         mine = own.answer or answer
         await self._flights.republish(routed, task_id, mine)  # into the response cache
         fields = internal_entry(_onward(env, mine.to_store()))
-        await self._deliver_one(token, family, task_id, self._keys.stream("store"), fields)
+        if await self._deliver_one(batch, task_id, self._keys.stream("store"), fields):
+            await self.budget.settle(shelved.reservation(routed), answer)
+            self._released(batch, task_id, shelved, env, "answered", line.kind)
 
-    async def _to_standard(self, token: str, family: str, task_id: str) -> None:
-        raw = await self._redis.hget(self._keys.batch_shelf(family), task_id)
+    async def _all_to_standard(self, batch: _Batch, task_ids: list[str], why: str) -> None:
+        for i in range(0, len(task_ids), _PARALLEL):
+            await asyncio.gather(
+                *(self._to_standard(batch, t, why) for t in task_ids[i : i + _PARALLEL])
+            )
+
+    async def _to_standard(self, batch: _Batch, task_id: str, why: str) -> None:
+        """Send a task its batch did not answer to the standard lane (`why`: errored,
+        expired, canceled, missing, refused, …); its reservation is given back there."""
+        raw = await self._redis.hget(self._keys.batch_shelf(batch.family), task_id)
         if raw is None:
             return
-        env = decode_envelope(_unpack(_bytes(raw)).envelope)
+        shelved = _unpack(_bytes(raw))
+        env = decode_envelope(shelved.envelope)
         fields = internal_entry(_onward(env, None))
-        await self._deliver_one(token, family, task_id, self._standard(family), fields)
+        if await self._deliver_one(batch, task_id, self._standard(batch.family), fields):
+            await self.budget.release(shelved.reservation(_routed_of(shelved)))
+            self._released(batch, task_id, shelved, env, "to_standard", why)
 
     async def _deliver_one(
-        self, token: str, family: str, task_id: str, stream: str,
-        fields: dict[str, str | bytes],
-    ) -> None:  # fmt: skip
-        keys = [self._keys.batch_unanswered(token), self._keys.batch_shelf(family), stream]
+        self, batch: _Batch, task_id: str, stream: str, fields: dict[str, str | bytes]
+    ) -> bool:
+        """Take the task off its batch and onto `stream`; False if it had left already."""
+        keys = [
+            self._keys.batch_unanswered(batch.token),
+            self._keys.batch_shelf(batch.family),
+            stream,
+        ]
         flat: list[str | bytes] = [task_id]
         for name, value in fields.items():
             flat += (name, value)
-        await self._available.call(lambda: self._deliver(keys=keys, args=flat))
+        return as_int(await self._available.call(lambda: self._deliver(keys=keys, args=flat))) == 1
+
+    def _released(
+        self, batch: _Batch, task_id: str, shelved: Shelved, env: Any, outcome: str, why: str
+    ) -> None:
+        """Tell the worker's hooks (metrics, tracing) a held task was handed on."""
+        attributes = {"pipeline.batch.token": batch.token, "pipeline.batch.result": why}
+        if batch.batch_id:
+            attributes["pipeline.batch.id"] = batch.batch_id
+        self._hooks.released(
+            HeldReport(
+                stage=self._stage,
+                lane=batch.family,
+                task_id=task_id,
+                outcome=outcome,
+                held_ns=shelved.shelved_ms * 1_000_000,
+                released_ns=time.time_ns(),
+                traceparent=env.traceparent,
+                tracestate=env.tracestate,
+                attributes=attributes,
+            )
+        )
+
+    async def _unanswered(self, token: str) -> list[str]:
+        return [as_str(m) for m in await self._redis.smembers(self._keys.batch_unanswered(token))]
 
     async def _forget(self, token: str, family: str) -> None:
         async with self._redis.pipeline(transaction=True) as pipe:
@@ -479,6 +532,14 @@ if current ~= ARGV[1] or redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 redis.call('HSET', KEYS[1], 'attempted_ms', ARGV[2])
 return 1
 """
+
+
+class _Batch(NamedTuple):
+    """An open batch as its hand-on steps need it (`batch_id` "": never created)."""
+
+    token: str
+    batch_id: str
+    family: str
 
 
 class _LeadLost(Exception):

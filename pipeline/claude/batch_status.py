@@ -1,6 +1,6 @@
-"""What the batch lane holds, read for `pipeline status` and `pipeline batches`: per family the
-tasks waiting for a batch, and each open batch's state, API id, size, age and what it has yet
-to hand on."""
+"""What the batch lane holds, read for `pipeline status`, `pipeline batches` and the held-task
+gauges: per family the tasks waiting for a batch, and each open batch's state, API id, size,
+age and what it has yet to hand on."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ from collections.abc import Iterable
 import msgspec
 from redis.asyncio import Redis
 
+from pipeline.runtime.held import HeldStatus
 from pipeline.runtime.keys import Keys
 from pipeline.runtime.replies import as_str
 
-__all__ = ["BatchView", "LaneView", "batch_view", "lane_views"]
+__all__ = ["BatchView", "LaneView", "batch_view", "held_in_batches", "lane_views"]
 
 
 class BatchView(msgspec.Struct, frozen=True, kw_only=True):
@@ -26,6 +27,7 @@ class BatchView(msgspec.Struct, frozen=True, kw_only=True):
     requests: int
     unanswered: int  # not yet handed on
     age_s: float  # since it was formed
+    oldest_s: float = 0.0  # since its oldest task arrived
 
 
 class LaneView(msgspec.Struct, frozen=True, kw_only=True):
@@ -35,6 +37,18 @@ class LaneView(msgspec.Struct, frozen=True, kw_only=True):
     queued: int  # shelved, in no batch yet
     oldest_queued_s: float | None
     batches: list[BatchView] = []
+
+    def held(self, stage: str) -> HeldStatus:
+        """The lane as the runtime counts held tasks (status, gauges)."""
+        ages = [b.oldest_s for b in self.batches if b.unanswered]
+        if self.oldest_queued_s is not None:
+            ages.append(self.oldest_queued_s)
+        return HeldStatus(
+            stage=stage,
+            lane=self.family,
+            tasks={"queued": self.queued, "in_batch": sum(b.unanswered for b in self.batches)},
+            oldest_s=max(ages, default=None),
+        )
 
 
 async def lane_views(redis: Redis, keys: Keys, families: Iterable[str]) -> list[LaneView]:
@@ -58,6 +72,13 @@ async def lane_views(redis: Redis, keys: Keys, families: Iterable[str]) -> list[
     return views
 
 
+async def held_in_batches(stage: str, redis: Redis, keys: Keys, family: str | None) -> HeldStatus:
+    """What the batch lane of `family` holds, as `stage`'s `Stage.held` reader says it (bind
+    `stage` with `functools.partial`)."""
+    (view,) = await lane_views(redis, keys, [family or ""])
+    return view.held(stage)
+
+
 async def batch_view(redis: Redis, keys: Keys, token: str) -> BatchView | None:
     """One batch by its token; None if there is no such open batch."""
     raw = await redis.hgetall(keys.batch(token))
@@ -71,5 +92,10 @@ async def batch_view(redis: Redis, keys: Keys, token: str) -> BatchView | None:
         batch_id=state.get("id", ""),
         requests=int(state.get("requests", 0)),
         unanswered=await redis.scard(keys.batch_unanswered(token)),
-        age_s=max(0.0, time.time() - int(state.get("formed_ms", 0)) / 1000),
+        age_s=_age_s(state.get("formed_ms")),
+        oldest_s=_age_s(state.get("first_ms") or state.get("formed_ms")),
     )
+
+
+def _age_s(ms: str | None) -> float:
+    return max(0.0, time.time() - float(ms or 0) / 1000)

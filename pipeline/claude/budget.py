@@ -82,17 +82,18 @@ class Budget:
         """False when no budget covers the type (then nothing touches Redis)."""
         return self._budget.daily_usd is not None or task_type in self._budget.types
 
-    async def reserve(self, routed: Routed) -> Reservation | Defer | Fail:
-        """Reserve the worst-case cost of calling `routed`, or what to do instead."""
+    async def reserve(self, routed: Routed, *, batch: bool = False) -> Reservation | Defer | Fail:
+        """Reserve the worst-case cost of calling `routed` (through the batch lane, at its
+        rates: `batch`), or what to do instead."""
         if not self.applies_to(routed.request.type):
             return Reservation(routed)
         now = self._clock()
-        got = await self._try(routed, now)
+        got = await self._try(routed, now, batch)
         if isinstance(got, Reservation):
             return got
         refusal, note = got, ""
         if self._budget.action == "downgrade" and (cheaper := self._downgraded(routed)):
-            got = await self._try(cheaper, now)
+            got = await self._try(cheaper, now, batch)
             if isinstance(got, Reservation):
                 return got
             refusal, note = got, f" (on {self._budget.downgrade_to} too)"
@@ -111,7 +112,8 @@ class Budget:
         """Replace the reservation by what the call really cost."""
         if reservation.window:
             day = _day(reservation.window)
-            cost = self._prices.cost_micro_usd(answer.model, answer.usage, day)
+            usage = answer.usage
+            cost = self._prices.cost_micro_usd(answer.model, usage, day, batch=usage.batch)
             await self._put_back(reservation, cost)
 
     async def release(self, reservation: Reservation) -> None:
@@ -121,9 +123,9 @@ class Budget:
 
     # ---- Redis -------------------------------------------------------------------------
 
-    async def _try(self, routed: Routed, now: float) -> Reservation | _Refusal:
+    async def _try(self, routed: Routed, now: float, batch: bool) -> Reservation | _Refusal:
         window = self._window(now)
-        worst = self.worst_case_micro_usd(routed, _day(window))
+        worst = self.worst_case_micro_usd(routed, _day(window), batch=batch)
         task_type = routed.request.type
         type_limit = self._budget.types.get(task_type)
         daily = _micro_arg(self._budget.daily_usd)
@@ -149,12 +151,15 @@ class Budget:
 
     # ---- arithmetic --------------------------------------------------------------------
 
-    def worst_case_micro_usd(self, routed: Routed, day: datetime.date | None = None) -> int:
-        """The most calling `routed` can cost: estimated input, and all of `max_tokens` out."""
+    def worst_case_micro_usd(
+        self, routed: Routed, day: datetime.date | None = None, *, batch: bool = False
+    ) -> int:
+        """The most calling `routed` can cost: estimated input, and all of `max_tokens` out
+        (at batch rates: `batch`)."""
         usage = Usage(
             input_tokens=estimate_input_tokens(routed.request), output_tokens=routed.max_tokens
         )
-        return self._prices.cost_micro_usd(routed.model, usage, day)
+        return self._prices.cost_micro_usd(routed.model, usage, day, batch=batch)
 
     def _downgraded(self, routed: Routed) -> Routed | None:
         """`routed` re-routed to `budget.downgrade_to`, None if it is already going there.

@@ -68,8 +68,11 @@ class DemoReport:
     dead_worker: str | None = None  # a worker process that exited while tasks were running
 
 
-def workload(n: int, duplicate_share: float, seed: int) -> list[dict[str, str]]:
-    """n tasks of mixed types; about `duplicate_share` of them repeat an earlier request."""
+def workload(
+    n: int, duplicate_share: float, seed: int, deferrable_share: float = 0.0
+) -> list[dict[str, str]]:
+    """n tasks of mixed types; about `duplicate_share` of them repeat an earlier request, and
+    about `deferrable_share` of the others may wait for the batch lane (`batch=true`)."""
     rng = random.Random(seed)
     tasks: list[dict[str, str]] = []
     weights = [k[3] for k in KINDS]
@@ -79,8 +82,11 @@ def workload(n: int, duplicate_share: float, seed: int) -> list[dict[str, str]]:
             continue
         kind, model, template, _share = rng.choices(KINDS, weights)[0]
         topic = f"{rng.choice(TOPICS)} (case {rng.randint(1, 10_000)})"
-        tasks.append({"prompt": template.format(t=topic), "type": kind, "model": model,
-                      "max_tokens": "400"})  # fmt: skip
+        task = {"prompt": template.format(t=topic), "type": kind, "model": model,
+                "max_tokens": "400"}  # fmt: skip
+        if deferrable_share and rng.random() < deferrable_share:
+            task["batch"] = "true"
+        tasks.append(task)
     return tasks
 
 

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from pipeline.runtime.held import HeldReport
 
 __all__ = ["CallReport", "CallSink", "TokenUsage"]
 
@@ -44,10 +47,13 @@ class CallReport:
 
 
 class CallSink(Protocol):
-    """Where a stage reports its calls: the worker's `Hooks`."""
+    """Where a stage reports its calls, and the tasks it held outside its streams: the
+    worker's `Hooks`."""
 
     @property
     def observing_calls(self) -> bool:
         """Whether anyone listens (skip building reports if not)."""
 
     def call(self, report: CallReport) -> None: ...
+
+    def released(self, report: HeldReport) -> None: ...

@@ -6,10 +6,11 @@ that override a method. "Before" hooks run in order and "after" hooks in reverse
 that raises is logged and ignored, so a broken plugin never fails a task. Hooks observe;
 they never move an entry.
 
-Two methods are synchronous, for what runs per entry or per call and must cost nothing when
-unused: `start_span` (the tracer, asked once when an entry is taken; one hook at most) and
+Three methods are synchronous, for what runs per entry or per call and must cost nothing
+when unused: `start_span` (the tracer, asked once when an entry is taken; one hook at most),
 `on_call` (an outbound model call a handler made, reported in the handler's own task, so the
-entry's span is current).
+entry's span is current) and `on_release` (a task a stage held outside its streams was handed
+on, `pipeline.runtime.held`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from pipeline.runtime.calls import CallReport
+from pipeline.runtime.held import HeldReport
 
 if TYPE_CHECKING:
     from pipeline.runtime.outcome import Outcome
@@ -49,6 +51,10 @@ class Hook:
     def on_call(self, report: CallReport) -> None:
         """A handler's outbound model call ended (in the handler's task)."""
 
+    def on_release(self, report: HeldReport) -> None:
+        """A task a stage held outside its streams was handed on (in the stage's own task,
+        not an entry's: no span is current)."""
+
 
 _ASYNC = ("on_worker_start", "on_worker_stop", "before_handle", "after_handle", "on_retry",
           "on_reclaim", "on_dead_letter")  # fmt: skip
@@ -75,6 +81,7 @@ class Hooks:
         #: The hook that traces entries, if any: the runtime asks it about each entry.
         self.tracer: Hook | None = tracers[0] if tracers else None
         self._on_call = _overriding(self._hooks, "on_call")
+        self._on_release = _overriding(self._hooks, "on_release")
         self._handling = any(_overriding(self._hooks, name) for name in _ASYNC)
 
     def __bool__(self) -> bool:
@@ -93,6 +100,14 @@ class Hooks:
                 hook.on_call(report)
             except Exception:
                 log.exception("hook %s.on_call failed (ignored)", type(hook).__name__)
+
+    def released(self, report: HeldReport) -> None:
+        """Hand a held task's report to every hook that watches them."""
+        for hook in self._on_release:
+            try:
+                hook.on_release(report)
+            except Exception:
+                log.exception("hook %s.on_release failed (ignored)", type(hook).__name__)
 
     async def emit(self, name: str, *args: object, after: bool = False) -> None:
         hooks = self._by_name.get((name, after))

@@ -13,6 +13,7 @@ from typing import Any, Generic, TypeVar, cast
 from redis.asyncio import Redis
 
 from pipeline.runtime.calls import CallReport, CallSink
+from pipeline.runtime.held import HeldReport
 from pipeline.runtime.keys import Keys
 from pipeline.runtime.redis_conn import Availability
 from pipeline.runtime.settings import BaseSettings
@@ -72,6 +73,9 @@ class _Nobody:
     observing_calls = False
 
     def call(self, report: CallReport) -> None:
+        return None
+
+    def released(self, report: HeldReport) -> None:
         return None
 
 

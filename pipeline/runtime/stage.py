@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 import msgspec
 
 from pipeline.runtime.errors import InvalidTask
+from pipeline.runtime.held import HeldReader
 from pipeline.runtime.outcome import Outcome
 from pipeline.runtime.wire import Envelope, decode_body
 
@@ -122,6 +123,8 @@ class Stage:
             `Services` (settings, cache, ledger), for stages that need clients or state.
         lanes: one input stream per lane (claude-call: one per model family).
         concurrency: default in-flight limit per process (config may override).
+        held: for a stage that holds tasks outside its stream (`pipeline.runtime.held`),
+            what reads how many each lane holds, for status and metrics.
     """
 
     name: str
@@ -130,6 +133,7 @@ class Stage:
     lanes: tuple[str, ...] = ()
     concurrency: int | None = None
     build: HandlerFactory | None = None
+    held: HeldReader | None = None
 
     def __post_init__(self) -> None:
         if (self.handler is None) == (self.build is None):

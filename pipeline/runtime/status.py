@@ -1,6 +1,6 @@
 """The runtime's numbers behind `pipeline status` and the queue gauges: backlog, pending,
-lag, age, retries, DLQ, pauses, and (asked for by the command, not by the metrics poller)
-Redis's eviction and persistence.
+lag, age, retries, DLQ, pauses, what stages hold outside their streams, and (asked for by the
+command, not by the metrics poller) Redis's eviction and persistence.
 
 All of them are read in one pipelined round trip, with the server's own clock for ages, so
 the picture is consistent and the command is cheap enough to run in a `watch` loop.
@@ -13,6 +13,7 @@ from typing import Any
 import msgspec
 from redis.asyncio import Redis
 
+from pipeline.runtime.held import HeldStatus
 from pipeline.runtime.keys import Keys
 from pipeline.runtime.redis_durability import RedisDurability, parse_durability, queue_durability
 from pipeline.runtime.stage import App
@@ -48,6 +49,7 @@ class Status(msgspec.Struct, frozen=True, kw_only=True):
     paused: list[PauseStatus]
     server_time_ms: int
     redis: RedisDurability | None = None  # eviction and persistence, when asked for
+    held: list[HeldStatus] = []  # what stages hold outside their streams (`runtime.held`)
 
 
 async def gather_status(
@@ -57,7 +59,8 @@ async def gather_status(
     *,
     durability: bool = False,
 ) -> Status:
-    """Read every stage's numbers in one round trip.
+    """Read every stage's numbers in one round trip (and a stage's `held` reader, for a stage
+    that has one, after it).
 
     Missing streams and groups read as zeros (a stage nobody has started yet), never as errors.
     `durability` adds the server's eviction and persistence settings and their findings
@@ -117,12 +120,14 @@ async def gather_status(
                 group_exists=group is not None,
             )
         )
+    held = [await stage.held(redis, keys, lane) for stage, lane in lanes if stage.held is not None]
     return Status(
         streams=streams,
         dlq=_int(replies[1]),
         paused=paused,
         server_time_ms=now_ms,
         redis=found,
+        held=held,
     )
 
 

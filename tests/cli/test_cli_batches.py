@@ -43,7 +43,7 @@ def test_batches_list_show_and_status(
     one = json.loads(cli(env, "batches", "show", BATCH_ID, "--json").stdout)
     assert (one["token"], one["requests"], one["state"]) == ("tok1", 3, "submitted")
     by_token = json.loads(cli(env, "batches", "show", "tok1", "--json").stdout)
-    assert {**by_token, "age_s": 0} == {**one, "age_s": 0}
+    assert {**by_token, "age_s": 0, "oldest_s": 0} == {**one, "age_s": 0, "oldest_s": 0}
     missing = one_error_line(cli(env, "batches", "show", "nope"), code=1)
     assert "no open batch 'nope'" in missing
     status = cli(env, "status")

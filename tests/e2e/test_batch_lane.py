@@ -24,6 +24,8 @@ from pipeline.claude.pricing import DEFAULT_PRICES
 from pipeline.claude.task import Usage
 from pipeline.fake_claude import FakeClaudeConfig, FakeClaudeServer, run_fake_claude_in_thread
 from pipeline.runtime.keys import Keys
+from pipeline.runtime.status import gather_status
+from stages import app as stages_app
 from tests.helpers.outcomes import tally
 from tests.helpers.workers import Workers, wait_until
 
@@ -144,7 +146,10 @@ def test_errored_and_expired_requests_are_answered_on_the_standard_lane(
     workers: Workers, fake: FakeClaudeServer, rclient: redis.Redis, prefix: str
 ) -> None:
     fake.update_config(batch_error_rate=0.1, batch_expire_rate=0.1)
-    workers.start(args=["-n", "50"])
+    # A budget, so that each path's reservation is seen through: settled at batch rates when
+    # the batch answers, given back when the task leaves for the standard lane (which
+    # reserves again, at list prices).
+    workers.start(args=["-n", "50"], extra_env={"PIPELINE_BUDGET__DAILY_USD": "1000"})
     ids = submit(rclient, prefix, 300, batch="true")
     wait_results(rclient, prefix, ids)
     t = tally(rclient, prefix)
@@ -157,6 +162,35 @@ def test_errored_and_expired_requests_are_answered_on_the_standard_lane(
     assert fake.stats()["succeeded"] == missed, "each missed request called once, at full price"
     tiers = [json.loads(r["usage"])["service_tier"] for r in found.values()]
     assert tiers.count("standard") == missed and tiers.count("batch") == 300 - missed
+    window = {k.decode(): int(v) for k, v in rclient.hgetall(budget_key(prefix)).items()}
+    assert window["committed"] == window["spent"], "no reservation left behind"
+    spent = sum(round(float(r["cost_usd"]) * 1e6) for r in found.values())
+    assert abs(window["spent"] - spent) <= len(found), (window, spent)
+
+
+def budget_key(prefix: str) -> str:
+    return Keys(prefix).budget(time.strftime("%Y-%m-%d", time.gmtime()))
+
+
+def test_batched_spend_counts_against_the_budget(
+    workers: Workers, fake: FakeClaudeServer, rclient: redis.Redis, prefix: str
+) -> None:
+    """A budget holds for batched tasks too: what does not fit is not sent in a batch."""
+    budget = {"PIPELINE_BUDGET__DAILY_USD": "0.01", "PIPELINE_BUDGET__ACTION": "fail"}
+    workers.start(args=["-n", "50"], extra_env=budget)
+    ids = submit(rclient, prefix, 40, batch="true")
+    wait_results(rclient, prefix, ids)
+    found = results(rclient, prefix, ids)
+    answered = [r for r in found.values() if r["status"] == "completed"]
+    refused = [r for r in found.values() if r["status"] == "failed"]
+    # Each haiku request may cost up to ~$0.0005 at batch rates (200 tokens out): about 20 fit.
+    assert 5 < len(answered) < 40 and len(answered) + len(refused) == 40
+    assert all("daily budget" in r["error"] for r in refused), refused[:1]
+    requests = sum(fake.batch_stats()["requests_by_custom_id"].values())
+    assert requests == len(answered), "nothing over budget was sent"
+    window = {k.decode(): int(v) for k, v in rclient.hgetall(budget_key(prefix)).items()}
+    assert window["committed"] == window["spent"] <= 10_000
+    assert window["spent"] == sum(round(float(r["cost_usd"]) * 1e6) for r in answered)
 
 
 def test_killing_the_batcher_with_batches_open_loses_nothing_and_sends_nothing_twice(
@@ -207,7 +241,7 @@ def lane_in_this_process(
     services = Services(settings, aredis, Keys(settings.prefix))
     records = TaskRecords.for_stage(services, "claude-batch")
     lane = BatchLane(
-        aredis, services.keys, services.available, settings, records,
+        services, "claude-batch", records,
         client=lambda: make_client(settings.claude, 4, api_key="good-key"),
         stage_stream=lambda family: services.keys.stream("call", family),
     )  # fmt: skip
@@ -235,9 +269,21 @@ async def test_a_batcher_killed_after_forming_before_create(
 ) -> None:  # fmt: skip
     ids = shelve_only(workers, rclient, prefix, 120)
     lane, services = lane_in_this_process(fast_env, fake, aredis)
+    assert await held(services) == ({"queued": 120, "in_batch": 0}, True)
     assert await lane.form("haiku") is not None  # ... and the process dies here
+    assert await held(services) == ({"queued": 0, "in_batch": 120}, True)
     await services.aclose()
     finished_once(workers, fake, rclient, prefix, ids)
+    assert await held(services) == ({"queued": 0, "in_batch": 0}, False)
+
+
+async def held(services: Services[Settings]) -> tuple[dict[str, int], bool]:
+    """What status and the held-task gauges read of the haiku lane: counts, and whether it
+    has an oldest task."""
+    status = await gather_status(services.redis, services.keys, stages_app(services.settings))
+    (lane,) = [h for h in status.held if h.lane == "haiku"]
+    assert lane.stage == "claude-batch"
+    return lane.tasks, lane.oldest_s is not None
 
 
 @pytest.mark.anyio

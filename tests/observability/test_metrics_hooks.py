@@ -25,6 +25,7 @@ from observability.metric_names import METRICS, series
 from observability.metrics import MetricsHook, PipelineMetrics, meter_provider
 from pipeline.claude.task import Answer, Request, Usage
 from pipeline.runtime.calls import CallReport
+from pipeline.runtime.held import HeldReport
 from pipeline.runtime.outcome import Complete, Fail, Forward, Outcome, Retry
 from pipeline.runtime.results import make_result
 from pipeline.runtime.stage import Message
@@ -173,6 +174,26 @@ def test_call_reports_feed_the_genai_histograms_and_response_counts(scrape: Scra
         assert scrape.value("pipeline_claude_responses_total", family="haiku", status=status) == 1
 
 
+def held_report(outcome: str, waited_s: float) -> HeldReport:
+    now = time.time_ns()
+    return HeldReport(stage="claude-batch", lane="haiku", task_id="t1", outcome=outcome,
+                      held_ns=now - int(waited_s * 1e9), released_ns=now)  # fmt: skip
+
+
+def test_held_tasks_record_their_time_to_result_by_outcome(scrape: Scrape) -> None:
+    hook = scrape.metrics.hook()
+    hook.on_release(held_report("answered", 90.0))
+    hook.on_release(held_report("answered", 4000.0))
+    hook.on_release(held_report("to_standard", 20.0))
+    held = "pipeline_held_duration_seconds"
+    labels = {"stage": "claude-batch", "lane": "haiku"}
+    assert scrape.value(f"{held}_count", outcome="answered", **labels) == 2
+    assert scrape.value(f"{held}_count", outcome="to_standard", **labels) == 1
+    assert scrape.value(f"{held}_bucket", outcome="answered", le="300.0") == 1
+    assert scrape.value(f"{held}_bucket", outcome="answered", le="7200.0") == 2
+    assert 4089 < scrape.value(f"{held}_sum", outcome="answered") < 4091
+
+
 async def test_every_exposed_name_and_label_is_a_fixed_one(scrape: Scrape) -> None:
     """Only the names and labels in observability.metric_names (dashboards query them), and
     every per-process one of them once something happened."""
@@ -182,6 +203,7 @@ async def test_every_exposed_name_and_label_is_a_fixed_one(scrape: Scrape) -> No
     paid = make_result("completed", model="m", cost_usd="0.5", input_tokens=1)
     await handle(hook, message("store"), Complete(paid))
     scrape.metrics.observe_call(report(200, Usage(input_tokens=1), 0.1))
+    hook.on_release(held_report("answered", 60.0))
     fixed = series()
     seen: set[str] = set()
     for name, labels in scrape.samples():

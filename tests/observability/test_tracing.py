@@ -95,16 +95,18 @@ async def pipeline_running(
     monkeypatch: pytest.MonkeyPatch,
     *,
     given: bool = True,
+    stages: Sequence[str] = STAGES,
 ) -> AsyncIterator[None]:
-    """All four stages in this process, traced, until the block ends. `given`: the tracing
-    hook is handed to the worker; else the worker finds the global provider itself."""
+    """All four stages (or `stages`) in this process, traced, until the block ends. `given`:
+    the tracing hook is handed to the worker; else the worker finds the global provider
+    itself."""
     monkeypatch.setenv("ANTHROPIC_API_KEY", "good-key")
     monkeypatch.delenv("ANTHROPIC_OPEN_TELEMETRY", raising=False)  # the SDK span: off
     app = stages_app(settings)
     tracing = Tracing(provider, app, Keys(settings.prefix))
     ready = asyncio.Event()
     worker = asyncio.create_task(
-        run_worker(app, STAGES, settings, hooks=[tracing] if given else [], ready=ready,
+        run_worker(app, list(stages), settings, hooks=[tracing] if given else [], ready=ready,
                    concurrency=16)
     )  # fmt: skip
     try:
@@ -228,6 +230,49 @@ async def test_one_task_is_one_trace_across_producer_stages_and_the_claude_call(
         assert sorted(s.name for s in spans) == sorted(
             [f"send {keys.ingress}", f"process {keys.ingress}", f"process {keys.stream('store')}"]
         )
+
+
+async def test_a_batched_task_shows_its_wait_and_its_batch_id(
+    start_fake: StartFake,
+    fast_env: dict[str, str],
+    prefix: str,
+    redis_url: str,
+    provider: TracerProvider,
+    exporter: InMemorySpanExporter,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fake = start_fake(max_output_tokens=100, batch_processing_s=0.3)
+    settings = settings_for(fast_env, fake.base_url, PIPELINE_BATCH__MAX_WAIT_S="0.3",
+                            PIPELINE_BATCH__POLL_S="0.2")  # fmt: skip
+    keys = Keys(prefix)
+    stages = ("cache-check", "router", "claude-batch", "store")
+    async with pipeline_running(settings, provider, monkeypatch, stages=stages), Client(
+        redis_url, prefix, settings=settings
+    ) as client:  # fmt: skip
+        task_id = await client.submit("Sum up the night", type="classify", max_tokens=500,
+                                      batch=True)  # fmt: skip
+        result = await client.result(task_id, wait=30)
+        assert result is not None and result["status"] == "completed", result
+        spans = await wait_for_spans(exporter, result["trace_id"], 6)
+
+    batch_stream = keys.stream("batch", "haiku")
+    router = one(spans, f"process {keys.stream('route')}")
+    shelving = one(spans, f"process {batch_stream}")
+    wait = one(spans, f"wait {batch_stream}")
+    store = one(spans, f"process {keys.stream('store')}")
+    assert len(spans) == 6, [s.name for s in spans]
+    # The wait sits beside the stage that shelved the task, from shelving to answer.
+    assert parent_of(wait) == parent_of(shelving) == router.context.span_id  # type: ignore[union-attr]
+    assert shelving.start_time <= wait.start_time <= shelving.end_time  # type: ignore[operator]
+    assert wait.end_time <= store.start_time  # type: ignore[operator]
+    assert wait.end_time - wait.start_time >= 0.2e9  # type: ignore[operator]
+    attrs = dict(wait.attributes or {})
+    (custom_id,) = fake.batch_stats()["requests_by_custom_id"]
+    assert attrs["pipeline.batch.token"] == custom_id.rsplit("-", 1)[0]
+    assert str(attrs["pipeline.batch.id"]).startswith("msgbatch_")
+    assert attrs["pipeline.held.outcome"] == "answered"
+    assert attrs["pipeline.batch.result"] == "succeeded"
+    assert attrs["messaging.message.conversation_id"] == task_id
 
 
 async def test_a_retried_call_shows_the_retry_and_both_attempts(
