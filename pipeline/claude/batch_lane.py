@@ -12,7 +12,8 @@ lease), a **batcher** turns the queue into batches and sees each through:
    or whose id was never recorded (the process died in between) is **found, not sent
    again**: the batches created since its intent are listed, and one whose results carry the
    token is adopted; it is created again only when no batch it could be has been created.
-3. *poll* every `batch.poll_s` until the batch has ended.
+3. *poll* every `batch.poll_s`, less often as the batch ages (`poll_interval_s`), until the
+   batch has ended.
 4. *answer*: its results are read line by line (never the whole file in memory); each
    succeeded request's answer is recorded against its task, written to the response cache
    (when cacheable, as a plain call's answer is), then handed to the store, and
@@ -220,7 +221,7 @@ class BatchLane:
         if kind == "forming":
             await self._create(token, first=False)
         elif kind == "submitted":
-            await self._poll(token, state["id"])
+            await self._poll(token, state["id"], _now_ms() - int(state["formed_ms"]))
         elif kind == "ended":
             await self.answer(token, state["id"], state["family"])
 
@@ -343,11 +344,11 @@ class BatchLane:
 
     # ---- poll, then answer -----------------------------------------------------------------------
 
-    async def _poll(self, token: str, batch_id: str) -> None:
+    async def _poll(self, token: str, batch_id: str, age_ms: int) -> None:
         from pipeline.claude import batch_api
 
         now = time.monotonic()
-        if now - self._polled.get(token, 0.0) < self._settings.batch.poll_s:
+        if now - self._polled.get(token, 0.0) < poll_interval_s(self._settings, age_ms / 1000):
             return
         self._polled[token] = now
         info = await batch_api.retrieve(self._api(), batch_id, self._pause_s)
@@ -554,6 +555,14 @@ def _onward(env: Any, answer: Answer | None) -> Any:
         env, attempt=1, enqueued_ms=_now_ms(), trace=(env.traceparent, env.tracestate),
         origin_id=env.origin_id, body=body,
     )  # fmt: skip
+
+
+def poll_interval_s(settings: Settings, age_s: float) -> float:
+    """How long to wait between two looks at a batch `age_s` old: `poll_s` at first, then a
+    twentieth of its age (most batches end within the hour; one a day old need not be asked
+    about every 30 s), at most `poll_max_s`."""
+    policy = settings.batch
+    return max(policy.poll_s, min(policy.poll_max_s, age_s / 20))
 
 
 def _routed_of(shelved: Shelved) -> Routed:

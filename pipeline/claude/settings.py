@@ -279,7 +279,9 @@ class BatchSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     does not say `batch=false`; either way only if its `deadline` (seconds, when given) is at
     least `worst_case_s`, the longest the lane may take (the API's 24 h plus the wait to
     form a batch). A batch is sent when `max_requests` tasks wait, or when the oldest has
-    waited `max_wait_s`; open batches are polled every `poll_s`. A request a batch did not
+    waited `max_wait_s`; an open batch is polled every `poll_s`, then less often as it ages
+    (every twentieth of its age, at most every `poll_max_s`: a batch an hour old is polled
+    every 3 minutes, which adds at most 5% to its time to result). A request a batch did not
     answer (a retryable error, expired, canceled) is called on the standard lane, at full
     price, rather than waiting up to a day again."""
 
@@ -287,6 +289,7 @@ class BatchSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     max_requests: PosInt = 10_000  # the API takes up to 100,000 (and 256 MB) per batch
     max_wait_s: PosFloat = 60.0
     poll_s: PosFloat = 30.0
+    poll_max_s: PosFloat = 300.0  # batch API calls count against rate limits too
     worst_case_s: PosInt = 90_000  # 24 h + forming and polling
     leader_ttl_s: PosFloat = 30.0  # a dead batcher's lane is taken over after this
 

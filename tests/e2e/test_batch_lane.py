@@ -20,6 +20,7 @@ import redis
 from pipeline import Services, Settings, load_settings
 from pipeline.claude import BatchLane, TaskRecords, batch_api
 from pipeline.claude.api import make_client
+from pipeline.claude.batch_lane import poll_interval_s
 from pipeline.claude.pricing import DEFAULT_PRICES
 from pipeline.claude.task import Usage
 from pipeline.fake_claude import FakeClaudeConfig, FakeClaudeServer, run_fake_claude_in_thread
@@ -245,6 +246,7 @@ def lane_in_this_process(
         client=lambda: make_client(settings.claude, 4, api_key="good-key"),
         stage_stream=lambda family: services.keys.stream("call", family),
     )  # fmt: skip
+    services.on_close(lane.aclose)
     return lane, services
 
 
@@ -431,3 +433,13 @@ async def test_results_read_again_never_answer_a_task_the_batch_no_longer_holds(
     assert await aredis.hexists(keys.batch_shelf("haiku"), "t0"), "the new t0 left alone"
     assert not await aredis.hexists(keys.task("t0"), "answer"), "nothing recorded onto it"
     assert await aredis.xlen(keys.stream("store")) == 19
+
+
+def test_an_open_batch_is_polled_less_often_as_it_ages() -> None:
+    settings = load_settings(
+        env={"PIPELINE_BATCH__POLL_S": "30", "PIPELINE_BATCH__POLL_MAX_S": "300"}
+    )
+    assert poll_interval_s(settings, 0) == 30
+    assert poll_interval_s(settings, 600) == 30
+    assert poll_interval_s(settings, 3600) == 180
+    assert poll_interval_s(settings, 86_400) == 300
