@@ -3,6 +3,11 @@
 Where the server comes from, in order: `REDIS_URL` if set; a private `redis-server` on a free
 port (the binary on PATH); a testcontainers Redis where a Docker engine runs. Tests that kill
 or restart Redis always get a private server of their own (`private_redis`).
+
+A Redis Cluster (`redis_cluster`): `REDIS_CLUSTER_URL` (any node of a running cluster) if set,
+else 3 primaries + 3 replicas of our own from the `redis-server`/`redis-cli` binaries on PATH,
+shared by the session. Tests that kill cluster nodes get a cluster of their own
+(`private_redis_cluster`).
 """
 
 from __future__ import annotations
@@ -22,6 +27,12 @@ from pipeline.claude.config import load_settings
 from pipeline.claude.settings import Settings
 from pipeline.fake_claude import FakeClaudeConfig, FakeClaudeServer, run_fake_claude_in_thread
 from pipeline.runtime.keys import Keys
+from tests.helpers.redis_cluster import (
+    ExistingRedisCluster,
+    LocalRedisCluster,
+    RedisClusterBase,
+    redis_cli_for,
+)
 from tests.helpers.redis_server import RedisServer, newest_redis_server
 from tests.helpers.workers import Workers, stop_leftovers
 
@@ -64,6 +75,39 @@ def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path / "redis", appendonly=True).start()
     yield server
     server.stop()
+
+
+def _cluster_binaries() -> bool:
+    server = newest_redis_server()
+    return server is not None and redis_cli_for(server) is not None
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterBase]:
+    """A healthy Redis Cluster for the session: `.url` names one primary, `.nodes` lists
+    every node with its port and role. Tests must leave it as they found it: one that kills
+    nodes takes `private_redis_cluster` instead."""
+    if url := os.environ.get("REDIS_CLUSTER_URL"):
+        existing = ExistingRedisCluster(url)
+        existing.wait_healthy(timeout=10)
+        yield existing
+        return
+    if not _cluster_binaries():
+        pytest.skip("needs redis-server and redis-cli (or REDIS_CLUSTER_URL) for a Cluster")
+    cluster = LocalRedisCluster(tmp_path_factory.mktemp("redis-cluster")).start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def private_redis_cluster(tmp_path: Path) -> Iterator[LocalRedisCluster]:
+    """A Cluster of this test's own (3 primaries + 3 replicas), whose nodes it may kill
+    (`kill_primary`, `wait_failover`, `restart`); a short node timeout fails over in ~2 s."""
+    if not _cluster_binaries():
+        pytest.skip("needs redis-server and redis-cli to run a Cluster of its own")
+    cluster = LocalRedisCluster(tmp_path / "redis-cluster", node_timeout_ms=1000).start()
+    yield cluster
+    cluster.stop()
 
 
 @pytest.fixture

@@ -1,5 +1,11 @@
 """Connecting to Redis, and waiting out an outage instead of dying (the "Shutdown is clean"
-guarantee)."""
+guarantee).
+
+One node or a Cluster: `open_redis` asks the node the URL names (`INFO cluster`) and returns a
+`redis.asyncio.Redis` or a `redis.asyncio.RedisCluster` built from the same settings (TLS with
+`rediss://`, an ACL user and password in the URL, the same timeouts); `is_cluster` tells which
+one a caller holds. `connect` stays the one-node client, built without asking.
+"""
 
 from __future__ import annotations
 
@@ -8,18 +14,23 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeAlias, TypeGuard, TypeVar
 
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
+from redis.asyncio.connection import parse_url
 from redis.exceptions import BusyLoadingError, ReadOnlyError, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from pipeline.runtime.errors import ConfigError
 from pipeline.runtime.redis_errors import TABLE, Action, Fault, RedisRefused, classify
 from pipeline.runtime.settings import RedisSettings
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
+
+#: What `open_redis` returns: a client for one node, or for a Cluster.
+AnyRedis: TypeAlias = Redis | RedisCluster
 
 #: For a one-shot command (the CLI, a producer): errors that mean "Redis is not there right
 #: now", as opposed to a bad command. Loops wait out more (`pipeline.runtime.redis_errors`).
@@ -51,8 +62,84 @@ def connect(settings: RedisSettings) -> Redis:
     return Redis.from_pool(pool)
 
 
-async def server_version(redis: Redis) -> tuple[int, ...]:
-    info = await redis.info("server")
+def connect_cluster(settings: RedisSettings) -> RedisCluster:
+    """A Cluster client for `settings.url`, which names any node of the cluster (the client
+    learns the others from it). Same TLS, credentials and timeouts as `connect`.
+
+    Unlike `connect`'s pool, which makes a caller wait for a free connection, a Cluster
+    client holds up to `max_connections` connections *per node* and raises
+    `MaxConnectionsError` past that (redis-py has no blocking pool for Cluster); as that is
+    a `ConnectionError`, `Availability.call` would take it for Redis being away.
+    """
+    if settings.url.startswith("unix://"):
+        raise ConfigError("redis.url", "a Redis Cluster is reached over TCP, not a unix socket")
+    if parse_url(settings.url).get("db"):
+        raise ConfigError(
+            "redis.url", f"a Redis Cluster has only database 0: {redacted(settings.url)}"
+        )
+    options: dict[str, Any] = {
+        "max_connections": settings.max_connections,
+        "socket_timeout": settings.socket_timeout_s,
+        "socket_connect_timeout": settings.connect_timeout_s,
+        "health_check_interval": 30,
+        "decode_responses": False,
+    }
+    return RedisCluster.from_url(settings.url, **options)
+
+
+async def cluster_enabled(settings: RedisSettings) -> bool:
+    """Whether the node `settings.url` names runs in cluster mode (`INFO cluster` says
+    `cluster_enabled:1`), asked on a connection of its own that is closed at once.
+
+    Redis being away, or refusing the credentials, raises as any command would (wrap it in
+    `Availability.call` to wait). A unix socket is never a Cluster (nothing is asked).
+    """
+    if settings.url.startswith("unix://"):
+        return False
+    probe = Redis.from_url(
+        settings.url,
+        single_connection_client=True,
+        socket_timeout=settings.socket_timeout_s,
+        socket_connect_timeout=settings.connect_timeout_s,
+        decode_responses=False,
+    )
+    try:
+        info = await probe.info("cluster")
+    finally:
+        await probe.aclose()
+    return str(info.get("cluster_enabled", 0)) == "1"
+
+
+async def open_redis(settings: RedisSettings) -> AnyRedis:
+    """The client for `settings.url`: a `RedisCluster` when that node is part of a Cluster
+    (found out once, here; the cluster's nodes and slots are read before returning), else
+    `connect(settings)`. Redis being away raises (see `cluster_enabled`)."""
+    if not await cluster_enabled(settings):
+        return connect(settings)
+    client = connect_cluster(settings)
+    try:
+        await client.initialize()
+    except BaseException:
+        await client.aclose()
+        raise
+    return client
+
+
+def is_cluster(client: AnyRedis) -> TypeGuard[RedisCluster]:
+    """Whether `client` talks to a Cluster (keys must then hash to one slot per command)."""
+    return isinstance(client, RedisCluster)
+
+
+async def server_version(redis: AnyRedis) -> tuple[int, ...]:
+    """The Redis version; on a Cluster the oldest of the nodes the client knows (its
+    primaries): a feature that needs a newer server waits until every primary has it."""
+    if is_cluster(redis):
+        per_node = await redis.info("server", target_nodes=RedisCluster.ALL_NODES)
+        return min(_version(info) for info in per_node.values())
+    return _version(await redis.info("server"))
+
+
+def _version(info: dict[str, Any]) -> tuple[int, ...]:
     return tuple(int(p) for p in str(info["redis_version"]).split(".")[:3])
 
 
