@@ -42,7 +42,9 @@ async def build(services: Services[Settings]) -> Handler:
         stage_stream=lambda family: services.keys.stream("call", family),
     )  # fmt: skip
     stop = asyncio.Event()
-    batchers = [asyncio.create_task(lane.run(family, stop)) for family in settings.claude.models]
+    # Not on a partitioned deployment yet (the router sends nothing here then).
+    families = [] if services.keys.partitions else settings.claude.models
+    batchers = [asyncio.create_task(lane.run(family, stop)) for family in families]
 
     async def close() -> None:
         stop.set()  # every step can be taken again, so one cut short is simply redone

@@ -41,7 +41,14 @@ class ResponseCache:
         """The cached answer, if any; counts a hit or a miss in `Keys.counters`. Waits out
         a Redis outage (a failure would only retry the task, but nothing gains by it)."""
         keys = [self._keys.cache(request_hash), self._keys.counters]
-        return _as_bytes(await self._available.call(lambda: self._get(keys=keys)))
+        if not self._keys.partitions:
+            return _as_bytes(await self._available.call(lambda: self._get(keys=keys)))
+        # Partitioned (a Cluster): the entry and the counters lie in two slots, so the count
+        # follows the read (a counter is a statistic: a crash between loses one count).
+        value = _as_bytes(await self._available.call(lambda: self._redis.get(keys[0])))
+        name = "cache_hits" if value is not None else "cache_misses"
+        await self._available.call(lambda: self._redis.hincrby(keys[1], name, 1))
+        return value
 
     async def put(self, request_hash: str, value: bytes, ttl_s: int) -> None:
         """Cache `value` for `ttl_s` seconds; 0 (a task type not cached) stores nothing."""

@@ -182,8 +182,9 @@ class Ledger:
     def enabled(self) -> bool:
         return self._settings.enabled
 
-    def add_args(self, charge: Charge, tasks: int) -> tuple[str, list[EncodableT]]:
-        """The day's key and `scripts/ledger_add.lua`'s arguments for adding `charge`."""
+    def add_args(self, charge: Charge, tasks: int, task_id: str) -> tuple[str, list[EncodableT]]:
+        """The day's key (in `task_id`'s partition: it is written with the task's record) and
+        `scripts/ledger_add.lua`'s arguments for adding `charge`."""
         args: list[EncodableT] = [
             self._settings.ttl_days * 86_400,
             self._settings.max_fields,
@@ -196,7 +197,7 @@ class Ledger:
         for name in METRICS:
             if value := getattr(charge.totals, name):
                 args += (name, value)
-        return self._keys.ledger(charge.day.isoformat()), args
+        return self._keys.ledger(charge.day.isoformat(), task_id), args
 
     async def record(self, task_id: str, charge: Charge) -> bool:
         """Count the task's part of `charge` (`TASK_METRICS`) unless this task was counted
@@ -206,7 +207,7 @@ class Ledger:
         """
         if not self._settings.enabled:
             return False
-        day_key, args = self.add_args(charge.part(TASK_METRICS), tasks=1)
+        day_key, args = self.add_args(charge.part(TASK_METRICS), tasks=1, task_id=task_id)
         keys = [self._keys.task(task_id), day_key]
         args = [self._live_ttl_s, *args]
         done = await self._available.call(lambda: self._script(keys=keys, args=args))
@@ -237,19 +238,35 @@ class Entries(msgspec.Struct, kw_only=True):
 
 
 async def read_days(redis: Redis, keys: Keys, days: Iterable[datetime.date]) -> Entries:
-    """The ledger of each day (one HGETALL per day, pipelined)."""
+    """The ledger of each day (one HGETALL per day and partition, pipelined; partitions'
+    rows of one day, model and type are summed, and their minutes)."""
     days = list(days)
     pipe = redis.pipeline(transaction=False)
-    for day in days:
-        pipe.hgetall(keys.ledger(day.isoformat()))
+    asked = [(day, part) for day in days for part in keys.each_partition()]
+    for day, part in asked:
+        pipe.hgetall(part.ledger(day.isoformat()))
     replies = await pipe.execute()
-    rows: list[Row] = []
-    minutes: list[Minute] = []
-    for day, reply in zip(days, replies, strict=True):
+    rows: dict[tuple[datetime.date, str, str], Row] = {}
+    minutes: dict[datetime.datetime, Minute] = {}
+    for (day, _), reply in zip(asked, replies, strict=True):
         day_rows, day_minutes = _parse_day(day, reply)
-        rows += day_rows
-        minutes += day_minutes
-    return Entries(rows=rows, minutes=minutes)
+        for row in day_rows:
+            seen = rows.get((row.day, row.model, row.type))
+            if seen is None:
+                rows[row.day, row.model, row.type] = row
+            else:
+                seen.totals.add(row.totals)
+        for minute in day_minutes:
+            if (had := minutes.get(minute.at)) is None:
+                minutes[minute.at] = minute
+            else:
+                had.tasks += minute.tasks
+                had.cost_pico += minute.cost_pico
+    return Entries(rows=list(rows.values()), minutes=sorted(minutes.values(), key=_at))
+
+
+def _at(minute: Minute) -> datetime.datetime:
+    return minute.at
 
 
 def _parse_day(day: datetime.date, raw: Mapping[bytes, bytes]) -> tuple[list[Row], list[Minute]]:

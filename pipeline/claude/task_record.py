@@ -135,7 +135,7 @@ class TaskRecords:
     async def claim(self, msg: Message, routed: Routed) -> Claim:
         """Claim the task's paid call for this entry, before it is made."""
         lease = msg.lease
-        keys = [self.keys.task(msg.task_id), lease.stream if lease else ""]
+        keys = [self.keys.task(msg.task_id), *([lease.stream] if lease else [])]
         args: list[EncodableT] = [
             binding(routed), msg.lease_token(), self._lease_ms, self._live_ttl_s,
         ]  # fmt: skip
@@ -157,10 +157,10 @@ class TaskRecords:
 
         Waits out a Redis outage rather than fail: a failure here would pay again.
         """
-        day_key, ledger_args = self.keys.ledger("-"), list[EncodableT]()
+        day_key, ledger_args = self.keys.ledger("-", task_id), list[EncodableT]()
         if fence and self._ledger.enabled:
             day_key, ledger_args = self._ledger.add_args(
-                self._ledger.charge(answer).part(CALL_METRICS), tasks=0
+                self._ledger.charge(answer).part(CALL_METRICS), tasks=0, task_id=task_id
             )
         keys = [self.keys.task(task_id), day_key]
         args: list[EncodableT] = [

@@ -54,6 +54,14 @@ def worker(
             "--lane haiku: scale each model family's callers on its own.",
         ),
     ] = [],  # noqa: B006
+    partitions: Annotated[
+        str | None,
+        typer.Option(
+            "--partitions",
+            help="Only these partitions of a partitioned deployment, e.g. 0-3,8 "
+            "(docs/CLUSTER.md; default: all).",
+        ),
+    ] = None,
     concurrency: Annotated[
         int | None,
         typer.Option(
@@ -103,11 +111,28 @@ def worker(
             names,
             settings,
             lanes=lane,
+            partitions=_partition_list(partitions),
             concurrency=concurrency,
             consumer=consumer,
             metrics_port=metrics_port,
         )
     )
+
+
+def _partition_list(text: str | None) -> list[int]:
+    """`0-3,8` -> [0, 1, 2, 3, 8]."""
+    found: list[int] = []
+    for part in (text or "").split(","):
+        if not part.strip():
+            continue
+        first, _, last = part.strip().partition("-")
+        try:
+            low, high = int(first), int(last or first)
+        except ValueError:
+            raise fail(f"{part.strip()!r} is not a partition or a range like 0-3", Code.USAGE,
+                       label="--partitions") from None  # fmt: skip
+        found += range(low, high + 1)
+    return found
 
 
 # ---- producing and reading results: pipeline.cli.submit --------------------------------------

@@ -24,10 +24,12 @@ from typing import TYPE_CHECKING
 from pipeline.claude.cache import looks_up
 from pipeline.claude.settings import Settings
 from pipeline.runtime.context import WorkerContext
+from pipeline.runtime.deployment import open_deployment
 from pipeline.runtime.errors import ConfigError
 from pipeline.runtime.hooks import Hook, Hooks
 from pipeline.runtime.keys import Keys
-from pipeline.runtime.redis_conn import Availability, connect, redacted, server_version
+from pipeline.runtime.partitions import IngressMover, ResultPublisher
+from pipeline.runtime.redis_conn import Availability, redacted, server_version
 from pipeline.runtime.redis_durability import log_durability
 from pipeline.runtime.redis_errors import RedisRefused
 from pipeline.runtime.retry import RetryPolicy
@@ -95,26 +97,28 @@ async def run_worker(
     hooks: Sequence[Hook] = (),
     ready: asyncio.Event | None = None,
     metrics_port: int | None = None,
+    partitions: Sequence[int] = (),
 ) -> None:
     """Run the named stages of `app` until SIGTERM/SIGINT (or `ctx.stopping`).
 
     `metrics_port` (else `[metrics] port`) serves Prometheus scrapes (docs/OBSERVABILITY.md).
-    `lanes` limits laned stages to those lanes (all when empty). `hooks` observe the worker
+    `lanes` limits laned stages to those lanes (all when empty); `partitions` limits a
+    partitioned deployment's stages to those partitions (all when empty). `hooks` observe the worker
     (the one seam); tracing is one of them: the `OTEL_*` variables or a `TracerProvider` the
     application set turn it on, unless `hooks` already hold a tracer.
     """
     stages = [app.stage(name) for name in stage_names]
-    redis = connect(settings.redis)
     # Back off no longer than a quarter lease while Redis is away, so that owners renew
     # their leases soon after it is back, before reclaims resume (scripts/reclaim.lua).
     shortest_lease_s = min(settings.runtime_for(s.name).lease_ms for s in stages) / 1000
     available = Availability(settings.redis.url, max_backoff_s=min(5.0, shortest_lease_s / 4))
-    scripts = Scripts.register(redis)
-    keys = Keys(settings.prefix)
     service = f"pipeline-{stages[0].name}" if len(stages) == 1 else "pipeline-worker"
-    tracing = None if Hooks(hooks).tracer else _start_tracing(app, keys, service)
+    tracing = None if Hooks(hooks).tracer else _start_tracing(app, Keys(settings.prefix), service)
     # (before connecting: a bad OTEL_* fails at once)
     log.info("connecting to %s", redacted(settings.redis.url))
+    redis, keys = await available.call(lambda: open_deployment(settings))
+    served = _served_partitions(keys, partitions)
+    scripts = Scripts.register(redis)
     version = await available.call(lambda: server_version(redis))
     token = uuid.uuid4().hex
     hold_ms = max(30_000, settings.runtime.lease_ms * 2)
@@ -165,11 +169,20 @@ async def run_worker(
             ctx,
             _concurrency(settings, stage, concurrency),
             handlers[stage.name],
+            part,
         )
         for stage in stages
         for lane in (stage.lanes or (None,))
         if lane is None or not lanes or lane in lanes
+        for part in served
     ]
+    # With partitions: the ingress is moved into them beside the first stage, and every
+    # worker publishes the results of the partitions it serves.
+    movers: list[IngressMover | ResultPublisher] = []
+    if keys.partitions:
+        if app.stages[0] in stages:
+            movers.append(IngressMover(ctx, keys, app.stages[0].stream))
+        movers += [ResultPublisher(ctx, part) for part in served]
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
     signals = 0
@@ -225,6 +238,7 @@ async def run_worker(
                 if metrics is not None:
                     tg.create_task(metrics.run())
                 tasks = [tg.create_task(r.run(), name=r.name) for r in runners]
+                tasks += [tg.create_task(m.run()) for m in movers]
                 if ready is not None:
                     ready.set()
                 await asyncio.gather(*tasks)
@@ -267,6 +281,21 @@ def _start_tracing(app: App, keys: Keys, service: str) -> Tracing | None:
     from observability.tracing import start_tracing
 
     return start_tracing(app, keys, service)
+
+
+def _served_partitions(keys: Keys, wanted: Sequence[int]) -> list[Keys]:
+    """The partitions this worker serves: `wanted` (all when empty); without partitions,
+    the one unpartitioned layout."""
+    if not keys.partitions:
+        if wanted:
+            raise ConfigError("partitions", "this deployment has none (redis.partitions)")
+        return [keys]
+    unknown = sorted(set(wanted) - set(range(keys.partitions)))
+    if unknown:
+        raise ConfigError(
+            "partitions", f"{unknown} not among the deployment's 0-{keys.partitions - 1}"
+        )
+    return [keys.of_partition(p) for p in sorted(set(wanted))] or keys.each_partition()
 
 
 def _concurrency(settings: Settings, stage: Stage, cli: int | None) -> int:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from pipeline.runtime.context import WorkerContext
+from pipeline.runtime.keys import Keys
 from pipeline.runtime.settings import RuntimeSettings
 from pipeline.runtime.stage import Message, Stage
 from pipeline.runtime.tracer import EntrySpan
@@ -40,6 +41,7 @@ class Consumer(Protocol):
     stage: Stage
     ctx: WorkerContext
     rt: RuntimeSettings  # the stage's runtime settings, its overrides applied
+    keys: Keys  # the partition it serves (the worker's keys without partitions)
     stream: str
     delayed: str  # the stream's delayed-retry set
     group: str

@@ -1,28 +1,71 @@
 """Every Redis key the pipeline uses is named here, and nowhere else.
 
-Keys of one partition share a hash tag (`<prefix>:{p3}:route`) so that each atomic hand-off
-touches a single Cluster slot; that includes the result hash and the done stream, which the
-last hand-off writes. With no partition (the default, one Redis node) keys carry
-no tag: `<prefix>:tasks`, `<prefix>:route`, `<prefix>:call:haiku`, `<prefix>:store`.
+On one Redis node (the default, `partitions` 0) keys carry no hash tag: `<prefix>:tasks`,
+`<prefix>:route`, `<prefix>:call:haiku`, `<prefix>:store`.
+
+With `partitions` N (required on a Redis Cluster), each stage's streams exist N times, and
+everything one atomic hand-off touches carries its partition's hash tag, so it lies in one
+Cluster slot: `<prefix>:{p3}:route`, its delayed set, the task's record, its partition's
+result copy, done stream and DLQ. A task's partition follows from its id alone (so copies of
+one id always meet): `CLUSTER KEYSLOT <id>` mod N (`partition_of`). What producers touch does
+not move: they XADD `<prefix>:tasks` and read `<prefix>:result:<id>` and `<prefix>:done`;
+the runtime moves each task into its partition and publishes each result back
+(`pipeline.runtime.partitions`).
 """
 
 from __future__ import annotations
+
+from redis.crc import key_slot
 
 from pipeline.runtime.types import TaskId
 
 
 class Keys:
-    """Key names for one prefix (and optionally one partition)."""
+    """Key names for one prefix: the whole deployment, or one partition of it."""
 
-    __slots__ = ("_base", "partition", "prefix")
+    __slots__ = ("_base", "partition", "partitions", "prefix")
 
-    def __init__(self, prefix: str, partition: int | None = None) -> None:
+    def __init__(self, prefix: str, partition: int | None = None, partitions: int = 0) -> None:
+        """`partitions`: how many the deployment has (0: none, one node's layout);
+        `partition`: which one these keys name (None: the deployment as a whole)."""
+        if partitions and partition is not None and not 0 <= partition < partitions:
+            raise ValueError(f"partition {partition} of {partitions}")
         self.prefix = prefix
+        self.partitions = partitions
         self.partition = partition
         self._base = prefix if partition is None else f"{prefix}:{{p{partition}}}"
 
+    # ---- partitions ------------------------------------------------------------------------
+
+    def partition_of(self, task_id: TaskId | str) -> int | None:
+        """The partition a task id belongs to (None without partitions): the id's Cluster
+        slot, mod the partition count, so a producer in any language can tell
+        (`CLUSTER KEYSLOT <id>`)."""
+        if not self.partitions:
+            return None
+        return int(key_slot(str(task_id).encode())) % self.partitions
+
+    def of_partition(self, partition: int) -> Keys:
+        return Keys(self.prefix, partition, self.partitions)
+
+    def for_task(self, task_id: TaskId | str) -> Keys:
+        """The keys of the partition `task_id` belongs to (these keys without partitions)."""
+        partition = self.partition_of(task_id)
+        if partition is None or partition == self.partition:
+            return self
+        return self.of_partition(partition)
+
+    def each_partition(self) -> list[Keys]:
+        """One Keys per partition; without partitions, just these."""
+        if not self.partitions:
+            return [self]
+        return [self.of_partition(p) for p in range(self.partitions)]
+
+    # ---- streams ---------------------------------------------------------------------------
+
     def stream(self, name: str, lane: str | None = None) -> str:
-        """A stage's input stream, e.g. `stream("call", "haiku")` -> `pipeline:call:haiku`."""
+        """A stage's input stream, e.g. `stream("call", "haiku")` -> `pipeline:call:haiku`
+        (`pipeline:{p3}:call:haiku` in partition 3)."""
         return f"{self._base}:{name}" if lane is None else f"{self._base}:{name}:{lane}"
 
     def reclaim_clock(self, stream: str) -> str:
@@ -35,8 +78,15 @@ class Keys:
 
     @property
     def ingress(self) -> str:
-        """Where producers XADD tasks: `<prefix>:tasks`."""
-        return self.stream("tasks")
+        """Where producers XADD tasks: `<prefix>:tasks`, whatever the partitions (the first
+        stage reads it on one node; with partitions, the runtime moves each task from it
+        into its partition's `stream("tasks")`)."""
+        return f"{self.prefix}:tasks"
+
+    def moved(self, entry_id: str) -> str:
+        """Marks an ingress entry moved into this partition (so a move redone after a crash
+        adds nothing): same slot as the partition's streams."""
+        return f"{self._base}:moved:{entry_id}"
 
     @property
     def dlq(self) -> str:
@@ -49,19 +99,34 @@ class Keys:
 
     @property
     def done(self) -> str:
-        """Completion events (trimmed); one stream per partition on Cluster."""
-        return f"{self._base}:done"
+        """Completion events producers wait on: `<prefix>:done` (trimmed)."""
+        return f"{self.prefix}:done"
 
     def result(self, task_id: TaskId | str) -> str:
-        """`<prefix>:result:<id>`; on Cluster `<prefix>:{pN}:result:<id>`, in its partition's
-        slot, so that the store's hand-off writes it in the same atomic step as its ack."""
-        return f"{self._base}:result:{task_id}"
+        """`<prefix>:result:<id>`: the result producers read, whatever the partitions."""
+        return f"{self.prefix}:result:{task_id}"
+
+    @property
+    def landed(self) -> str:
+        """Where the last hand-off announces a result: `done` itself on one node; with
+        partitions, this partition's queue of results to publish (never trimmed: each event
+        is deleted once its result is published)."""
+        return self.done if self.partition is None else f"{self._base}:done"
+
+    def landing(self, task_id: TaskId | str) -> str:
+        """Where the last hand-off writes a task's result, first writer wins: `result` on one
+        node; with partitions, a copy in the task's partition (the same slot as the ack),
+        which is then published to `result`."""
+        keys = self.for_task(task_id)
+        if keys.partition is None:
+            return self.result(task_id)
+        return f"{keys._base}:result:{task_id}"
 
     def task(self, task_id: TaskId | str) -> str:
         """What the pipeline remembers of one task id while it is live and while its result
         lives (`pipeline.claude.task_record`): idempotency, the paid call's claim and answer, the
-        ledger's mark. Same slot as the result, which expires it."""
-        return f"{self._base}:task:{task_id}"
+        ledger's mark. In the task's partition, the slot of its hand-offs."""
+        return f"{self.for_task(task_id)._base}:task:{task_id}"
 
     def cache(self, request_hash: str) -> str:
         """A cached response, by canonical request hash. It shares its hash tag with the
@@ -107,9 +172,12 @@ class Keys:
         """Spend committed in one budget window (a UTC day): settled costs + reservations."""
         return f"{self.prefix}:budget:{window}"
 
-    def ledger(self, day: str) -> str:
-        """One UTC day's cost ledger (a hash of `<model>|<type>|<metric>` counters)."""
-        return f"{self._base}:ledger:{day}"
+    def ledger(self, day: str, task_id: TaskId | str | None = None) -> str:
+        """One UTC day's cost ledger (a hash of `<model>|<type>|<metric>` counters); with
+        partitions, one per partition (that of `task_id`, whose record it is written with),
+        summed when read."""
+        keys = self if task_id is None else self.for_task(task_id)
+        return f"{keys._base}:ledger:{day}"
 
     def batch_shelf(self, family: str) -> str:
         """Tasks held by the batch lane (task id -> its entry), from arrival until their answer
@@ -142,7 +210,7 @@ class Keys:
 
     def pause(self, stage: str) -> str:
         """Set while a stage is paused (for example by refused credentials)."""
-        return f"{self._base}:pause:{stage}"
+        return f"{self.prefix}:pause:{stage}"
 
     def worker(self, consumer: str) -> str:
         """Held by the live process using this consumer name, so no two processes share it."""

@@ -122,7 +122,7 @@ async def reclaim(runner: Consumer) -> int:
     Redis (which would hold reclaims back for a lease once a slot frees).
     """
     cursor, taken = "0-0", 0
-    keys = [runner.stream, runner.ctx.keys.reclaim_clock(runner.stream)]
+    keys = [runner.stream, runner.keys.reclaim_clock(runner.stream)]
     # A silence longer than this means Redis was stalled (see reclaim.lua); it must exceed
     # the reclaim interval, or every reclaim would look like the first after a stall.
     gap_ms = max(runner.rt.lease_ms // 2, 3 * runner.rt.reclaim_every_ms)

@@ -61,7 +61,7 @@ class Planner:
             if len(packed) > limit:  # its next stage could not read it
                 reason = f"entry for {target.name} is {len(packed):,} bytes, over its limit"
                 return self.dead_letter(inf, env, f"{reason} ({limit:,})")
-            key = self._c.ctx.keys.stream(target.stream, outcome.lane if target.lanes else None)
+            key = self._c.keys.stream(target.stream, outcome.lane if target.lanes else None)
             rec.xadd(key, internal_fields(packed, env.task_id))
             return rec
         if isinstance(outcome, Complete):
@@ -153,11 +153,13 @@ class Planner:
         owner: str, ttl_s: int | None = None,
     ) -> None:  # fmt: skip
         """Every result, either kind, is written here, with its TTL resolved once."""
-        keys, res = self._c.ctx.keys, self._c.ctx.settings.results
+        keys, res = self._c.keys, self._c.ctx.settings.results
         ttl = result_ttl(fields, res.ttl_s, ttl_s)
         event = {"id": task_id, "status": result.get("status", "completed")}
+        # With partitions the event queues the result for publishing: never trimmed.
+        maxlen = res.done_maxlen if keys.partition is None else 0
         rec.result(
-            keys.result(task_id), ttl, result, keys.done, res.done_maxlen, event,
+            keys.landing(task_id), ttl, result, keys.landed, maxlen, event,
             keys.task(task_id), owner,
         )  # fmt: skip
 
@@ -227,7 +229,7 @@ class Planner:
             owner=owner,
             result_kept=not result,
         )
-        keys, dlq = self._c.ctx.keys, settings.dlq
+        keys, dlq = self._c.keys, settings.dlq
         rec.letter(keys.dlq, keys.dlq_bytes, dlq.maxlen, dlq.max_bytes, letter)
         self._c.stats["dead"] += 1
         if not result:  # the id belongs to another task: its result stays as it is

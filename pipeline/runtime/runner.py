@@ -20,6 +20,7 @@ from pipeline.runtime.delayed import promote_loop
 from pipeline.runtime.errors import AuthError, InvalidTask, PermanentError, TransientError
 from pipeline.runtime.handoff import Record, build_call
 from pipeline.runtime.inflight import Inflight
+from pipeline.runtime.keys import Keys
 from pipeline.runtime.leases import drain_own, reclaim_loop, renew, renew_loop
 from pipeline.runtime.outcome import Fail, Outcome, Retry
 from pipeline.runtime.planner import Planner
@@ -38,16 +39,19 @@ class StageRunner:
 
     def __init__(
         self, stage: Stage, lane: str | None, ctx: WorkerContext, concurrency: int,
-        handler: Handler,
+        handler: Handler, keys: Keys | None = None,
     ) -> None:  # fmt: skip
+        """`keys`: the partition this runner serves (default: the worker's, unpartitioned):
+        its input stream and everything its hand-offs write."""
         self.stage = stage
         self.handler = handler
         self.lane = lane
         self.ctx = ctx
+        self.keys = keys or ctx.keys
         self.rt = ctx.settings.runtime_for(stage.name)
         self.concurrency = concurrency
-        self.stream = ctx.keys.stream(stage.stream, lane)
-        self.delayed = ctx.keys.delayed(self.stream)
+        self.stream = self.keys.stream(stage.stream, lane)
+        self.delayed = self.keys.delayed(self.stream)
         self.group = stage.name
         self.inflight: dict[str, Inflight] = {}
         self.outbox: list[tuple[Inflight, Record]] = []
@@ -66,7 +70,8 @@ class StageRunner:
 
     @property
     def name(self) -> str:
-        return f"{self.stage.name}[{self.lane}]" if self.lane else self.stage.name
+        name = f"{self.stage.name}[{self.lane}]" if self.lane else self.stage.name
+        return name if self.keys.partition is None else f"{name}@p{self.keys.partition}"
 
     @property
     def paused(self) -> bool:

@@ -50,6 +50,15 @@ class RedisSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     connect_timeout_s: PosFloat = 5.0
     # Must exceed runtime.block_ms, or a blocked XREADGROUP times out client-side.
     socket_timeout_s: PosFloat = 10.0
+    #: Partitions of every stage's streams (docs/CLUSTER.md): unset, none on one node and
+    #: `CLUSTER_PARTITIONS` on a Redis Cluster (which needs them). Every process of one
+    #: deployment must agree on it.
+    partitions: Annotated[int, msgspec.Meta(ge=0, le=4096)] | None = None
+
+
+#: Partitions on a Redis Cluster when `redis.partitions` is not set: enough for a few dozen
+#: primaries, few enough that a worker serving all of them reads them cheaply.
+CLUSTER_PARTITIONS = 16
 
 
 class RuntimeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -2,7 +2,8 @@
 -- Minimum Redis 6.2.
 --
 -- KEYS[1]  the task's record (pipeline.task_record)
--- KEYS[2]  the stream of the entry asking (its lease is the claim's)
+-- KEYS[2]  the stream of the entry asking (its lease is the claim's); absent when it has
+--          none (outside a worker), so that every key lies in the record's slot
 -- ARGV[1]  the call's binding: request hash, model and max_tokens it would send
 -- ARGV[2]  this entry's lease token: stream \n group \n entry id \n consumer \n deliveries
 -- ARGV[3]  the lease (ms)
@@ -29,7 +30,7 @@ if r[3] and r[3] ~= me then
     string.match(r[3], '^(.-)\n(.-)\n(.-)\n(.-)\n(.-)$')
   -- Only a holder on the asking entry's own stream (a declared key) can be live: a task's
   -- entries stay on one stream; a claim named on another one is treated as lapsed.
-  if stream and stream ~= '' and stream == KEYS[2] then
+  if stream and stream ~= '' and KEYS[2] and stream == KEYS[2] then
     local ok, p = pcall(redis.call, 'XPENDING', stream, group, id, id, 1)
     local e = ok and p[1]
     if e and e[2] == consumer and tostring(e[4]) == deliveries

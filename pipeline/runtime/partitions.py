@@ -1,0 +1,196 @@
+"""With partitions (a Redis Cluster), producers keep their one stream and their result keys.
+
+A producer XADDs `<prefix>:tasks` and reads `<prefix>:result:<id>` and `<prefix>:done`, which
+lie in slots of their own; everything a task's hand-offs touch lies in its partition's slot
+(`pipeline.runtime.keys`). Two steps join them, each one idempotent, so that a process killed
+between its two writes is simply followed by another that does the step again:
+
+- **`IngressMover`** reads the ingress with a consumer group and puts each entry, as the
+  envelope the first stage would have made of it (the ingress entry id kept as its origin),
+  onto its task's partition stream, together with a marker in that slot (`move.lua`: one
+  step); then acknowledges it. An entry moved but not acknowledged (the mover died) is moved
+  again by another mover after its lease: the marker says it is there already.
+- **`ResultPublisher`** reads a partition's queue of landed results (`Keys.landed`, where the
+  last hand-off announces each result it wrote into the partition, first writer wins) and
+  mirrors each result to `<prefix>:result:<id>` with the same remaining TTL, adds the
+  completion event to `<prefix>:done`, then acknowledges. Done again after a crash, it writes
+  the same hash and a second event (waiters look results up by id, so a repeat is harmless).
+  It mirrors the partition's copy as it is when published, so an id reused after its result
+  expired gets its own new result, never the old one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+from redis.exceptions import ResponseError
+
+from pipeline.runtime.context import WorkerContext
+from pipeline.runtime.errors import InvalidTask
+from pipeline.runtime.keys import Keys
+from pipeline.runtime.replies import as_str, read_entries
+from pipeline.runtime.scripts import load
+from pipeline.runtime.wire import decode_entry, internal_entry, task_id_of
+
+__all__ = ["IngressMover", "ResultPublisher", "moved_fields"]
+
+log = logging.getLogger(__name__)
+
+#: How long a moved ingress entry's marker lives: far longer than a lease and an outage.
+MOVED_TTL_S = 3600
+_GROUP_MOVE = "move"
+_Entries = list[tuple[str, dict[bytes, bytes]]]
+_GROUP_PUBLISH = "publish"
+
+
+def moved_fields(entry_id: str, raw: dict[bytes, bytes], max_entry_bytes: int) -> dict[str, Any]:
+    """The partition entry for an ingress entry: the envelope the first stage would make of it
+    (its origin: the ingress entry), or, if it cannot be read, its fields as they came, for
+    the first stage to dead-letter under the task's id as it would on one node."""
+    try:
+        env = decode_entry(entry_id, raw, max_entry_bytes)
+    except InvalidTask:
+        return {as_str(name): value for name, value in raw.items()}
+    return internal_entry(msgspec.structs.replace(env, origin_id=env.origin_id or entry_id))
+
+
+class _QueueLoop:
+    """A consumer-group reader of one stream that takes over what a dead reader left (after
+    a lease) and acknowledges and deletes what it has handled."""
+
+    def __init__(self, ctx: WorkerContext, stream: str, group: str, name: str) -> None:
+        self.ctx, self.stream, self.group, self.name = ctx, stream, group, name
+        rt = ctx.settings.runtime
+        self._count, self._block_ms, self._lease_ms = rt.read_count, rt.block_ms, rt.lease_ms
+        self._reclaimed_at = 0.0
+        self.handled = 0
+
+    async def run(self, handle: Callable[[_Entries], Awaitable[None]]) -> None:
+        await self._ensure_group()
+        while not self.ctx.stopping.is_set():
+            entries = await self._take()
+            if entries:
+                await handle(entries)
+                await self._ack([entry_id for entry_id, _ in entries])
+                self.handled += len(entries)
+        log.info("%s stopped: handled %d", self.name, self.handled)
+
+    async def _take(self) -> list[tuple[str, dict[bytes, bytes]]]:
+        redis, available = self.ctx.redis, self.ctx.available
+        now = time.monotonic()
+        if now - self._reclaimed_at >= self._lease_ms / 1000:
+            self._reclaimed_at = now
+            reply = await available.call(
+                lambda: redis.xautoclaim(self.stream, self.group, self.ctx.consumer,
+                                         self._lease_ms, "0-0", count=self._count),
+                self._ensure_group,
+            )  # fmt: skip
+            claimed = [(as_str(i), raw) for i, raw in reply[1] if raw]
+            if claimed:
+                log.info("%s: took over %d entries a stopped reader left", self.name, len(claimed))
+                return claimed
+        # Short blocks: the loop notices a stop (and its reclaim turn) promptly.
+        block = min(self._block_ms, 1000)
+        read: Callable[[], Awaitable[object]] = lambda: redis.xreadgroup(  # noqa: E731
+            self.group, self.ctx.consumer, {self.stream: ">"}, count=self._count, block=block
+        )
+        got = await available.call(read, self._ensure_group)
+        return [(entry_id, raw) for entry_id, raw in read_entries(got) if raw]
+
+    async def _ack(self, ids: list[str]) -> None:
+        redis = self.ctx.redis
+
+        async def ack() -> None:
+            async with redis.pipeline(transaction=False) as pipe:
+                pipe.xack(self.stream, self.group, *ids)
+                pipe.xdel(self.stream, *ids)
+                await pipe.execute()
+
+        await self.ctx.available.call(ack)
+
+    async def _ensure_group(self) -> None:
+        async def create() -> None:
+            try:
+                await self.ctx.redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+        await self.ctx.available.call(create)
+
+
+class IngressMover:
+    """Moves ingress entries into their tasks' partitions (run beside the first stage)."""
+
+    def __init__(self, ctx: WorkerContext, keys: Keys, first_stream: str) -> None:
+        """`first_stream`: the first stage's stream name (`tasks`), in each partition."""
+        self._ctx, self._keys, self._first = ctx, keys, first_stream
+        self._loop = _QueueLoop(ctx, keys.ingress, _GROUP_MOVE, "ingress mover")
+        self._move = load(ctx.redis, "move")
+        self._max_bytes = ctx.settings.runtime.max_entry_bytes
+
+    async def run(self) -> None:
+        await self._loop.run(self._handle)
+
+    async def _handle(self, entries: list[tuple[str, dict[bytes, bytes]]]) -> None:
+        # Concurrently: each move is one script in its own partition's slot.
+        await asyncio.gather(*(self._one(entry_id, raw) for entry_id, raw in entries))
+
+    async def _one(self, entry_id: str, raw: dict[bytes, bytes]) -> None:
+        part = self._keys.for_task(task_id_of(entry_id, raw))
+        fields = moved_fields(entry_id, raw, self._max_bytes)
+        keys = [part.moved(entry_id), part.stream(self._first)]
+        args: list[Any] = [MOVED_TTL_S]
+        for name, value in fields.items():
+            args += (name, value)
+        await self._ctx.available.call(lambda: self._move(keys=keys, args=args))
+
+
+class ResultPublisher:
+    """Publishes one partition's landed results where producers read them."""
+
+    def __init__(self, ctx: WorkerContext, keys: Keys) -> None:
+        """`keys`: the partition's keys."""
+        self._ctx, self._keys = ctx, keys
+        self._loop = _QueueLoop(ctx, keys.landed, _GROUP_PUBLISH,
+                                f"result publisher p{keys.partition}")  # fmt: skip
+        self._publish = load(ctx.redis, "publish")
+        self._done_maxlen = ctx.settings.results.done_maxlen
+
+    async def run(self) -> None:
+        await self._loop.run(self._handle)
+
+    async def _handle(self, events: list[tuple[str, dict[bytes, bytes]]]) -> None:
+        await asyncio.gather(*(self._one(fields) for _, fields in events))
+
+    async def _one(self, event: dict[bytes, bytes]) -> None:
+        task_id = as_str(event.get(b"id", b""))
+        if not task_id:
+            return
+        redis, available = self._ctx.redis, self._ctx.available
+
+        async def read() -> list[Any]:
+            async with redis.pipeline(transaction=False) as pipe:
+                pipe.hgetall(self._keys.landing(task_id))
+                pipe.pttl(self._keys.landing(task_id))
+                return list(await pipe.execute())
+
+        result, pttl = await available.call(read)
+        if not result or not isinstance(pttl, int) or pttl <= 0:
+            return  # expired or taken back (a DLQ replay) since it landed: nothing to show
+        args: list[Any] = [pttl]
+        for name, value in result.items():
+            args += (name, value)
+        # The hash and the event lie in two slots: the hash first, then the event (a repeat
+        # after a crash writes the same hash and repeats the event).
+        key = self._keys.result(task_id)
+        await available.call(lambda: self._publish(keys=[key], args=args))
+        fields: Any = dict(event)
+        await available.call(
+            lambda: redis.xadd(self._keys.done, fields, maxlen=self._done_maxlen, approximate=True)
+        )
