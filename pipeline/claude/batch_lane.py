@@ -436,9 +436,10 @@ class BatchLane:
         mine = own.answer or answer
         await self._flights.republish(routed, task_id, mine)  # into the response cache
         fields = internal_entry(_onward(env, mine.to_store()))
+        handed_ns = time.time_ns()  # before the store can take it: its span starts later
         if await self._deliver_one(batch, task_id, self._keys.stream("store"), fields):
             await self.budget.settle(shelved.reservation(routed), answer)
-            self._released(batch, task_id, shelved, env, "answered", line.kind)
+            self._released(batch, task_id, shelved, env, handed_ns, "answered", line.kind)
 
     async def _all_to_standard(self, batch: _Batch, task_ids: list[str], why: str) -> None:
         for i in range(0, len(task_ids), _PARALLEL):
@@ -455,9 +456,10 @@ class BatchLane:
         shelved = _unpack(_bytes(raw))
         env = decode_envelope(shelved.envelope)
         fields = internal_entry(_onward(env, None))
+        handed_ns = time.time_ns()
         if await self._deliver_one(batch, task_id, self._standard(batch.family), fields):
             await self.budget.release(shelved.reservation(_routed_of(shelved)))
-            self._released(batch, task_id, shelved, env, "to_standard", why)
+            self._released(batch, task_id, shelved, env, handed_ns, "to_standard", why)
 
     async def _deliver_one(
         self, batch: _Batch, task_id: str, stream: str, fields: dict[str, str | bytes]
@@ -474,9 +476,11 @@ class BatchLane:
         return as_int(await self._available.call(lambda: self._deliver(keys=keys, args=flat))) == 1
 
     def _released(
-        self, batch: _Batch, task_id: str, shelved: Shelved, env: Any, outcome: str, why: str
-    ) -> None:
-        """Tell the worker's hooks (metrics, tracing) a held task was handed on."""
+        self, batch: _Batch, task_id: str, shelved: Shelved, env: Any, handed_ns: int,
+        outcome: str, why: str,
+    ) -> None:  # fmt: skip
+        """Tell the worker's hooks (metrics, tracing) a held task was handed on (at
+        `handed_ns`)."""
         attributes = {"pipeline.batch.token": batch.token, "pipeline.batch.result": why}
         if batch.batch_id:
             attributes["pipeline.batch.id"] = batch.batch_id
@@ -487,7 +491,7 @@ class BatchLane:
                 task_id=task_id,
                 outcome=outcome,
                 held_ns=shelved.shelved_ms * 1_000_000,
-                released_ns=time.time_ns(),
+                released_ns=handed_ns,
                 traceparent=env.traceparent,
                 tracestate=env.tracestate,
                 attributes=attributes,

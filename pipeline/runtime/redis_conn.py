@@ -62,14 +62,36 @@ def connect(settings: RedisSettings) -> Redis:
     return Redis.from_pool(pool)
 
 
+#: A worker on a Cluster holds one blocking read per stage, lane and partition (144 for the
+#: four stages' nine streams in 16 partitions) besides its handlers' commands.
+CLUSTER_MIN_CONNECTIONS = 512
+
+
+class _WaitingCluster(RedisCluster):
+    """A Cluster client whose callers wait for a free connection, as with `connect`'s pool.
+
+    redis-py's Cluster client holds up to `max_connections` connections *per node* and
+    raises `MaxConnectionsError` past that (it has no blocking pool); as that is a
+    `ConnectionError`, `Availability.call` would take it for an outage, and leases would
+    lapse while it waited. So commands in flight are bounded by `max_connections` in all:
+    no node can run out.
+    """
+
+    _gate: asyncio.Semaphore | None = None
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        if self._gate is None:
+            limit = self.get_connection_kwargs()["max_connections"]
+            self._gate = asyncio.Semaphore(int(limit or CLUSTER_MIN_CONNECTIONS))
+        async with self._gate:
+            return await super().execute_command(*args, **kwargs)
+
+
 def connect_cluster(settings: RedisSettings) -> RedisCluster:
     """A Cluster client for `settings.url`, which names any node of the cluster (the client
-    learns the others from it). Same TLS, credentials and timeouts as `connect`.
-
-    Unlike `connect`'s pool, which makes a caller wait for a free connection, a Cluster
-    client holds up to `max_connections` connections *per node* and raises
-    `MaxConnectionsError` past that (redis-py has no blocking pool for Cluster); as that is
-    a `ConnectionError`, `Availability.call` would take it for Redis being away.
+    learns the others from it). Same TLS, credentials and timeouts as `connect`; a caller
+    waits for a free connection (`_WaitingCluster`). A worker holds a blocking read per
+    stage, lane and partition, so `max_connections` must exceed those (docs/CLUSTER.md).
     """
     if settings.url.startswith("unix://"):
         raise ConfigError("redis.url", "a Redis Cluster is reached over TCP, not a unix socket")
@@ -78,13 +100,13 @@ def connect_cluster(settings: RedisSettings) -> RedisCluster:
             "redis.url", f"a Redis Cluster has only database 0: {redacted(settings.url)}"
         )
     options: dict[str, Any] = {
-        "max_connections": settings.max_connections,
+        "max_connections": max(settings.max_connections, CLUSTER_MIN_CONNECTIONS),
         "socket_timeout": settings.socket_timeout_s,
         "socket_connect_timeout": settings.connect_timeout_s,
         "health_check_interval": 30,
         "decode_responses": False,
     }
-    return RedisCluster.from_url(settings.url, **options)
+    return _WaitingCluster.from_url(settings.url, **options)
 
 
 async def cluster_enabled(settings: RedisSettings) -> bool:
