@@ -43,6 +43,7 @@ from pipeline.claude.settings import Settings
 from pipeline.claude.task import Answer, Routed
 from pipeline.runtime.keys import Keys
 from pipeline.runtime.redis_conn import Availability
+from pipeline.runtime.replication import Replication
 from pipeline.runtime.replies import as_int, as_list
 from pipeline.runtime.services import Services
 from pipeline.runtime.stage import Message
@@ -106,8 +107,12 @@ class TaskRecords:
         ledger: Ledger,
         live_ttl_s: int,
         lease_ms: int,
+        replication: Replication | None = None,
     ) -> None:
+        """`replication`: with replicated durability, a paid answer's record waits for a
+        replica (a primary lost before it would otherwise make the call be paid again)."""
         self.keys = keys
+        self._replication = replication
         self._available = available
         self._ledger = ledger
         self._live_ttl_s = live_ttl_s
@@ -123,6 +128,7 @@ class TaskRecords:
         return cls(
             services.redis, services.keys, services.available, services.shared(Ledger.for_services),
             settings.results.live_ttl_s, settings.runtime_for(stage).lease_ms,
+            services.replication,
         )  # fmt: skip
 
     async def admit(self, task_id: str, fields: Mapping[str, str], entry_id: str) -> Admission:
@@ -168,6 +174,8 @@ class TaskRecords:
             fence if ledger_args else 0, *ledger_args,
         ]  # fmt: skip
         reply = as_list(await self._available.call(lambda: self._record(keys=keys, args=args)))
+        if fence and self._replication is not None:  # a paid answer: in a replica before on
+            await self._replication.sync(keys[0])
         status = as_int(reply[0])
         if status == 0:
             return Claim(ClaimState.RECORDED, answer=answer)

@@ -32,6 +32,7 @@ from pipeline.runtime.partitions import IngressMover, ResultPublisher
 from pipeline.runtime.redis_conn import Availability, redacted, server_version
 from pipeline.runtime.redis_durability import log_durability
 from pipeline.runtime.redis_errors import RedisRefused
+from pipeline.runtime.replication import Replication
 from pipeline.runtime.retry import RetryPolicy
 from pipeline.runtime.runner import StageRunner
 from pipeline.runtime.scripts import Scripts
@@ -119,6 +120,7 @@ async def run_worker(
     redis, keys = await available.call(lambda: open_deployment(settings))
     served = _served_partitions(keys, partitions)
     scripts = Scripts.register(redis)
+    replication = Replication(redis, keys.prefix, settings.redis, available)
     version = await available.call(lambda: server_version(redis))
     token = uuid.uuid4().hex
     hold_ms = max(30_000, settings.runtime.lease_ms * 2)
@@ -154,9 +156,10 @@ async def run_worker(
         available=available,
         retry_policy=RetryPolicy.from_settings(settings.retry),
         hooks=Hooks(hooks),
+        replication=replication if replication.enabled else None,
         has_xackdel=version >= (8, 2),
     )
-    services = Services(settings, redis, keys, available, ctx.hooks)
+    services = Services(settings, redis, keys, available, ctx.hooks, ctx.replication)
     handlers = {
         stage.name: stage.handler or await stage.build(services)  # type: ignore[misc]
         for stage in stages

@@ -12,6 +12,7 @@ from redis.asyncio import Redis
 from pipeline.runtime.hooks import Hooks
 from pipeline.runtime.keys import Keys
 from pipeline.runtime.redis_conn import Availability
+from pipeline.runtime.replication import Replication
 from pipeline.runtime.retry import RetryPolicy
 from pipeline.runtime.scripts import Scripts
 from pipeline.runtime.settings import BaseSettings
@@ -31,6 +32,8 @@ class WorkerContext:
     available: Availability
     retry_policy: RetryPolicy
     hooks: Hooks = field(default_factory=Hooks)
+    #: `redis.durability = "replicated"`: what waits for replicas after writes (None: nothing).
+    replication: Replication | None = None
     has_xackdel: bool = False
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     forced: bool = False  # a second signal: skip the rest of the grace period

@@ -139,9 +139,12 @@ class IngressMover:
 
     async def _handle(self, entries: list[tuple[str, dict[bytes, bytes]]]) -> None:
         # Concurrently: each move is one script in its own partition's slot.
-        await asyncio.gather(*(self._one(entry_id, raw) for entry_id, raw in entries))
+        moved = await asyncio.gather(*(self._one(entry_id, raw) for entry_id, raw in entries))
+        if self._ctx.replication is not None:  # in a replica before the ingress lets go
+            await self._ctx.replication.sync(*set(moved))
 
-    async def _one(self, entry_id: str, raw: dict[bytes, bytes]) -> None:
+    async def _one(self, entry_id: str, raw: dict[bytes, bytes]) -> str:
+        """Move one entry; the stream it went to."""
         part = self._keys.for_task(task_id_of(entry_id, raw))
         fields = moved_fields(entry_id, raw, self._max_bytes)
         keys = [part.moved(entry_id), part.stream(self._first)]
@@ -149,6 +152,7 @@ class IngressMover:
         for name, value in fields.items():
             args += (name, value)
         await self._ctx.available.call(lambda: self._move(keys=keys, args=args))
+        return keys[1]
 
 
 class ResultPublisher:
@@ -166,12 +170,15 @@ class ResultPublisher:
         await self._loop.run(self._handle)
 
     async def _handle(self, events: list[tuple[str, dict[bytes, bytes]]]) -> None:
-        await asyncio.gather(*(self._one(fields) for _, fields in events))
+        published = await asyncio.gather(*(self._one(fields) for _, fields in events))
+        if self._ctx.replication is not None:  # in a replica before the event is let go
+            await self._ctx.replication.sync(*(key for key in published if key))
 
-    async def _one(self, event: dict[bytes, bytes]) -> None:
+    async def _one(self, event: dict[bytes, bytes]) -> str | None:
+        """Publish one result; the key it went to (None: nothing to publish)."""
         task_id = as_str(event.get(b"id", b""))
         if not task_id:
-            return
+            return None
         redis, available = self._ctx.redis, self._ctx.available
 
         async def read() -> list[Any]:
@@ -182,7 +189,7 @@ class ResultPublisher:
 
         result, pttl = await available.call(read)
         if not result or not isinstance(pttl, int) or pttl <= 0:
-            return  # expired or taken back (a DLQ replay) since it landed: nothing to show
+            return None  # expired or taken back (a DLQ replay) since it landed
         args: list[Any] = [pttl]
         for name, value in result.items():
             args += (name, value)
@@ -194,3 +201,4 @@ class ResultPublisher:
         await available.call(
             lambda: redis.xadd(self._keys.done, fields, maxlen=self._done_maxlen, approximate=True)
         )
+        return key

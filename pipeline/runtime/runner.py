@@ -345,6 +345,8 @@ class StageRunner:
             return list(await self.ctx.scripts.handoff(keys=keys, args=[*head, *packed]))
 
         statuses = await self.ctx.available.call(run, self.recreate_group)
+        if self.ctx.replication is not None:  # the batch counts once a replica has it
+            await self.ctx.replication.sync(self.stream)
         self.stats["handoffs"] += 1
         for (inf, _rec), status in zip(batch, statuses, strict=True):
             self.inflight.pop(inf.entry_id, None)

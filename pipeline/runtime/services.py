@@ -16,6 +16,7 @@ from pipeline.runtime.calls import CallReport, CallSink
 from pipeline.runtime.held import HeldReport
 from pipeline.runtime.keys import Keys
 from pipeline.runtime.redis_conn import Availability
+from pipeline.runtime.replication import Replication
 from pipeline.runtime.settings import BaseSettings
 
 __all__ = ["Services"]
@@ -38,6 +39,7 @@ class Services(Generic[S]):
         keys: Keys,
         available: Availability | None = None,
         hooks: CallSink | None = None,
+        replication: Replication | None = None,
     ) -> None:
         self.settings = settings
         self.keys = keys
@@ -45,6 +47,9 @@ class Services(Generic[S]):
         self.available = available or Availability(settings.redis.url)
         #: The worker's observation seam (its `Hooks`): a stage reports its model calls here.
         self.hooks: CallSink = hooks if hooks is not None else _NOBODY
+        #: With `redis.durability = "replicated"`: wait for replicas after a write that
+        #: stands for money spent (None: the primary's word is enough).
+        self.replication = replication
         self._closers: list[Callable[[], Awaitable[None]]] = []
         self._shared: dict[object, Any] = {}
 

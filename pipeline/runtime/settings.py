@@ -13,7 +13,7 @@ import re
 import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 
@@ -54,6 +54,12 @@ class RedisSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     #: `CLUSTER_PARTITIONS` on a Redis Cluster (which needs them). Every process of one
     #: deployment must agree on it.
     partitions: Annotated[int, msgspec.Meta(ge=0, le=4096)] | None = None
+    #: "replicated": a hand-off batch, a moved task, a published result and a paid call's
+    #: record count only once `replicas` replicas hold them (`pipeline.runtime.replication`;
+    #: one round trip more per batch). "acknowledged": once the primary has them.
+    durability: Literal["acknowledged", "replicated"] = "acknowledged"
+    replicas: PosInt = 1
+    replica_timeout_ms: PosInt = 1000
 
 
 #: Partitions on a Redis Cluster when `redis.partitions` is not set: enough for a few dozen

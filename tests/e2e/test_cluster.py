@@ -14,6 +14,7 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from redis.cluster import RedisCluster
@@ -237,3 +238,70 @@ def test_a_task_id_always_meets_its_duplicates_in_one_partition(
         assert statuses == {"completed"}
     finally:
         workers.stop_all()
+
+
+def primary_serving(cluster: RedisClusterBase, client: RedisCluster, key: str) -> int:
+    node = client.get_node_from_key(key)
+    assert node is not None
+    return int(node.port)
+
+
+@pytest.mark.parametrize("durability", ["replicated", "acknowledged"])
+def test_a_primary_killed_mid_run(
+    private_redis_cluster: RedisClusterBase, cprefix_private: str, start_fake: StartFake,
+    tmp_path: Path, durability: str, record_property: Any,
+) -> None:  # fmt: skip
+    """The primary serving the ingress is SIGKILLed while 600 tasks are in flight and its
+    replica takes over. Replicated: no task lost, each paid once but for calls cut off.
+    Acknowledged: what was lost is recorded (`record_property`), and no task is ever answered
+    with another's output."""
+    cluster = private_redis_cluster
+    fake = start_fake(latency_ms=200)
+    env = cluster_env(cluster.url, cprefix_private, fake, PIPELINE_REDIS__PARTITIONS="4",
+                      PIPELINE_REDIS__DURABILITY=durability,
+                      PIPELINE_RETRY__PROMOTE_EVERY_MS="250")  # fmt: skip
+    workers = Workers(env, tmp_path, app="stages:app")
+    client = RedisCluster.from_url(cluster.url)
+    try:
+        workers.start()
+        workers.start()
+        ids = [f"f-{i}" for i in range(600)]
+        victim = primary_serving(cluster, client, Keys(cprefix_private).ingress)
+        entry = next(n.port for n in cluster.primaries if n.port != victim)
+        produce_with_redis_cli(entry, cprefix_private, ids[:300])
+        time.sleep(1.0)  # calls in flight, results landing
+        cluster.kill_primary(victim)
+        cluster.wait_failover(victim)
+        client.close()
+        client = RedisCluster.from_url(cluster.url_of(entry))
+        produce_with_redis_cli(entry, cprefix_private, ids[300:])
+        keys = Keys(cprefix_private)
+        if durability == "replicated":
+            wait_results(client, cprefix_private, ids, timeout=120)
+            prompts = {t: f"cluster job {t}" for t in ids}
+            assert_each_answered_once_with_its_own(client, cprefix_private, fake, ids, prompts)
+            paid = fake.stats()["succeeded"]
+            # Only calls whose answer was on its way when the primary died may be paid again.
+            assert len(ids) <= paid <= len(ids) + 2 * 64, paid
+            return
+        time.sleep(20)  # what will come has come
+        have = [t for t in ids if client.exists(keys.result(t))]
+        record_property("lost_without_replicated_durability", len(ids) - len(have))
+        record_property("paid_calls", fake.stats()["succeeded"])
+        print(
+            f"acknowledged durability: {len(ids) - len(have)} of {len(ids)} tasks lost, "
+            f"{fake.stats()['succeeded']} calls paid"
+        )
+        prompts = {t: f"cluster job {t}" for t in have}
+        found = results(client, cprefix_private, have)
+        completed = [t for t, r in found.items() if r.get("status") == "completed"]
+        assert_each_answered_once_with_its_own(client, cprefix_private, fake, completed, prompts)
+    finally:
+        workers.stop_all()
+        client.close()
+
+
+@pytest.fixture
+def cprefix_private() -> str:
+    """A prefix on a cluster of the test's own (dropped with it)."""
+    return f"c{uuid.uuid4().hex[:10]}"

@@ -1,0 +1,108 @@
+"""`redis.durability = "replicated"`: what was written counts only once a replica has it.
+
+Redis replicates asynchronously: a primary that dies a moment after acknowledging a write may
+take it with it when its replica is promoted. Within one slot that loses a hand-off whole
+(its ack with it, so the entry is simply delivered again), but a step whose two writes lie in
+two slots (the ingress mover, the result publisher) or whose write stands for money spent (a
+paid call's record) must not go on until a replica holds the first write.
+
+`WAIT` counts the writes of the connection it is sent on, and cannot run in a script; so after
+a write, `sync(key)` sends, on one connection to the primary serving `key`'s slot, a tiny write
+in that slot and `WAIT`: the primary's replication stream is ordered, so once a replica has
+that write it has everything the primary did before it. One round trip per batch of writes
+(the runner syncs once per hand-off batch: group commit).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from redis.asyncio import Redis, RedisCluster
+from redis.asyncio.cluster import PipelineCommand
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from pipeline.runtime.redis_conn import Availability
+from pipeline.runtime.settings import RedisSettings
+
+__all__ = ["Replication", "sync_key"]
+
+log = logging.getLogger(__name__)
+_WARN_EVERY_S = 60.0
+
+
+def sync_key(prefix: str, key: str) -> str:
+    """A key of `prefix` in `key`'s slot, for the marker write (`<prefix>:{p3}:sync` for a
+    partition's key; `<prefix>:{<key>}:sync` for an untagged one)."""
+    start = key.find("{")
+    end = key.find("}", start + 1) if start >= 0 else -1
+    tag = key[start + 1 : end] if end > start + 1 else key
+    return f"{prefix}:{{{tag}}}:sync"
+
+
+class Replication:
+    """Waits, after writes, until `replicas` replicas have them (a no-op when `durability`
+    is "acknowledged")."""
+
+    def __init__(
+        self, redis: Redis, prefix: str, settings: RedisSettings, available: Availability
+    ) -> None:
+        self.enabled = settings.durability == "replicated"
+        self._redis, self._prefix, self._available = redis, prefix, available
+        self._replicas, self._timeout_ms = settings.replicas, settings.replica_timeout_ms
+        self._warned = -_WARN_EVERY_S
+        self.short = 0  # syncs no replica confirmed in time (for tests and status)
+
+    async def sync(self, *keys: str) -> None:
+        """Return once `replicas` replicas hold every write made so far to the primaries
+        serving `keys` (at most `replica_timeout_ms` each; then warn and go on: a write
+        cannot be taken back, and refusing all work while a replica is away would turn a
+        replica's outage into the pipeline's)."""
+        if not self.enabled or not keys:
+            return
+        redis: Any = self._redis
+        if isinstance(redis, RedisCluster):
+            by_node: dict[str, str] = {}
+            for key in keys:
+                node = redis.get_node_from_key(key)
+                by_node.setdefault(node.name if node else "", key)
+            for key in by_node.values():
+                await self._available.call(lambda k=key: self._sync_cluster(redis, k))  # type: ignore[misc]
+        else:
+            await self._available.call(lambda: self._sync_one(keys[0]))
+
+    async def _sync_one(self, key: str) -> None:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.set(sync_key(self._prefix, key), 1, px=1000)
+            pipe.execute_command("WAIT", self._replicas, self._timeout_ms)
+            replies = await pipe.execute()
+        self._check(replies[1])
+
+    async def _sync_cluster(self, redis: RedisCluster, key: str) -> None:
+        node = redis.get_node_from_key(key)
+        if node is None:  # the slot map is being refreshed (a failover): try again
+            raise RedisConnectionError(f"no node serves {key!r} yet")
+        marker = sync_key(self._prefix, key)
+        commands = [
+            PipelineCommand(0, "SET", marker, 1, "PX", 1000),
+            PipelineCommand(1, "WAIT", self._replicas, self._timeout_ms),
+        ]
+        await node.execute_pipeline(commands)
+        for command in commands:
+            if isinstance(command.result, BaseException):
+                raise command.result
+        self._check(commands[1].result)
+
+    def _check(self, acked: object) -> None:
+        if isinstance(acked, int) and acked >= self._replicas:
+            return
+        self.short += 1
+        now = time.monotonic()
+        if now - self._warned >= _WARN_EVERY_S:
+            self._warned = now
+            log.warning(
+                "durability: %s of %d replicas confirmed a write within %d ms; going on "
+                "(a primary lost now may lose it; repeats silenced for %.0fs)",
+                acked, self._replicas, self._timeout_ms, _WARN_EVERY_S,
+            )  # fmt: skip
