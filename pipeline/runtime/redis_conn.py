@@ -62,9 +62,11 @@ def connect(settings: RedisSettings) -> Redis:
     return Redis.from_pool(pool)
 
 
-def connect_cluster(settings: RedisSettings) -> RedisCluster:
+def connect_cluster(settings: RedisSettings, **overrides: Any) -> RedisCluster:
     """A Cluster client for `settings.url`, which names any node of the cluster (the client
-    learns the others from it). Same TLS, credentials and timeouts as `connect`.
+    learns the others from it). Same TLS, credentials and timeouts as `connect`; `overrides`
+    are more `RedisCluster` options, or other values for these (a client name, a longer
+    socket timeout for a blocking reader).
 
     Unlike `connect`'s pool, which makes a caller wait for a free connection, a Cluster
     client holds up to `max_connections` connections *per node* and raises
@@ -83,6 +85,7 @@ def connect_cluster(settings: RedisSettings) -> RedisCluster:
         "socket_connect_timeout": settings.connect_timeout_s,
         "health_check_interval": 30,
         "decode_responses": False,
+        **overrides,
     }
     return RedisCluster.from_url(settings.url, **options)
 
