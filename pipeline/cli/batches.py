@@ -82,17 +82,12 @@ def batches_cancel(
 
 
 async def _lanes(settings: Settings) -> list[LaneView]:
-    from pipeline.runtime.keys import Keys
-
-    async with connection(settings) as redis:
-        return await lane_views(redis, Keys(settings.prefix), settings.claude.models)
+    async with connection(settings) as (redis, keys):
+        return await lane_views(redis, keys, settings.claude.models)
 
 
 async def _find(settings: Settings, wanted: str) -> BatchView | None:
-    from pipeline.runtime.keys import Keys
-
-    keys = Keys(settings.prefix)
-    async with connection(settings) as redis:
+    async with connection(settings) as (redis, keys):
         found = await batch_view(redis, keys, wanted)
         if found is not None:
             return found

@@ -1,5 +1,6 @@
 """What every `pipeline` sub-command shares: options, consoles, settings, one Redis
-connection per command and running a coroutine (on uvloop when installed)."""
+connection per command (one node or a Cluster, and the deployment's keys) and running a
+coroutine (on uvloop when installed)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from rich.console import Console
 from pipeline.claude.config import load_settings
 from pipeline.claude.settings import Settings
 from pipeline.runtime.errors import RedisUnavailable
+from pipeline.runtime.keys import Keys
 
 _T = TypeVar("_T")
 
@@ -64,15 +66,23 @@ def run_async(coro: Coroutine[Any, Any, _T]) -> _T:
 
 
 @contextlib.asynccontextmanager
-async def connection(settings: Settings) -> AsyncIterator[Redis]:
-    """A connection for one command; Redis being away becomes one line naming the URL."""
-    from pipeline.runtime.redis_conn import UNAVAILABLE, connect, redacted
+async def connection(settings: Settings) -> AsyncIterator[tuple[Redis, Keys]]:
+    """A connection for one command and the deployment's keys (`open_deployment`: a Cluster
+    found out, its partitions); Redis being away becomes one line naming the URL."""
+    from pipeline.runtime.deployment import open_deployment
+    from pipeline.runtime.redis_conn import UNAVAILABLE, redacted
 
-    redis = connect(settings.redis)
-    try:
-        yield redis
-    except UNAVAILABLE as exc:
+    def unavailable(exc: BaseException) -> RedisUnavailable:
         where = redacted(settings.redis.url)
-        raise RedisUnavailable(f"cannot reach Redis at {where}: {exc}") from exc
+        return RedisUnavailable(f"cannot reach Redis at {where}: {exc}")
+
+    try:
+        redis, keys = await open_deployment(settings)
+    except UNAVAILABLE as exc:
+        raise unavailable(exc) from exc
+    try:
+        yield redis, keys
+    except UNAVAILABLE as exc:
+        raise unavailable(exc) from exc
     finally:
         await redis.aclose()

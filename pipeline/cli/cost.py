@@ -24,7 +24,6 @@ from pipeline.claude.ledger import Minute, Totals, baseline_family, read_days
 from pipeline.claude.pricing import micro_usd, usd
 from pipeline.claude.settings import Settings
 from pipeline.cli.common import ConfigOpt, JsonOpt, connection, out, run_async, settings_from
-from pipeline.runtime.keys import Keys
 
 #: Longest range one command reads (the ledger keeps 400 days by default).
 MAX_DAYS = 1000
@@ -101,8 +100,7 @@ async def gather_cost(
     now = now or datetime.datetime.now(datetime.UTC)
     days = [first + datetime.timedelta(days=n) for n in range((last - first).days + 1)]
     recent = [now.date() - datetime.timedelta(days=1), now.date()]
-    async with connection(settings) as redis:
-        keys = Keys(settings.prefix)
+    async with connection(settings) as (redis, keys):
         entries = await read_days(redis, keys, days)
         minutes = (await read_days(redis, keys, recent)).minutes
     report = CostReport(first, last, baseline_family(settings), now, tasks_per_day=tasks_per_day)

@@ -38,7 +38,8 @@ from pipeline.cli.exits import Code, fail
 from pipeline.client import Client
 from pipeline.runtime.embedded_redis import RedisServer, free_port
 from pipeline.runtime.keys import Keys
-from pipeline.runtime.redis_conn import redacted
+from pipeline.runtime.redis_conn import open_redis, redacted
+from pipeline.runtime.settings import RedisSettings
 
 TOPICS = [
     "the water cycle", "a failed database migration", "quarterly sales in Europe",
@@ -91,6 +92,7 @@ def workload(
 
 
 async def _reachable(url: str) -> bool:
+    """Whether the node `url` names answers (a PING: any node of a Cluster answers it)."""
     client = Redis.from_url(url, socket_connect_timeout=1, socket_timeout=2)
     try:
         return bool(await client.ping())
@@ -328,12 +330,17 @@ def _summary(report: DemoReport, console: Console, kept_prefix: str | None) -> N
 
 
 async def _delete_prefix(url: str, prefix: str) -> None:
-    client = Redis.from_url(url)
+    """Best effort: the demo's keys also expire by TTL where they have one. On a Cluster,
+    every primary is scanned and the keys are unlinked slot by slot."""
+    try:
+        client = await open_redis(RedisSettings(url=url))
+    except Exception:
+        return
     try:
         batch = [key async for key in client.scan_iter(match=Keys(prefix).pattern(), count=1000)]
         for i in range(0, len(batch), 500):
             await client.unlink(*batch[i : i + 500])
-    except Exception:  # best effort: the demo's keys also expire by TTL where they have one
+    except Exception:
         pass
     finally:
         await client.aclose()

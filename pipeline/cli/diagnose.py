@@ -61,18 +61,20 @@ def _paused(pause: PauseStatus) -> str:
 async def _unconsumed(
     redis: Redis, streams: list[StreamStatus], settings: BaseSettings
 ) -> list[StreamStatus]:
-    """The streams (stage lanes) no live worker reads."""
+    """The streams (stage lanes) no live worker reads; with partitions, those of which some
+    partition has no live reader (a worker may serve only some: `--partitions`)."""
     grouped = [row for row in streams if row.group_exists and row.consumers]
+    asked = [(row, key) for row in grouped for key in row.keys]
     async with redis.pipeline(transaction=False) as pipe:
-        for row in grouped:
-            pipe.xinfo_consumers(row.stream, row.stage)
+        for row, key in asked:
+            pipe.xinfo_consumers(key, row.stage)
         replies: list[Any] = await pipe.execute(raise_on_error=False)
-    live = set()
-    for row, consumers in zip(grouped, replies, strict=True):
+    unread: dict[str, int] = {}  # row -> its streams without a live reader
+    for (row, _), consumers in zip(asked, replies, strict=True):
         block_ms = settings.runtime_for(row.stage).block_ms
-        if isinstance(consumers, list) and any(_live(c, block_ms) for c in consumers):
-            live.add(row.stream)
-    return [row for row in streams if row.stream not in live]
+        live = isinstance(consumers, list) and any(_live(c, block_ms) for c in consumers)
+        unread[row.stream] = unread.get(row.stream, 0) + (not live)
+    return [row for row in streams if unread.get(row.stream, 1)]
 
 
 def _live(consumer: dict[Any, Any], block_ms: int) -> bool:

@@ -2,11 +2,13 @@
 
 Exit codes: 0 done; 1 an id was not in the DLQ, or a confirmation was declined; 2 bad ids, or
 replay/purge without --yes when stdin is not a terminal (a script cannot answer the prompt).
+
+With partitions a DLQ id names its partition, `p3/1718000000000-0` (as `dlq list` prints it);
+a bare entry id is looked for in every partition's DLQ, and refused (2) if several have it.
 """
 
 from __future__ import annotations
 
-import re
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -27,7 +29,7 @@ from pipeline.cli.common import (
 )
 from pipeline.cli.exits import Code, fail
 from pipeline.cli.json_out import dead_letter_json
-from pipeline.runtime.dlq import DeadLetter, DeadLetters
+from pipeline.runtime.dlq import DLQ_ID, DeadLetter, DeadLetters, DlqIdError
 
 _T = TypeVar("_T")
 
@@ -39,7 +41,6 @@ YesOpt = Annotated[
     bool,
     typer.Option("--yes", "-y", help="Do not ask for confirmation (needed off a terminal)."),
 ]
-_DLQ_ID = re.compile(r"\d+(-\d+)?")
 #: How many letters `dlq show TASK_ID` reads at a time, newest first, looking for the task.
 _PAGE = 500
 
@@ -49,8 +50,11 @@ def _dlq_ids(ids: list[str] | None, all_entries: bool) -> list[str] | None:
     if bool(ids) == all_entries:
         raise typer.BadParameter("give DLQ ids or --all (not both)")
     for dlq_id in ids or ():
-        if not _DLQ_ID.fullmatch(dlq_id):
-            raise typer.BadParameter(f"{dlq_id!r} is not a DLQ id (like 1718000000000-0)")
+        if not DLQ_ID.fullmatch(dlq_id):
+            raise typer.BadParameter(
+                f"{dlq_id!r} is not a DLQ id (like 1718000000000-0, or p3/1718000000000-0 "
+                "with partitions)"
+            )
     return None if all_entries else list(ids or ())
 
 
@@ -110,27 +114,16 @@ def dlq_show(
 
 async def _find(settings: Settings, wanted: str) -> tuple[DeadLetter | None, int]:
     """The letter with DLQ id `wanted`, else the newest letter of the task `wanted` (and how
-    many letters that task has). Task ids have no index: the DLQ (bounded) is read in pages."""
-    from pipeline.runtime.keys import Keys
-    from pipeline.runtime.replies import range_entries
+    many letters that task has)."""
 
-    keys = Keys(settings.prefix)
-    async with connection(settings) as redis:
-        if _DLQ_ID.fullmatch(wanted):
-            rows = range_entries(await redis.xrange(keys.dlq, wanted, wanted))
-            if rows:
-                return DeadLetter.parse(*rows[0]), 1
-        newest: DeadLetter | None = None
-        found, before = 0, "+"
-        while True:
-            rows = range_entries(await redis.xrevrange(keys.dlq, max=before, count=_PAGE))
-            for dlq_id, fields in rows:
-                if fields.get(b"task_id", b"").decode(errors="replace") == wanted:
-                    newest = newest or DeadLetter.parse(dlq_id, fields)
-                    found += 1
-            if len(rows) < _PAGE:
-                return newest, found
-            before = f"({rows[-1][0].decode()}"
+    async def find(dead: DeadLetters) -> tuple[DeadLetter | None, int]:
+        if DLQ_ID.fullmatch(wanted):
+            letter = await dead.get(wanted)
+            if letter is not None:
+                return letter, 1
+        return await dead.of_task(wanted, page=_PAGE)
+
+    return await _dead_letters(settings, find)
 
 
 @dlq_app.command("replay")
@@ -180,11 +173,13 @@ def dlq_purge(
 
 
 async def _dead_letters(settings: Settings, action: Callable[[DeadLetters], Awaitable[_T]]) -> _T:
-    """Run one DLQ operation on a connection of its own."""
-    from pipeline.runtime.keys import Keys
-
-    async with connection(settings) as redis:
-        return await action(DeadLetters(redis, Keys(settings.prefix), settings.results.live_ttl_s))
+    """Run one DLQ operation on a connection of its own (every partition's DLQ)."""
+    async with connection(settings) as (redis, keys):
+        try:
+            return await action(DeadLetters(redis, keys, settings.results.live_ttl_s))
+        except DlqIdError as exc:
+            raise fail(str(exc), Code.USAGE, label="dlq id",
+                       hint="pipeline dlq list shows the ids") from None  # fmt: skip
 
 
 __all__ = ["dlq_app"]

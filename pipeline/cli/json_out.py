@@ -86,6 +86,8 @@ def dead_letter_json(letter: DeadLetter, now_ms: int, *, full: bool = False) -> 
         if letter.failed_at_ms
         else None,
     }
+    if letter.partition is not None:  # with partitions: whose DLQ holds it
+        data["partition"] = letter.partition
     if full:
         data["traceparent"] = letter.traceparent or None
         data["result_kept"] = letter.result_kept

@@ -116,6 +116,8 @@ def status_view(
     if status.dlq:
         dlq.append("  (pipeline dlq list)", style="dim")
     lines: list[RenderableType] = [table, dlq]
+    if status.partitions:
+        lines.append(partitions_line(status))
     if status.limits:
         lines.insert(1, limits_view(status.limits))
     lines += _batch_lines(status.batch_lanes)
@@ -135,6 +137,16 @@ def status_view(
     if status.redis is not None:
         lines.append(durability_view(status.redis))
     return Group(*lines)
+
+
+def partitions_line(status: PipelineStatus) -> Text:
+    """With partitions: how many, and what waits between them and what producers touch (the
+    rows above sum every partition)."""
+    line = Text.assemble(("partitions: ", "bold"), f"{status.partitions}  ")
+    line.append(f"{status.unmoved or 0:,} tasks to move in, ")
+    line.append(f"{status.unpublished or 0:,} results to publish")
+    line.append("  (rows above: every partition summed)", style="dim")
+    return line
 
 
 #: Findings that say data will be lost (red), as opposed to "cannot tell" (yellow).
@@ -410,6 +422,7 @@ __all__ = [
     "dlq_table",
     "durability_view",
     "limits_view",
+    "partitions_line",
     "result_view",
     "shorten",
     "status_view",

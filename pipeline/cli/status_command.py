@@ -56,7 +56,6 @@ def status(
 
     from pipeline.cli.status import gather
     from pipeline.cli.worker import load_app
-    from pipeline.runtime.keys import Keys
     from pipeline.runtime.redis_conn import redacted
 
     settings = settings_from(config)
@@ -66,9 +65,8 @@ def status(
         return
 
     async def gather_all() -> PipelineStatus:
-        async with connection(settings) as redis:
-            return await gather(redis, Keys(settings.prefix), the_app, settings.ratelimit,
-                                       durability=True)  # fmt: skip
+        async with connection(settings) as (redis, keys):
+            return await gather(redis, keys, the_app, settings.ratelimit, durability=True)
 
     state = run_async(gather_all())
     if as_json:
@@ -83,7 +81,6 @@ def _watch_status(settings: Settings, the_app: App, interval_s: float, iteration
     from rich.live import Live
 
     from pipeline.cli.watch import run_watch
-    from pipeline.runtime.keys import Keys
     from pipeline.runtime.redis_conn import redacted
 
     where = f"{redacted(settings.redis.url)}  prefix {settings.prefix}"
@@ -92,8 +89,8 @@ def _watch_status(settings: Settings, the_app: App, interval_s: float, iteration
         stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):  # end between polls, never mid-command
             asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-        async with connection(settings) as redis:
-            await run_watch(redis, Keys(settings.prefix), the_app, settings, show,
+        async with connection(settings) as (redis, keys):
+            await run_watch(redis, keys, the_app, settings, show,
                             interval_s=interval_s, iterations=iterations, stop=stop)  # fmt: skip
 
     try:

@@ -7,7 +7,8 @@ between two polls:
 
 - throughput of a stage = entries that *left* its stream per second. Acked entries are deleted,
   so `Δentries-added - Δbacklog` is exactly what was handed on (Redis >= 7 reports
-  entries-added; on 6.2 the column shows `-`).
+  entries-added; on 6.2 the column shows `-`). With partitions, summed over them (a stream
+  not created yet in one of them leaves the rate unknown until it is).
 - cache hit rate = Δcache_hits / Δ(cache_hits + cache_misses) of the `counters` hash.
 - 429 rate = Δ429 answers / Δcalls admitted by the rate limiter, over every key and family.
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import itertools
 import logging
 import math
 import time
@@ -85,17 +87,21 @@ async def poll(
 ) -> Poll:
     """One poll; `durability` also reads Redis's eviction and persistence settings."""
     status = await gather(redis, keys, app, durability=durability)
+    streams = [key for row in status.streams for key in row.keys]
     async with redis.pipeline(transaction=False) as pipe:
-        for row in status.streams:
-            pipe.xinfo_stream(row.stream)
+        for key in streams:
+            pipe.xinfo_stream(key)
         pipe.hgetall(keys.counters)
         pipe.xrevrange(keys.done, count=RECENT_DONE)
         replies: list[Any] = await pipe.execute(raise_on_error=False)
     added: dict[str, int] = {}
-    for row, info in zip(status.streams, replies, strict=False):
-        if isinstance(info, dict) and isinstance(info.get("entries-added"), int):
-            added[row.stream] = info["entries-added"]
-    counters = replies[len(status.streams)]
+    infos = iter(replies)
+    for row in status.streams:  # with partitions, summed over the row's partition streams
+        each = [info.get("entries-added") if isinstance(info, dict) else None
+                for info in itertools.islice(infos, len(row.keys))]  # fmt: skip
+        if all(isinstance(n, int) for n in each):
+            added[row.stream] = sum(n for n in each if isinstance(n, int))
+    counters = replies[len(streams)]
     counts = {_text(k): _int(v) for k, v in counters.items()} if isinstance(counters, dict) else {}
     done = replies[-1] if isinstance(replies[-1], list) else []
     calls, throttled = await _limiter_counts(redis, keys, settings)

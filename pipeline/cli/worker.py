@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from functools import partial
 from typing import TYPE_CHECKING
 
+import msgspec
+
 from pipeline.claude.cache import looks_up
 from pipeline.claude.settings import Settings
 from pipeline.runtime.context import WorkerContext
@@ -119,6 +121,26 @@ async def run_worker(
     log.info("connecting to %s", redacted(settings.redis.url))
     redis, keys = await available.call(lambda: open_deployment(settings))
     served = _served_partitions(keys, partitions)
+    laned = [
+        (stage, lane)
+        for stage in stages
+        for lane in (stage.lanes or (None,))
+        if lane is None or not lanes or lane in lanes
+    ]
+    if keys.partitions:
+        # One blocking read per (stage, lane, partition), ingress mover and publisher, each
+        # holding a connection for up to block_ms: room for them on top of `max_connections`
+        # (else, with 16 partitions, reads starve everything else: a Cluster client refuses
+        # past its limit per node, a one-node pool makes callers wait).
+        readers = len(laned) * len(served) + len(served) + (app.stages[0] in stages)
+        more = msgspec.structs.replace(
+            settings.redis, max_connections=settings.redis.max_connections + readers
+        )
+        await redis.aclose()
+        redis, keys = await available.call(
+            lambda: open_deployment(msgspec.structs.replace(settings, redis=more))
+        )
+        served = _served_partitions(keys, partitions)
     scripts = Scripts.register(redis)
     replication = Replication(redis, keys.prefix, settings.redis, available)
     version = await available.call(lambda: server_version(redis))
@@ -174,9 +196,7 @@ async def run_worker(
             handlers[stage.name],
             part,
         )
-        for stage in stages
-        for lane in (stage.lanes or (None,))
-        if lane is None or not lanes or lane in lanes
+        for stage, lane in laned
         for part in served
     ]
     # With partitions: the ingress is moved into them beside the first stage, and every
@@ -260,6 +280,7 @@ async def run_worker(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         await services.aclose()
+        await replication.aclose()
         if tracing is not None:
             await asyncio.to_thread(tracing.shutdown)  # flushes the last spans
         if metrics is not None:

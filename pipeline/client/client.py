@@ -1,5 +1,11 @@
 """The `Client` class: submits tasks in all-or-nothing transactions under a backlog cap, and
-reads results (waiting through `pipeline.client.waiting`)."""
+reads results (waiting through `pipeline.client.waiting`).
+
+One node or a Redis Cluster: the client asks the node `redis_url` names (`INFO cluster`) when
+it first talks to Redis, and on a Cluster uses a `RedisCluster` for every command and for the
+done-stream reader. What it touches is the same either way: XADD to `<prefix>:tasks` (one
+MULTI/EXEC per batch, on one key: one slot), `<prefix>:result:<id>` and `<prefix>:done`.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +19,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import Self
+from typing import Self, cast
 
 import msgspec
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -24,9 +30,17 @@ from pipeline.claude.settings import IngressSettings, Settings
 from pipeline.client.errors import SubmitFailed
 from pipeline.client.fields import task_fields, with_id
 from pipeline.client.waiting import DoneWatcher, HashLookups
+from pipeline.runtime.deployment import partitions_for
 from pipeline.runtime.errors import Backpressure, ConfigError, InvalidTask, RedisUnavailable
 from pipeline.runtime.keys import Keys
-from pipeline.runtime.redis_conn import UNAVAILABLE, redacted
+from pipeline.runtime.redis_conn import (
+    UNAVAILABLE,
+    cluster_enabled,
+    connect_cluster,
+    is_cluster,
+    redacted,
+)
+from pipeline.runtime.settings import RedisSettings
 
 __all__ = ["BATCH_SIZE", "Client"]
 
@@ -50,7 +64,8 @@ class Client:
         ingress: input bounds and the backlog cap. Default: the settings' `[ingress]`.
         name: the Redis client name of every connection this client opens (`CLIENT LIST`).
         max_connections: commands wait for a free connection beyond this many (default: the
-            settings' `[redis]`, as are the timeouts).
+            settings' `[redis]`, as are the timeouts). On a Cluster this many per node,
+            and a command beyond them fails (`RedisUnavailable`) instead of waiting.
         backlog_check_s: how long a measured ingress length is trusted; see `submit`.
         done_block_ms: the done-stream reader's XREAD BLOCK (its socket timeout is longer).
         settings: everything else tasks are validated with (`validate_request`: model
@@ -89,14 +104,17 @@ class Client:
         self.limits: IngressSettings = self.settings.ingress
         self.name = name or f"pipeline-client-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._url = redis_url
+        self._max_connections = max_connections or base.redis.max_connections
+        self._timeouts = (connect_timeout_s, socket_timeout_s)
         pool = BlockingConnectionPool.from_url(
             redis_url,
-            max_connections=max_connections or base.redis.max_connections,
+            max_connections=self._max_connections,
             timeout=None,  # wait for a free connection rather than fail a burst
             client_name=self.name,
             socket_timeout=socket_timeout_s,
             socket_connect_timeout=connect_timeout_s,
         )
+        #: One node's client until the first command finds a Cluster (`RedisCluster` then).
         self.redis = Redis(connection_pool=pool)
         self._reader_redis = Redis.from_url(
             redis_url,
@@ -113,6 +131,52 @@ class Client:
         self._lookups = HashLookups(self.redis)
         self._watcher: DoneWatcher | None = None
         self._watcher_lock = asyncio.Lock()
+        self._opened = False
+        self._open_lock = asyncio.Lock()
+
+    async def _open(self) -> None:
+        """Find out, once, whether the URL names a Cluster node, and if so switch to Cluster
+        clients; either way `keys` become the deployment's (its partitions, which only the
+        runtime's keys use: producers' keys are the same)."""
+        if self._opened:
+            return
+        async with self._open_lock:
+            if self._opened:
+                return
+            connect_s, socket_s = self._timeouts
+            probe = msgspec.structs.replace(
+                self.settings.redis, connect_timeout_s=connect_s, socket_timeout_s=socket_s
+            )
+            try:
+                cluster = await cluster_enabled(probe)
+            except ResponseError:  # INFO refused (a producer's ACL user): a node, as before
+                cluster = False
+            if cluster:
+                await self._use_cluster(probe)
+            self.keys = Keys(self.keys.prefix, partitions=partitions_for(self.settings, cluster))
+            self._opened = True
+
+    async def _use_cluster(self, settings: RedisSettings) -> None:
+        """Cluster clients in place of the one-node ones (which never sent a command)."""
+        commands = connect_cluster(
+            settings, max_connections=self._max_connections, client_name=self.name
+        )
+        try:
+            await commands.initialize()  # the nodes and their slots, read once here
+        except BaseException:
+            await commands.aclose()
+            raise
+        reader = connect_cluster(
+            settings,
+            client_name=self.name,
+            socket_timeout=self._done_block_ms / 1000 + settings.socket_timeout_s,
+        )
+        plain, plain_reader = self.redis, self._reader_redis
+        self.redis = cast(Redis, commands)  # the same commands; keys one slot each
+        self._reader_redis = cast(Redis, reader)
+        self._lookups = HashLookups(self.redis)
+        await plain.aclose(close_connection_pool=True)
+        await plain_reader.aclose()
 
     @classmethod
     def from_settings(cls, settings: Settings, *, name: str | None = None) -> Client:
@@ -134,7 +198,10 @@ class Client:
             await self._watcher.aclose()
             self._watcher = None
         await self._reader_redis.aclose()
-        await self.redis.aclose(close_connection_pool=True)
+        if is_cluster(self.redis):
+            await self.redis.aclose()
+        else:
+            await self.redis.aclose(close_connection_pool=True)
 
     # ---- submitting ----------------------------------------------------------------------
 
@@ -257,6 +324,7 @@ class Client:
     async def backlog(self) -> int:
         """The ingress length now (tasks no stage has taken yet)."""
         async with self._errors():
+            await self._open()
             return int(await self.redis.xlen(self.keys.ingress))
 
     async def _add(self, tasks: list[dict[str, str]]) -> list[str]:
@@ -371,6 +439,7 @@ class Client:
 
     async def _lookup(self, key: str) -> dict[str, str] | None:
         async with self._errors():
+            await self._open()
             raw = await self._lookups.hgetall(key)
         if not raw:
             return None
@@ -379,8 +448,9 @@ class Client:
     async def _done_watcher(self) -> DoneWatcher:
         async with self._watcher_lock:
             if self._watcher is None:
-                watcher = DoneWatcher(self._reader_redis, self.keys.done, self._done_block_ms)
                 async with self._errors():
+                    await self._open()
+                    watcher = DoneWatcher(self._reader_redis, self.keys.done, self._done_block_ms)
                     await watcher.start()
                 self._watcher = watcher
             return self._watcher

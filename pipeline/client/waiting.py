@@ -91,6 +91,7 @@ class DoneWatcher:
         self._cursor: bytes = b"0-0"
         self._waiters: dict[str, set[asyncio.Future[None]]] = {}
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
 
     @property
     def waiting(self) -> int:
@@ -116,7 +117,12 @@ class DoneWatcher:
 
     async def aclose(self) -> None:
         if self._task is not None:
-            self._task.cancel()
+            self._closing = True
+            # Cancelled again until it ends: redis-py's Cluster client at times swallows a
+            # cancellation that lands mid-command and goes on reading (up to a whole block).
+            while not self._task.done():
+                self._task.cancel()
+                await asyncio.wait([self._task], timeout=0.1)
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         for futures in self._waiters.values():
@@ -127,7 +133,7 @@ class DoneWatcher:
 
     async def _run(self) -> None:
         delay_s, down = 0.05, False
-        while True:
+        while not self._closing:
             try:
                 reply = cast(
                     "list[tuple[bytes, _Entries]] | None",

@@ -55,6 +55,11 @@ class Keys:
             return self
         return self.of_partition(partition)
 
+    def owns(self, key: str) -> bool:
+        """Whether `key` is one of these keys: of this partition (so in its slot), or, for
+        the deployment as a whole, of this prefix."""
+        return key.startswith(f"{self._base}:")
+
     def each_partition(self) -> list[Keys]:
         """One Keys per partition; without partitions, just these."""
         if not self.partitions:

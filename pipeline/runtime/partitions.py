@@ -35,9 +35,15 @@ from pipeline.runtime.errors import InvalidTask
 from pipeline.runtime.keys import Keys
 from pipeline.runtime.replies import as_str, read_entries
 from pipeline.runtime.scripts import load
-from pipeline.runtime.wire import decode_entry, internal_entry, task_id_of
+from pipeline.runtime.wire import (
+    ENVELOPE_FIELD,
+    ID_FIELD,
+    decode_entry,
+    internal_entry,
+    task_id_of,
+)
 
-__all__ = ["IngressMover", "ResultPublisher", "moved_fields"]
+__all__ = ["IngressMover", "ResultPublisher", "moved", "moved_fields"]
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +55,29 @@ _GROUP_PUBLISH = "publish"
 
 
 def moved_fields(entry_id: str, raw: dict[bytes, bytes], max_entry_bytes: int) -> dict[str, Any]:
-    """The partition entry for an ingress entry: the envelope the first stage would make of it
-    (its origin: the ingress entry), or, if it cannot be read, its fields as they came, for
-    the first stage to dead-letter under the task's id as it would on one node."""
+    """The partition entry for an ingress entry (`moved`)."""
+    return moved(entry_id, raw, max_entry_bytes)[1]
+
+
+def moved(
+    entry_id: str, raw: dict[bytes, bytes], max_entry_bytes: int
+) -> tuple[str, dict[str, Any]]:
+    """The task id an ingress entry is moved under (its partition follows from it), and the
+    partition entry: the envelope the first stage would make of it (its origin: the ingress
+    entry), or, if it cannot be read, its fields as they came, for the first stage to
+    dead-letter under the task's id as it would on one node (what `task_id_of` finds
+    without reading it). Either way the entry names that id, so that the first stage,
+    reading it in the partition under another entry id, files it under the same one."""
     try:
         env = decode_entry(entry_id, raw, max_entry_bytes)
     except InvalidTask:
-        return {as_str(name): value for name, value in raw.items()}
-    return internal_entry(msgspec.structs.replace(env, origin_id=env.origin_id or entry_id))
+        fields: dict[str, Any] = {as_str(name): value for name, value in raw.items()}
+        name = ID_FIELD if ENVELOPE_FIELD in raw else b"id"
+        if not raw.get(name):  # the task id is the ingress entry's id (`task_id_of`)
+            fields[as_str(name)] = entry_id
+        return task_id_of(entry_id, raw), fields
+    env = msgspec.structs.replace(env, origin_id=env.origin_id or entry_id)
+    return env.task_id, internal_entry(env)
 
 
 class _QueueLoop:
@@ -145,8 +166,8 @@ class IngressMover:
 
     async def _one(self, entry_id: str, raw: dict[bytes, bytes]) -> str:
         """Move one entry; the stream it went to."""
-        part = self._keys.for_task(task_id_of(entry_id, raw))
-        fields = moved_fields(entry_id, raw, self._max_bytes)
+        task_id, fields = moved(entry_id, raw, self._max_bytes)
+        part = self._keys.for_task(task_id)
         keys = [part.moved(entry_id), part.stream(self._first)]
         args: list[Any] = [MOVED_TTL_S]
         for name, value in fields.items():

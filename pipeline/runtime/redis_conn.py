@@ -10,13 +10,15 @@ one a caller holds. `connect` stays the one-node client, built without asking.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeAlias, TypeGuard, TypeVar
 
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
+from redis.asyncio.cluster import ClusterPipeline
 from redis.asyncio.connection import parse_url
 from redis.exceptions import BusyLoadingError, ReadOnlyError, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -83,15 +85,39 @@ class _WaitingCluster(RedisCluster):
         if self._gate is None:
             limit = self.get_connection_kwargs()["max_connections"]
             self._gate = asyncio.Semaphore(int(limit or CLUSTER_MIN_CONNECTIONS))
-        async with self._gate:
+        async with self._gate, _closed_under_it():
             return await super().execute_command(*args, **kwargs)
 
+    def pipeline(self, transaction: Any = None, shard_hint: Any = None) -> ClusterPipeline:
+        if shard_hint:
+            return super().pipeline(transaction, shard_hint)  # refused as redis-py refuses it
+        return _ClusterPipeline(self, transaction)  # type: ignore[abstract]
 
-def connect_cluster(settings: RedisSettings) -> RedisCluster:
+
+class _ClusterPipeline(ClusterPipeline):
+    async def execute(self, *args: Any, **kwargs: Any) -> Any:
+        async with _closed_under_it():
+            return await super().execute(*args, **kwargs)
+
+
+@contextlib.asynccontextmanager
+async def _closed_under_it() -> AsyncIterator[None]:
+    """When a node fails, redis-py's Cluster client closes every connection while other
+    tasks are using them; those fail with `AttributeError` (`None.writelines`) instead of a
+    connection error (seen in failovers). Say what it is, so that callers wait it out."""
+    try:
+        yield
+    except AttributeError as exc:
+        raise RedisConnectionError(f"connection closed under a command: {exc}") from exc
+
+
+def connect_cluster(settings: RedisSettings, **overrides: Any) -> RedisCluster:
     """A Cluster client for `settings.url`, which names any node of the cluster (the client
-    learns the others from it). Same TLS, credentials and timeouts as `connect`; a caller
-    waits for a free connection (`_WaitingCluster`). A worker holds a blocking read per
-    stage, lane and partition, so `max_connections` must exceed those (docs/CLUSTER.md).
+    learns the others from it). Same TLS, credentials and timeouts as `connect`; `overrides`
+    are more `RedisCluster` options, or other values for these (a client name, a longer
+    socket timeout for a blocking reader). A caller waits for a free connection
+    (`_WaitingCluster`); a worker holds a blocking read per stage, lane and partition, so
+    at least `CLUSTER_MIN_CONNECTIONS` are kept per node (docs/CLUSTER.md).
     """
     if settings.url.startswith("unix://"):
         raise ConfigError("redis.url", "a Redis Cluster is reached over TCP, not a unix socket")
@@ -105,6 +131,7 @@ def connect_cluster(settings: RedisSettings) -> RedisCluster:
         "socket_connect_timeout": settings.connect_timeout_s,
         "health_check_interval": 30,
         "decode_responses": False,
+        **overrides,
     }
     return _WaitingCluster.from_url(settings.url, **options)
 

@@ -14,18 +14,26 @@ lack `+config` — `INFO memory` (maxmemory_policy, maxmemory) and `INFO persist
 (aof_enabled). RDB save points are shown by CONFIG GET only: without it they are *unknown*, and
 said to be, never guessed. INFO persistence also tells whether the last snapshot or AOF write
 failed, which loses data as silently.
+
+On a Redis Cluster every primary is asked (each holds its own share of the keys, and may be
+set up differently): the reading shown is the primary with the most findings, and every
+finding names the primaries it was found on unless all of them share it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Awaitable, Mapping
 from typing import Any, Literal
 
 import msgspec
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.client import Pipeline
+from redis.asyncio.cluster import ClusterNode
+from redis.exceptions import ResponseError
 
-from pipeline.runtime.redis_conn import Availability, redacted
+from pipeline.runtime.redis_conn import Availability, is_cluster, redacted
 
 log = logging.getLogger(__name__)
 
@@ -148,11 +156,56 @@ async def inspect_durability(redis: Redis) -> RedisDurability:
     """Read the server's eviction and persistence settings and judge them (one round trip).
 
     Refused commands are not errors (they only make values unknown); a lost connection is.
+    On a Cluster, each primary in a round trip of its own (`merge_durability`).
     """
+    if is_cluster(redis):
+        nodes = redis.get_primaries()
+        readings = await asyncio.gather(*(_inspect_node(redis, node) for node in nodes))
+        return merge_durability(dict(zip((n.name for n in nodes), readings, strict=True)))
     async with redis.pipeline(transaction=False) as pipe:
         queue_durability(pipe)
         replies: list[Any] = await pipe.execute(raise_on_error=False)
     return parse_durability(replies)
+
+
+async def _inspect_node(cluster: RedisCluster, node: ClusterNode) -> RedisDurability:
+    """`queue_durability`'s commands sent to one node of a Cluster (which pipelines no
+    keyless command), replies in the same order."""
+    commands: list[Awaitable[Any]] = [
+        *(cluster.config_get(name, target_nodes=node) for name in CONFIG_PARAMS),
+        cluster.info("memory", target_nodes=node),
+        cluster.info("persistence", target_nodes=node),
+    ]
+    replies: list[Any] = []
+    for command in commands:
+        try:
+            replies.append(await command)
+        except ResponseError as exc:  # refused (an ACL, a renamed CONFIG): a value unknown
+            replies.append(exc)
+    return parse_durability(replies)
+
+
+def merge_durability(per_node: Mapping[str, RedisDurability]) -> RedisDurability:
+    """Several primaries' readings as one: the values of the one with the most findings
+    (the first by name of those), and every finding of any, naming the primaries it was
+    found on unless every primary has it."""
+    names = sorted(per_node)
+    if len(names) == 1:
+        return per_node[names[0]]
+    worst = max(names, key=lambda name: len(per_node[name].findings))
+    found_on: dict[tuple[FindingCode, str, str], list[str]] = {}
+    for name in names:
+        for finding in per_node[name].findings:
+            found_on.setdefault((finding.code, finding.message, finding.hint), []).append(name)
+    findings = [
+        Finding(
+            code=code,
+            message=message if len(on) == len(names) else f"on {', '.join(on)}: {message}",
+            hint=hint,
+        )
+        for (code, message, hint), on in found_on.items()
+    ]
+    return msgspec.structs.replace(per_node[worst], findings=findings)
 
 
 async def log_durability(redis: Redis, available: Availability, url: str) -> RedisDurability | None:
@@ -285,6 +338,7 @@ __all__ = [
     "assess",
     "inspect_durability",
     "log_durability",
+    "merge_durability",
     "parse_durability",
     "queue_durability",
 ]

@@ -18,10 +18,11 @@ from __future__ import annotations
 import logging
 import time
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from redis.asyncio import Redis, RedisCluster
-from redis.asyncio.cluster import PipelineCommand
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 
 from pipeline.runtime.redis_conn import Availability
 from pipeline.runtime.settings import RedisSettings
@@ -41,6 +42,14 @@ def sync_key(prefix: str, key: str) -> str:
     return f"{prefix}:{{{tag}}}:sync"
 
 
+def _at_node(url: str, host: str, port: int) -> str:
+    """`url` (its scheme, credentials and options: TLS, ACL user) at another node."""
+    parts = urlsplit(url)
+    userinfo = parts.netloc.rpartition("@")[0]
+    netloc = f"{userinfo}@{host}:{port}" if userinfo else f"{host}:{port}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
 class Replication:
     """Waits, after writes, until `replicas` replicas have them (a no-op when `durability`
     is "acknowledged")."""
@@ -50,6 +59,9 @@ class Replication:
     ) -> None:
         self.enabled = settings.durability == "replicated"
         self._redis, self._prefix, self._available = redis, prefix, available
+        self._url = settings.url
+        #: On a Cluster: one connection of our own per primary, for the marker and WAIT.
+        self._direct: dict[str, Redis] = {}
         self._replicas, self._timeout_ms = settings.replicas, settings.replica_timeout_ms
         self._warned = -_WARN_EVERY_S
         self.short = 0  # syncs no replica confirmed in time (for tests and status)
@@ -80,19 +92,35 @@ class Replication:
         self._check(replies[1])
 
     async def _sync_cluster(self, redis: RedisCluster, key: str) -> None:
-        node = redis.get_node_from_key(key)
-        if node is None:  # the slot map is being refreshed (a failover): try again
-            raise RedisConnectionError(f"no node serves {key!r} yet")
         marker = sync_key(self._prefix, key)
-        commands = [
-            PipelineCommand(0, "SET", marker, 1, "PX", 1000),
-            PipelineCommand(1, "WAIT", self._replicas, self._timeout_ms),
-        ]
-        await node.execute_pipeline(commands)
-        for command in commands:
-            if isinstance(command.result, BaseException):
-                raise command.result
-        self._check(commands[1].result)
+        # First through the client's own path, which follows a failover (a dead node, MOVED
+        # once its replica took over) and learns the slots; then the marker and WAIT on a
+        # connection of our own to the node that took that write.
+        await redis.set(marker, 1, px=1000)
+        node = redis.get_node_from_key(marker)
+        if node is None:  # the slot map is being refreshed: try again
+            raise RedisConnectionError(f"no node serves {key!r} yet")
+        direct = self._direct.get(node.name)
+        if direct is None:
+            url = _at_node(self._url, node.host, int(node.port))
+            direct = self._direct[node.name] = Redis.from_url(url, single_connection_client=True)
+        try:
+            async with direct.pipeline(transaction=False) as pipe:
+                pipe.set(marker, 1, px=1000)
+                pipe.execute_command("WAIT", self._replicas, self._timeout_ms)
+                replies = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            # That node failed, or no longer serves the slot: forget the connection; the
+            # next try asks the client again.
+            self._direct.pop(node.name, None)
+            await direct.aclose()
+            raise RedisConnectionError(f"syncing {key!r}: {exc}") from exc
+        self._check(replies[1])
+
+    async def aclose(self) -> None:
+        for direct in self._direct.values():
+            await direct.aclose()
+        self._direct.clear()
 
     def _check(self, acked: object) -> None:
         if isinstance(acked, int) and acked >= self._replicas:

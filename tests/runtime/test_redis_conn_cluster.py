@@ -26,6 +26,7 @@ from redis.exceptions import AuthenticationError, RedisError
 
 from pipeline.runtime.errors import ConfigError
 from pipeline.runtime.redis_conn import (
+    CLUSTER_MIN_CONNECTIONS,
     UNAVAILABLE,
     cluster_enabled,
     connect,
@@ -175,7 +176,7 @@ async def test_any_node_of_a_cluster_opens_a_cluster_client(
             primaries = {node.port for node in client.get_primaries()}
             assert primaries == {n.port for n in redis_cluster.primaries}
             for node in client.get_nodes():
-                assert node.max_connections == 7
+                assert node.max_connections == max(7, CLUSTER_MIN_CONNECTIONS)  # a floor
                 assert node.connection_kwargs["socket_timeout"] == 9.0
                 assert node.connection_kwargs["socket_connect_timeout"] == 3.0
                 assert node.connection_kwargs["decode_responses"] is False

@@ -15,8 +15,10 @@
 -- ARGV[4]  the ingress entry the letter's task came in by ('' unknown): the id is freed only
 --          if the record names no other owner
 -- ARGV[5]  the record's TTL while the task is live again (s)
--- ARGV[6..] the entry to add, field, value, ...
--- Returns 1 if the letter was taken, 0 if it was not in the DLQ.
+-- ARGV[6..] the entry to add, field, value, ... (none: the caller adds it elsewhere after
+--          this step, and KEYS[3] is not touched)
+-- Returns 0 if the letter was not in the DLQ, else 1, or 2 if a replay freed the task's id
+-- (with partitions the caller then deletes the result producers read, a copy of KEYS[4]).
 --
 -- Freeing the id removes the failed result and the record's admission and claim, and keeps
 -- what the id has paid for (the recorded answer, its call marks, the ledger's mark): the
@@ -30,11 +32,15 @@ local size = 0
 for j = 1, #found[2], 2 do
   if found[2][j] == 'size' then size = tonumber(found[2][j + 1]) or 0 end
 end
+local taken = 1
 if ARGV[2] == 'replay' then
-  redis.call('XADD', KEYS[3], '*', unpack(ARGV, 6))
+  if #ARGV >= 6 then
+    redis.call('XADD', KEYS[3], '*', unpack(ARGV, 6))
+  end
   if ARGV[3] == '1' then
     local owner = redis.call('HGET', KEYS[5], 'entry')
     if ARGV[4] == '' or not owner or owner == ARGV[4] then
+      taken = 2
       redis.call('DEL', KEYS[4])
       redis.call('HDEL', KEYS[5], 'fp', 'entry', 'holder')
       if redis.call('EXISTS', KEYS[5]) == 1 then
@@ -47,4 +53,4 @@ redis.call('XDEL', KEYS[1], ARGV[1])
 if size ~= 0 then
   redis.call('DECRBY', KEYS[2], size)
 end
-return 1
+return taken
