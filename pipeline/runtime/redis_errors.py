@@ -72,6 +72,9 @@ _TEXTS = (
     ("can't run this command", "NOPERM"),
     ("no permissions to", "NOPERM"),
     ("Authentication required", "NOAUTH"),
+    # A new connection's HELLO before any AUTH (redis-py's first words on some connections):
+    # the server wants a password just the same.
+    ("HELLO must be called with the client already authenticated", "NOAUTH"),
 )
 _CLASSES: tuple[tuple[type[BaseException], str], ...] = (
     (BusyLoadingError, "LOADING"),
