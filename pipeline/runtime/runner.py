@@ -176,7 +176,10 @@ class StageRunner:
         self._slot_free.set()
 
     def free_slots(self) -> int:
-        return self.concurrency - len(self.inflight)
+        """Room for more entries; never below 0: a read and a reclaim in flight together may
+        take a few more than `concurrency` (a negative count once reached XAUTOCLAIM, which
+        refused it and stopped the worker)."""
+        return max(0, self.concurrency - len(self.inflight))
 
     async def wait_for_slots(self, wanted: int) -> None:
         while self.free_slots() < wanted and not self.ctx.stopping.is_set():
