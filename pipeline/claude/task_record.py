@@ -173,9 +173,14 @@ class TaskRecords:
             binding(routed), _encode(answer.bare()), self._live_ttl_s,
             fence if ledger_args else 0, *ledger_args,
         ]  # fmt: skip
-        reply = as_list(await self._available.call(lambda: self._record(keys=keys, args=args)))
+
+        async def record() -> list[object]:
+            return as_list(await self._available.call(lambda: self._record(keys=keys, args=args)))
+
         if fence and self._replication is not None:  # a paid answer: in a replica before on
-            await self._replication.sync(keys[0])
+            reply = await self._replication.write(record, keys[0])
+        else:
+            reply = await record()
         status = as_int(reply[0])
         if status == 0:
             return Claim(ClaimState.RECORDED, answer=answer)

@@ -159,21 +159,28 @@ class IngressMover:
         await self._loop.run(self._handle)
 
     async def _handle(self, entries: list[tuple[str, dict[bytes, bytes]]]) -> None:
-        # Concurrently: each move is one script in its own partition's slot.
-        moved = await asyncio.gather(*(self._one(entry_id, raw) for entry_id, raw in entries))
-        if self._ctx.replication is not None:  # in a replica before the ingress lets go
-            await self._ctx.replication.sync(*set(moved))
+        calls = [self._call(entry_id, raw) for entry_id, raw in entries]
 
-    async def _one(self, entry_id: str, raw: dict[bytes, bytes]) -> str:
-        """Move one entry; the stream it went to."""
+        async def move() -> None:
+            # Concurrently: each move is one script in its own partition's slot.
+            await asyncio.gather(*(self._ctx.available.call(call) for call, _ in calls))
+
+        if self._ctx.replication is None:
+            await move()
+        else:  # in a replica before the ingress lets go
+            await self._ctx.replication.write(move, *{stream for _, stream in calls})
+
+    def _call(
+        self, entry_id: str, raw: dict[bytes, bytes]
+    ) -> tuple[Callable[[], Awaitable[object]], str]:
+        """The move of one entry (safe to repeat: `move.lua`), and the stream it goes to."""
         task_id, fields = moved(entry_id, raw, self._max_bytes)
         part = self._keys.for_task(task_id)
         keys = [part.moved(entry_id), part.stream(self._first)]
         args: list[Any] = [MOVED_TTL_S]
         for name, value in fields.items():
             args += (name, value)
-        await self._ctx.available.call(lambda: self._move(keys=keys, args=args))
-        return keys[1]
+        return (lambda: self._move(keys=keys, args=args)), keys[1]
 
 
 class ResultPublisher:
@@ -191,15 +198,23 @@ class ResultPublisher:
         await self._loop.run(self._handle)
 
     async def _handle(self, events: list[tuple[str, dict[bytes, bytes]]]) -> None:
-        published = await asyncio.gather(*(self._one(fields) for _, fields in events))
-        if self._ctx.replication is not None:  # in a replica before the event is let go
-            await self._ctx.replication.sync(*(key for key in published if key))
+        async def publish() -> None:
+            await asyncio.gather(*(self._one(fields) for _, fields in events))
 
-    async def _one(self, event: dict[bytes, bytes]) -> str | None:
-        """Publish one result; the key it went to (None: nothing to publish)."""
+        if self._ctx.replication is None:
+            await publish()
+            return
+        # In a replica (the results and their events) before the queue lets go. Every
+        # result key's primary is asked: which ones this batch wrote is known only once read.
+        ids = [as_str(fields.get(b"id", b"")) for _, fields in events]
+        keys = [self._keys.result(task_id) for task_id in ids if task_id]
+        await self._ctx.replication.write(publish, *keys, self._keys.done)
+
+    async def _one(self, event: dict[bytes, bytes]) -> None:
+        """Publish one result (safe to repeat: the same hash, an event again)."""
         task_id = as_str(event.get(b"id", b""))
         if not task_id:
-            return None
+            return
         redis, available = self._ctx.redis, self._ctx.available
 
         async def read() -> list[Any]:
@@ -210,7 +225,7 @@ class ResultPublisher:
 
         result, pttl = await available.call(read)
         if not result or not isinstance(pttl, int) or pttl <= 0:
-            return None  # expired or taken back (a DLQ replay) since it landed
+            return  # expired or taken back (a DLQ replay) since it landed
         args: list[Any] = [pttl]
         for name, value in result.items():
             args += (name, value)
@@ -222,4 +237,3 @@ class ResultPublisher:
         await available.call(
             lambda: redis.xadd(self._keys.done, fields, maxlen=self._done_maxlen, approximate=True)
         )
-        return key

@@ -24,6 +24,7 @@ from redis.exceptions import BusyLoadingError, ReadOnlyError, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from pipeline.runtime import cluster_node_fix
 from pipeline.runtime.errors import ConfigError
 from pipeline.runtime.redis_errors import TABLE, Action, Fault, RedisRefused, classify
 from pipeline.runtime.settings import RedisSettings
@@ -125,6 +126,7 @@ def connect_cluster(settings: RedisSettings, **overrides: Any) -> RedisCluster:
         raise ConfigError(
             "redis.url", f"a Redis Cluster has only database 0: {redacted(settings.url)}"
         )
+    cluster_node_fix.apply()
     options: dict[str, Any] = {
         "max_connections": max(settings.max_connections, CLUSTER_MIN_CONNECTIONS),
         "socket_timeout": settings.socket_timeout_s,

@@ -11,18 +11,25 @@ a write, `sync(key)` sends, on one connection to the primary serving `key`'s slo
 in that slot and `WAIT`: the primary's replication stream is ordered, so once a replica has
 that write it has everything the primary did before it. One round trip per batch of writes
 (the runner syncs once per hand-off batch: group commit).
+
+A confirmation counts only from the node that took the write. If a failover moved the slot
+between the write and the `WAIT` (the client followed it to the promoted replica, which may
+never have had the write), a `WAIT` there proves nothing about it: `write` writes again
+(every write made under it is idempotent) and confirms again.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from pipeline.runtime.redis_conn import Availability
 from pipeline.runtime.settings import RedisSettings
@@ -31,6 +38,7 @@ __all__ = ["Replication", "sync_key"]
 
 log = logging.getLogger(__name__)
 _WARN_EVERY_S = 60.0
+_T = TypeVar("_T")
 
 
 def sync_key(prefix: str, key: str) -> str:
@@ -65,24 +73,60 @@ class Replication:
         self._replicas, self._timeout_ms = settings.replicas, settings.replica_timeout_ms
         self._warned = -_WARN_EVERY_S
         self.short = 0  # syncs no replica confirmed in time (for tests and status)
+        self.rewrites = 0  # writes made again: a failover came between write and confirmation
 
-    async def sync(self, *keys: str) -> None:
-        """Return once `replicas` replicas hold every write made so far to the primaries
-        serving `keys` (at most `replica_timeout_ms` each; then warn and go on: a write
-        cannot be taken back, and refusing all work while a replica is away would turn a
-        replica's outage into the pipeline's)."""
+    async def write(self, write: Callable[[], Awaitable[_T]], *keys: str) -> _T:
+        """Run `write` (its writes go to the primaries serving `keys`; it must be safe to run
+        again) and return its reply once `replicas` replicas hold what it wrote (at most
+        `replica_timeout_ms` per primary; then warn and go on: a write cannot be taken back,
+        and refusing all work while a replica is away would turn a replica's outage into the
+        pipeline's). If a key's slot changed primary before a replica confirmed, the write
+        may have been lost with the old one: run it again."""
         if not self.enabled or not keys:
-            return
+            return await write()
+        while True:
+            before = self._serving(keys)
+            reply = await write()
+            confirmed = await self._sync(before)
+            if confirmed == set(before.values()):
+                return reply
+            self.rewrites += 1
+            log.warning(
+                "durability: the primary serving %r changed before a replica confirmed a "
+                "write (a failover); writing it again", keys[0],
+            )  # fmt: skip
+            await asyncio.sleep(0.05)  # the client's slot map settles
+
+    def _serving(self, keys: tuple[str, ...]) -> dict[str, str]:
+        """One key per primary serving `keys`, by the name of the node the client sends
+        them to ('' on one node)."""
         redis: Any = self._redis
-        if isinstance(redis, RedisCluster):
-            by_node: dict[str, str] = {}
-            for key in keys:
+        if not isinstance(redis, RedisCluster):
+            return {keys[0]: ""}
+        by_key: dict[str, str] = {}
+        seen: set[str] = set()
+        for key in keys:
+            try:
                 node = redis.get_node_from_key(key)
-                by_node.setdefault(node.name if node else "", key)
-            for key in by_node.values():
-                await self._available.call(lambda k=key: self._sync_cluster(redis, k))  # type: ignore[misc]
-        else:
-            await self._available.call(lambda: self._sync_one(keys[0]))
+            except RedisClusterException:  # the slot map is being refreshed
+                node = None
+            name = node.name if node else "?"
+            if name not in seen:
+                seen.add(name)
+                by_key[key] = name
+        return by_key
+
+    async def _sync(self, keys: dict[str, str]) -> set[str]:
+        """Confirm every write so far on the primaries now serving `keys`; the names of the
+        nodes that confirmed."""
+        redis: Any = self._redis
+        if not isinstance(redis, RedisCluster):
+            await self._available.call(lambda: self._sync_one(next(iter(keys))))
+            return {""}
+        confirmed: set[str] = set()
+        for key in keys:
+            confirmed.add(await self._available.call(lambda k=key: self._sync_cluster(redis, k)))  # type: ignore[misc]
+        return confirmed
 
     async def _sync_one(self, key: str) -> None:
         async with self._redis.pipeline(transaction=False) as pipe:
@@ -91,7 +135,8 @@ class Replication:
             replies = await pipe.execute()
         self._check(replies[1])
 
-    async def _sync_cluster(self, redis: RedisCluster, key: str) -> None:
+    async def _sync_cluster(self, redis: RedisCluster, key: str) -> str:
+        """Confirm on the primary now serving `key`'s slot; its name."""
         marker = sync_key(self._prefix, key)
         # First through the client's own path, which follows a failover (a dead node, MOVED
         # once its replica took over) and learns the slots; then the marker and WAIT on a
@@ -116,6 +161,7 @@ class Replication:
             await direct.aclose()
             raise RedisConnectionError(f"syncing {key!r}: {exc}") from exc
         self._check(replies[1])
+        return str(node.name)
 
     async def aclose(self) -> None:
         for direct in self._direct.values():

@@ -339,17 +339,25 @@ class StageRunner:
         records = [rec for _, rec in batch]
         head = [self.group, self.ctx.consumer, "1" if self.ctx.has_xackdel else "0"]
         first = True
+        statuses = [0] * len(batch)
 
         async def run() -> list[int]:
             nonlocal first
             self._fence(batch, first)
             first = False
             keys, packed = build_call(self.stream, records)
-            return list(await self.ctx.scripts.handoff(keys=keys, args=[*head, *packed]))
+            sent = await self.ctx.scripts.handoff(keys=keys, args=[*head, *packed])
+            # Sent again (a lost reply, a failover): what an earlier try handed on stays so.
+            statuses[:] = [max(was, int(now)) for was, now in zip(statuses, sent, strict=True)]
+            return statuses
 
-        statuses = await self.ctx.available.call(run, self.recreate_group)
+        async def commit() -> list[int]:
+            return await self.ctx.available.call(run, self.recreate_group)
+
         if self.ctx.replication is not None:  # the batch counts once a replica has it
-            await self.ctx.replication.sync(self.stream)
+            await self.ctx.replication.write(commit, self.stream)
+        else:
+            await commit()
         self.stats["handoffs"] += 1
         for (inf, _rec), status in zip(batch, statuses, strict=True):
             self.inflight.pop(inf.entry_id, None)

@@ -102,8 +102,9 @@ def assert_each_answered_once_with_its_own(
     returns the completion events per id (at least one each)."""
     found = results(client, prefix, ids)
     assert all(r.get("status") == "completed" for r in found.values()), [
-        (t, r) for t, r in found.items() if r.get("status") != "completed"
-    ][:3]
+        (t, r.get("status"), r.get("error")) for t, r in found.items()
+        if r.get("status") != "completed"
+    ][:5]  # fmt: skip
     stats = fake.stats()
     by_tag: dict[str, list[str]] = {}
     for key in stats["calls_by_request"]:

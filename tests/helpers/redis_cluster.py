@@ -475,6 +475,20 @@ class LocalRedisCluster(RedisClusterBase):
         proc.wait(10)
         return replica
 
+    def fail_over(self, port: int, timeout: float = 20.0) -> int:
+        """Hand the slots of the primary on `port` to its replica, as an operator would
+        (`CLUSTER FAILOVER`: the replica catches up first, then takes over); returns the new
+        primary's port once it says so."""
+        replica = self.replica_of(port).port
+        if self.ask(replica, "CLUSTER", "FAILOVER") != "OK":
+            raise RuntimeError(f"{replica} refused CLUSTER FAILOVER")
+        deadline = time.monotonic() + timeout
+        while self._role_of(replica) != "master":
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{replica} did not take over from {port}: {self._describe()}")
+            time.sleep(0.05)
+        return replica
+
     def wait_failover(self, port: int, timeout: float = 30.0) -> ClusterNode:
         """Wait until another primary serves the slots of the primary killed on `port` and
         every live node says `cluster_state:ok` again (all slots served, one view of the

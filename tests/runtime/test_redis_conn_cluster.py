@@ -13,17 +13,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 from redis.asyncio import Redis, RedisCluster
+from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.connection import BlockingConnectionPool, SSLConnection
 from redis.exceptions import AuthenticationError, RedisError
 
+from pipeline.runtime import cluster_node_fix
 from pipeline.runtime.errors import ConfigError
 from pipeline.runtime.redis_conn import (
     CLUSTER_MIN_CONNECTIONS,
@@ -259,3 +263,59 @@ async def test_a_tls_only_cluster(tmp_path: Path) -> None:
             await open_redis(_settings(cluster.url.partition("?")[0]))
     finally:
         cluster.stop()
+
+
+async def _commands_while_idle_connections_close(
+    cluster: RedisClusterBase, disconnect_free: Any
+) -> list[BaseException]:
+    """Run `disconnect_free` on a node while commands take its idle connections; the
+    errors they met."""
+    client = RedisCluster.from_url(cluster.url, max_connections=64)
+    try:
+        await client.initialize()
+        key = f"race:{uuid.uuid4().hex}"
+        node = client.get_node_from_key(key)
+        assert node is not None
+        await asyncio.gather(*(client.get(key) for _ in range(32)))  # idle connections
+        assert len(node._free) >= 8
+        errors: list[BaseException] = []
+
+        async def get() -> None:
+            try:
+                await node.execute_command("GET", key)
+            except Exception as exc:
+                errors.append(exc)
+
+        closing = asyncio.create_task(disconnect_free(node))
+        await asyncio.sleep(0)  # the closing has begun and awaits the sockets
+        await asyncio.gather(*(get() for _ in range(16)), closing)
+        return errors
+    finally:
+        await client.aclose()
+
+
+async def test_idle_connections_closed_after_an_error_are_out_of_reach_meanwhile(
+    redis_cluster: RedisClusterBase,
+) -> None:
+    """redis-py closes a node's idle connections while they stay in its free list, so a
+    command may take one and fail (a connection error, which closes the idle ones again:
+    a storm after a failover). `cluster_node_fix` takes them out while they close."""
+    original = ClusterNode.disconnect_free_connections
+    if getattr(ClusterNode, "_pipeline_closes_out_of_reach", False):  # applied earlier
+        original = _upstream_disconnect_free_connections
+    racy = await _commands_while_idle_connections_close(redis_cluster, original)
+    assert racy, "the unfixed method let commands through unharmed: is the fix still needed?"
+    cluster_node_fix.apply()
+    fixed = await _commands_while_idle_connections_close(
+        redis_cluster, ClusterNode.disconnect_free_connections
+    )
+    assert fixed == []
+
+
+async def _upstream_disconnect_free_connections(self: Any) -> None:
+    """redis-py 8.1's method, as it was before `cluster_node_fix`."""
+    if self._free:
+        await asyncio.gather(
+            *(connection.disconnect() for connection in tuple(self._free)),
+            return_exceptions=True,
+        )
