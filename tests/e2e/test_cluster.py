@@ -272,9 +272,13 @@ def test_a_primary_killed_mid_run(
     victim = primary_serving(cluster, client, Keys(cprefix_private).ingress)
     entry = next(n.port for n in cluster.primaries if n.port != victim)
     # Workers are given a node that survives (a URL names the node a process starts from).
+    # Leases of 10 s (15 s by default): a failover stalls every command for a few seconds on
+    # this loaded machine, and with `FAST`'s 3 s leases entries passed between workers until
+    # `max_deliveries` dead-lettered some.
     env = cluster_env(cluster.url_of(entry), cprefix_private, fake,
                       PIPELINE_REDIS__PARTITIONS="4",
                       PIPELINE_REDIS__DURABILITY=durability,
+                      PIPELINE_RUNTIME__LEASE_MS="10000",
                       PIPELINE_RETRY__PROMOTE_EVERY_MS="250")  # fmt: skip
     workers = Workers(env, tmp_path, app="stages:app")
     try:
