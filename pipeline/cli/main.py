@@ -9,6 +9,7 @@ or the ingress full (try again later); 130 interrupted. Every failure is one lin
 from __future__ import annotations
 
 import os
+import re
 from typing import Annotated
 
 import typer
@@ -149,8 +150,23 @@ app.command()(status)
 # ---- the fake Claude API --------------------------------------------------------------------
 
 
+#: The `FakeClaudeConfig` field each `fake-claude` option sets, where its name is not the
+#: option's: the config's errors name fields, the command's name options.
+_FAKE_FLAGS = {"server_error_rate": "--error-rate", "bad_keys": "--bad-key",
+               "forbidden_keys": "--forbidden-key"}  # fmt: skip
+
+
+def _as_flags(message: str, fields: list[str]) -> str:
+    """`message` with every field of `fields` it names written as its `fake-claude` option."""
+    for name in fields:
+        flag = _FAKE_FLAGS.get(name, "--" + name.replace("_", "-"))
+        message = re.sub(rf"(?<![\w-]){name}(?![\w-])", flag, message)
+    return message
+
+
 @app.command("fake-claude")
 def fake_claude(
+    ctx: typer.Context,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on (0 picks a free one).")] = 8787,
     latency_ms: Annotated[
@@ -198,7 +214,8 @@ def fake_claude(
     try:
         fake = msgspec.convert(values, FakeClaudeConfig)
     except (msgspec.ValidationError, ValueError) as exc:
-        raise fail(str(exc), Code.USAGE, label="fake-claude") from None
+        raise fail(_as_flags(str(exc), list(values)), Code.USAGE, label="usage",
+                   hint=f"see {ctx.command_path} --help") from None  # fmt: skip
     try:
         run_forever(fake)
     except OSError as exc:  # the address is taken, or not ours to listen on

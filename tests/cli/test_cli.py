@@ -399,5 +399,12 @@ def test_fake_claude_serves_until_signalled(env: dict[str, str]) -> None:
 
 
 def test_fake_claude_bad_value_is_one_line(env: dict[str, str]) -> None:
+    """Labelled `usage` like any bad value, naming the option (not the config's field)."""
     line = one_error_line(cli(env, "fake-claude", "--overloaded-rate", "2"))
-    assert "overloaded_rate must be in 0..1" in line
+    assert line.startswith("error: usage: --overloaded-rate must be in 0..1, got 2.0; "), line
+    assert line.endswith(" fake-claude --help"), line
+    line = one_error_line(cli(env, "fake-claude", "--overloaded-rate", "0.6",
+                              "--error-rate", "0.6"))  # fmt: skip
+    assert "error: usage: --overloaded-rate + --error-rate must be <= 1" in line, line
+    line = one_error_line(cli(env, "fake-claude", "--latency-ms", "-5"))
+    assert line.startswith("error: usage: --latency-ms must be"), line
