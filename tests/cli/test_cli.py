@@ -376,6 +376,7 @@ def test_unreachable_redis_is_one_line(env: dict[str, str], command: list[str]) 
     assert line.startswith("error: redis: ")
     assert f"cannot reach Redis at redis://ops:***@127.0.0.1:{port}/0" in line
     assert "s3cret" not in proc.stderr
+    assert ".;" not in line  # redis-py's sentence ends before ours goes on
 
 
 # ---- fake-claude ----------------------------------------------------------------------------
