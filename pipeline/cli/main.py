@@ -8,6 +8,7 @@ or the ingress full (try again later); 130 interrupted. Every failure is one lin
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 from typing import Annotated
@@ -249,6 +250,22 @@ def demo(
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(batches_app, name="batches")
 app.command()(cost)
+
+
+def _unwrapped_help(typer_app: typer.Typer) -> None:
+    """Each command's help is its docstring with the line breaks inside a paragraph taken
+    out, so that `--help` wraps it to the terminal: typer keeps them, and a paragraph wrapped
+    at 92 columns in the source broke mid-sentence at 80 (`… the` / `DLQ; …`)."""
+    for info in typer_app.registered_commands:
+        if info.help is None and info.callback is not None and info.callback.__doc__:
+            paragraphs = inspect.cleandoc(info.callback.__doc__).split("\n\n")
+            info.help = "\n\n".join(" ".join(p.split()) for p in paragraphs)
+    for group in typer_app.registered_groups:
+        if group.typer_instance is not None:
+            _unwrapped_help(group.typer_instance)
+
+
+_unwrapped_help(app)
 
 
 def main() -> None:

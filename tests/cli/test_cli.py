@@ -102,6 +102,31 @@ def test_every_option_has_help_text() -> None:
     walk(group, "pipeline")
 
 
+def _commands() -> list[tuple[str, object]]:
+    import typer.main
+
+    found: list[tuple[str, object]] = []
+
+    def walk(command: object, path: str) -> None:
+        for name, sub in getattr(command, "commands", {}).items():
+            found.append((f"{path} {name}".strip(), sub))
+            walk(sub, f"{path} {name}")
+
+    walk(typer.main.get_command(app), "")
+    return found
+
+
+def test_help_paragraphs_wrap_to_the_terminal() -> None:
+    """No line break inside a paragraph of a command's help: typer keeps them, and a
+    docstring's lines (wrapped at 92 in the source) broke mid-sentence at 80 columns."""
+    for path, command in _commands():
+        text = getattr(command, "help", "") or ""
+        for paragraph in text.split("\n\n"):
+            assert "\n" not in paragraph, f"pipeline {path}: {paragraph!r}"
+    run = CliRunner().invoke(app, ["status", "--help"], env={"COLUMNS": "80"})
+    assert "oldest pending age and retries waiting; the DLQ;" in " ".join(run.output.split())
+
+
 # ---- submit and result -----------------------------------------------------------------------
 
 
