@@ -127,6 +127,16 @@ def test_help_paragraphs_wrap_to_the_terminal() -> None:
     assert "oldest pending age and retries waiting; the DLQ;" in " ".join(run.output.split())
 
 
+def test_every_command_with_json_is_in_the_cli_docs() -> None:
+    """docs/CLI.md's `--json` section names every command that takes --json."""
+    doc = (ROOT / "docs/CLI.md").read_text().split("## `--json`", 1)[1].split("\n## ", 1)[0]
+    named = " ".join(doc.split())
+    for path, command in _commands():
+        options = [o for p in getattr(command, "params", []) for o in getattr(p, "opts", [])]
+        if "--json" in options:
+            assert f"`{path}`" in named or f"`{path} " in named, f"{path} takes --json"
+
+
 # ---- submit and result -----------------------------------------------------------------------
 
 
