@@ -144,6 +144,22 @@ def test_the_test_command_is_the_one_ci_runs() -> None:
     assert command in ci, f"README's test command {command!r} is not a line of .ci/run"
 
 
+def test_every_link_in_the_docs_stays_in_the_repo() -> None:
+    """Relative links in the repository's Markdown name files of the repository (the docs
+    once pointed at `../shared/DESIGN.md`, which a clone does not have)."""
+    pages = [p for p in ROOT.rglob("*.md")
+             if not {".git", "node_modules", ".venv"} & set(p.relative_to(ROOT).parts)]  # fmt: skip
+    broken = []
+    for page in pages:
+        for target in re.findall(r"\]\(([^)\s#]+)(?:#[^)]*)?\)", page.read_text()):
+            if re.match(r"[a-z]+:", target):  # https:, mailto:
+                continue
+            found = (page.parent / target).resolve()
+            if not found.exists() or not found.is_relative_to(ROOT):
+                broken.append(f"{page.relative_to(ROOT)}: {target}")
+    assert len(pages) > 5 and not broken, broken
+
+
 # ---- the environment the blocks run in ----------------------------------------------------
 
 

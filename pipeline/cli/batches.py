@@ -28,8 +28,9 @@ batches_app = typer.Typer(
 
 @batches_app.command("list")
 def batches_list(as_json: JsonOpt = False, config: ConfigOpt = None) -> None:
-    """Per model family: tasks waiting for a batch, and every open batch (state, API id,
-    requests, still to hand on, age)."""
+    """Per model family: tasks waiting for a batch, and every open batch.
+
+    Each batch with its state, API id, requests, those still to hand on, and age."""
     lanes = run_async(_lanes(settings_from(config)))
     if as_json:
         out.print_json(msgspec.json.encode(lanes).decode())
@@ -63,8 +64,10 @@ def batches_cancel(
     ] = False,
     config: ConfigOpt = None,
 ) -> None:
-    """Cancel a sent batch at the API. Requests it has not answered yet come back canceled
-    and are answered on the standard lane, at full price."""
+    """Cancel a sent batch at the API.
+
+    Requests it has not answered yet come back canceled and are answered on the standard
+    lane, at full price."""
     settings = settings_from(config)
     found = run_async(_find(settings, wanted))
     if found is None or not found.batch_id:

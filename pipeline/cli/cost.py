@@ -15,8 +15,7 @@ from typing import Annotated, Any
 
 import msgspec
 import typer
-from rich import box
-from rich.console import Group, RenderableType
+from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
 from rich.table import Table
 from rich.text import Text
 
@@ -154,10 +153,8 @@ def cost_view(report: CostReport, by: tuple[str, ...] = BY) -> RenderableType:
     return Group(*parts)
 
 
-def _table(by: str, groups: dict[str, Totals], total: Totals) -> Table:
+def _table(by: str, groups: dict[str, Totals], total: Totals) -> RenderableType:
     """Fits 80 columns: tokens and money are shortened here (exact in the JSON)."""
-    table = Table(box=box.SIMPLE_HEAVY, pad_edge=False, show_edge=False, show_footer=True)
-    table.add_column(by, "total", overflow="fold")
     columns: dict[str, Callable[[Totals], str]] = {
         "calls": lambda t: f"{t.requests:,}",
         "hits": lambda t: f"{t.hits:,}",
@@ -167,13 +164,47 @@ def _table(by: str, groups: dict[str, Totals], total: Totals) -> Table:
         "cache r": lambda t: _tokens(t.cache_read),
         "spent": lambda t: _short_money(t.cost_pico),
     }
-    for name, cell in columns.items():
-        table.add_column(name, cell(total), justify="right", no_wrap=True)
-    for name, totals in sorted(groups.items()):
-        table.add_row(Text(name), *(cell(totals) for cell in columns.values()))
-    if not groups:
-        table.add_row(Text("nothing recorded", style="dim"))
-    return table
+    rows = [(name, [cell(totals) for cell in columns.values()])
+            for name, totals in sorted(groups.items())]  # fmt: skip
+    return _GroupTable(by, list(columns), rows, [cell(total) for cell in columns.values()])
+
+
+class _GroupTable:
+    """`_table`'s lines, laid out for the console's width when printed. A model id or task
+    type is never split: one too long to sit beside its numbers (a dated model id such as
+    claude-sonnet-4-5-20250929 at 80 columns) has a line of its own, its numbers under it."""
+
+    GAP = "   "
+
+    def __init__(self, by: str, headers: list[str], rows: list[tuple[str, list[str]]],
+                 total: list[str]) -> None:  # fmt: skip
+        self.by, self.headers, self.rows, self.total = by, headers, rows, total
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        pairs = enumerate(zip(self.headers, self.total, strict=True))
+        widths = [max(len(h), len(t), *(len(cells[i]) for _, cells in self.rows))
+                  for i, (h, t) in pairs]  # fmt: skip
+        room = options.max_width - sum(widths) - len(self.GAP) * len(widths)
+        label = max(len(self.by), len("total"),
+                    *(len(name) for name, _ in self.rows if len(name) <= room))  # fmt: skip
+
+        def line(first: str, cells: list[str]) -> str:
+            numbers = (self.GAP + cell.rjust(w) for cell, w in zip(cells, widths, strict=True))
+            return first.ljust(label) + "".join(numbers)
+
+        rule = Text("━" * len(line("", self.total)))
+        yield Text(line(self.by, self.headers), style="bold")
+        yield rule
+        for name, cells in self.rows:
+            if len(name) <= label:
+                yield Text(line(name, cells))
+            else:
+                yield Text(name, overflow="fold")
+                yield Text(line("", cells))
+        if not self.rows:
+            yield Text("nothing recorded", style="dim")
+        yield rule
+        yield Text(line("total", self.total), style="bold")
 
 
 def _tokens(n: int) -> str:

@@ -4,6 +4,9 @@ say it after "no result within Ns" instead of leaving a new user to guess.
 What is knowable, in order: a stage paused (refused or missing credentials: the pause key the
 runner sets, as `pipeline status` shows it), then stages nothing consumes (no consumer group
 yet, or only consumer names that have neither read recently nor hold anything: dead workers).
+Before Redis 7.2, a consumer's `idle` counts from its last read that returned entries, not
+from its last attempt, so an idle worker blocked on an empty stream looks dead by it; there a
+consumer whose name a live worker still holds (`<prefix>:worker:<name>`) counts as live.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ async def why_no_result(redis: Redis, keys: Keys, app: App, settings: BaseSettin
     status = await gather_status(redis, keys, app)
     if status.paused:
         return _paused(status.paused[0])
-    idle = await _unconsumed(redis, status.streams, settings)
+    idle = await _unconsumed(redis, keys, status.streams, settings)
     if not idle:
         return None
     if len(idle) == len(status.streams):
@@ -59,7 +62,7 @@ def _paused(pause: PauseStatus) -> str:
 
 
 async def _unconsumed(
-    redis: Redis, streams: list[StreamStatus], settings: BaseSettings
+    redis: Redis, keys: Keys, streams: list[StreamStatus], settings: BaseSettings
 ) -> list[StreamStatus]:
     """The streams (stage lanes) no live worker reads; with partitions, those of which some
     partition has no live reader (a worker may serve only some: `--partitions`)."""
@@ -69,18 +72,38 @@ async def _unconsumed(
         for row, key in asked:
             pipe.xinfo_consumers(key, row.stage)
         replies: list[Any] = await pipe.execute(raise_on_error=False)
+    held = await _held_names(redis, keys, replies)
     unread: dict[str, int] = {}  # row -> its streams without a live reader
     for (row, _), consumers in zip(asked, replies, strict=True):
         block_ms = settings.runtime_for(row.stage).block_ms
-        live = isinstance(consumers, list) and any(_live(c, block_ms) for c in consumers)
+        live = isinstance(consumers, list) and any(_live(c, block_ms, held) for c in consumers)
         unread[row.stream] = unread.get(row.stream, 0) + (not live)
     return [row for row in streams if unread.get(row.stream, 1)]
 
 
-def _live(consumer: dict[Any, Any], block_ms: int) -> bool:
+async def _held_names(redis: Redis, keys: Keys, replies: list[Any]) -> set[str]:
+    """The consumer names a live worker holds, of those whose `idle` cannot tell (a reply
+    without `inactive`: Redis before 7.2)."""
+    names = sorted({_text(c.get("name")) for consumers in replies if isinstance(consumers, list)
+                    for c in consumers if "inactive" not in c})  # fmt: skip
+    if not names:
+        return set()
+    async with redis.pipeline(transaction=False) as pipe:
+        for name in names:
+            pipe.exists(keys.worker(name))
+        found: list[Any] = await pipe.execute(raise_on_error=False)
+    return {name for name, n in zip(names, found, strict=True) if n == 1}
+
+
+def _live(consumer: dict[Any, Any], block_ms: int, held: set[str]) -> bool:
     pending = int(consumer.get("pending") or 0)
     idle_ms = int(consumer.get("idle") or 0)
-    return pending > 0 or idle_ms < max(LIVE_WITHIN_MS, 3 * block_ms)
+    recent = idle_ms < max(LIVE_WITHIN_MS, 3 * block_ms)
+    return pending > 0 or recent or _text(consumer.get("name")) in held
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _name(row: StreamStatus) -> str:

@@ -8,7 +8,9 @@ or the ingress full (try again later); 130 interrupted. Every failure is one lin
 
 from __future__ import annotations
 
+import inspect
 import os
+import re
 from typing import Annotated
 
 import typer
@@ -149,8 +151,23 @@ app.command()(status)
 # ---- the fake Claude API --------------------------------------------------------------------
 
 
+#: The `FakeClaudeConfig` field each `fake-claude` option sets, where its name is not the
+#: option's: the config's errors name fields, the command's name options.
+_FAKE_FLAGS = {"server_error_rate": "--error-rate", "bad_keys": "--bad-key",
+               "forbidden_keys": "--forbidden-key"}  # fmt: skip
+
+
+def _as_flags(message: str, fields: list[str]) -> str:
+    """`message` with every field of `fields` it names written as its `fake-claude` option."""
+    for name in fields:
+        flag = _FAKE_FLAGS.get(name, "--" + name.replace("_", "-"))
+        message = re.sub(rf"(?<![\w-]){name}(?![\w-])", flag, message)
+    return message
+
+
 @app.command("fake-claude")
 def fake_claude(
+    ctx: typer.Context,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on (0 picks a free one).")] = 8787,
     latency_ms: Annotated[
@@ -198,7 +215,8 @@ def fake_claude(
     try:
         fake = msgspec.convert(values, FakeClaudeConfig)
     except (msgspec.ValidationError, ValueError) as exc:
-        raise fail(str(exc), Code.USAGE, label="fake-claude") from None
+        raise fail(_as_flags(str(exc), list(values)), Code.USAGE, label="usage",
+                   hint=f"see {ctx.command_path} --help") from None  # fmt: skip
     try:
         run_forever(fake)
     except OSError as exc:  # the address is taken, or not ours to listen on
@@ -232,6 +250,22 @@ def demo(
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(batches_app, name="batches")
 app.command()(cost)
+
+
+def _unwrapped_help(typer_app: typer.Typer) -> None:
+    """Each command's help is its docstring with the line breaks inside a paragraph taken
+    out, so that `--help` wraps it to the terminal: typer keeps them, and a paragraph wrapped
+    at 92 columns in the source broke mid-sentence at 80 (`… the` / `DLQ; …`)."""
+    for info in typer_app.registered_commands:
+        if info.help is None and info.callback is not None and info.callback.__doc__:
+            paragraphs = inspect.cleandoc(info.callback.__doc__).split("\n\n")
+            info.help = "\n\n".join(" ".join(p.split()) for p in paragraphs)
+    for group in typer_app.registered_groups:
+        if group.typer_instance is not None:
+            _unwrapped_help(group.typer_instance)
+
+
+_unwrapped_help(app)
 
 
 def main() -> None:

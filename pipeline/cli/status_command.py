@@ -50,8 +50,11 @@ def status(
     ] = 0,
     config: ConfigOpt = None,
 ) -> None:
-    """Backlog, pending, lag, consumers, oldest pending age and retries per stage; DLQ; pauses;
-    Redis's eviction policy and persistence, with what in them may lose data."""
+    """Backlog, pending, lag and retries per stage; DLQ; pauses; Redis's durability.
+
+    Per stage: backlog, pending, lag, consumers, oldest pending age and retries waiting; the
+    DLQ; paused stages; the shared rate limits; Redis's eviction policy and persistence, with
+    what in them may lose data."""
     import msgspec
 
     from pipeline.cli.status import gather

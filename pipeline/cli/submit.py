@@ -234,8 +234,9 @@ def result(
     app_spec: AppOpt = "stages:app",
     config: ConfigOpt = None,
 ) -> None:
-    """Show a task's result: exit 0 completed, 1 failed, 3 no result (yet: unfinished,
-    unknown or expired; or not within --wait)."""
+    """Show a task's result: exit 0 completed, 1 failed, 3 no result.
+
+    No result: none yet (the task is unfinished, unknown or expired), or none within --wait."""
     from pipeline.client import Client
 
     settings = settings_from(config)

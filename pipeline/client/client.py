@@ -333,7 +333,9 @@ class Client:
             await self._reserve_room(len(tasks))
         except RedisUnavailable as exc:
             raise SubmitFailed(
-                f"{exc}; none of the {len(tasks):,} task(s) was sent", tasks, maybe_added=False
+                f"{str(exc).rstrip('.')}; none of the {len(tasks):,} task(s) was sent",
+                tasks,
+                maybe_added=False,
             ) from exc
         try:
             await self._send(tasks)
@@ -376,9 +378,9 @@ class Client:
             ) from exc
         except UNAVAILABLE as exc:
             raise SubmitFailed(
-                f"cannot reach Redis at {where}: {exc}; the connection failed with {n:,} "
-                "task(s) in flight, so all or none of them were added: send exc.tasks again "
-                "(same ids: a copy that is already in is dropped, not run twice)",
+                f"cannot reach Redis at {where}: {str(exc).rstrip('.')}; the connection failed "
+                f"with {n:,} task(s) in flight, so all or none of them were added: send "
+                "exc.tasks again (same ids: a copy that is already in is dropped, not run twice)",
                 tasks,
                 maybe_added=True,
             ) from exc

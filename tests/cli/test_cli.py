@@ -102,6 +102,41 @@ def test_every_option_has_help_text() -> None:
     walk(group, "pipeline")
 
 
+def _commands() -> list[tuple[str, object]]:
+    import typer.main
+
+    found: list[tuple[str, object]] = []
+
+    def walk(command: object, path: str) -> None:
+        for name, sub in getattr(command, "commands", {}).items():
+            found.append((f"{path} {name}".strip(), sub))
+            walk(sub, f"{path} {name}")
+
+    walk(typer.main.get_command(app), "")
+    return found
+
+
+def test_help_paragraphs_wrap_to_the_terminal() -> None:
+    """No line break inside a paragraph of a command's help: typer keeps them, and a
+    docstring's lines (wrapped at 92 in the source) broke mid-sentence at 80 columns."""
+    for path, command in _commands():
+        text = getattr(command, "help", "") or ""
+        for paragraph in text.split("\n\n"):
+            assert "\n" not in paragraph, f"pipeline {path}: {paragraph!r}"
+    run = CliRunner().invoke(app, ["status", "--help"], env={"COLUMNS": "80"})
+    assert "oldest pending age and retries waiting; the DLQ;" in " ".join(run.output.split())
+
+
+def test_every_command_with_json_is_in_the_cli_docs() -> None:
+    """docs/CLI.md's `--json` section names every command that takes --json."""
+    doc = (ROOT / "docs/CLI.md").read_text().split("## `--json`", 1)[1].split("\n## ", 1)[0]
+    named = " ".join(doc.split())
+    for path, command in _commands():
+        options = [o for p in getattr(command, "params", []) for o in getattr(p, "opts", [])]
+        if "--json" in options:
+            assert f"`{path}`" in named or f"`{path} " in named, f"{path} takes --json"
+
+
 # ---- submit and result -----------------------------------------------------------------------
 
 
@@ -376,6 +411,7 @@ def test_unreachable_redis_is_one_line(env: dict[str, str], command: list[str]) 
     assert line.startswith("error: redis: ")
     assert f"cannot reach Redis at redis://ops:***@127.0.0.1:{port}/0" in line
     assert "s3cret" not in proc.stderr
+    assert ".;" not in line  # redis-py's sentence ends before ours goes on
 
 
 # ---- fake-claude ----------------------------------------------------------------------------
@@ -399,5 +435,12 @@ def test_fake_claude_serves_until_signalled(env: dict[str, str]) -> None:
 
 
 def test_fake_claude_bad_value_is_one_line(env: dict[str, str]) -> None:
+    """Labelled `usage` like any bad value, naming the option (not the config's field)."""
     line = one_error_line(cli(env, "fake-claude", "--overloaded-rate", "2"))
-    assert "overloaded_rate must be in 0..1" in line
+    assert line.startswith("error: usage: --overloaded-rate must be in 0..1, got 2.0; "), line
+    assert line.endswith(" fake-claude --help"), line
+    line = one_error_line(cli(env, "fake-claude", "--overloaded-rate", "0.6",
+                              "--error-rate", "0.6"))  # fmt: skip
+    assert "error: usage: --overloaded-rate + --error-rate must be <= 1" in line, line
+    line = one_error_line(cli(env, "fake-claude", "--latency-ms", "-5"))
+    assert line.startswith("error: usage: --latency-ms must be"), line

@@ -121,6 +121,26 @@ def test_the_table_shows_models_types_money_and_savings(run: Run, three_days: No
     assert "$0.022500" in out  # baseline: 5 tasks x Sonnet price
 
 
+def test_the_tables_fit_80_columns_with_model_ids_and_types_whole(
+    run: Run, settings: Settings
+) -> None:
+    """A dated model id (as the real API names its models) or a long task type is never split
+    across lines: it has a line of its own when the numbers leave it too little room."""
+    dated, long_type = "claude-sonnet-4-5-20250929", "support-ticket-triage-for-the-enterprise-tier"
+    record(
+        settings, [("a", D1, dated, long_type, False), ("b", D1, "claude-haiku-5-5", "x", False)]
+    )
+    code, out = run("--day", "2026-01-10")
+    assert code == 0, out
+    lines = out.splitlines()
+    assert max(map(len, lines)) <= 80, out
+    for name in (dated, long_type, "claude-haiku-5-5"):
+        assert any(name in line for line in lines), (name, out)  # whole, on one line
+    numbers = lines[lines.index(dated) + 1]  # its own line, then its numbers under it
+    assert numbers.split() == ["1", "0", "1,000", "100", "0", "0", "$0.004500"], out
+    assert any(line.startswith("claude-haiku-5-5 ") for line in lines), out  # beside its own
+
+
 def test_projection_to_a_number_of_tasks_a_day(run: Run, three_days: None) -> None:
     code, out = run("--day", "2026-01-10", "--tasks-per-day", "1000000", "--json")
     assert code == 0, out

@@ -3,9 +3,11 @@ the `pipeline` command run as a user runs it (a subprocess), against a real Redi
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import pty
+import signal
 import socket
 import subprocess
 import sys
@@ -15,7 +17,9 @@ from pathlib import Path
 
 import pytest
 import redis
+from redis.asyncio import Redis
 
+from pipeline.claude.settings import Settings
 from pipeline.cli.exits import Code
 from pipeline.runtime.keys import Keys
 from pipeline.runtime.results import make_result
@@ -139,6 +143,38 @@ def test_a_stage_without_consumers_is_named(
     )
     assert "no worker is consuming work " in line, line
     assert "ingest" not in line.split("consuming")[1]
+
+
+def test_an_idle_live_worker_is_not_called_dead(
+    app_workers: Workers, settings: Settings, rclient: redis.Redis, prefix: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """A worker blocked on empty streams for longer than the liveness window is alive: before
+    Redis 7.2 its consumers' `idle` grows all the same (it counts from the last read that
+    returned entries), and `result --wait` told the user to start a worker."""
+    from pipeline.cli import diagnose
+    from tests.apps import app as test_app
+
+    keys = Keys(prefix)
+    proc = app_workers.start()
+    wait_until(lambda: "running" in proc.log(), 30, what="the worker to start")
+    rclient.xadd(keys.ingress, {"n": "1", "id": "t-idle"})
+    wait_until(lambda: rclient.exists(keys.result("t-idle")), 30, what="the task to finish")
+    monkeypatch.setattr(diagnose, "LIVE_WITHIN_MS", 200)
+    block_ms = settings.runtime.block_ms
+    time.sleep(3 * block_ms / 1000 + 0.5)  # every consumer now idle past the window
+
+    async def why() -> str | None:
+        aredis = Redis.from_url(settings.redis.url)
+        try:
+            return await diagnose.why_no_result(aredis, keys, test_app, settings)
+        finally:
+            await aredis.aclose()
+
+    assert asyncio.run(why()) is None  # alive, just idle: nothing to tell
+    proc.signal(signal.SIGTERM)  # now gone: its name is let go, and it is called dead
+    assert proc.proc.wait(30) == 0
+    assert "no worker is consuming any stage" in (asyncio.run(why()) or "")
 
 
 # ---- dlq: codes, --yes off a terminal -------------------------------------------------------
