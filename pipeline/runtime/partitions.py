@@ -34,7 +34,7 @@ from pipeline.runtime.context import WorkerContext
 from pipeline.runtime.errors import InvalidTask
 from pipeline.runtime.keys import Keys
 from pipeline.runtime.replies import as_str, read_entries
-from pipeline.runtime.scripts import load
+from pipeline.runtime.scripts import load, script_text
 from pipeline.runtime.wire import (
     ENVELOPE_FIELD,
     ID_FIELD,
@@ -159,28 +159,37 @@ class IngressMover:
         await self._loop.run(self._handle)
 
     async def _handle(self, entries: list[tuple[str, dict[bytes, bytes]]]) -> None:
-        calls = [self._call(entry_id, raw) for entry_id, raw in entries]
+        calls = self._calls(entries)
 
         async def move() -> None:
-            # Concurrently: each move is one script in its own partition's slot.
+            # Concurrently: one script per partition, in its slot.
             await asyncio.gather(*(self._ctx.available.call(call) for call, _ in calls))
 
         if self._ctx.replication is None:
             await move()
         else:  # in a replica before the ingress lets go
-            await self._ctx.replication.write(move, *{stream for _, stream in calls})
+            await self._ctx.replication.write(move, *(stream for _, stream in calls))
 
-    def _call(
-        self, entry_id: str, raw: dict[bytes, bytes]
-    ) -> tuple[Callable[[], Awaitable[object]], str]:
-        """The move of one entry (safe to repeat: `move.lua`), and the stream it goes to."""
-        task_id, fields = moved(entry_id, raw, self._max_bytes)
-        part = self._keys.for_task(task_id)
-        keys = [part.moved(entry_id), part.stream(self._first)]
-        args: list[Any] = [MOVED_TTL_S]
-        for name, value in fields.items():
-            args += (name, value)
-        return (lambda: self._move(keys=keys, args=args)), keys[1]
+    def _calls(
+        self, entries: list[tuple[str, dict[bytes, bytes]]]
+    ) -> list[tuple[Callable[[], Awaitable[object]], str]]:
+        """The moves of a batch, one per partition (safe to repeat: `move.lua`), and the
+        streams they go to."""
+        by_part: dict[int | None, tuple[list[str], list[Any]]] = {}
+        for entry_id, raw in entries:
+            task_id, fields = moved(entry_id, raw, self._max_bytes)
+            part = self._keys.for_task(task_id)
+            keys, args = by_part.setdefault(
+                part.partition, ([part.stream(self._first)], [MOVED_TTL_S])
+            )
+            keys.append(part.moved(entry_id))
+            args.append(len(fields))
+            for name, value in fields.items():
+                args += (name, value)
+        return [(self._call(keys, args), keys[0]) for keys, args in by_part.values()]
+
+    def _call(self, keys: list[str], args: list[Any]) -> Callable[[], Awaitable[object]]:
+        return lambda: self._move(keys=keys, args=args)
 
 
 class ResultPublisher:
@@ -191,49 +200,73 @@ class ResultPublisher:
         self._ctx, self._keys = ctx, keys
         self._loop = _QueueLoop(ctx, keys.landed, _GROUP_PUBLISH,
                                 f"result publisher p{keys.partition}")  # fmt: skip
-        self._publish = load(ctx.redis, "publish")
+        # Sent whole (EVAL) in a pipeline: a primary promoted by a failover may not have it
+        # cached, and a pipeline cannot load it on NOSCRIPT as a script call does.
+        self._mirror = script_text("publish")
         self._done_maxlen = ctx.settings.results.done_maxlen
 
     async def run(self) -> None:
         await self._loop.run(self._handle)
 
     async def _handle(self, events: list[tuple[str, dict[bytes, bytes]]]) -> None:
+        ids = [as_str(fields.get(b"id", b"")) for _, fields in events]
+        ids = [task_id for task_id in ids if task_id]
+        if not ids:
+            return
+
         async def publish() -> None:
-            await asyncio.gather(*(self._one(fields) for _, fields in events))
+            await self._publish_batch(ids, [fields for _, fields in events if fields.get(b"id")])
 
         if self._ctx.replication is None:
             await publish()
             return
         # In a replica (the results and their events) before the queue lets go. Every
         # result key's primary is asked: which ones this batch wrote is known only once read.
-        ids = [as_str(fields.get(b"id", b"")) for _, fields in events]
-        keys = [self._keys.result(task_id) for task_id in ids if task_id]
+        keys = [self._keys.result(task_id) for task_id in ids]
         await self._ctx.replication.write(publish, *keys, self._keys.done)
 
-    async def _one(self, event: dict[bytes, bytes]) -> None:
-        """Publish one result (safe to repeat: the same hash, an event again)."""
-        task_id = as_str(event.get(b"id", b""))
-        if not task_id:
-            return
+    async def _publish_batch(self, ids: list[str], events: list[dict[bytes, bytes]]) -> None:
+        """Publish a batch of results (safe to repeat: the same hashes, the events again):
+        read them in the partition (one round trip, one slot), mirror each to its key (one
+        round trip per primary), then add their events (one round trip): a waiter woken by
+        an event finds the result there."""
         redis, available = self._ctx.redis, self._ctx.available
 
         async def read() -> list[Any]:
             async with redis.pipeline(transaction=False) as pipe:
-                pipe.hgetall(self._keys.landing(task_id))
-                pipe.pttl(self._keys.landing(task_id))
+                for task_id in ids:
+                    pipe.hgetall(self._keys.landing(task_id))
+                    pipe.pttl(self._keys.landing(task_id))
                 return list(await pipe.execute())
 
-        result, pttl = await available.call(read)
-        if not result or not isinstance(pttl, int) or pttl <= 0:
-            return  # expired or taken back (a DLQ replay) since it landed
-        args: list[Any] = [pttl]
-        for name, value in result.items():
-            args += (name, value)
-        # The hash and the event lie in two slots: the hash first, then the event (a repeat
-        # after a crash writes the same hash and repeats the event).
-        key = self._keys.result(task_id)
-        await available.call(lambda: self._publish(keys=[key], args=args))
-        fields: Any = dict(event)
-        await available.call(
-            lambda: redis.xadd(self._keys.done, fields, maxlen=self._done_maxlen, approximate=True)
-        )
+        replies = await available.call(read)
+        found = [
+            (task_id, event, result, pttl)
+            for task_id, event, result, pttl in zip(
+                ids, events, replies[::2], replies[1::2], strict=True
+            )
+            # Expired or taken back (a DLQ replay) since it landed: nothing to publish.
+            if result and isinstance(pttl, int) and pttl > 0
+        ]
+        if not found:
+            return
+
+        async def mirror() -> None:
+            async with redis.pipeline(transaction=False) as pipe:
+                for task_id, _event, result, pttl in found:
+                    args: list[Any] = [pttl]
+                    for name, value in result.items():
+                        args += (name, value)
+                    pipe.eval(self._mirror, 1, self._keys.result(task_id), *args)
+                await pipe.execute()
+
+        async def announce() -> None:
+            async with redis.pipeline(transaction=False) as pipe:
+                for _task_id, event, _result, _pttl in found:
+                    fields: Any = dict(event)
+                    pipe.xadd(self._keys.done, fields, maxlen=self._done_maxlen,
+                              approximate=True)  # fmt: skip
+                await pipe.execute()
+
+        await available.call(mirror)
+        await available.call(announce)

@@ -13,6 +13,11 @@ def _source(name: str, package: str) -> str:
     return resources.files(package).joinpath(f"{name}.lua").read_text()
 
 
+def script_text(name: str, package: str = __package__) -> str:
+    """A script's source, for a caller that sends it whole (`EVAL` in a pipeline)."""
+    return _source(name, package)
+
+
 def load(redis: Redis, name: str, *, after: str = "", package: str = __package__) -> AsyncScript:
     """One script registered on `redis`, for a module that keeps its own (dlq, flights).
 
