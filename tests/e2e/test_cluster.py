@@ -249,14 +249,6 @@ def primary_serving(cluster: RedisClusterBase, client: RedisCluster, key: str) -
     return int(node.port)
 
 
-FAILOVER_FLAKY = (
-    "flaky: in 2 of 7 runs (one under the full suite) a few results were left unpublished "
-    "after the failover with replicated durability; not understood yet (issue 17 open). "
-    "Run with PIPELINE_FAILOVER_TESTS=1"
-)
-
-
-@pytest.mark.skipif(not os.environ.get("PIPELINE_FAILOVER_TESTS"), reason=FAILOVER_FLAKY)
 @pytest.mark.parametrize("durability", ["replicated", "acknowledged"])
 def test_a_primary_killed_mid_run(
     private_redis_cluster: RedisClusterBase, cprefix_private: str, start_fake: StartFake,
