@@ -22,7 +22,7 @@ from types import TracebackType
 from typing import Self, cast
 
 import msgspec
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import Redis
 from redis.exceptions import AuthenticationError, BusyLoadingError, ResponseError
 
 from pipeline.claude.config import load_settings
@@ -38,6 +38,7 @@ from pipeline.runtime.redis_conn import (
     cluster_enabled,
     connect_cluster,
     is_cluster,
+    node_client,
     redacted,
 )
 from pipeline.runtime.settings import RedisSettings
@@ -106,19 +107,19 @@ class Client:
         self._url = redis_url
         self._max_connections = max_connections or base.redis.max_connections
         self._timeouts = (connect_timeout_s, socket_timeout_s)
-        pool = BlockingConnectionPool.from_url(
+        #: One node's client until the first command finds a Cluster (`RedisCluster` then).
+        self.redis = node_client(
             redis_url,
             max_connections=self._max_connections,
-            timeout=None,  # wait for a free connection rather than fail a burst
+            pool_timeout=None,  # wait for a free connection rather than fail a burst
             client_name=self.name,
             socket_timeout=socket_timeout_s,
             socket_connect_timeout=connect_timeout_s,
         )
-        #: One node's client until the first command finds a Cluster (`RedisCluster` then).
-        self.redis = Redis(connection_pool=pool)
-        self._reader_redis = Redis.from_url(
+        self._reader_redis = node_client(
             redis_url,
-            single_connection_client=True,
+            max_connections=1,  # one blocking read at a time
+            pool_timeout=None,
             client_name=self.name,
             socket_timeout=done_block_ms / 1000 + socket_timeout_s,  # longer than the block
             socket_connect_timeout=connect_timeout_s,

@@ -27,6 +27,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from pipeline.runtime import cluster_node_fix
 from pipeline.runtime.errors import ConfigError
 from pipeline.runtime.redis_errors import TABLE, Action, Fault, RedisRefused, classify
+from pipeline.runtime.redis_sentinel import is_sentinel_url, master_client
 from pipeline.runtime.settings import RedisSettings
 
 log = logging.getLogger(__name__)
@@ -53,14 +54,30 @@ def connect(settings: RedisSettings) -> Redis:
     The pool blocks when all `max_connections` are busy instead of failing: hundreds of
     handlers in one process share a few dozen connections.
     """
-    pool = BlockingConnectionPool.from_url(
+    return node_client(
         settings.url,
         max_connections=settings.max_connections,
-        timeout=settings.socket_timeout_s,
+        pool_timeout=settings.socket_timeout_s,
         socket_timeout=settings.socket_timeout_s,
         socket_connect_timeout=settings.connect_timeout_s,
         health_check_interval=30,
-        decode_responses=False,
+    )
+
+
+def node_client(
+    url: str, *, max_connections: int, pool_timeout: float | None, **connection: Any
+) -> Redis:
+    """A client of one node (redis://, rediss://, unix://) or of a Sentinel-managed primary
+    (`redis+sentinel://`, `pipeline.runtime.redis_sentinel`), whose callers wait up to
+    `pool_timeout` (None: as long as it takes) for one of `max_connections` connections.
+    `connection`: socket timeouts, a client name, a health check interval."""
+    connection.setdefault("decode_responses", False)
+    if is_sentinel_url(url):
+        return master_client(
+            url, max_connections=max_connections, pool_timeout=pool_timeout, **connection
+        )
+    pool = BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=pool_timeout, **connection
     )
     return Redis.from_pool(pool)
 
@@ -120,8 +137,8 @@ def connect_cluster(settings: RedisSettings, **overrides: Any) -> RedisCluster:
     (`_WaitingCluster`); a worker holds a blocking read per stage, lane and partition, so
     at least `CLUSTER_MIN_CONNECTIONS` are kept per node (docs/CLUSTER.md).
     """
-    if settings.url.startswith("unix://"):
-        raise ConfigError("redis.url", "a Redis Cluster is reached over TCP, not a unix socket")
+    if settings.url.startswith("unix://") or is_sentinel_url(settings.url):
+        raise ConfigError("redis.url", "a Redis Cluster is reached over TCP at one of its nodes")
     if parse_url(settings.url).get("db"):
         raise ConfigError(
             "redis.url", f"a Redis Cluster has only database 0: {redacted(settings.url)}"
@@ -145,7 +162,7 @@ async def cluster_enabled(settings: RedisSettings) -> bool:
     Redis being away, or refusing the credentials, raises as any command would (wrap it in
     `Availability.call` to wait). A unix socket is never a Cluster (nothing is asked).
     """
-    if settings.url.startswith("unix://"):
+    if settings.url.startswith("unix://") or is_sentinel_url(settings.url):
         return False
     probe = Redis.from_url(
         settings.url,
@@ -165,6 +182,14 @@ async def open_redis(settings: RedisSettings) -> AnyRedis:
     """The client for `settings.url`: a `RedisCluster` when that node is part of a Cluster
     (found out once, here; the cluster's nodes and slots are read before returning), else
     `connect(settings)`. Redis being away raises (see `cluster_enabled`)."""
+    if is_sentinel_url(settings.url):
+        sentinel = connect(settings)
+        try:  # the sentinels name a primary that answers, or this raises as an outage would
+            await sentinel.ping()
+        except BaseException:
+            await sentinel.aclose()
+            raise
+        return sentinel
     if not await cluster_enabled(settings):
         return connect(settings)
     client = connect_cluster(settings)

@@ -13,9 +13,9 @@ that write it has everything the primary did before it. One round trip per batch
 (the runner syncs once per hand-off batch: group commit).
 
 A confirmation counts only from the node that took the write. If a failover moved the slot
-between the write and the `WAIT` (the client followed it to the promoted replica, which may
-never have had the write), a `WAIT` there proves nothing about it: `write` writes again
-(every write made under it is idempotent) and confirms again.
+(or the primary a Sentinel names) between the write and the `WAIT` (the client followed it
+to the promoted replica, which may never have had the write), a `WAIT` there proves nothing
+about it: `write` writes again (every write made under it is idempotent) and confirms again.
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ class Replication:
         them to ('' on one node)."""
         redis: Any = self._redis
         if not isinstance(redis, RedisCluster):
-            return {keys[0]: ""}
+            return {keys[0]: self._primary()}
         by_key: dict[str, str] = {}
         seen: set[str] = set()
         for key in keys:
@@ -122,11 +122,18 @@ class Replication:
         redis: Any = self._redis
         if not isinstance(redis, RedisCluster):
             await self._available.call(lambda: self._sync_one(next(iter(keys))))
-            return {""}
+            return {self._primary()}
         confirmed: set[str] = set()
         for key in keys:
             confirmed.add(await self._available.call(lambda k=key: self._sync_cluster(redis, k)))  # type: ignore[misc]
         return confirmed
+
+    def _primary(self) -> str:
+        """One node: the primary a Sentinel-managed pool last found (it asks the sentinels
+        on each new connection, so a failover shows here once the client followed it);
+        '' for a plain node, which cannot change."""
+        address = getattr(self._redis.connection_pool, "master_address", None)
+        return f"{address[0]}:{address[1]}" if address else ""
 
     async def _sync_one(self, key: str) -> None:
         async with self._redis.pipeline(transaction=False) as pipe:
