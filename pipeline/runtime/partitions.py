@@ -28,10 +28,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
-from redis.exceptions import ResponseError
 
 from pipeline.runtime.context import WorkerContext
 from pipeline.runtime.errors import InvalidTask
+from pipeline.runtime.groups import ensure_group
 from pipeline.runtime.keys import Keys
 from pipeline.runtime.replies import as_str, read_entries
 from pipeline.runtime.scripts import load, script_text
@@ -135,14 +135,7 @@ class _QueueLoop:
         await self.ctx.available.call(ack)
 
     async def _ensure_group(self) -> None:
-        async def create() -> None:
-            try:
-                await self.ctx.redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
-            except ResponseError as exc:
-                if "BUSYGROUP" not in str(exc):
-                    raise
-
-        await self.ctx.available.call(create)
+        await ensure_group(self.ctx.redis, self.ctx.available, self.stream, self.group)
 
 
 class IngressMover:

@@ -13,11 +13,10 @@ import logging
 import time
 from functools import partial
 
-from redis.exceptions import ResponseError
-
 from pipeline.runtime.context import WorkerContext
 from pipeline.runtime.delayed import promote_loop
 from pipeline.runtime.errors import AuthError, InvalidTask, PermanentError, TransientError
+from pipeline.runtime.groups import ensure_group
 from pipeline.runtime.handoff import Record, build_call
 from pipeline.runtime.inflight import Inflight
 from pipeline.runtime.keys import Keys
@@ -143,16 +142,7 @@ class StageRunner:
         """Create the stream's consumer group (and the stream) unless it exists; True if
         it had to be created."""
 
-        async def create() -> bool:
-            try:
-                await self.ctx.redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
-            except ResponseError as exc:
-                if "BUSYGROUP" not in str(exc):
-                    raise
-                return False
-            return True
-
-        return await self.ctx.available.call(create)
+        return await ensure_group(self.ctx.redis, self.ctx.available, self.stream, self.group)
 
     async def recreate_group(self) -> None:
         """NOGROUP: the stream or its group is gone (a Redis restarted without persistence,
