@@ -66,9 +66,12 @@ def run_async(coro: Coroutine[Any, Any, _T]) -> _T:
 
 
 @contextlib.asynccontextmanager
-async def connection(settings: Settings) -> AsyncIterator[tuple[Redis, Keys]]:
+async def connection(
+    settings: Settings, *, check_layout: bool = True
+) -> AsyncIterator[tuple[Redis, Keys]]:
     """A connection for one command and the deployment's keys (`open_deployment`: a Cluster
-    found out, its partitions); Redis being away becomes one line naming the URL."""
+    found out, its partitions, checked against the recorded layout unless `check_layout` is
+    off); Redis being away becomes one line naming the URL."""
     from pipeline.runtime.deployment import open_deployment
     from pipeline.runtime.redis_conn import UNAVAILABLE, redacted
 
@@ -77,7 +80,7 @@ async def connection(settings: Settings) -> AsyncIterator[tuple[Redis, Keys]]:
         return RedisUnavailable(f"cannot reach Redis at {where}: {exc}")
 
     try:
-        redis, keys = await open_deployment(settings)
+        redis, keys = await open_deployment(settings, check=check_layout)
     except UNAVAILABLE as exc:
         raise unavailable(exc) from exc
     try:

@@ -20,6 +20,7 @@ from pipeline.cli.common import ConfigOpt, run_async, settings_from, setup_loggi
 from pipeline.cli.cost import cost
 from pipeline.cli.dlq import dlq_app
 from pipeline.cli.exits import Code, OneLineErrors, fail
+from pipeline.cli.partitions import partitions_app
 from pipeline.cli.status_command import status
 from pipeline.cli.submit import result, submit
 
@@ -249,6 +250,7 @@ def demo(
 
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(batches_app, name="batches")
+app.add_typer(partitions_app, name="partitions")
 app.command()(cost)
 
 

@@ -119,7 +119,7 @@ async def run_worker(
     tracing = None if Hooks(hooks).tracer else _start_tracing(app, Keys(settings.prefix), service)
     # (before connecting: a bad OTEL_* fails at once)
     log.info("connecting to %s", redacted(settings.redis.url))
-    redis, keys = await available.call(lambda: open_deployment(settings))
+    redis, keys = await available.call(lambda: open_deployment(settings, claim_layout=True))
     served = _served_partitions(keys, partitions)
     laned = [
         (stage, lane)

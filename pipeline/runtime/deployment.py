@@ -16,7 +16,7 @@ from pipeline.runtime.keys import Keys
 from pipeline.runtime.redis_conn import is_cluster, open_redis
 from pipeline.runtime.settings import CLUSTER_PARTITIONS, BaseSettings
 
-__all__ = ["open_deployment", "partitions_for"]
+__all__ = ["check_layout", "open_deployment", "partitions_for"]
 
 
 def partitions_for(settings: BaseSettings, cluster: bool) -> int:
@@ -33,9 +33,13 @@ def partitions_for(settings: BaseSettings, cluster: bool) -> int:
     return asked
 
 
-async def open_deployment(settings: BaseSettings) -> tuple[Redis, Keys]:
+async def open_deployment(
+    settings: BaseSettings, *, claim_layout: bool = False, check: bool = True
+) -> tuple[Redis, Keys]:
     """The client and the keys. A Cluster client is handed on as a `Redis`: the commands the
     pipeline sends are the same, and keys are laid out so that each lies in one slot.
+    The layout must be the deployment's (`check_layout`; a worker claims it; `check` off:
+    any, for the command that changes it).
 
     Raises (as any command would) while Redis is away: wrap it in `Availability.call` to
     wait."""
@@ -43,7 +47,27 @@ async def open_deployment(settings: BaseSettings) -> tuple[Redis, Keys]:
     cluster = is_cluster(client)
     try:
         keys = Keys(settings.prefix, partitions=partitions_for(settings, cluster))
+        if check:
+            await check_layout(cast(Redis, client), keys, claim=claim_layout)
     except BaseException:
         await client.aclose()
         raise
     return cast(Redis, client), keys
+
+
+async def check_layout(redis: Redis, keys: Keys, *, claim: bool = False) -> None:
+    """Refuse a partition count other than the one the deployment's streams are laid out
+    in: a worker reading another layout would leave tasks stranded in the old one, and the
+    CLI would count the wrong streams. The first worker records its count (`claim`);
+    `pipeline partitions set N` changes it once the pipeline is drained."""
+    if claim:
+        await redis.set(keys.layout, keys.partitions, nx=True)
+    recorded = await redis.get(keys.layout)
+    if recorded is not None and int(recorded) != keys.partitions:
+        have = int(recorded)
+        raise ConfigError(
+            "redis.partitions",
+            f"this deployment's streams are laid out in {have or 'no'} partitions "
+            f"({keys.layout}), not {keys.partitions or 'none'}; set redis.partitions = {have}, "
+            f"or drain the pipeline and run `pipeline partitions set {keys.partitions}`",
+        )

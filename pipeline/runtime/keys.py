@@ -217,6 +217,12 @@ class Keys:
         """Set while a stage is paused (for example by refused credentials)."""
         return f"{self.prefix}:pause:{stage}"
 
+    @property
+    def layout(self) -> str:
+        """The number of partitions the deployment's streams are laid out in, set by its
+        first worker (`pipeline.runtime.deployment.check_layout`)."""
+        return f"{self.prefix}:layout:partitions"
+
     def worker(self, consumer: str) -> str:
         """Held by the live process using this consumer name, so no two processes share it."""
         return f"{self.prefix}:worker:{consumer}"

@@ -389,3 +389,59 @@ def test_without_partitions_status_and_dlq_read_as_before(redis_url: str, prefix
     assert letter["dlq_id"] == "7-0" and "partition" not in letter
     code, _, err = run(env, "dlq", "show", "p1/7-0")
     assert code == 2 and "no partitions" in err, err
+
+
+# ---- the layout: recorded by the first worker, changed only once drained ----------------------
+
+
+def test_a_worker_with_another_partition_count_refuses_to_start(
+    redis_url: str, prefix: str, tmp_path: Path
+) -> None:
+    """The first worker records the layout; one configured with another count would read
+    streams nobody writes (and leave the old ones stranded): it exits 2 with one line."""
+    env = {**cli_env(redis_url, prefix), **FAST, "PIPELINE_REDIS__PARTITIONS": "4"}
+    workers = Workers(env, tmp_path, app="stages:app")
+    try:
+        first = workers.start()
+        wait_until(lambda: " running " in first.log(), 30, what="the first worker")
+        assert redis.Redis.from_url(redis_url).get(Keys(prefix).layout) == b"4"
+        other = workers.start(extra_env={"PIPELINE_REDIS__PARTITIONS": "8"})
+        assert other.wait(30) == 2
+        errors = [line for line in other.log().splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "redis.partitions" in errors[0], other.log()[-1500:]
+        assert "laid out in 4 partitions" in errors[0] and "pipeline partitions set 8" in errors[0]
+        # The CLI counts the recorded layout's streams only: told otherwise, it says so.
+        code, _out, err = run({**env, "PIPELINE_REDIS__PARTITIONS": "8"}, "status")
+        assert code == 2 and "redis.partitions" in err
+    finally:
+        workers.stop_all()
+
+
+def test_the_layout_changes_only_once_drained(redis_url: str, prefix: str, tmp_path: Path) -> None:
+    env = {**cli_env(redis_url, prefix), **FAST, "PIPELINE_REDIS__PARTITIONS": "4"}
+    direct = redis.Redis.from_url(redis_url)
+    keys = Keys(prefix, partitions=4)
+    direct.set(keys.layout, 4)
+    # Something still in the old layout: a task queued in a partition, one to be moved.
+    direct.xadd(keys.of_partition(2).stream("route"), {"n": "1"})
+    direct.xadd(keys.ingress, {"prompt": "hi", "model": "haiku"})
+    layout = run_json(env, "partitions", "show")
+    assert layout["partitions"] == 4 and layout["recorded"] is True
+    assert any("router" in left for left in layout["left"]), layout
+    assert any("not yet moved" in left for left in layout["left"]), layout
+    code, _out, err = run(env, "partitions", "set", "8")
+    assert code == 1 and "not drained" in err and "router" in err
+    assert direct.get(keys.layout) == b"4"
+    # Drained: the layout changes, and workers of the new count start.
+    direct.delete(keys.of_partition(2).stream("route"), keys.ingress)
+    code, _out, err = run(env, "partitions", "set", "8")
+    assert code == 0, err
+    assert direct.get(keys.layout) == b"8"
+    workers = Workers({**env, "PIPELINE_REDIS__PARTITIONS": "8"}, tmp_path, app="stages:app")
+    try:
+        worker = workers.start()
+        wait_until(lambda: " running " in worker.log(), 30, what="a worker of the new layout")
+        assert worker.proc.poll() is None
+    finally:
+        workers.stop_all()
+        direct.close()
