@@ -36,19 +36,25 @@ import redis
 import typer.main
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
+from typer.testing import CliRunner
 
 import stages
 from observability import metric_names
 from pipeline.claude.config import load_settings
 from pipeline.claude.settings import Settings
+from pipeline.cli import deploy_plan
+from pipeline.cli.deploy_plan import Workload
 from pipeline.cli.main import app as cli_app
 from pipeline.runtime.keys import Keys
+from pipeline.runtime.settings import CLUSTER_PARTITIONS
 from pipeline.runtime.stage import Stage
 from stages import claude_call
 from tests.helpers.workers import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
+BASE = DEPLOY / "base"  # the manifests; deploy/kustomization.yaml is `resources: [base]`
+CLUSTER = DEPLOY / "cluster"  # the overlay for a Redis Cluster
 PROMETHEUS = ROOT / "observability/prometheus/prometheus.yml"
 GRAFANA = ROOT / "observability/grafana"
 DASHBOARD = GRAFANA / "dashboards/pipeline.json"
@@ -62,13 +68,13 @@ def _deployed_stages() -> tuple[Stage, ...]:
     """The stages as the Kubernetes pods build them, from the ConfigMap's pipeline.toml: its
     `[claude.models]` decides claude-call's lanes, so a family added there needs its own
     `claude-call-<family>` Deployment (docs/DEPLOY.md "Adding a model family")."""
-    for doc in yaml.safe_load_all((DEPLOY / "config.yaml").read_text()):
+    for doc in yaml.safe_load_all((BASE / "config.yaml").read_text()):
         if doc and doc["kind"] == "ConfigMap" and doc["metadata"]["name"] == "pipeline-config":
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / "pipeline.toml"
                 path.write_text(doc["data"]["pipeline.toml"])
                 return stages.app(load_settings(path, env={})).stages
-    raise AssertionError("deploy/config.yaml holds no pipeline-config ConfigMap")
+    raise AssertionError("deploy/base/config.yaml holds no pipeline-config ConfigMap")
 
 
 DEPLOYED_STAGES = _deployed_stages()
@@ -199,17 +205,11 @@ def _workers() -> dict[str, dict[str, Any]]:
     return {n: s for n, s in _services().items() if _is_worker(s.get("command") or [])}
 
 
-def _streams(stage: Stage, lanes: Sequence[str] = (), prefix: str = "pipeline") -> list[str]:
-    """The streams a worker of `stage` reads, given its `--lane`s (none: every lane)."""
-    keys = Keys(prefix)
-    return [keys.stream(stage.stream, lane) for lane in lanes or stage.lanes or (None,)]
-
-
 def _manifests() -> list[dict[str, Any]]:
-    kustomization = _yaml(DEPLOY / "kustomization.yaml")
+    kustomization = _yaml(BASE / "kustomization.yaml")
     docs: list[dict[str, Any]] = []
     for name in kustomization["resources"]:
-        docs += [d for d in yaml.safe_load_all((DEPLOY / name).read_text()) if d]
+        docs += [d for d in yaml.safe_load_all((BASE / name).read_text()) if d]
     return docs
 
 
@@ -217,14 +217,11 @@ def _of_kind(kind: str) -> dict[str, dict[str, Any]]:
     return {d["metadata"]["name"]: d for d in _manifests() if d["kind"] == kind}
 
 
-def _expected_deployments() -> dict[str, tuple[Stage, str | None]]:
+def _expected_deployments() -> dict[str, Workload]:
     """Deployment name -> the stage and lane it runs: one per stage, and one per lane of a
-    laned stage (claude-call per model family: rate limits are per family)."""
-    return {
-        stage.name if lane is None else f"{stage.name}-{lane}": (stage, lane)
-        for stage in DEPLOYED_STAGES
-        for lane in stage.lanes or (None,)
-    }
+    laned stage (claude-call per model family: rate limits are per family). The mapping is
+    pipeline.cli.deploy_plan's, which `pipeline keda-triggers` writes the Cluster's from."""
+    return deploy_plan.workloads(DEPLOYED_STAGES)
 
 
 def _worker_params(deployment: dict[str, Any]) -> dict[str, Any]:
@@ -628,7 +625,7 @@ def test_one_deployment_per_stage_and_per_lane_running_exactly_that() -> None:
     assert sorted(deployments) == sorted(expected)
     configmaps = _of_kind("ConfigMap")
     secret = _secret_example()
-    image = _yaml(DEPLOY / "kustomization.yaml")["images"][0]["name"]
+    image = _yaml(BASE / "kustomization.yaml")["images"][0]["name"]
     for name, deployment in deployments.items():
         template = deployment["spec"]["template"]
         selector = deployment["spec"]["selector"]["matchLabels"].items()
@@ -640,7 +637,7 @@ def test_one_deployment_per_stage_and_per_lane_running_exactly_that() -> None:
         assert "replicas" not in deployment["spec"], name
         (container,) = template["spec"]["containers"]
         assert container["image"] == image
-        stage, lane = expected[name]
+        stage, lane = expected[name].stage, expected[name].lane
         params = _worker_params(deployment)
         assert params["stage"] == [stage.name] and not params["all_stages"], name
         assert params["lane"] == ([] if lane is None else [lane]), name
@@ -662,11 +659,15 @@ def test_one_scaledobject_per_deployment_with_lag_and_pending_triggers_per_strea
     deployments = _of_kind("Deployment")
     assert sorted(scaled) == sorted(deployments)
     secret_keys = set(_secret_example()["stringData"])
+    plan = _expected_deployments()
     for name, scaled_object in scaled.items():
         spec = scaled_object["spec"]
         assert spec["scaleTargetRef"]["name"] == name
         params = _worker_params(deployments[name])
         (stage,) = [STAGE_BY_NAME[n] for n in params["stage"]]
+        # The very triggers deploy_plan makes on one node: names, streams and the thresholds
+        # `pipeline keda-triggers` gives every partition stream on a Cluster.
+        assert spec["triggers"] == plan[name].triggers(Keys("pipeline")), name
         # One live worker at least: it promotes delayed retries and reclaims dead pods' entries.
         assert 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"]
         lag: dict[str, dict[str, str]] = {}
@@ -687,7 +688,8 @@ def test_one_scaledobject_per_deployment_with_lag_and_pending_triggers_per_strea
                 pending[meta["stream"]] = meta
         # Exactly the streams this Deployment's workers read (claude-call-haiku:
         # pipeline:call:haiku only), so each family scales on its own backlog.
-        streams = sorted(_streams(stage, params["lane"]))
+        keys = Keys("pipeline")
+        streams = sorted(keys.stream(stage.stream, ln) for ln in params["lane"] or [None])
         assert sorted(lag) == streams and sorted(pending) == streams, name
         assert len(spec["triggers"]) == 2 * len(streams)
 
@@ -762,12 +764,16 @@ def test_secret_examples_give_keda_tls_user_and_password_as_the_redis_url_says()
     data = _secret_example()["stringData"]
     _check_redis_parts(data, "secret.example.yaml")
     schemes = {urlsplit(data["REDIS_URL"]).scheme}
-    for path in (DEPLOY / "secret.example.yaml", ROOT / "docs/DEPLOY.md"):
+    for path in (DEPLOY / "secret.example.yaml", ROOT / "docs/DEPLOY.md", CLUSTER_KUSTOMIZATION):
         commands = _secret_commands(path)
         assert commands, path
         for literals in commands:
-            assert set(literals) == set(data), f"{path.name}: {set(data) ^ set(literals)}"
+            # On a Cluster, KEDA's redis-cluster-streams also wants every node: REDIS_ADDRESSES.
+            extra = {deploy_plan.ADDRESSES_ENV} if path == CLUSTER_KUSTOMIZATION else set()
+            assert set(literals) == set(data) | extra, f"{path}: {set(data) ^ set(literals)}"
             _check_redis_parts(literals, path.name)
+            if extra:
+                _check_cluster_addresses(literals, path.name)
             schemes.add(urlsplit(literals["REDIS_URL"]).scheme)
     assert schemes == {"redis", "rediss"}  # both kinds are shown
 
@@ -787,9 +793,191 @@ def test_kustomize_builds_the_manifests_offline() -> None:
     ).stdout
     docs = [d for d in yaml.safe_load_all(built) if d]
     assert len(docs) == len(_manifests())
-    namespace = _yaml(DEPLOY / "kustomization.yaml")["namespace"]
+    namespace = _yaml(BASE / "kustomization.yaml")["namespace"]
     namespaced = [d for d in docs if d["kind"] != "Namespace"]
     assert all(d["metadata"].get("namespace") == namespace for d in namespaced)
+
+
+# ---- deploy/cluster: the KEDA triggers on a Redis Cluster ------------------------------------
+
+CLUSTER_KUSTOMIZATION = CLUSTER / "kustomization.yaml"
+CLUSTER_PATCH = CLUSTER / "keda-triggers.yaml"
+#: How the committed patch was made (its header says so too).
+CLUSTER_COMMAND = ["keda-triggers", "--partitions", str(CLUSTER_PARTITIONS)]
+#: The metadata of a redis-cluster-streams trigger: the nodes from the Secret's
+#: REDIS_ADDRESSES, and otherwise what the one-node triggers use.
+CLUSTER_TRIGGER_METADATA = TRIGGER_METADATA - {"addressFromEnv"} | {"addressesFromEnv"}
+
+
+def _keda_triggers(monkeypatch: pytest.MonkeyPatch, *args: str) -> tuple[int, str, str]:
+    """`pipeline keda-triggers ARGS` in this process, with no PIPELINE_* or REDIS_URL of the
+    shell's: (exit code, stdout, stderr)."""
+    for name in list(os.environ):
+        if name.startswith("PIPELINE_") or name == "REDIS_URL":
+            monkeypatch.delenv(name)
+    run = CliRunner().invoke(cli_app, list(args))
+    return run.exit_code, run.stdout, run.stderr
+
+
+def _cluster_overlay() -> dict[str, Any]:
+    """deploy/cluster's kustomization, checked to be the base plus the generated patch."""
+    kustomization = _yaml(CLUSTER_KUSTOMIZATION)
+    assert kustomization["resources"] == ["../base"]
+    assert kustomization["patches"] == [{"path": CLUSTER_PATCH.name}]
+    assert _yaml(DEPLOY / "kustomization.yaml")["resources"] == ["base"]
+    return kustomization  # type: ignore[no-any-return]
+
+
+def _cluster_scaled_objects() -> dict[str, dict[str, Any]]:
+    """The overlay's ScaledObjects as kustomize builds them: each base ScaledObject with the
+    patch's `spec.triggers` in place of its own (a custom resource's list is replaced whole;
+    test_kustomize_builds_the_cluster_overlay_offline checks this against kustomize itself)."""
+    _cluster_overlay()
+    patches = [d for d in yaml.safe_load_all(CLUSTER_PATCH.read_text()) if d]
+    scaled = {name: json.loads(json.dumps(so)) for name, so in _of_kind("ScaledObject").items()}
+    for patch in patches:
+        assert patch["apiVersion"] == "keda.sh/v1alpha1" and patch["kind"] == "ScaledObject"
+        assert set(patch) == {"apiVersion", "kind", "metadata", "spec"}
+        assert patch["metadata"] == {"name": patch["metadata"]["name"]}
+        assert list(patch["spec"]) == ["triggers"]
+        scaled[patch["metadata"]["name"]]["spec"]["triggers"] = patch["spec"]["triggers"]
+    assert sorted(p["metadata"]["name"] for p in patches) == sorted(scaled)  # each one, once
+    return scaled
+
+
+def test_deploy_plan_has_thresholds_for_exactly_the_stages() -> None:
+    assert sorted(deploy_plan.THRESHOLDS) == sorted(STAGE_NAMES)
+    assert sorted(deploy_plan.workloads(DEPLOYED_STAGES)) == sorted(_of_kind("Deployment"))
+
+
+def test_cluster_patch_is_the_output_of_pipeline_keda_triggers(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """deploy/cluster/keda-triggers.yaml is exactly what `pipeline keda-triggers --partitions
+    16` prints (so it cannot be edited by hand out of step), and the ConfigMap's settings,
+    which decide the lanes in the pods, give the same."""
+    committed = CLUSTER_PATCH.read_text()
+    assert committed.startswith(f"# Generated by `pipeline {' '.join(CLUSTER_COMMAND)}`")
+    code, out, err = _keda_triggers(monkeypatch, *CLUSTER_COMMAND)
+    assert code == 0, err
+    assert out == committed, "regenerate: pipeline keda-triggers --partitions 16 > " + str(
+        CLUSTER_PATCH.relative_to(ROOT)
+    )
+    configmap = tmp_path / "pipeline.toml"
+    configmap.write_text(_of_kind("ConfigMap")["pipeline-config"]["data"]["pipeline.toml"])
+    code, out, err = _keda_triggers(monkeypatch, *CLUSTER_COMMAND, "--config", str(configmap))
+    assert (code, out) == (0, committed), err
+    # Without --partitions: the config's, else 16 as on a Cluster.
+    assert _keda_triggers(monkeypatch, "keda-triggers")[1] == committed
+    env = _of_kind("ConfigMap")["pipeline-env"]["data"]
+    assert env["PIPELINE_PREFIX"] == deploy_plan.DEFAULT_PREFIX
+
+
+def test_every_cluster_scaledobject_has_lag_and_pending_triggers_per_partition_stream() -> None:
+    """On a Cluster each ScaledObject has two redis-cluster-streams triggers per partition
+    stream its Deployment reads, named as the workers name them (Keys(prefix, partitions=16)),
+    with the one-node manifests' consumer group, thresholds and login."""
+    base = _of_kind("ScaledObject")
+    deployments = _of_kind("Deployment")
+    secret_keys = set(_secret_example()["stringData"]) | {deploy_plan.ADDRESSES_ENV}
+    partitions = Keys("pipeline", partitions=CLUSTER_PARTITIONS).each_partition()
+    assert len(partitions) == CLUSTER_PARTITIONS
+    for name, scaled_object in _cluster_scaled_objects().items():
+        spec, base_spec = scaled_object["spec"], base[name]["spec"]
+        # Only the triggers change.
+        assert {k: v for k, v in spec.items() if k != "triggers"} == {
+            k: v for k, v in base_spec.items() if k != "triggers"
+        }
+        params = _worker_params(deployments[name])
+        (stage,) = [STAGE_BY_NAME[n] for n in params["stage"]]
+        lanes = params["lane"] or [None]
+        streams = sorted(k.stream(stage.stream, lane) for k in partitions for lane in lanes)
+        assert all(re.fullmatch(r"pipeline:\{p\d+\}:.+", s) for s in streams), streams
+        base_lag = {t["metadata"]["lagCount"] for t in base_spec["triggers"]
+                    if "lagCount" in t["metadata"]}  # fmt: skip
+        base_pending = {t["metadata"]["pendingEntriesCount"] for t in base_spec["triggers"]
+                        if "pendingEntriesCount" in t["metadata"]}  # fmt: skip
+        lag: dict[str, dict[str, str]] = {}
+        pending: dict[str, dict[str, str]] = {}
+        for trigger in spec["triggers"]:
+            assert set(trigger) == {"type", "name", "authenticationRef", "metadata"}
+            assert trigger["type"] == "redis-cluster-streams"
+            assert trigger["authenticationRef"] == {"name": "pipeline-redis"}
+            meta = trigger["metadata"]
+            assert set(meta) <= CLUSTER_TRIGGER_METADATA, trigger["name"]
+            assert all(isinstance(v, str) for v in meta.values()), trigger["name"]
+            assert meta["addressesFromEnv"] in secret_keys
+            assert meta["consumerGroup"] == stage.name
+            if "lagCount" in meta:
+                assert {meta["lagCount"]} == base_lag and meta["activationLagCount"] == "1"
+                assert "pendingEntriesCount" not in meta
+                lag[meta["stream"]] = meta
+            else:
+                assert {meta["pendingEntriesCount"]} == base_pending
+                pending[meta["stream"]] = meta
+        assert sorted(lag) == streams and sorted(pending) == streams, name
+        assert len(spec["triggers"]) == 2 * len(streams) == 2 * CLUSTER_PARTITIONS * len(lanes)
+        assert len({t["name"] for t in spec["triggers"]}) == len(spec["triggers"]), name
+
+
+def _check_cluster_addresses(literals: Mapping[str, str], where: str) -> None:
+    """REDIS_ADDRESSES: comma-separated host:port of Cluster nodes, REDIS_URL's among them."""
+    nodes = literals[deploy_plan.ADDRESSES_ENV].split(",")
+    assert len(nodes) >= 2 and all(re.fullmatch(r"[\w.-]+:\d+", n) for n in nodes), where
+    assert literals["REDIS_ADDRESS"] in nodes, where
+
+
+def test_kustomize_builds_the_cluster_overlay_offline() -> None:
+    """kustomize itself applies the patch as _cluster_scaled_objects does: every resource of
+    the base, and each ScaledObject's triggers replaced whole by the partition streams'."""
+    if shutil.which("kubectl") is None:
+        pytest.skip("no kubectl here")
+    _cluster_overlay()
+    built = subprocess.run(
+        ["kubectl", "kustomize", str(CLUSTER)], capture_output=True, text=True, check=True
+    ).stdout
+    docs = [d for d in yaml.safe_load_all(built) if d]
+    base = subprocess.run(
+        ["kubectl", "kustomize", str(DEPLOY)], capture_output=True, text=True, check=True
+    ).stdout
+    base_docs = [d for d in yaml.safe_load_all(base) if d]
+    assert [d for d in docs if d["kind"] != "ScaledObject"] == [
+        d for d in base_docs if d["kind"] != "ScaledObject"
+    ]
+    expected = _cluster_scaled_objects()
+    namespace = _yaml(BASE / "kustomization.yaml")["namespace"]
+    scaled = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ScaledObject"}
+    assert sorted(scaled) == sorted(expected)
+    for name, doc in scaled.items():
+        assert doc["metadata"].pop("namespace") == namespace
+        assert doc == expected[name], name
+
+
+def test_keda_triggers_refuses_what_no_cluster_runs(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Usage errors exit 2 with one line: no partitions (asked for, or in the config), a
+    prefix the settings refuse."""
+    code, out, err = _keda_triggers(monkeypatch, "keda-triggers", "--partitions", "0")
+    assert code == 2 and out == "" and "--partitions" in err
+    code, out, err = _keda_triggers(monkeypatch, "keda-triggers", "--prefix", "a b")
+    assert code == 2 and out == "" and err.startswith("error: --prefix:")
+    one_node = tmp_path / "one-node.toml"
+    one_node.write_text("[redis]\npartitions = 0\n")
+    code, out, err = _keda_triggers(monkeypatch, "keda-triggers", "--config", str(one_node))
+    assert code == 2 and out == "" and "--partitions N" in err
+    code, out, err = _keda_triggers(monkeypatch, "keda-triggers", "--config", str(one_node),
+                                    "--partitions", "2")  # fmt: skip
+    assert code == 0 and out.count("pipeline:{p1}:route") == 2, err
+    # Another prefix and partition count: the streams follow, and the header says how.
+    code, out, err = _keda_triggers(monkeypatch, "keda-triggers", "--partitions", "3",
+                                    "--prefix", "acme")  # fmt: skip
+    assert code == 0, err
+    assert out.startswith("# Generated by `pipeline keda-triggers --partitions 3 --prefix acme`")
+    streams = {d["metadata"]["name"]: {t["metadata"]["stream"] for t in d["spec"]["triggers"]}
+               for d in yaml.safe_load_all(out) if d}  # fmt: skip
+    assert streams["router"] == {"acme:{p0}:route", "acme:{p1}:route", "acme:{p2}:route"}
+    assert streams["claude-call-haiku"] == {f"acme:{{p{p}}}:call:haiku" for p in range(3)}
 
 
 # ---- the compose commands, run here ----------------------------------------------------------

@@ -18,6 +18,7 @@ import typer
 from pipeline.cli.batches import batches_app
 from pipeline.cli.common import ConfigOpt, run_async, settings_from, setup_logging
 from pipeline.cli.cost import cost
+from pipeline.cli.deploy_plan import keda_triggers
 from pipeline.cli.dlq import dlq_app
 from pipeline.cli.exits import Code, OneLineErrors, fail
 from pipeline.cli.partitions import partitions_app
@@ -252,6 +253,11 @@ app.add_typer(dlq_app, name="dlq")
 app.add_typer(batches_app, name="batches")
 app.add_typer(partitions_app, name="partitions")
 app.command()(cost)
+
+
+# ---- deploying: pipeline.cli.deploy_plan ------------------------------------------------------
+
+app.command("keda-triggers")(keda_triggers)
 
 
 def _unwrapped_help(typer_app: typer.Typer) -> None:
