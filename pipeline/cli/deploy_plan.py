@@ -35,6 +35,13 @@ class Thresholds:
     lag: int
     pending: int
 
+    def lag_per_stream(self, partitions: int) -> int:
+        """The lag target of one partition's stream: the HPA follows the busiest trigger,
+        so with tasks spread over `partitions` streams each aims at its share, and the
+        replicas follow the whole backlog as on one node. (Pending stays per stream: a pod
+        holds up to its concurrency in each partition's stream.)"""
+        return max(1, -(-self.lag // partitions)) if partitions else self.lag
+
 
 #: Per stage, by name (the test holds the names to `stages:app`'s; importing `stages` here
 #: would load the Claude client into every `pipeline` command). The pending thresholds sit
@@ -100,7 +107,7 @@ class Workload:
                 trigger_type, address = "redis-cluster-streams", {"addressesFromEnv": ADDRESSES_ENV}
             common = {**address, "stream": stream, "consumerGroup": self.group}
             counts = {
-                "lag": {"lagCount": str(self.thresholds.lag),
+                "lag": {"lagCount": str(self.thresholds.lag_per_stream(keys.partitions)),
                         "activationLagCount": str(ACTIVATION_LAG)},
                 "pending": {"pendingEntriesCount": str(self.thresholds.pending)},
             }  # fmt: skip
