@@ -138,7 +138,10 @@ def connect_cluster(settings: RedisSettings, **overrides: Any) -> RedisCluster:
     at least `CLUSTER_MIN_CONNECTIONS` are kept per node (docs/CLUSTER.md).
     """
     if settings.url.startswith("unix://") or is_sentinel_url(settings.url):
-        raise ConfigError("redis.url", "a Redis Cluster is reached over TCP at one of its nodes")
+        raise ConfigError(
+            "redis.url", "a Redis Cluster is reached over TCP at one of its nodes, not a unix "
+            "socket or sentinels",
+        )  # fmt: skip
     if parse_url(settings.url).get("db"):
         raise ConfigError(
             "redis.url", f"a Redis Cluster has only database 0: {redacted(settings.url)}"

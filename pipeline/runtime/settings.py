@@ -18,6 +18,8 @@ from typing import Annotated, Any, Literal, TypeVar
 import msgspec
 
 from pipeline.runtime.errors import ConfigError
+from pipeline.runtime.redis_sentinel import is_sentinel_url
+from pipeline.runtime.redis_sentinel import parse as parse_sentinel_url
 
 __all__ = [
     "BaseSettings",
@@ -149,8 +151,12 @@ class BaseSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
         if not re.fullmatch(r"[A-Za-z0-9_.\-]+", self.prefix):
             allowed = "letters, digits, '_', '-', '.'"
             raise ConfigError("prefix", f"only {allowed} allowed: {self.prefix!r}")
-        if not self.redis.url.startswith(("redis://", "rediss://", "unix://")):
-            raise ConfigError("redis.url", "must start with redis://, rediss:// or unix://")
+        if is_sentinel_url(self.redis.url):
+            parse_sentinel_url(self.redis.url)  # a bad one names what is wrong
+        elif not self.redis.url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError(
+                "redis.url", "must start with redis://, rediss://, unix:// or redis+sentinel://"
+            )
         for stage in self.stages:
             self.runtime_for(stage)
 

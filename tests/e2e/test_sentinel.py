@@ -95,7 +95,6 @@ def test_workers_and_producers_carry_on_through_a_sentinel_failover(
         async with Client(sentinels.url, prefix) as client:
             for task_id in ids:
                 await client.submit(f"sentinel job {task_id}", id=task_id, model="haiku")
-        sentinels.wait_replica_synced()  # what the producer sent is safe (as WAIT would)
 
     async def results(ids: list[str]) -> dict[str, dict[str, str] | None]:
         async with Client(sentinels.url, prefix) as client:
@@ -105,6 +104,7 @@ def test_workers_and_producers_carry_on_through_a_sentinel_failover(
         workers.start()
         first = [f"a-{i}" for i in range(100)]
         asyncio.run(submit(first))
+        sentinels.wait_replica_synced()  # what the producer sent is safe (as WAIT would)
         primary = redis.Redis(port=sentinels.primary)
         wait_until(lambda: any(primary.exists(keys.result(t)) for t in first), 60, 0.1,
                    what="the first results")  # fmt: skip
