@@ -64,6 +64,8 @@ class Workers:
             proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         wp = WorkerProc(proc, log_path)
         self.procs.append(wp)
+        if self not in _live:  # started again after stop_all: remembered again
+            _live.append(self)
         return wp
 
     def stop_all(self) -> None:
