@@ -7,8 +7,8 @@ two slots (the ingress mover, the result publisher) or whose write stands for mo
 paid call's record) must not go on until a replica holds the first write.
 
 `WAIT` counts the writes of the connection it is sent on, and cannot run in a script; so after
-a write, `sync(key)` sends, on one connection to the primary serving `key`'s slot, a tiny write
-in that slot and `WAIT`: the primary's replication stream is ordered, so once a replica has
+a write, `write(...)` sends, on one connection to the primary serving each key's slot, a tiny
+write in that slot and `WAIT`: the primary's replication stream is ordered, so once a replica has
 that write it has everything the primary did before it. One round trip per batch of writes
 (the runner syncs once per hand-off batch: group commit).
 
@@ -88,7 +88,9 @@ class Replication:
             before = self._serving(keys)
             reply = await write()
             confirmed = await self._sync(before)
-            if confirmed == set(before.values()):
+            # '': one node, or a Sentinel-managed one before its first connection (the
+            # write itself found the primary): nothing to compare.
+            if confirmed == set(before.values()) or set(before.values()) == {""}:
                 return reply
             self.rewrites += 1
             log.warning(

@@ -149,6 +149,7 @@ async def test_replicated_durability_writes_again_across_a_sentinel_failover(
         return tries
 
     try:
+        await client.ping()  # connected, as a worker is (the pool knows the primary)
         assert await replication.write(write, "s:n") == 2
         assert replication.rewrites == 1
         assert await replication.write(write, "s:n") == 3  # the same primary: once
